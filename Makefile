@@ -1,0 +1,51 @@
+# Set-up is part of every target: `make book` and `make test` work on a fresh machine.
+PYTHON     ?= python3
+VENV       ?= .venv
+# The torch pair this machine has on disk. Override it (e.g. TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"),
+# or install torch into $(VENV) yourself first: an importable torch + torchvision is kept as it is.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.fusion-utils-installed
+BOOK_PARAMS ?= book/params/default.yml
+
+.PHONY: install test book bench organisms organisms-eval clean-book help
+
+help:
+	@echo "make book       build the book on the embedded model organisms (book/_build/html)"
+	@echo "make test       run the test suite (CPU, offline)"
+	@echo "make bench      print the performance figures (ratios measured side by side)"
+	@echo "make organisms  retrain the embedded model organisms from their seeds"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	@if $(PY) -c "import torch, torchvision" 2>/dev/null && [ "$(origin TORCH_SPEC)" != "command line" ] && [ "$(origin TORCH_SPEC)" != "environment" ]; then \
+	  echo "keeping the installed torch: $$($(PY) -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"; \
+	else \
+	  echo "installing $(TORCH_SPEC)"; $(PY) -m pip install --quiet $(TORCH_SPEC); \
+	fi
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	@bash scripts/ensure_chromium.sh
+	$(PY) -m pytest -q tests
+
+book: $(STAMP)
+	$(VENV)/bin/fusion-utils book build --params $(BOOK_PARAMS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py
+
+organisms: $(STAMP)
+	$(VENV)/bin/fusion-utils organisms train --all
+
+organisms-eval: $(STAMP)
+	$(VENV)/bin/fusion-utils organisms eval --all
+
+clean-book:
+	rm -rf book/_build book/chapters .cache/book

@@ -1,0 +1,210 @@
+"""Loading a multimodal LLM with its processor, and identifying it (the fingerprint every result records).
+
+`load_model` accepts a hub id, a local directory written by `save_pretrained` (model + processor), or
+``organism:NAME`` for the model organisms shipped with the package. Weights load from safetensors only and remote
+code is refused unless the caller opts in (``allow_pickle=True`` / ``trust_remote_code=True``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .archs import ArchSpec, get_spec, resolve, supported
+
+ORGANISM_PREFIX = "organism:"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def organism_dir(name: str) -> Path:
+    """Directory of a shipped model organism (``organism:llava`` or ``llava``)."""
+    name = name[len(ORGANISM_PREFIX):] if name.startswith(ORGANISM_PREFIX) else name
+    path = Path(__file__).parent / "organisms" / "weights" / name
+    if not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in path.parent.glob("*") if (p / "config.json").is_file()) if path.parent.is_dir() else []
+        raise ValueError(
+            f"No model organism named {name!r}; shipped organisms: {', '.join(shipped) or 'none'} "
+            "(retrain them with `make organisms`)."
+        )
+    return path
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}.") from None
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor and its architecture spec, plus the handles the interventions use."""
+
+    model: torch.nn.Module
+    processor: object
+    spec: ArchSpec
+    name: str
+    fingerprint: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return getattr(self.model.config, "text_config", self.model.config)
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return resolve(self.model, self.spec.decoder)
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.decoder.norm
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return resolve(self.model, self.spec.lm_head)
+
+    @property
+    def image_token_id(self) -> int:
+        return image_token_id(self.model.config, self.spec, self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def prepare(self, samples, **kwargs):
+        """Model inputs and image-token bookkeeping for a list of samples (see `fusion_utils.adapters.prepare`)."""
+        from .adapters import prepare
+
+        return prepare(self, samples, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"LoadedModel({self.name!r}, arch={self.spec.model_type}, layers={self.num_layers}, "
+                f"device={self.device}, dtype={self.dtype}, fingerprint={self.fingerprint})")
+
+
+def image_token_id(config, spec: ArchSpec, processor=None) -> int:
+    for attr in spec.image_token_attrs:
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None and getattr(processor, "image_token", None) is not None:
+        return int(tok.convert_tokens_to_ids(str(processor.image_token)))
+    raise ValueError(f"Cannot find the image token id of this {spec.label} model; set config.image_token_id.")
+
+
+def _read_local_config(path: Path) -> dict:
+    with open(path / "config.json") as f:
+        return json.load(f)
+
+
+def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=None,
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False, allow_pickle: bool = False,
+               revision: str | None = None) -> LoadedModel:
+    """Load a supported MLLM and its processor.
+
+    ``name_or_path``: a hub id (``llava-hf/llava-1.5-7b-hf``), a local ``save_pretrained`` directory, or
+    ``organism:llava`` / ``organism:qwen2_vl``. ``dtype`` defaults to the checkpoint's own (fp32 for organisms);
+    pass ``"bfloat16"`` on a GPU. Captured attention is always computed in float32 whatever the model dtype.
+    """
+    from transformers import AutoConfig, AutoProcessor
+    import transformers
+
+    name = str(name_or_path)
+    source = str(organism_dir(name)) if name.startswith(ORGANISM_PREFIX) else name
+    local = Path(source).is_dir()
+    if local:
+        raw = _read_local_config(Path(source))
+        model_type = raw.get("model_type")
+        if "auto_map" in raw and not trust_remote_code:
+            raise ValueError(f"{name} declares remote code (auto_map); pass trust_remote_code=True only if you trust it.")
+        if not allow_pickle and not any(Path(source).glob("*.safetensors")):
+            raise ValueError(f"{name} has no .safetensors weights; convert them, or pass allow_pickle=True if you "
+                             "trust the pickle files.")
+        get_spec(model_type)  # unsupported architecture -> one clear sentence before any heavy work
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ValueError(f"{name} needs remote code; pass trust_remote_code=True only if you trust it.") from None
+        raise
+    spec = get_spec(config.model_type)
+    cls = getattr(transformers, spec.model_class)
+    kwargs = dict(attn_implementation=attn_implementation, use_safetensors=not allow_pickle or None,
+                  trust_remote_code=trust_remote_code, revision=revision)
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    model = cls.from_pretrained(source, **kwargs)
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"  # batched generation needs left padding
+    lm = LoadedModel(model, processor, spec, name, model_fingerprint(model),
+                     meta={"source": source, "attn_implementation": attn_implementation})
+    lm.image_token_id  # fail early when the id is missing
+    return lm
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap content hash of a loaded model: its config plus, for every parameter, name, shape, dtype and a
+    strided sample of its values. Equal weights give equal fingerprints, whatever file or hub they came from."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 512)
+            sample = flat[::step][:512].float().cpu().numpy().tobytes()
+            h.update(f"{pname}|{tuple(p.shape)}".encode())
+            h.update(sample)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(name_or_path: str | os.PathLike) -> str:
+    """Fingerprint of a model *without loading it*: config + safetensors headers + sampled bytes of local weights.
+    For a hub id that is not on disk, the id itself (the build cache then keys on the name)."""
+    name = str(name_or_path)
+    path = organism_dir(name) if name.startswith(ORGANISM_PREFIX) else Path(name)
+    if not path.is_dir():
+        return "hub:" + name
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 20)
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+        h.update(f"{f.name}|{size}".encode() + head + tail)
+    return h.hexdigest()[:16]
+
+
+__all__ = ["LoadedModel", "load_model", "model_fingerprint", "fingerprint", "organism_dir", "supported"]
