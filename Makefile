@@ -48,4 +48,4 @@ organisms-eval: $(STAMP)
 	$(VENV)/bin/fusion-utils organisms eval --all
 
 clean-book:
-	rm -rf book/_build book/chapters .cache/book
+	rm -rf book/_build book/chapters book/_generated .cache/book

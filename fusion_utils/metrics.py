@@ -8,11 +8,13 @@ comparable with published tables:
     the score is the mean of those N numbers (the official leave-one-out average). With 10 answers of which k equal
     the prediction: k=0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.
     Two preprocessing variants exist in lmms-eval and both are reproduced (``variant=``):
+
       - ``"vqav2"`` (lmms-eval ``vqav2_process_results``, like the official ``vqaEval.py``): the prediction goes
         through the full processor; gold answers are only stripped, and both sides get the punctuation and
         digit/article steps only when the gold answers are not all identical.
       - ``"full"`` (lmms-eval OK-VQA / VizWiz / TextVQA): prediction and every gold answer go through the full
         processor.
+
     Other list lengths: the same leave-one-out formula is applied with N-1 "others" (so with 4 answers one match
     among the others already gives 1/3, three give 1). Deviations from lmms-eval, which never sees such lists:
     an empty list scores 0.0 and a single answer scores 1.0 on a normalised exact match (the leave-one-out formula

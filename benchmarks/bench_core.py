@@ -1,0 +1,179 @@
+"""Performance figures of the intervention core (`make bench`). Prints one `name value` line per figure.
+
+All figures are ratios measured side by side in one run, on a shrunk-width model with realistic depth (32 decoder
+layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
+
+- sweep_speedup_vs_naive            full 32-layer zero-masking sweep: naive (one forward per layer) / prefix-reusing
+- knockout_sweep_speedup_vs_naive   same for knockout (shared prefix cache, batched question suffixes)
+- capture_time_vs_plain             forward with CaptureAttention / plain forward (sdpa)
+- capture_peak_mem_vs_plain         memory a forward adds on top of the loaded model, capture / plain
+- capture_peak_mem_vs_eager_attentions   capture / (eager attention with output_attentions=True)
+- contrastive_latency_vs_plain      soft contrastive answer (both passes) / plain greedy answer
+
+Timings alternate A and B and report the median of the per-pair ratios. Memory: each variant runs in its own
+process; after a warm-up the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the figure is the
+peak RSS during the forward minus the RSS just before it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+QUESTION = "what is the color of the small object left of the large red circle in this picture ? " * 2
+
+
+def bench_model():
+    from fusion_utils import load_model
+    from fusion_utils.testing import tiny_model_dir
+
+    return load_model(tiny_model_dir("llava", num_layers=32, image_size=336, hidden_size=128))
+
+
+def bench_batch(lm):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8))
+    return lm.prepare([(img, QUESTION)])
+
+
+def paired_ratio(a, b, reps: int) -> float:
+    """Median over reps of time(a) / time(b), running a and b alternately."""
+    ratios = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); a(); ta = time.perf_counter() - t0
+        t0 = time.perf_counter(); b(); tb = time.perf_counter() - t0
+        ratios.append(ta / tb)
+    return statistics.median(ratios)
+
+
+def timing_figures(reps: int) -> dict:
+    from fusion_utils import CaptureAttention, intervene
+    from fusion_utils.sweeps import masking_sweep
+
+    lm = bench_model()
+    b = bench_batch(lm)
+    out = {}
+    with torch.no_grad():
+        lm.model(**b.inputs)  # warm-up
+        for mode, key in (("zero", "sweep_speedup_vs_naive"), ("knockout", "knockout_sweep_speedup_vs_naive")):
+            fast = masking_sweep(lm, b, mode=mode)
+            naive = masking_sweep(lm, b, mode=mode, method="naive")
+            err = (fast["logits"] - naive["logits"]).abs().max().item()
+            out[key] = paired_ratio(lambda: masking_sweep(lm, b, mode=mode, method="naive"),
+                                    lambda: masking_sweep(lm, b, mode=mode), max(1, reps // 3))
+            out[key.replace("speedup_vs_naive", "max_abs_logit_diff")] = err
+
+        def plain():
+            lm.model(**b.inputs)
+
+        def capture():
+            with intervene(lm, b, CaptureAttention()):
+                lm.model(**b.inputs)
+
+        out["capture_time_vs_plain"] = paired_ratio(capture, plain, reps * 3)
+    return out
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def memory_variant(variant: str) -> int:
+    """KiB a forward adds on top of the loaded model (run in its own process)."""
+    from fusion_utils import CaptureAttention, intervene
+
+    lm = bench_model()
+    b = bench_batch(lm)
+
+    def run():
+        with torch.no_grad():
+            if variant == "plain":
+                lm.model(**b.inputs)
+            elif variant == "capture":
+                with intervene(lm, b, CaptureAttention()) as r:
+                    lm.model(**b.inputs)
+                r.attention
+            elif variant == "eager":
+                lm.model(**b.inputs, output_attentions=True)
+            else:
+                raise ValueError(variant)
+
+    if variant == "eager":
+        lm.model.set_attn_implementation({"text_config": "eager"})
+    run()  # warm-up: one-time allocations (kernels, caches) are not the forward's
+    import ctypes
+    import gc
+
+    libc = ctypes.CDLL("libc.so.6")
+    added = []
+    for _ in range(5):
+        gc.collect()
+        libc.malloc_trim(0)  # hand freed heap back to the OS so the forward must take it again
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter
+        before = _rss_kib()
+        run()
+        added.append(_hwm_kib() - before)
+    return int(statistics.median(added))
+
+
+def memory_figures() -> dict:
+    kib = {}
+    for v in ("plain", "capture", "eager"):
+        res = subprocess.run([sys.executable, __file__, "--memory-variant", v], capture_output=True, text=True,
+                             check=True)
+        kib[v] = json.loads(res.stdout.strip().splitlines()[-1])["kib"]
+    return {"capture_peak_mem_vs_plain": kib["capture"] / kib["plain"],
+            "capture_peak_mem_vs_eager_attentions": kib["capture"] / kib["eager"],
+            "forward_added_mib_plain": kib["plain"] / 1024, "forward_added_mib_capture": kib["capture"] / 1024,
+            "forward_added_mib_eager_attentions": kib["eager"] / 1024}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_variant:
+        print(json.dumps({"kib": memory_variant(args.memory_variant)}))
+        return 0
+    figures = {}
+    figures.update(timing_figures(args.reps))
+    figures.update(memory_figures())
+    sys.path.insert(0, str(HERE))
+    from bench_contrastive import contrastive_latency_vs_plain
+
+    figures["contrastive_latency_vs_plain"] = contrastive_latency_vs_plain()
+    for k, v in figures.items():
+        print(f"{k} {v:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The procedural VQA world: cluttered grid scenes where we know exactly which cells answer each question.
+
+A scene is a ``GRID x GRID`` board (6 x 6) drawn on a ``IMAGE_SIZE``-pixel square image (96 px, so one cell is
+16 x 16 px). Each occupied cell holds one object with a colour, a shape and a size, drawn with PIL over a noisy,
+textured background (grey level drift, low-frequency blotches, per-pixel noise, faint random lines), so a vision
+tower has to learn to see. The organisms' patch sizes are chosen so that ONE image token covers ONE cell.
+
+Question families (``Sample.family``) and their ground-truth relevance (``Sample.relevant``, bool [6, 6]):
+
+* ``attribute`` -- "what color is the triangle?" / "what color is the large triangle?" (referent unique by shape,
+  or by size + shape when two objects share the shape). Answer: a colour. Relevant: the target cell.
+* ``identity`` -- "what shape is the blue object?" / "what shape is the small blue object?". Answer: a shape.
+  Relevant: the target cell.
+* ``existence`` -- "is there a red square?" Answer "yes" / "no", balanced by index. Relevant: for "yes" the
+  matching object's cell; for "no" the *near misses*: every object sharing the colour or the shape with the query
+  (these are the cells a model has to inspect to rule the query out; scenes for "no" always contain at least one
+  of each kind).
+* ``count`` -- "how many green objects?" / "how many circles?". Answer: a digit 1-4. Relevant: every counted object.
+* ``spatial`` -- "what shape is left of the red circle?" (also right of / above / below). The relation means the
+  *adjacent* cell in that direction, which always holds an object. The anchor ("red circle") is unique by colour +
+  shape. Answer: the neighbour's shape. Relevant: the anchor cell and the answer cell.
+
+Every question has a unique answer by construction, and scenes contain distractors sharing one attribute with the
+target (same colour / other shape, same shape / other colour), so looking at the wrong cell gives a wrong answer.
+
+Determinism: sample ``i`` of split ``s`` with seed ``k`` draws from ``numpy.random.default_rng([BASE[s] + i, k])``
+with ``BASE = {train: 0, val: 1_000_000, test: 2_000_000}``: the same (split, seed, i) always gives the same
+sample (pixels included), and splits never share a random stream (for i < 1,000,000).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .sample import Sample, SampleSet
+
+GRID = 6
+CELL = 16
+IMAGE_SIZE = GRID * CELL  # 96
+
+COLORS = ("red", "green", "blue", "yellow", "purple")
+SHAPES = ("circle", "square", "triangle", "cross")
+SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+SIZES = ("small", "large")
+NUMBERS = tuple(str(i) for i in range(10))
+COUNT_RANGE = (1, 4)
+YES_NO = ("yes", "no")
+RELATIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
+RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+FAMILIES = ("attribute", "identity", "existence", "count", "spatial")
+SPLIT_BASE = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
+BLANK_RGB = (120, 120, 120)  # the "blank image" background: uniform mid grey
+
+RGB = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (45, 75, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 55, 190),
+}
+
+QUESTION_WORDS = ("what", "color", "shape", "is", "the", "object", "objects", "how", "many", "there", "a", "of", "?")
+ANSWER_WORDS = tuple(COLORS) + tuple(SHAPES) + YES_NO + NUMBERS
+VOCABULARY = tuple(dict.fromkeys(
+    QUESTION_WORDS + COLORS + SHAPES + tuple(SHAPE_PLURALS.values()) + SIZES + NUMBERS + YES_NO + tuple(RELATIONS)
+))
+
+# one "scene token" per cell content: used to pretrain the organisms' decoders on text scenes
+EMPTY_TOKEN = "<empty>"
+SCENE_TOKENS = (EMPTY_TOKEN,) + tuple(f"<{z}_{c}_{s}>" for z in SIZES for c in COLORS for s in SHAPES)
+
+
+def scene_token(obj: dict | None) -> str:
+    return EMPTY_TOKEN if obj is None else f"<{obj['size']}_{obj['color']}_{obj['shape']}>"
+
+
+def scene_cells(objects: Sequence[dict]) -> list[str]:
+    """The scene as GRID*GRID scene tokens, row-major (what a perfect vision tower would tell the decoder)."""
+    cells = [EMPTY_TOKEN] * (GRID * GRID)
+    for o in objects:
+        cells[o["row"] * GRID + o["col"]] = scene_token(o)
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------------- scenes
+class _Scene:
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.objects: list[dict] = []
+
+    def free_cells(self) -> list[tuple[int, int]]:
+        used = {(o["row"], o["col"]) for o in self.objects}
+        return [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in used]
+
+    def add(self, color: str, shape: str, size: str | None = None, cell: tuple[int, int] | None = None) -> dict:
+        if cell is None:
+            free = self.free_cells()
+            cell = free[int(self.rng.integers(len(free)))]
+        size = size or SIZES[int(self.rng.integers(2))]
+        o = {"row": int(cell[0]), "col": int(cell[1]), "color": color, "shape": shape, "size": size}
+        self.objects.append(o)
+        return o
+
+    def pick(self, seq, exclude=()):
+        opts = [x for x in seq if x not in exclude]
+        return opts[int(self.rng.integers(len(opts)))]
+
+    def fill(self, n: int, ok) -> None:
+        """Add up to n random objects satisfying ok(color, shape)."""
+        for _ in range(n):
+            for _try in range(50):
+                c, s = self.pick(COLORS), self.pick(SHAPES)
+                if ok(c, s):
+                    self.add(c, s)
+                    break
+
+
+def _cells_mask(cells) -> np.ndarray:
+    m = np.zeros((GRID, GRID), dtype=bool)
+    for r, c in cells:
+        m[r, c] = True
+    return m
+
+
+def _q_attribute(sc: _Scene, i: int):
+    shape = sc.pick(SHAPES)
+    target = sc.add(sc.pick(COLORS), shape)
+    sc.add(target["color"], sc.pick(SHAPES, (shape,)))  # same colour, other shape
+    with_size = bool(sc.rng.integers(2))
+    if with_size:  # a same-shape twin of the other size and another colour: the size disambiguates
+        other_size = "small" if target["size"] == "large" else "large"
+        sc.add(sc.pick(COLORS, (target["color"],)), shape, other_size)
+        q = f"what color is the {target['size']} {shape}?"
+    else:
+        q = f"what color is the {shape}?"
+    sc.fill(int(sc.rng.integers(2, 6)), lambda c, s: s != shape)
+    return q, target["color"], [target], {"target": target}
+
+
+def _q_identity(sc: _Scene, i: int):
+    color = sc.pick(COLORS)
+    target = sc.add(color, sc.pick(SHAPES))
+    sc.add(sc.pick(COLORS, (color,)), target["shape"])  # same shape, other colour
+    with_size = bool(sc.rng.integers(2))
+    if with_size:
+        other_size = "small" if target["size"] == "large" else "large"
+        sc.add(color, sc.pick(SHAPES, (target["shape"],)), other_size)
+        q = f"what shape is the {target['size']} {color} object?"
+    else:
+        q = f"what shape is the {color} object?"
+    sc.fill(int(sc.rng.integers(2, 6)), lambda c, s: c != color)
+    return q, target["shape"], [target], {"target": target}
+
+
+def _q_existence(sc: _Scene, i: int):
+    color, shape = sc.pick(COLORS), sc.pick(SHAPES)
+    yes = (i % 2 == 0)
+    if yes:
+        sc.add(color, shape)
+    sc.add(color, sc.pick(SHAPES, (shape,)))  # near misses
+    sc.add(sc.pick(COLORS, (color,)), shape)
+    sc.fill(int(sc.rng.integers(1, 5)), lambda c, s: not (c == color and s == shape))
+    match = [o for o in sc.objects if o["color"] == color and o["shape"] == shape]
+    near = [o for o in sc.objects if (o["color"] == color) != (o["shape"] == shape)]
+    rel = match if yes else near
+    return f"is there a {color} {shape}?", "yes" if yes else "no", rel, {"query": {"color": color, "shape": shape}}
+
+
+def _q_count(sc: _Scene, i: int):
+    k = int(sc.rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
+    by_color = bool(sc.rng.integers(2))
+    if by_color:
+        color = sc.pick(COLORS)
+        for _ in range(k):
+            sc.add(color, sc.pick(SHAPES))
+        sc.fill(int(sc.rng.integers(2, 6)), lambda c, s: c != color)
+        counted = [o for o in sc.objects if o["color"] == color]
+        q, query = f"how many {color} objects?", {"color": color}
+    else:
+        shape = sc.pick(SHAPES)
+        for _ in range(k):
+            sc.add(sc.pick(COLORS), shape)
+        sc.fill(int(sc.rng.integers(2, 6)), lambda c, s: s != shape)
+        counted = [o for o in sc.objects if o["shape"] == shape]
+        q, query = f"how many {SHAPE_PLURALS[shape]}?", {"shape": shape}
+    return q, str(len(counted)), counted, {"query": query}
+
+
+def _q_spatial(sc: _Scene, i: int):
+    rel = list(RELATIONS)[int(sc.rng.integers(len(RELATIONS)))]
+    dr, dc = RELATIONS[rel]
+    cells = [(r, c) for r in range(GRID) for c in range(GRID) if 0 <= r + dr < GRID and 0 <= c + dc < GRID]
+    r, c = cells[int(sc.rng.integers(len(cells)))]
+    color, shape = sc.pick(COLORS), sc.pick(SHAPES)
+    anchor = sc.add(color, shape, cell=(r, c))
+    ac = sc.pick(COLORS)
+    answer = sc.add(ac, sc.pick(SHAPES, (shape,) if ac == color else ()), cell=(r + dr, c + dc))
+    if sc.rng.integers(2):  # distractor anchor: same shape, other colour, with a neighbour of another shape
+        free = set(sc.free_cells())
+        opts = [(a, b) for (a, b) in free if (a + dr, b + dc) in free]
+        if opts:
+            a, b = opts[int(sc.rng.integers(len(opts)))]
+            sc.add(sc.pick(COLORS, (color,)), shape, cell=(a, b))
+            nc = sc.pick(COLORS)
+            excl = (answer["shape"], shape) if nc == color else (answer["shape"],)
+            sc.add(nc, sc.pick(SHAPES, excl), cell=(a + dr, b + dc))
+    sc.fill(int(sc.rng.integers(1, 5)), lambda c_, s_: not (c_ == color and s_ == shape))
+    q = f"what shape is {RELATION_PHRASES[rel]} the {color} {shape}?"
+    return q, answer["shape"], [anchor, answer], {"anchor": anchor, "relation": rel, "target": answer}
+
+
+_BUILDERS = {"attribute": _q_attribute, "identity": _q_identity, "existence": _q_existence, "count": _q_count,
+             "spatial": _q_spatial}
+
+
+def make_scene(rng: np.random.Generator, family: str, i: int = 0) -> dict:
+    """One scene + question of `family` (no pixels): dict with question, answer, objects, relevant, query info."""
+    sc = _Scene(rng)
+    q, ans, rel_objs, info = _BUILDERS[family](sc, i)
+    order = rng.permutation(len(sc.objects))  # object list order carries no information
+    objects = [sc.objects[j] for j in order]
+    return {"family": family, "question": q, "answer": ans, "objects": objects,
+            "relevant": _cells_mask((o["row"], o["col"]) for o in rel_objs), **info}
+
+
+# ------------------------------------------------------------------------------------------------------ pixels
+def render(objects: Sequence[dict], rng: np.random.Generator) -> Image.Image:
+    """Draw the objects over a noisy textured background."""
+    base = rng.uniform(80, 165) + rng.uniform(-15, 15, size=3)
+    low = rng.normal(0, 12, size=(4, 4, 3))
+    low = np.kron(low, np.ones((IMAGE_SIZE // 4, IMAGE_SIZE // 4, 1)))  # blotches
+    bg = base[None, None, :] + low
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):  # faint lines
+        col = tuple(int(x) for x in np.clip(base + rng.uniform(-45, 45, size=3), 0, 255))
+        xy = [float(v) for v in rng.uniform(0, IMAGE_SIZE, size=4)]
+        d.line(xy, fill=col, width=int(rng.integers(1, 3)))
+    for o in objects:
+        col = tuple(int(x) for x in np.clip(np.array(RGB[o["color"]]) + rng.uniform(-25, 25, size=3), 0, 255))
+        h = 6.0 if o["size"] == "large" else 3.5
+        j = 1.5 if o["size"] == "large" else 3.0
+        cx = o["col"] * CELL + CELL / 2 + rng.uniform(-j, j)
+        cy = o["row"] * CELL + CELL / 2 + rng.uniform(-j, j)
+        if o["shape"] == "circle":
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=col)
+        elif o["shape"] == "square":
+            d.rectangle([cx - h * 0.9, cy - h * 0.9, cx + h * 0.9, cy + h * 0.9], fill=col)
+        elif o["shape"] == "triangle":
+            d.polygon([(cx, cy - h), (cx - h, cy + h * 0.85), (cx + h, cy + h * 0.85)], fill=col)
+        elif o["shape"] == "cross":
+            t = h * 0.38
+            d.rectangle([cx - h, cy - t, cx + h, cy + t], fill=col)
+            d.rectangle([cx - t, cy - h, cx + t, cy + h], fill=col)
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 9, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def blank_image(rgb: tuple[int, int, int] = BLANK_RGB) -> Image.Image:
+    """A uniform background with no objects (the blank-image control)."""
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), rgb)
+
+
+# ----------------------------------------------------------------------------------------------------- samples
+def _rng(split: str, seed: int | None, i: int) -> np.random.Generator:
+    if split not in SPLIT_BASE:
+        raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLIT_BASE)}.")
+    return np.random.default_rng([SPLIT_BASE[split] + i, int(seed or 0)])
+
+
+def make_sample(split: str, i: int, seed: int | None = None, families: Sequence[str] | None = None,
+                with_image: bool = True) -> Sample:
+    """Sample `i` of `split` (family = families[i % len(families)], so families are balanced)."""
+    fams = tuple(families or FAMILIES)
+    fam = fams[i % len(fams)]
+    if fam not in _BUILDERS:
+        raise ValueError(f"Unknown family {fam!r}; use some of {', '.join(FAMILIES)}.")
+    rng = _rng(split, seed, i)
+    sc = make_scene(rng, fam, i // len(fams))
+    image = render(sc["objects"], rng) if with_image else None
+    meta = {"objects": sc["objects"], "grid": GRID, "cell_px": CELL, "split": split, "index": i,
+            "seed": int(seed or 0), "scene_cells": scene_cells(sc["objects"])}
+    for k in ("target", "anchor", "relation", "query"):
+        if k in sc:
+            meta[k] = sc[k]
+    return Sample(id=f"world-{split}-{int(seed or 0)}-{i}", image=image, question=sc["question"],
+                  answers=[sc["answer"]], relevant=sc["relevant"], family=fam, meta=meta)
+
+
+def generate(split: str = "train", n: int | None = None, seed: int | None = None,
+             families: Sequence[str] | None = None, start: int = 0, with_image: bool = True) -> Iterator[Sample]:
+    """Samples start..start+n-1 of a split (n=None: endless) -- the training stream."""
+    i = start
+    while n is None or i < start + n:
+        yield make_sample(split, i, seed, families, with_image)
+        i += 1
+
+
+def world_dataset(split: str = "test", n: int | None = None, seed: int | None = None,
+                  families: Sequence[str] | None = None) -> SampleSet:
+    """The procedural world as a SampleSet (scorer "exact"); deterministic in (split, n, seed, families)."""
+    split = split or "test"
+    n = DEFAULT_SIZES.get(split, 500) if n is None else int(n)
+    fams = tuple(families) if families else FAMILIES
+    samples = list(generate(split, n, seed, fams))
+    return SampleSet("world", samples, "exact", meta={"split": split, "seed": int(seed or 0), "families": fams,
+                                                      "grid": GRID, "image_size": IMAGE_SIZE})
+
+
+def relevant_from_meta(question: str, family: str, objects: Sequence[dict], answer: str) -> np.ndarray:
+    """Re-derive the relevance mask from the question text and scene description (used by tests)."""
+    words = question.rstrip("?").split()
+    if family in ("attribute", "identity"):
+        sz = next((w for w in words if w in SIZES), None)
+        if family == "attribute":
+            sh = next(w for w in words if w in SHAPES)
+            hits = [o for o in objects if o["shape"] == sh and (sz is None or o["size"] == sz)]
+        else:
+            co = next(w for w in words if w in COLORS)
+            hits = [o for o in objects if o["color"] == co and (sz is None or o["size"] == sz)]
+    elif family == "existence":
+        co, sh = words[-2], words[-1]
+        match = [o for o in objects if o["color"] == co and o["shape"] == sh]
+        hits = match if match else [o for o in objects if (o["color"] == co) != (o["shape"] == sh)]
+    elif family == "count":
+        co = next((w for w in words if w in COLORS), None)
+        if co:
+            hits = [o for o in objects if o["color"] == co]
+        else:
+            sh = next(s for s, p in SHAPE_PLURALS.items() if p in words)
+            hits = [o for o in objects if o["shape"] == sh]
+    elif family == "spatial":
+        co, sh = words[-2], words[-1]
+        rel = next(w for w in words if w in RELATIONS)
+        dr, dc = RELATIONS[rel]
+        anchors = [o for o in objects if o["color"] == co and o["shape"] == sh]
+        hits = list(anchors)
+        for a in anchors:
+            hits += [o for o in objects if o["row"] == a["row"] + dr and o["col"] == a["col"] + dc]
+    else:
+        raise ValueError(family)
+    return _cells_mask((o["row"], o["col"]) for o in hits)
+
+
+__all__ = ["GRID", "CELL", "IMAGE_SIZE", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "FAMILIES",
+           "VOCABULARY", "ANSWER_WORDS", "SCENE_TOKENS", "SPLIT_BASE", "world_dataset", "generate", "make_sample",
+           "make_scene", "render", "blank_image", "scene_cells", "relevant_from_meta"]
+
+
+def scene_questions(objects: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """Every well-posed (family, question, answer) about a scene, in the families' phrasing (used to pack several
+    questions about one scene into a multi-turn training conversation)."""
+    out: list[tuple[str, str, str]] = []
+    by_shape = {s: [o for o in objects if o["shape"] == s] for s in SHAPES}
+    by_color = {c: [o for o in objects if o["color"] == c] for c in COLORS}
+    for s, os_ in by_shape.items():
+        if len(os_) == 1:
+            out.append(("attribute", f"what color is the {s}?", os_[0]["color"]))
+        for z in SIZES:
+            hits = [o for o in os_ if o["size"] == z]
+            if len(hits) == 1 and len(os_) > 1:
+                out.append(("attribute", f"what color is the {z} {s}?", hits[0]["color"]))
+        if 1 <= len(os_) <= COUNT_RANGE[1]:
+            out.append(("count", f"how many {SHAPE_PLURALS[s]}?", str(len(os_))))
+    for c, os_ in by_color.items():
+        if len(os_) == 1:
+            out.append(("identity", f"what shape is the {c} object?", os_[0]["shape"]))
+        for z in SIZES:
+            hits = [o for o in os_ if o["size"] == z]
+            if len(hits) == 1 and len(os_) > 1:
+                out.append(("identity", f"what shape is the {z} {c} object?", hits[0]["shape"]))
+        if 1 <= len(os_) <= COUNT_RANGE[1]:
+            out.append(("count", f"how many {c} objects?", str(len(os_))))
+    pairs = {(o["color"], o["shape"]) for o in objects}
+    for c in COLORS:
+        for s in SHAPES:
+            if (c, s) in pairs:
+                out.append(("existence", f"is there a {c} {s}?", "yes"))
+            elif by_color[c] and by_shape[s]:  # a "no" with near misses of both kinds
+                out.append(("existence", f"is there a {c} {s}?", "no"))
+    at = {(o["row"], o["col"]): o for o in objects}
+    for o in objects:
+        if sum(1 for p in objects if p["color"] == o["color"] and p["shape"] == o["shape"]) != 1:
+            continue
+        for rel, (dr, dc) in RELATIONS.items():
+            nb = at.get((o["row"] + dr, o["col"] + dc))
+            if nb is not None:
+                out.append(("spatial", f"what shape is {RELATION_PHRASES[rel]} the {o['color']} {o['shape']}?",
+                            nb["shape"]))
+    return out

@@ -1,0 +1,199 @@
+"""What every experiment shares: answering (greedy, batched, chat template + post-prompt), scoring, and the loop
+that streams per-sample records into a resumable run directory.
+
+An experiment is a function ``per_batch(lm, samples) -> list[record]``; `run_experiment` feeds it the samples not
+yet recorded, in batches, with a progress bar, appends each sample's records as soon as its batch completes, and
+returns all records as a DataFrame. The run directory is keyed by a hash of everything that decides a number:
+model fingerprint, dataset fingerprint and sample ids, prompt, decoding, seed, dtype and the experiment's own
+parameters; library versions are stored beside it (``config.json``).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import SampleSet
+from ..interventions import intervene
+from ..metrics import score as score_answer
+from ..prompts import POST_PROMPT
+
+
+def post_prompt_for(dataset: SampleSet) -> str:
+    """The dataset's post-prompt (lmms-eval's per-benchmark one; the default for the world)."""
+    try:
+        from ..data.benchmarks import POST_PROMPTS
+
+        return POST_PROMPTS.get(dataset.name, POST_PROMPT)
+    except ImportError:  # pragma: no cover
+        return POST_PROMPT
+
+
+@dataclass
+class Decoding:
+    """Greedy short answers by default (lmms-eval): max_new_tokens=16, no sampling."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def kwargs(self, tokenizer) -> dict:
+        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is not None:
+            kw["pad_token_id"] = pad
+        return kw
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def decode_new(lm, batch, out: torch.Tensor) -> list[str]:
+    """Decode only the generated tokens of a `generate` output, stripped."""
+    new = out[:, batch.inputs["input_ids"].shape[1]:]
+    texts = lm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+@torch.no_grad()
+def generate(lm, batch, plans: Sequence = (), decoding: Decoding | None = None) -> list[str]:
+    """Greedy (or sampled) answers for a prepared batch, with ``plans`` installed for prefill and every step."""
+    decoding = decoding or Decoding()
+    with intervene(lm, batch, *plans):
+        out = lm.model.generate(**batch.inputs, **decoding.kwargs(lm.processor.tokenizer))
+    return decode_new(lm, batch, out)
+
+
+def answer(lm, samples, *, plans: Sequence = (), post_prompt: str | None = POST_PROMPT,
+           decoding: Decoding | None = None, batch_size: int = 8, images=None, questions=None,
+           progress: bool = False) -> list[str]:
+    """Answers to ``samples`` (optionally with other images / questions / interventions), batched."""
+    samples = list(samples)
+    out: list[str] = []
+    it = range(0, len(samples), batch_size)
+    for i in tqdm(it, desc="answering", disable=not progress):
+        chunk = samples[i:i + batch_size]
+        b = lm.prepare(chunk, post_prompt=post_prompt,
+                       images=None if images is None else images[i:i + batch_size],
+                       questions=None if questions is None else questions[i:i + batch_size])
+        out += generate(lm, b, plans, decoding)
+    return out
+
+
+def score(dataset: SampleSet, pred: str, sample) -> float:
+    return float(score_answer(dataset.scorer, pred, sample))
+
+
+def first_token_ids(lm, texts: Sequence[str]) -> list[int]:
+    """The first token id of each text as the model would generate it (no special tokens)."""
+    tok = lm.processor.tokenizer
+    ids = []
+    for t in texts:
+        enc = tok(t, add_special_tokens=False)["input_ids"] if t else []
+        ids.append(int(enc[0]) if enc else int(tok.eos_token_id if tok.eos_token_id is not None else 0))
+    return ids
+
+
+@dataclass
+class ExperimentResult:
+    """Per-sample records (tidy), a summary table, and where they live on disk (None for in-memory runs)."""
+
+    name: str
+    records: pd.DataFrame
+    summary: pd.DataFrame
+    config: dict
+    run_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def _repr_html_(self):  # notebooks show the summary
+        return f"<b>{self.name}</b> ({len(self.records)} records)" + self.summary._repr_html_()
+
+
+def base_config(lm, dataset: SampleSet, *, experiment: str, seed: int, decoding: Decoding | None,
+                post_prompt: str | None, params: dict) -> dict:
+    """Everything that decides the numbers of a run (hashed into its directory name)."""
+    import transformers
+
+    return {
+        "experiment": experiment,
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "arch": lm.spec.model_type,
+                  "dtype": str(lm.dtype).replace("torch.", ""), "device_type": lm.device.type,
+                  "attn_implementation": lm.meta.get("attn_implementation")},
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n": len(dataset),
+                    "ids": dataset.ids, "scorer": dataset.scorer, "meta": {k: v for k, v in dataset.meta.items()
+                                                                              if isinstance(v, (str, int, float, list, tuple))}},
+        "prompt": {"post_prompt": post_prompt, "style": lm.spec.prompt},
+        "decoding": None if decoding is None else vars(decoding),
+        "seed": seed,
+        "params": params,
+        "versions": {"fusion_utils": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, config: dict, out: str | None = None,
+                   batch_size: int = 8, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Feed the samples not yet recorded to ``per_batch`` and return every record.
+
+    With ``out`` set, records go to ``out/<name>/<config hash>/records.jsonl`` as each batch completes, and a run
+    killed midway resumes where it stopped. Without it, records stay in memory.
+    """
+    run = None
+    done: set[str] = set()
+    if out is not None:
+        from ..runs import open_run
+
+        run = open_run(out, name, config)
+        done = run.done_ids()
+    todo = [s for s in dataset if str(s.id) not in done]
+    rows: list[dict] = []
+    seed_everything(seed)
+    bar = tqdm(total=len(todo), desc=f"{name} [{lm.spec.model_type}]", disable=not progress, unit="sample")
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        records = per_batch(lm, chunk)
+        by_id: dict[str, list[dict]] = {}
+        for r in records:
+            by_id.setdefault(str(r["id"]), []).append(r)
+        if run is not None:
+            for s in chunk:  # one write per sample: a sample is recorded whole or not at all
+                run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
+        rows += records
+        bar.update(len(chunk))
+    bar.close()
+    if run is not None:
+        df = run.records()
+        if "empty" in df.columns:
+            df = df[df["empty"].isna()].drop(columns=["empty"])
+        df.attrs["run_dir"] = str(run.dir)
+        return df.reset_index(drop=True)
+    return pd.DataFrame(rows)
+
+
+def finish(name: str, records: pd.DataFrame, summary: pd.DataFrame, config: dict, **extra) -> ExperimentResult:
+    run_dir = records.attrs.get("run_dir")
+    if run_dir is not None:
+        from ..runs import atomic_write_text  # noqa: F401  (summary written atomically below)
+        from pathlib import Path
+
+        path = Path(run_dir) / "summary.csv"
+        tmp = summary.to_csv(index=False)
+        atomic_write_text(path, tmp)
+    return ExperimentResult(name, records, summary, config, run_dir, extra)
+
+
+__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "first_token_ids", "run_experiment",
+           "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything"]

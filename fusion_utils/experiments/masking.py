@@ -1,0 +1,109 @@
+"""Layer-wise masking (paper Sec. 3): where does the answer still need the raw image?
+
+For every decoder layer ℓ and masking mode, the image is masked at ℓ and each sample is answered again. Per layer
+the table gives the accuracy, its drop from the unmasked accuracy, and the change in probability of the model's
+own unmasked first answer token. Fusion layers are those whose masking drops accuracy by more than a threshold;
+the review layer is a deep layer, after the plateau where masking stops mattering, whose masking hurts again.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..interventions import MaskImage
+from ..sweeps import masking_sweep
+from .common import (Decoding, base_config, finish, first_token_ids, generate, post_prompt_for, run_experiment,
+                     score)
+
+
+def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None, window: int = 1,
+            onward: bool = False, decode: str = "generate", decoding: Decoding | None = None, threshold: float = 0.05,
+            out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True):
+    """Accuracy and answer-probability change vs masked layer, for each masking mode.
+
+    ``decode="generate"`` answers under the mask with the full greedy decoding (exact accuracy);
+    ``decode="first_token"`` reads the answer's first token off the fast sweep (cheaper; exact for one-token answers).
+    ``threshold``: accuracy drop (absolute, 0-1) that makes a layer a fusion layer.
+    """
+    if decode not in ("generate", "first_token"):
+        raise ValueError("decode must be 'generate' or 'first_token'.")
+    decoding = decoding or Decoding()
+    L = lm.num_layers
+    layers = list(range(L)) if layers is None else [int(j) % L if j < 0 else int(j) for j in layers]
+    pp = post_prompt_for(dataset)
+    params = dict(modes=list(modes), layers=layers, window=window, onward=onward, decode=decode)
+    config = base_config(lm, dataset, experiment="masking", seed=seed, decoding=decoding, post_prompt=pp,
+                         params=params)
+    tok = lm.processor.tokenizer
+
+    def per_batch(lm, samples):
+        b = lm.prepare(samples, post_prompt=pp)
+        plain = generate(lm, b, (), decoding)
+        target = torch.tensor(first_token_ids(lm, plain), device=lm.device)
+        rows = []
+        for mode in modes:
+            sweep = masking_sweep(lm, b, layers, mode=mode, window=window, onward=onward)
+            p_plain = torch.softmax(sweep["plain"], -1).gather(-1, target[:, None])[:, 0]
+            probs = torch.softmax(sweep["logits"], -1)  # [V, B, vocab]
+            p_mask = probs.gather(-1, target[None, :, None].expand(len(layers), -1, 1))[..., 0]
+            if decode == "generate":
+                preds = [generate(lm, b, [MaskImage(j, mode, window, onward)], decoding) for j in layers]
+            else:
+                ids = sweep["logits"].argmax(-1)
+                preds = [[t.strip() for t in tok.batch_decode(ids[v][:, None], skip_special_tokens=True)]
+                         for v in range(len(layers))]
+            for i, s in enumerate(samples):
+                plain_score = score(dataset, plain[i], s)
+                for v, j in enumerate(layers):
+                    rows.append(dict(id=s.id, family=s.family, mode=mode, layer=j, pred=preds[v][i],
+                                     score=score(dataset, preds[v][i], s), p_answer=float(p_mask[v, i]),
+                                     plain_pred=plain[i], plain_score=plain_score, plain_p=float(p_plain[i])))
+        return rows
+
+    records = run_experiment("masking", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
+                             seed=seed, progress=progress)
+    summary = masking_summary(records)
+    layers_found = {m: find_layers(summary[summary["mode"] == m], threshold=threshold) for m in modes}
+    return finish("masking", records, summary, config, layers=layers_found, threshold=threshold)
+
+
+def masking_summary(records: pd.DataFrame) -> pd.DataFrame:
+    """Per (mode, layer): accuracy, plain accuracy, drop, mean answer-probability change, n."""
+    g = records.groupby(["mode", "layer"], sort=True)
+    out = g.agg(accuracy=("score", "mean"), plain_accuracy=("plain_score", "mean"), p_answer=("p_answer", "mean"),
+                plain_p=("plain_p", "mean"), n=("id", "nunique")).reset_index()
+    out["drop"] = out["plain_accuracy"] - out["accuracy"]
+    out["delta_p"] = out["p_answer"] - out["plain_p"]
+    return out
+
+
+def find_layers(summary: pd.DataFrame, *, threshold: float = 0.05, plateau_len: int | None = None) -> dict:
+    """Fusion layers, plateau start and review layer from one mode's per-layer summary.
+
+    - fusion layers: drop > ``threshold``;
+    - plateau: the first layer from which ``plateau_len`` consecutive layers (default max(2, L // 8)) all drop less
+      than ``threshold``;
+    - review layer: after the plateau, the layer with the largest drop if that drop exceeds ``threshold``; else None.
+    """
+    s = summary.sort_values("layer")
+    layers = s["layer"].tolist()
+    drop = s["drop"].to_numpy()
+    L = len(layers)
+    k = plateau_len or max(2, L // 8)
+    fusion = [int(j) for j, d in zip(layers, drop) if d > threshold]
+    plateau = None
+    for i in range(L - k + 1):
+        if np.all(drop[i:i + k] <= threshold):
+            plateau = i
+            break
+    review = None
+    if plateau is not None:
+        tail = [(drop[i], layers[i]) for i in range(plateau + k, L) if drop[i] > threshold]
+        if tail:
+            review = int(max(tail)[1])
+    return {"fusion_layers": [j for j in fusion if plateau is None or j < layers[plateau]] if plateau is not None else fusion,
+            "plateau_start": None if plateau is None else int(layers[plateau]), "review_layer": review,
+            "threshold": threshold}

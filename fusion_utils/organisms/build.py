@@ -1,0 +1,198 @@
+"""Configs, word-level tokenizers and real processors for the two model organisms (built offline).
+
+Both organisms see the 96 x 96 world image as a 6 x 6 grid of image tokens, ONE token per world cell:
+
+* ``llava``: CLIP vision tower, patch 16 on a 96 px image -> 36 patches + CLS; ``vision_feature_select_strategy
+  ="default"`` drops CLS, ``vision_feature_layer=-1`` (the last encoder layer) -> 36 image tokens, row-major.
+* ``qwen2_vl``: Qwen2-VL vision tower, patch 8 (12 x 12 patches, temporal patch 2 on the duplicated frame), patch
+  merger with ``spatial_merge_size=2`` -> 6 x 6 = 36 merged tokens, row-major; M-RoPE over (t, h, w).
+"""
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from ..data import world
+from ..prompts import GENERIC_PROMPT, POST_PROMPT
+
+ORGANISMS = ("llava", "qwen2_vl")
+IMAGE_SIZE = world.IMAGE_SIZE
+N_IMAGE_TOKENS = world.GRID * world.GRID
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TEMPLATE_WORDS = ("user", "assistant", "system", "you", "are", "a", "helpful", "picture", "video", ":", ".", "?", ",",
+                  "!", "'", "-")
+
+SPECIALS = {
+    "llava": {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "extra": ["<image>"]},
+    "qwen2_vl": {"pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>", "unk": "<unk>",
+                 "extra": ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]},
+}
+
+
+def words() -> list[str]:
+    """Every plain word the tokenizers know: the world, the prompts, the chat templates."""
+    text = " ".join([POST_PROMPT, GENERIC_PROMPT, "picture video"]).lower()
+    for p in ".,:?!'-":
+        text = text.replace(p, f" {p} ")
+    vocab = list(world.VOCABULARY) + list(TEMPLATE_WORDS) + text.split()
+    return list(dict.fromkeys(vocab))
+
+
+def build_tokenizer(name: str):
+    """A word-level PreTrainedTokenizerFast (lowercasing, whitespace + punctuation split), left padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SPECIALS[name]
+    specials = [t for t in (sp["pad"], sp["bos"], sp["eos"], sp["unk"]) if t] + sp["extra"]
+    scene = list(world.SCENE_TOKENS)
+    vocab = {t: i for i, t in enumerate(specials + scene + words())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=sp["unk"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if sp["bos"]:
+        bos_id = vocab[sp["bos"]]
+        tok.post_processor = processors.TemplateProcessing(single=f"{sp['bos']} $A", pair=f"{sp['bos']} $A $B",
+                                                           special_tokens=[(sp["bos"], bos_id)])
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    # scene tokens are ordinary (non-special) added tokens so that text scenes can be typed
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in scene])
+    kw = dict(tokenizer_object=tok, pad_token=sp["pad"], eos_token=sp["eos"], unk_token=sp["unk"],
+              padding_side="left", model_max_length=512, clean_up_tokenization_spaces=True)
+    if sp["bos"]:
+        kw["bos_token"] = sp["bos"]
+    if name == "llava":
+        kw["extra_special_tokens"] = {"image_token": "<image>"}
+    else:
+        kw["extra_special_tokens"] = {"image_token": "<|image_pad|>", "vision_start_token": "<|vision_start|>",
+                                      "vision_end_token": "<|vision_end|>", "video_token": "<|video_pad|>"}
+    return PreTrainedTokenizerFast(**kw)
+
+
+def build_processor(name: str):
+    tokenizer = build_tokenizer(name)
+    if name == "llava":
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        ip = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                do_resize=True, do_center_crop=True, do_convert_rgb=True)
+        return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=16,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>")
+    if name == "qwen2_vl":
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+        px = IMAGE_SIZE * IMAGE_SIZE
+        ip = Qwen2VLImageProcessor(min_pixels=px, max_pixels=px, size={"shortest_edge": px, "longest_edge": px},
+                                   patch_size=8, temporal_patch_size=2, merge_size=2)
+        try:
+            from transformers import Qwen2VLVideoProcessor
+
+            vp = Qwen2VLVideoProcessor(min_pixels=px, max_pixels=px, size={"shortest_edge": px, "longest_edge": px},
+                                       patch_size=8, temporal_patch_size=2, merge_size=2)
+        except Exception:  # pragma: no cover - torchvision missing
+            vp = None
+        return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp,
+                                chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ORGANISMS)}.")
+
+
+# default sizes (see README / model cards)
+DEFAULTS = {
+    "llava": dict(text_layers=8, width=128, heads=4, ffn=320, vision_layers=4, vision_width=128, vision_ffn=256,
+                  tie=False),
+    "qwen2_vl": dict(text_layers=8, width=96, heads=4, ffn=256, vision_layers=4, vision_width=96, vision_ffn=192,
+                     tie=True),
+}
+
+
+def build_config(name: str, tokenizer, **overrides):
+    d = {**DEFAULTS[name], **overrides}
+    vocab = len(tokenizer)
+    if name == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        vc = CLIPVisionConfig(hidden_size=d["vision_width"], intermediate_size=d["vision_ffn"],
+                              num_hidden_layers=d["vision_layers"], num_attention_heads=4, image_size=IMAGE_SIZE,
+                              patch_size=16, projection_dim=d["vision_width"], hidden_act="quick_gelu")
+        tc = LlamaConfig(vocab_size=vocab, hidden_size=d["width"], intermediate_size=d["ffn"],
+                         num_hidden_layers=d["text_layers"], num_attention_heads=d["heads"],
+                         num_key_value_heads=d["heads"], max_position_embeddings=512, rms_norm_eps=1e-5,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=d["tie"])
+        cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                          image_seq_length=N_IMAGE_TOKENS, vision_feature_select_strategy="default",
+                          vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=d["tie"])
+        cfg.pad_token_id = tokenizer.pad_token_id
+        return cfg
+    if name == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        head_dim = d["width"] // d["heads"]
+        q = head_dim // 2  # mrope sections (t, h, w) must sum to head_dim / 2
+        section = [q - 2 * (3 * q // 8), 3 * q // 8, 3 * q // 8]
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+               ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+        text = dict(vocab_size=vocab, hidden_size=d["width"], intermediate_size=d["ffn"],
+                    num_hidden_layers=d["text_layers"], num_attention_heads=d["heads"], num_key_value_heads=d["heads"],
+                    max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=d["tie"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        vision = dict(depth=d["vision_layers"], embed_dim=d["vision_width"], hidden_size=d["width"],
+                      mlp_ratio=d["vision_ffn"] // d["vision_width"], num_heads=4, in_channels=3, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=d["tie"])
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        return cfg
+    raise ValueError(name)
+
+
+def model_class(name: str):
+    import transformers
+
+    return getattr(transformers, {"llava": "LlavaForConditionalGeneration",
+                                  "qwen2_vl": "Qwen2VLForConditionalGeneration"}[name])
+
+
+def build(name: str, seed: int = 0, **overrides):
+    """(model, processor) freshly initialised (deterministic in `seed`)."""
+    import torch
+
+    processor = build_processor(name)
+    cfg = build_config(name, processor.tokenizer, **overrides)
+    torch.manual_seed(seed)
+    model = model_class(name)(cfg)
+    gc = model.generation_config
+    gc.eos_token_id = processor.tokenizer.eos_token_id
+    gc.pad_token_id = processor.tokenizer.pad_token_id
+    if processor.tokenizer.bos_token_id is not None:
+        gc.bos_token_id = processor.tokenizer.bos_token_id
+    gc.do_sample = False
+    return model, processor

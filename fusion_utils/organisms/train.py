@@ -1,0 +1,397 @@
+"""The staged training recipe of the organisms (mirrors how real MLLMs are built).
+
+(a) ``text``   -- pretrain the decoder on TEXT scenes: the image-token slots hold the embeddings of scene tokens (one
+                  per cell: ``<large_red_circle>`` or ``<empty>``, lightly noised), followed by the question in the
+                  exact evaluation prompt; loss on the answer token + EOS only.
+(b+c) ``vision`` -- train the vision tower and projector (decoder frozen) so that each image token lands on its
+                  cell's scene-token embedding: cross-entropy over the 41 scene tokens with logits = -squared
+                  distance to their embeddings, plus the mean squared error to the target embedding. A few blank
+                  (uniform) images teach "all empty".
+(d) ``joint``  -- VQA on rendered images end to end (every parameter, lower learning rate), answer + EOS loss, with the
+                  alignment loss of (b+c) kept as a small auxiliary term.
+
+Everything is deterministic in ``seed`` (torch.manual_seed, numpy streams of the world, fixed thread count).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import world
+from ..prompts import render_prompt, user_text
+from .build import N_IMAGE_TOKENS, build
+
+# steps per stage and learning rates (batch size BATCH); chosen to fit ~20-25 min per organism on 2 CPU cores
+RECIPE = {
+    "batch": 32,
+    "text_steps": 1500, "text_lr": 2e-3,  # max steps; stops early once text-scene val accuracy passes the target
+    "text_check_every": 100, "text_target": 0.96, "text_family_target": 0.92,
+    "pack": 6,  # questions per scene: the evaluation prompt, then pack-1 more user/assistant turns on the same scene
+    "vision_steps": 400, "vision_lr": 2e-3,
+    "joint_steps": 250, "joint_lr": 3e-4, "joint_aux": 0.3,
+    "scene_noise": 0.15, "blank_frac": 0.05,
+    "compose_scene": True,  # (a) a cell's embedding = E[size] + E[colour] + E[shape] (E[<empty>] if empty)
+}
+
+# per-organism departures from RECIPE
+ORGANISM_RECIPE = {
+    "llava": {},
+    "qwen2_vl": {"text_lr": 3e-3},
+}
+
+
+def _image_token(name: str) -> str:
+    return "<image>" if name == "llava" else "<|image_pad|>"
+
+
+class Trainer:
+    def __init__(self, name: str, seed: int = 0, threads: int | None = 1, recipe: dict | None = None, **overrides):
+        if threads:
+            torch.set_num_threads(threads)
+        self.name, self.seed = name, seed
+        self.recipe = {**RECIPE, **ORGANISM_RECIPE.get(name, {}), **(recipe or {})}
+        self.model, self.processor = build(name, seed=seed, **overrides)
+        self.tok = self.processor.tokenizer
+        self.scene_ids = torch.tensor(self.tok.convert_tokens_to_ids(list(world.SCENE_TOKENS)))
+        self.scene_index = {t: i for i, t in enumerate(world.SCENE_TOKENS)}
+        parts = []
+        for t in world.SCENE_TOKENS:
+            if t == world.EMPTY_TOKEN:
+                parts.append([t, t, t])
+            else:
+                parts.append(t.strip("<>").split("_"))
+        self.scene_parts = torch.tensor([self.tok.convert_tokens_to_ids(p) for p in parts])  # [41, 3]
+        self.composed = False
+        self.counter = 0  # index into the train split's sample stream
+        self.gen = torch.Generator().manual_seed(seed)
+        self.log: list[dict] = []
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ data
+    def _samples(self, n: int, with_image: bool):
+        out = [world.make_sample("train", self.counter + i, seed=self.seed, with_image=with_image) for i in range(n)]
+        self.counter += n
+        return out
+
+    def _texts(self, samples, with_answer=True):
+        eos = self.tok.eos_token
+        sep = " " if self.name == "llava" else ""
+        texts = []
+        for s in samples:
+            p = render_prompt(self.processor, user_text(s.question))
+            texts.append(p + sep + s.answers[0] + eos if with_answer else p)
+        return texts
+
+    def _texts_packed(self, samples):
+        """Multi-turn conversations: turn 1 is exactly the evaluation prompt + answer, then pack-1 more questions
+        about the same scene (family-balanced, from world.scene_questions), each answered + EOS."""
+        K = int(self.recipe.get("pack") or 1)
+        if K <= 1:
+            return self._texts(samples)
+        eos = self.tok.eos_token
+        rng = np.random.default_rng([self.seed, 7, self.counter])
+        texts = []
+        for s, first in zip(samples, self._texts(samples)):
+            pool = [q for q in world.scene_questions(s.meta["objects"]) if q[1] != s.question]
+            fams = sorted({f for f, _, _ in pool})
+            turns = []
+            for _ in range(K - 1):
+                if not pool:
+                    break
+                fam = fams[int(rng.integers(len(fams)))]
+                opts = [q for q in pool if q[0] == fam] or pool
+                q = opts[int(rng.integers(len(opts)))]
+                pool.remove(q)
+                fams = sorted({f for f, _, _ in pool})
+                if self.name == "llava":
+                    turns.append(f"USER: {user_text(q[1])} ASSISTANT: {q[2]}{eos}")
+                else:
+                    turns.append(f"\n<|im_start|>user\n{user_text(q[1])}<|im_end|>\n<|im_start|>assistant\n{q[2]}{eos}")
+            texts.append(first + "".join(turns))
+        return texts
+
+    def _encode_text_only(self, texts):
+        it = _image_token(self.name)
+        texts = [t.replace(it, it * N_IMAGE_TOKENS) for t in texts]
+        enc = self.tok(texts, padding=True, return_tensors="pt")
+        enc = dict(enc)
+        if self.name == "qwen2_vl":
+            ids = enc["input_ids"]
+            enc["mm_token_type_ids"] = (ids == self.model.config.image_token_id).long()
+            enc["image_grid_thw"] = torch.tensor([[1, 2 * world.GRID, 2 * world.GRID]] * ids.shape[0])
+        return enc
+
+    def _encode(self, samples, with_answer=True, images=None, packed=False):
+        texts = self._texts_packed(samples) if packed else self._texts(samples, with_answer)
+        imgs = images if images is not None else [s.image for s in samples]
+        return dict(self.processor(images=imgs, text=texts, padding=True, return_tensors="pt"))
+
+    def _labels(self, ids):
+        """Answer word + EOS after every assistant cue (`assistant :` for LLaVA, `<|im_start|> assistant` for Qwen)."""
+        if not hasattr(self, "_cue"):
+            a = self.tok.convert_tokens_to_ids("assistant")
+            self._cue = (a, self.tok.convert_tokens_to_ids(":")) if self.name == "llava" else \
+                (self.tok.convert_tokens_to_ids("<|im_start|>"), a)
+        c0, c1 = self._cue
+        hit = torch.zeros_like(ids, dtype=torch.bool)
+        hit[:, 2:] = (ids[:, :-2] == c0) & (ids[:, 1:-1] == c1)
+        labels = torch.full_like(ids, -100)
+        labels[hit] = ids[hit]
+        eos_pos = torch.zeros_like(hit)
+        eos_pos[:, 1:] = hit[:, :-1]
+        labels[eos_pos] = ids[eos_pos]
+        return labels
+
+    def _cell_targets(self, samples):
+        return torch.tensor([[self.scene_index[t] for t in s.meta["scene_cells"]] for s in samples])
+
+    # ------------------------------------------------------------------ model pieces
+    @property
+    def embed(self):
+        return self.model.get_input_embeddings()
+
+    def _scene_embeds(self, targets):
+        """Text-scene embeddings for cell targets [B, 36] (indices into SCENE_TOKENS)."""
+        if not self.recipe.get("compose_scene") or self.composed:
+            return self.embed(self.scene_ids[targets])
+        W = self.embed.weight
+        comp = W[self.scene_parts]  # [41, 3, D]
+        comp = torch.where((self.scene_parts[:, :1] == self.scene_parts[:, 1:2]).unsqueeze(-1),
+                           comp[:, 0:1].expand_as(comp) / 3, comp)  # <empty>: its own row (3 x 1/3)
+        return comp.sum(1)[targets]
+
+    def freeze_composition(self):
+        """Write the composed scene embeddings into the scene tokens' rows (end of stage a)."""
+        if self.recipe.get("compose_scene") and not self.composed:
+            with torch.no_grad():
+                rows = self._scene_embeds(torch.arange(len(world.SCENE_TOKENS)))
+                self.embed.weight[self.scene_ids] = rows
+        self.composed = True
+
+    def _image_features(self, enc):
+        m = self.model.model
+        if self.name == "llava":
+            out = m.get_image_features(pixel_values=enc["pixel_values"], vision_feature_layer=-1,
+                                       vision_feature_select_strategy="default")
+        else:
+            out = m.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+        return torch.stack(list(out.pooler_output))  # [B, 36, D]
+
+    def _lm_forward(self, enc, feats):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kw = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+        mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+        return self.model(**kw, mm_encoder_outputs=mm).logits
+
+    def _answer_loss(self, logits, ids):
+        labels = self._labels(ids)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    def _align_loss(self, feats, targets):
+        E = self.embed.weight[self.scene_ids]  # [41, D]
+        d2 = (feats.unsqueeze(-2) - E).pow(2).sum(-1)  # [B, 36, 41]
+        ce = F.cross_entropy(-d2.reshape(-1, d2.shape[-1]), targets.reshape(-1))
+        mse = (feats - E[targets]).pow(2).mean()
+        acc = (d2.argmin(-1) == targets).float().mean().item()
+        return ce + mse, acc
+
+    def _opt(self, params, lr, steps):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        warm = max(1, steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        return opt, sched
+
+    def _set_trainable(self, part: str):
+        for n, p in self.model.named_parameters():
+            is_lm = n.startswith("model.language_model") or n.startswith("lm_head")
+            p.requires_grad = {"lm": is_lm, "vision": not is_lm, "all": True}[part]
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ stages
+    def stage_text(self, steps=None, lr=None):
+        R = self.recipe
+        steps = R["text_steps"] if steps is None else steps
+        params = self._set_trainable("lm")
+        opt, sched = self._opt(params, lr or R["text_lr"], steps)
+        self.model.train()
+        t0 = time.time()
+        bar = tqdm(range(steps), desc=f"{self.name} (a) text scenes", mininterval=5)
+        for step in bar:
+            samples = self._samples(R["batch"], with_image=False)
+            enc = self._encode_text_only(self._texts_packed(samples))
+            feats = self._scene_embeds(self._cell_targets(samples))
+            if R["scene_noise"]:
+                feats = feats + R["scene_noise"] * feats.detach().pow(2).mean().sqrt() * torch.randn(
+                    feats.shape, generator=self.gen)
+            logits = self._lm_forward(enc, feats)
+            loss = self._answer_loss(logits, enc["input_ids"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(); sched.step()
+            self._record("text", step, loss=loss.item(), bar=bar)
+            every = R.get("text_check_every")
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                acc = self.quick_accuracy(200, "text")
+                self.log.append({"stage": "text_check", "step": step, **acc})
+                tqdm.write(f"[{self.name}] step {step + 1}: text-scene val accuracy {acc}")
+                fam = min(v for k, v in acc.items() if k != "overall")
+                if acc["overall"] >= R["text_target"] and fam >= R["text_family_target"]:
+                    break
+        self.freeze_composition()
+        self.timings["text"] = time.time() - t0
+        self.timings["text_steps_run"] = step + 1
+        return self
+
+    def _blank_batch(self, n):
+        imgs = []
+        for _ in range(n):
+            g = int(torch.randint(60, 200, (1,), generator=self.gen))
+            imgs.append(world.blank_image((g, g, g)))
+        return imgs
+
+    def stage_vision(self, steps=None, lr=None):
+        R = self.recipe
+        steps = R["vision_steps"] if steps is None else steps
+        params = self._set_trainable("vision")
+        opt, sched = self._opt(params, lr or R["vision_lr"], steps)
+        self.model.train()
+        t0 = time.time()
+        bar = tqdm(range(steps), desc=f"{self.name} (b+c) vision->scene tokens", mininterval=5)
+        n_blank = int(round(R["blank_frac"] * R["batch"]))
+        for step in bar:
+            samples = self._samples(R["batch"] - n_blank, with_image=True)
+            imgs = [s.image for s in samples] + self._blank_batch(n_blank)
+            ip = self.processor.image_processor(images=imgs, return_tensors="pt")
+            targets = torch.cat([self._cell_targets(samples), torch.zeros(n_blank, N_IMAGE_TOKENS, dtype=torch.long)])
+            feats = self._image_features(dict(ip))
+            loss, acc = self._align_loss(feats, targets.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(); sched.step()
+            self._record("vision", step, loss=loss.item(), cell_acc=acc, bar=bar)
+        self.timings["vision"] = time.time() - t0
+        return self
+
+    def stage_joint(self, steps=None, lr=None):
+        R = self.recipe
+        steps = R["joint_steps"] if steps is None else steps
+        params = self._set_trainable("all")
+        opt, sched = self._opt(params, lr or R["joint_lr"], steps)
+        self.model.train()
+        t0 = time.time()
+        bar = tqdm(range(steps), desc=f"{self.name} (d) joint VQA", mininterval=5)
+        for step in bar:
+            samples = self._samples(R["batch"], with_image=True)
+            enc = self._encode(samples, packed=True)
+            feats = self._image_features(enc)
+            logits = self._lm_forward(enc, feats)
+            vqa = self._answer_loss(logits, enc["input_ids"])
+            aux, acc = self._align_loss(feats, self._cell_targets(samples))
+            loss = vqa + R["joint_aux"] * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(); sched.step()
+            self._record("joint", step, loss=vqa.item(), cell_acc=acc, bar=bar)
+        self.timings["joint"] = time.time() - t0
+        return self
+
+    def _record(self, stage, step, bar=None, **vals):
+        self.log.append({"stage": stage, "step": step, **vals})
+        if bar is not None and step % 10 == 0:
+            recent = [r for r in self.log[-50:] if r["stage"] == stage]
+            bar.set_postfix({k: f"{np.mean([r[k] for r in recent]):.3f}" for k in vals})
+
+    # ------------------------------------------------------------------ eval / save
+    @torch.no_grad()
+    def quick_accuracy(self, n=200, mode="image", split="val"):
+        """First-token argmax accuracy on `split` (mode 'image' or 'text' scenes)."""
+        self.model.eval()
+        ds = world.world_dataset(split, n, seed=self.seed)
+        correct = []
+        for i in range(0, len(ds), 50):
+            batch = list(ds[i:i + 50])
+            if mode == "text":
+                enc = self._encode_text_only(self._texts(batch, with_answer=False))
+                logits = self._lm_forward(enc, self._scene_embeds(self._cell_targets(batch)))
+            else:
+                enc = self._encode(batch, with_answer=False)
+                logits = self._lm_forward(enc, self._image_features(enc))
+            pred = self.tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+            correct += [p == s.answers[0] for p, s in zip(pred, batch)]
+        self.model.train()
+        fams = {}
+        for s, c in zip(ds, correct):
+            fams.setdefault(s.family, []).append(c)
+        return {"overall": float(np.mean(correct)), **{f: float(np.mean(v)) for f, v in fams.items()}}
+
+    def save(self, out_dir):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad = True
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        (out / "training_log.json").write_text(json.dumps(
+            {"seed": self.seed, "recipe": self.recipe, "timings_s": self.timings,
+             "samples_seen": self.counter, "log": self.log[::10]}, indent=1))
+        return out
+
+
+def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recipe: dict | None = None,
+          evaluate_after: bool = True, ckpt_dir=None, resume: bool = True, **overrides):
+    """Run the full staged recipe for organism `name` and save it to `out_dir` (default: the shipped weights dir).
+
+    After each stage the trainer state is checkpointed in `ckpt_dir` (default: <tmp>/fusion_utils_organisms/<name>
+    -seed<seed>); with `resume=True` finished stages are loaded instead of retrained.
+    """
+    import tempfile
+
+    from . import weights_dir
+
+    out_dir = Path(out_dir) if out_dir else weights_dir(name)
+    ckpt = Path(ckpt_dir) if ckpt_dir else Path(tempfile.gettempdir()) / "fusion_utils_organisms" / f"{name}-seed{seed}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tr = Trainer(name, seed=seed, threads=threads, recipe=recipe, **overrides)
+    for stage, fn, mode in (("text", tr.stage_text, "text"), ("vision", tr.stage_vision, "image"),
+                            ("joint", tr.stage_joint, "image")):
+        f = ckpt / f"{stage}.pt"
+        if resume and f.exists():
+            st = torch.load(f, weights_only=False)
+            tr.model.load_state_dict(st["model"])
+            tr.counter, tr.composed, tr.log, tr.timings = st["counter"], st["composed"], st["log"], st["timings"]
+            tr.gen.set_state(st["gen"])
+            print(f"[{name}] resumed after stage {stage} from {f}", flush=True)
+            continue
+        fn()
+        print(f"[{name}] after stage {stage}: {mode} val accuracy {tr.quick_accuracy(200, mode)}", flush=True)
+        torch.save({"model": tr.model.state_dict(), "counter": tr.counter, "composed": tr.composed, "log": tr.log,
+                    "timings": tr.timings, "gen": tr.gen.get_state()}, f)
+    tr.timings["total"] = sum(v for k, v in tr.timings.items() if k in ("text", "vision", "joint"))
+    tr.timings["wall_this_run"] = time.time() - t0
+    tr.save(out_dir)
+    print(f"[{name}] saved to {out_dir}; training time {tr.timings['total'] / 60:.1f} min", flush=True)
+    if evaluate_after:
+        try:
+            from .evaluate import evaluate, write_model_card
+
+            table = evaluate(out_dir, n=500, split="test")
+            print(table.to_string(), flush=True)
+            write_model_card(name, out_dir, table, tr)
+        except Exception as e:  # keep the weights even if evaluation fails
+            print(f"[{name}] evaluation failed: {e!r}", flush=True)
+    return tr

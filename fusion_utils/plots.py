@@ -1,0 +1,707 @@
+"""Figures from the experiments' tables and from attention maps (matplotlib + seaborn).
+
+Every function returns a `matplotlib.figure.Figure` (created with pyplot, so a notebook's inline backend shows it
+once at the end of the cell: assign it, ``fig = plots.masking_curves(...)``, rather than ending the cell with
+both the call and ``fig``). Nothing here loads a model, calls ``plt.show()`` or closes a figure it did not create.
+
+Conventions shared by all figures:
+
+- width `BOOK_WIDTH` (8 in, the book's text width); heights scale with the number of panel rows;
+- one colour per model, stable across figures (`model_color`), whatever the order models are passed in;
+- fusion layers are red triangles (the paper's convention), the review layer a dotted vertical line;
+- layer axes show integer layers; ``relative=True`` switches to relative depth (layer / number of layers) so models
+  of different depth, and the paper's reported layers, can share one axis;
+- reported numbers are passed in, never looked up (``reported={"fusion_layers": [...], "review_layer": 29,
+  "n_layers": 32, "label": "LLaVA-1.5 (paper)"}``) and drawn hollow;
+- empty or all-NaN inputs raise ``ValueError`` saying what is missing.
+
+The styling is applied inside each function (``_style()``), so importing this module changes no global state;
+call `use_style()` once in a notebook to give other figures the same look.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from typing import Mapping, Sequence
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.collections import LineCollection
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+BOOK_WIDTH = 8.0
+FUSION_COLOR = "#d62728"  # red triangles, as in the paper's masking figure
+RELEVANT_COLOR = "#17becf"  # outline of ground-truth relevant cells
+HEATMAP_CMAP = "magma"
+DIVERGING_CMAP = "RdBu_r"
+
+# a fixed colour per model family (colour-blind palette); unknown labels get a stable hashed colour
+_PALETTE = sns.color_palette("colorblind", 10)
+_FAMILY_COLORS = [  # (substring of the normalised label, colour index); first match wins
+    ("vip", 5), ("next", 1), ("1.6", 1), ("instructblip", 4), ("blip", 4), ("qwen2.5", 6), ("qwen2_5", 6),
+    ("qwen25", 6), ("qwen", 2), ("llava", 0),
+]
+
+__all__ = [
+    "BOOK_WIDTH", "use_style", "model_color", "masking_curves", "review_evidence", "attention_heatmaps",
+    "relevance_curves", "noise_tokens", "noise_frequency", "contrastive_panels", "accuracy_bars",
+    "ablation_lines", "draw_heatmap",
+]
+
+
+# --- style and helpers ------------------------------------------------------------------------------------------
+
+def use_style() -> None:
+    """Apply the book's seaborn theme globally (optional; every function here applies it locally anyway)."""
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.9)
+
+
+@contextmanager
+def _style():
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        yield
+
+
+def model_color(label: str):
+    """The colour of a model in every figure: by family name when recognisable, else a stable hashed colour."""
+    key = str(label).lower().replace("-", "_").replace(" ", "_")
+    for sub, idx in _FAMILY_COLORS:
+        if sub.replace("-", "_") in key:
+            return _PALETTE[idx]
+    h = int(hashlib.md5(str(label).encode()).hexdigest(), 16)
+    return _PALETTE[[7, 8, 9, 3][h % 4]]
+
+
+def _as_dict(obj, default_label: str = "model") -> dict:
+    if obj is None:
+        return {}
+    if isinstance(obj, pd.DataFrame):
+        return {default_label: obj}
+    if hasattr(obj, "summary") and isinstance(getattr(obj, "summary"), pd.DataFrame):  # an ExperimentResult
+        return {getattr(obj, "name", default_label): obj.summary}
+    if isinstance(obj, Mapping):
+        return {str(k): (v.summary if hasattr(v, "summary") and not isinstance(v, pd.DataFrame) else v)
+                for k, v in obj.items()}
+    raise TypeError(f"Expected a DataFrame or a dict label -> DataFrame, got {type(obj).__name__}.")
+
+
+def _require(df, columns: Sequence[str], what: str) -> pd.DataFrame:
+    """Check ``df`` is a non-empty table with ``columns`` holding at least one number; say what is missing."""
+    if df is None:
+        raise ValueError(f"{what}: no table given.")
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}.")
+    if df.empty:
+        raise ValueError(f"{what}: the table is empty (did the experiment run on any sample?).")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {', '.join(map(repr, missing))}; "
+                         f"it has {', '.join(map(repr, df.columns))}.")
+    for c in columns:
+        if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().sum() == 0:
+            raise ValueError(f"{what}: column {c!r} is all NaN.")
+    return df
+
+
+def _integer_layers(ax, axis: str = "x") -> None:
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def _layer_found(found, mode: str | None) -> dict:
+    """Accept `find_layers` output for one mode, or ``extra["layers"]`` (mode -> that dict), or None."""
+    if not found:
+        return {}
+    if "fusion_layers" in found or "review_layer" in found:
+        return dict(found)
+    if mode is not None and mode in found:
+        return dict(found[mode] or {})
+    if len(found) == 1:
+        return dict(next(iter(found.values())) or {})
+    return {}
+
+
+def _reported_list(reported) -> list[dict]:
+    if reported is None:
+        return []
+    if isinstance(reported, Mapping):
+        if any(k in reported for k in ("fusion_layers", "review_layer", "n_layers")):
+            return [dict(reported)]
+        return [dict(v, label=v.get("label", k)) for k, v in reported.items()]  # label -> reported dict
+    return [dict(r) for r in reported]
+
+
+def _finish(fig, title: str | None = None):
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def _new_axes(ax, figsize):
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+
+
+# --- masking curves ---------------------------------------------------------------------------------------------
+
+_METRIC_LABEL = {"accuracy": "accuracy with the image masked", "drop": "accuracy drop (unmasked − masked)",
+                 "delta_p": "Δ p(unmasked answer's first token)"}
+
+
+def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str = "zero", metric: str = "accuracy",
+                   reported=None, relative: bool = False, ax=None, title: str | None = None,
+                   figsize=(BOOK_WIDTH, 4.0)):
+    """Masking metric vs masked layer, one line per model.
+
+    ``summaries``: ``{label: masking summary}`` (or one summary / `ExperimentResult`); ``layers_found``:
+    ``{label: result.extra["layers"]}`` (or ``{label: find_layers(...)}``). ``metric``: "accuracy" (with the
+    unmasked accuracy as a dashed line), "drop" (with the fusion threshold dotted) or "delta_p".
+    Fusion layers are red triangles (`gid="fusion"`), the review layer a dotted line + label (`gid="review"`).
+    ``reported``: the paper's layers, drawn as hollow red triangles along the top (`gid="reported"`) and its review
+    layer as a grey dashed line; with ``relative=True`` the x axis is layer / n_layers, where they line up with
+    models of any depth.
+    """
+    if metric not in _METRIC_LABEL:
+        raise ValueError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}.")
+    data = _as_dict(summaries)
+    if not data:
+        raise ValueError("masking_curves: no masking summaries given.")
+    layers_found = dict(layers_found or {})
+    with _style():
+        fig, ax = _new_axes(ax, figsize)
+        handles = []
+        for label, s in data.items():
+            _require(s, ["layer", metric], f"masking summary of {label}")
+            if "mode" in s.columns:
+                if mode not in set(s["mode"]):
+                    raise ValueError(f"masking summary of {label} has no mode {mode!r}; it has "
+                                     f"{', '.join(map(repr, sorted(set(s['mode']))))}.")
+                s = s[s["mode"] == mode]
+            s = s.sort_values("layer")
+            if s[metric].notna().sum() == 0:
+                raise ValueError(f"masking summary of {label}: {metric!r} is all NaN for mode {mode!r}.")
+            n_layers = int(s["layer"].max()) + 1
+            x = s["layer"].to_numpy(float) / (n_layers if relative else 1)
+            y = s[metric].to_numpy(float)
+            color = model_color(label)
+            (line,) = ax.plot(x, y, "-o", color=color, ms=3.5, lw=1.8, label=label, gid=f"curve:{label}")
+            handles.append(line)
+            if metric == "accuracy" and "plain_accuracy" in s.columns and s["plain_accuracy"].notna().any():
+                ax.axhline(float(s["plain_accuracy"].mean()), color=color, ls="--", lw=1.2, alpha=0.8,
+                           gid=f"unmasked:{label}")
+            found = _layer_found(layers_found.get(label), mode)
+            fusion = [j for j in found.get("fusion_layers") or [] if j in set(s["layer"])]
+            if fusion:
+                fy = s.set_index("layer").loc[fusion, metric].to_numpy(float)
+                ax.plot(np.asarray(fusion, float) / (n_layers if relative else 1), fy, ls="none", marker="^",
+                        ms=9, color=FUSION_COLOR, mec="white", mew=0.6, zorder=5, gid="fusion")
+            review = found.get("review_layer")
+            if review is not None:
+                rx = review / (n_layers if relative else 1)
+                ax.axvline(rx, color=color, ls=":", lw=1.5, gid="review")
+                ax.annotate(f"review L{review}", xy=(rx, 0.02), xycoords=("data", "axes fraction"),
+                            xytext=(3, 0), textcoords="offset points", color=color, fontsize=8, rotation=90,
+                            va="bottom", gid="review")
+            if metric == "drop" and found.get("threshold") is not None:
+                ax.axhline(float(found["threshold"]), color="grey", ls=":", lw=1)
+        if metric in ("drop", "delta_p"):
+            ax.axhline(0.0, color="black", lw=0.8, alpha=0.6)
+        for i, rep in enumerate(_reported_list(reported)):
+            n_rep = rep.get("n_layers")
+            if relative and not n_rep:
+                raise ValueError("reported values need 'n_layers' to be placed on a relative depth axis.")
+            scale = n_rep if relative else 1
+            fl = list(rep.get("fusion_layers") or [])
+            trans = ax.get_xaxis_transform()
+            if fl:
+                ax.plot(np.asarray(fl, float) / scale, np.full(len(fl), 0.97 - 0.05 * i), transform=trans,
+                        ls="none", marker="^", ms=9, mfc="none", mec=FUSION_COLOR, mew=1.4, clip_on=False,
+                        gid="reported")
+            if rep.get("review_layer") is not None:
+                ax.axvline(rep["review_layer"] / scale, color="grey", ls="--", lw=1.2, gid="reported_review")
+            lab = rep.get("label", "reported (paper)")
+            handles.append(Line2D([], [], ls="none", marker="^", mfc="none", mec=FUSION_COLOR, mew=1.4, ms=8,
+                                  label=f"{lab}: fusion layers"))
+            if rep.get("review_layer") is not None:
+                handles.append(Line2D([], [], color="grey", ls="--", label=f"{lab}: review layer"))
+        handles.append(Line2D([], [], ls="none", marker="^", color=FUSION_COLOR, ms=8, label="fusion layers (ours)"))
+        if metric == "accuracy":
+            handles.append(Line2D([], [], color="grey", ls="--", label="unmasked accuracy"))
+        if relative:
+            ax.set_xlabel("masked layer (relative depth, layer / number of layers)")
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.set_xlim(-0.02, 1.0)
+        else:
+            ax.set_xlabel("masked layer")
+            _integer_layers(ax)
+        ax.set_ylabel(_METRIC_LABEL[metric])
+        ax.set_title(title or f"Masking the image at one layer ({mode})")
+        ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
+        fig.tight_layout()
+    return fig
+
+
+# --- review evidence --------------------------------------------------------------------------------------------
+
+def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_summary=None, found=None,
+                    label: str = "model", *, mode: str = "zero", figsize=None):
+    """Three panels side by side for one model: single-layer masking drop, Hellinger distance of each layer's
+    attention to the final layer's, early-exit accuracy (and agreement with the final layer). A dotted vertical line
+    at the review layer (``found``: ``extra["layers"]`` or one mode's `find_layers` dict) when there is one.
+    A summary passed as None leaves its panel out; at least one is needed.
+    """
+    panels = [(n, s) for n, s in (("masking", masking_summary), ("hellinger", hellinger_summary),
+                                  ("early_exit", early_exit_summary)) if s is not None]
+    if not panels:
+        raise ValueError("review_evidence: give at least one of masking_summary, hellinger_summary, "
+                         "early_exit_summary.")
+    found = _layer_found(found, mode)
+    review = found.get("review_layer")
+    color = model_color(label)
+    with _style():
+        fig, axes = plt.subplots(1, len(panels), figsize=figsize or (BOOK_WIDTH, 3.0), squeeze=False)
+        for ax, (name, s) in zip(axes[0], panels):
+            s = s.summary if hasattr(s, "summary") and not isinstance(s, pd.DataFrame) else s
+            if name == "masking":
+                _require(s, ["layer", "drop"], "masking summary")
+                if "mode" in s.columns:
+                    if mode not in set(s["mode"]):
+                        raise ValueError(f"masking summary has no mode {mode!r}.")
+                    s = s[s["mode"] == mode]
+                s = s.sort_values("layer")
+                ax.plot(s["layer"], s["drop"], "-o", color=color, ms=3)
+                ax.axhline(0, color="black", lw=0.8, alpha=0.6)
+                if found.get("threshold") is not None:
+                    ax.axhline(found["threshold"], color="grey", ls=":", lw=1)
+                fl = [j for j in found.get("fusion_layers") or [] if j in set(s["layer"])]
+                if fl:
+                    ax.plot(fl, s.set_index("layer").loc[fl, "drop"], ls="none", marker="^", ms=8,
+                            color=FUSION_COLOR, zorder=5, gid="fusion")
+                ax.set_ylabel("accuracy drop")
+                ax.set_title(f"masking ({mode})")
+            elif name == "hellinger":
+                _require(s, ["layer", "hellinger"], "hellinger summary")
+                s = s.sort_values("layer")
+                ax.plot(s["layer"], s["hellinger"], "-o", color=color, ms=3)
+                if "hellinger_sd" in s.columns and s["hellinger_sd"].notna().any():
+                    ax.fill_between(s["layer"], s["hellinger"] - s["hellinger_sd"].fillna(0),
+                                    s["hellinger"] + s["hellinger_sd"].fillna(0), color=color, alpha=0.15, lw=0)
+                ax.set_ylabel("Hellinger distance")
+                ax.set_title("attention vs final layer")
+            else:
+                _require(s, ["layer", "accuracy"], "early-exit summary")
+                s = s.sort_values("layer")
+                ax.plot(s["layer"], s["accuracy"], "-o", color=color, ms=3, label="accuracy")
+                if "agreement" in s.columns and s["agreement"].notna().any():
+                    ax.plot(s["layer"], s["agreement"], "--", color=color, alpha=0.7, label="agrees with final")
+                    ax.legend(fontsize=7, loc="upper left")
+                ax.set_ylabel("early-exit accuracy")
+                ax.set_title("early exit")
+            ax.set_xlabel("layer")
+            _integer_layers(ax)
+            if review is not None:
+                ax.axvline(review, color=FUSION_COLOR, ls=":", lw=1.5, gid="review")
+        if review is not None:
+            axes[0][0].annotate(f"review L{review}", xy=(review, 0.97), xycoords=("data", "axes fraction"),
+                                xytext=(3, 0), textcoords="offset points", fontsize=8, color=FUSION_COLOR, va="top")
+        return _finish(fig, f"{label}: evidence for a review layer")
+
+
+# --- attention heatmaps -----------------------------------------------------------------------------------------
+
+def _outline(ax, relevant, extent) -> None:
+    """Outline the union of True cells of a bool grid laid over ``extent`` = (x0, x1, y0, y1) (y down)."""
+    rel = np.asarray(relevant, bool)
+    if rel.ndim != 2 or not rel.any():
+        return
+    R, C = rel.shape
+    x0, x1, y0, y1 = extent
+    cw, ch = (x1 - x0) / C, (y1 - y0) / R
+    segs = []
+    for r, c in zip(*np.nonzero(rel)):
+        X, Y = x0 + c * cw, y0 + r * ch
+        if r == 0 or not rel[r - 1, c]:
+            segs.append([(X, Y), (X + cw, Y)])
+        if r == R - 1 or not rel[r + 1, c]:
+            segs.append([(X, Y + ch), (X + cw, Y + ch)])
+        if c == 0 or not rel[r, c - 1]:
+            segs.append([(X, Y), (X, Y + ch)])
+        if c == C - 1 or not rel[r, c + 1]:
+            segs.append([(X + cw, Y), (X + cw, Y + ch)])
+    ax.add_collection(LineCollection(segs, colors=RELEVANT_COLOR, linewidths=2.0, gid="relevant"))
+
+
+def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, cmap: str = HEATMAP_CMAP,
+                 vmin=None, vmax=None, norm=None, spatial: bool | None = None, title: str | None = None):
+    """Draw one [rows, cols] map on ``ax``: bilinear-upsampled over ``image`` (PIL) with ``alpha``, relevant cells
+    outlined. A one-row map (``spatial=False``, e.g. InstructBLIP's 32 query tokens) is drawn as a strip, without
+    the image, and titled "no spatial grid". Returns the image artist (for a colorbar)."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim == 1:
+        v = v[None, :]
+    if v.ndim != 2 or v.size == 0:
+        raise ValueError(f"draw_heatmap: expected a 2-D [rows, cols] map, got shape {v.shape}.")
+    if spatial is None:
+        spatial = v.shape[0] > 1
+    kw = dict(cmap=cmap, norm=norm) if norm is not None else dict(cmap=cmap, vmin=vmin, vmax=vmax)
+    if not spatial:
+        im = ax.imshow(v, aspect="auto", interpolation="nearest", **kw)
+        ax.set_yticks([])
+        ax.set_xlabel("query token")
+        ax.set_title((title + "\n" if title else "") + "no spatial grid", fontsize=9)
+        ax.grid(False)
+        return im
+    if image is not None:
+        W, H = image.size
+        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, W, H, 0))
+    else:
+        W, H = v.shape[1], v.shape[0]
+    im = ax.imshow(v, extent=(0, W, H, 0), interpolation="bilinear", alpha=alpha if image is not None else 1.0,
+                   **kw)
+    if relevant is not None:
+        _outline(ax, relevant, (0, W, 0, H))
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return im
+
+
+def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = None, relevant=None, *,
+                       ncols: int | None = None, alpha: float = 0.6, cmap: str = HEATMAP_CMAP,
+                       shared_scale: bool = False, spatial: bool | None = None, title: str | None = None,
+                       panel_size: float | None = None):
+    """Per-layer attention heatmaps over the image, one panel per layer in ``layers``.
+
+    ``maps_layers``: [L, rows, cols] array, a list of [rows, cols] maps (index = layer) or a dict layer -> map;
+    ``layers``: which to show (default: up to 8 evenly spaced, including the first and last). Each map is coloured
+    on its own scale (``shared_scale=True``: one scale for all). ``relevant``: the sample's bool grid over the
+    image, outlined. One-row maps (no spatial grid) are drawn as strips.
+    """
+    if isinstance(maps_layers, Mapping):
+        maps = {int(k): np.asarray(v, float) for k, v in maps_layers.items()}
+    else:
+        if maps_layers is None or len(maps_layers) == 0:
+            raise ValueError("attention_heatmaps: no attention maps given.")
+        maps = {j: np.asarray(m, float) for j, m in enumerate(maps_layers)}
+    if not maps:
+        raise ValueError("attention_heatmaps: no attention maps given.")
+    L = max(maps) + 1
+    if layers is None:
+        keys = sorted(maps)
+        layers = keys if len(keys) <= 8 else [keys[int(round(i))] for i in np.linspace(0, len(keys) - 1, 8)]
+    layers = [int(j) % L if j < 0 else int(j) for j in layers]
+    missing = [j for j in layers if j not in maps]
+    if missing:
+        raise ValueError(f"attention_heatmaps: no map for layer(s) {missing}; maps cover layers {sorted(maps)}.")
+    if not layers:
+        raise ValueError("attention_heatmaps: no layers to show.")
+    if all(not np.isfinite(maps[j]).any() for j in layers):
+        raise ValueError("attention_heatmaps: the maps of the requested layers are all NaN.")
+    first = maps[layers[0]]
+    strip = spatial is False or (spatial is None and (first.ndim == 1 or first.shape[0] == 1))
+    n = len(layers)
+    ncols = ncols or (1 if strip else min(n, 4))
+    nrows = int(np.ceil(n / ncols))
+    size = panel_size or (BOOK_WIDTH / ncols)
+    fig_h = (0.9 * nrows + 0.5) if strip else (size * nrows + 0.5)
+    vmin = vmax = None
+    if shared_scale:
+        vals = np.concatenate([maps[j].ravel() for j in layers])
+        vmin, vmax = float(np.nanmin(vals)), float(np.nanmax(vals))
+    with _style():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(BOOK_WIDTH, fig_h), squeeze=False)
+        flat = axes.ravel()
+        for ax, j in zip(flat, layers):
+            m = maps[j]
+            t = f"layer {j}" + ("" if shared_scale else f" (max {np.nanmax(m):.2f})")
+            draw_heatmap(ax, m, image=None if strip else image, relevant=None if strip else relevant,
+                         alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, spatial=not strip, title=t)
+        for ax in flat[n:]:
+            fig.delaxes(ax)
+        return _finish(fig, title)
+
+
+# --- relevance curves -------------------------------------------------------------------------------------------
+
+def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None = None, axes=None,
+                     title: str | None = None, figsize=(BOOK_WIDTH, 3.2)):
+    """Attention mass on relevant vs irrelevant image tokens by layer (solid vs dashed, one colour per model),
+    and the relevant mass relative to the relevant area (``rel_ratio``; 1 = no preference) in a second panel.
+
+    ``summaries``: an attention summary (or per-layer records of one sample), or ``{label: summary}``.
+    ``marker_layer``: put a marker at that layer (used by the explorers).
+    """
+    data = _as_dict(summaries)
+    if not data:
+        raise ValueError("relevance_curves: no attention summaries given.")
+    for label, s in data.items():
+        if s is None or s.empty:
+            raise ValueError(f"relevance_curves: the attention summary of {label} is empty.")
+        if "rel_mass" not in s.columns or "irr_mass" not in s.columns or s["rel_mass"].notna().sum() == 0:
+            raise ValueError(f"relevance_curves: the attention summary of {label} has no 'rel_mass'/'irr_mass' "
+                             "values; relevance needs a dataset with ground-truth regions (the procedural world) "
+                             "and a model with a spatial image grid.")
+    show_ratio = ratio and any("rel_ratio" in s.columns and s["rel_ratio"].notna().any() for s in data.values())
+    with _style():
+        if axes is None:
+            fig, axs = plt.subplots(1, 2 if show_ratio else 1, figsize=figsize, squeeze=False)
+            axs = list(axs[0])
+        else:
+            axs = list(np.atleast_1d(axes))
+            fig = axs[0].figure
+            show_ratio = show_ratio and len(axs) > 1
+        for label, s in data.items():
+            s = s.groupby("layer", as_index=False).mean(numeric_only=True).sort_values("layer")
+            c = model_color(label)
+            axs[0].plot(s["layer"], s["rel_mass"], "-", color=c, lw=1.8, label=f"{label}: relevant")
+            axs[0].plot(s["layer"], s["irr_mass"], "--", color=c, lw=1.5, label=f"{label}: irrelevant")
+            if show_ratio and "rel_ratio" in s.columns:
+                axs[1].plot(s["layer"], s["rel_ratio"], "-", color=c, lw=1.8, label=label)
+            if marker_layer is not None and marker_layer in set(s["layer"]):
+                row = s.set_index("layer").loc[marker_layer]
+                axs[0].plot([marker_layer], [row["rel_mass"]], "o", color=c, ms=8, gid="marker")
+                axs[0].plot([marker_layer], [row["irr_mass"]], "o", mfc="white", mec=c, ms=8, gid="marker")
+                if show_ratio and "rel_ratio" in s.columns:
+                    axs[1].plot([marker_layer], [row["rel_ratio"]], "o", color=c, ms=8, gid="marker")
+        axs[0].set_ylabel("attention mass")
+        axs[0].set_title("relevant vs irrelevant image tokens")
+        axs[0].legend(fontsize=7, loc="best")
+        if show_ratio:
+            axs[1].axhline(1.0, color="grey", ls="--", lw=1)
+            axs[1].set_ylabel("relevant mass / relevant area")
+            axs[1].set_title("preference for relevant tokens (1 = none)")
+            if len(data) > 1:
+                axs[1].legend(fontsize=7, loc="best")
+        for ax in axs[: 2 if show_ratio else 1]:
+            ax.set_xlabel("layer")
+            _integer_layers(ax)
+        if marker_layer is not None:
+            for ax in axs[: 2 if show_ratio else 1]:
+                ax.axvline(marker_layer, color="grey", lw=0.8, alpha=0.6)
+        return _finish(fig, title)
+
+
+# --- persistent noise tokens ------------------------------------------------------------------------------------
+
+def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_tokens: int = 6, ax=None,
+                 title: str | None = None, figsize=(BOOK_WIDTH, 3.4)):
+    """For one sample: attention per layer of its *persistent* tokens (in the top-``k`` at ≥ ``persist`` of the
+    layers, as in the attention experiment), irrelevant ones red, relevant ones green, against the mean relevant
+    and mean irrelevant token and the uniform share 1/N.
+
+    ``maps``: [L, N] per-token attention (``AttentionMaps.sample(b)``); ``relevant``: per token, bool or the
+    covered fraction (≥ 0.5 counts as relevant; NaN = off-grid), e.g. `attention.token_relevance(...)`.
+    """
+    m = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps, dtype=float)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"noise_tokens: expected a [layers, tokens] map, got shape {m.shape}.")
+    if relevant is None:
+        raise ValueError("noise_tokens: no token relevance given (needs ground-truth regions and a spatial grid).")
+    rel_raw = np.asarray(relevant, dtype=float)
+    if rel_raw.shape != (m.shape[1],):
+        raise ValueError(f"noise_tokens: relevance has shape {rel_raw.shape}, expected ({m.shape[1]},).")
+    rel = np.nan_to_num(rel_raw) >= 0.5
+    if not rel.any() or rel.all():
+        raise ValueError("noise_tokens: need both relevant and irrelevant tokens.")
+    L, N = m.shape
+    kk = min(k, N)
+    top = np.argsort(-m, axis=1)[:, :kk]
+    counts = np.bincount(top.ravel(), minlength=N)
+    persistent = np.flatnonzero(counts >= persist * L)
+    persistent = persistent[np.argsort(-counts[persistent])][:max_tokens]
+    layers = np.arange(L)
+    with _style():
+        fig, ax = _new_axes(ax, figsize)
+        ax.plot(layers, m[:, rel].mean(1), color="#2ca02c", lw=2.5, label="mean relevant token")
+        ax.plot(layers, m[:, ~rel].mean(1), color="grey", lw=2.0, label="mean irrelevant token")
+        ax.axhline(1.0 / N, color="black", ls=":", lw=1, label="uniform 1/N")
+        for t in persistent:
+            irr = not rel[t]
+            ax.plot(layers, m[:, t], "-" if irr else "--", color="#d62728" if irr else "#98df8a", lw=1.2,
+                    marker=".", gid="noise" if irr else "persistent_relevant",
+                    label=f"persistent {'irrelevant' if irr else 'relevant'} token {t}")
+        if not len(persistent):
+            ax.text(0.5, 0.9, f"no token is in the top-{kk} at ≥{persist:.0%} of layers", transform=ax.transAxes,
+                    ha="center", fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("attention share")
+        _integer_layers(ax)
+        ax.set_title(title or "Persistent high-attention tokens")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+    return fig
+
+
+def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str | None = None,
+                    figsize=(BOOK_WIDTH, 3.0)):
+    """How often each image token is persistent across samples (``attention(...).extra["noise"]``, or a mapping
+    token -> count), with the share of persistent tokens that are irrelevant in the title."""
+    if not noise:
+        raise ValueError("noise_frequency: no persistent-noise statistics given (run the attention experiment).")
+    if "most_common_tokens" in noise:
+        pairs = list(noise["most_common_tokens"])
+    else:
+        pairs = [(int(k), int(v)) for k, v in noise.items()]
+    if not pairs:
+        raise ValueError("noise_frequency: no token was persistent in any sample.")
+    toks = [str(t) for t, _ in pairs]
+    counts = [c for _, c in pairs]
+    with _style():
+        fig, ax = _new_axes(ax, figsize)
+        ax.bar(toks, counts, color="#d62728", alpha=0.8)
+        ax.set_xlabel("image token index" + (f" (of {n_tokens})" if n_tokens else ""))
+        ax.set_ylabel("samples where it persists")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        t = title or "Tokens that stay in the top-k at most layers"
+        share = noise.get("irrelevant_share_of_persistent")
+        if share is not None and np.isfinite(share):
+            t += f" ({share:.0%} of them irrelevant)"
+        ax.set_title(t)
+        fig.tight_layout()
+    return fig
+
+
+# --- contrastive attention --------------------------------------------------------------------------------------
+
+def _panel_row(axes, view: Mapping, *, alpha: float = 0.6):
+    for key in ("A_pre", "A_post", "I_A"):
+        if view.get(key) is None:
+            raise ValueError(f"contrastive_panels: the view has no {key!r} map.")
+    image = view.get("image")
+    a_pre, a_post, ia = (np.asarray(view[k], float) for k in ("A_pre", "A_post", "I_A"))
+    if ia.ndim == 1:
+        a_pre, a_post, ia = a_pre[None], a_post[None], ia[None]
+    spatial = bool(view["spatial"]) if view.get("spatial") is not None else ia.shape[0] > 1
+    rel = view.get("relevant")
+    pre, post = view.get("pre"), view.get("post")
+    ax0, ax1, ax2, ax3 = axes
+    if image is not None:
+        ax0.imshow(np.asarray(image.convert("RGB")))
+        if rel is not None:
+            W, H = image.size
+            _outline(ax0, rel, (0, W, 0, H))
+    else:
+        ax0.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax0.transAxes)
+    ax0.set_xticks([]), ax0.set_yticks([]), ax0.grid(False)
+    ax0.set_title(view.get("title") or "image", fontsize=9)
+    draw_heatmap(ax1, a_pre, image if spatial else None, spatial=spatial, alpha=alpha,
+                 title=f"A_pre (layer i*={pre})" if pre is not None else "A_pre")
+    draw_heatmap(ax2, a_post, image if spatial else None, spatial=spatial, alpha=alpha,
+                 title=f"A_post (layer {post})" if post is not None else "A_post")
+    lim = float(np.nanmax(np.abs(ia))) if np.isfinite(ia).any() else 1.0
+    lim = lim if lim > 0 else 1.0
+    im = draw_heatmap(ax3, ia, image if spatial else None, spatial=spatial, alpha=0.75, cmap=DIVERGING_CMAP,
+                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), title="I_A = A_post − A_pre")
+    mask = view.get("mask")
+    if mask is not None and spatial:
+        mask = np.asarray(mask, bool)
+        W, H = (image.size if image is not None else (ia.shape[1], ia.shape[0]))
+        R, C = mask.shape
+        for r, c in zip(*np.nonzero(mask)):
+            ax3.add_patch(matplotlib.patches.Rectangle((c * W / C, r * H / R), W / C, H / R, fill=False,
+                                                       hatch="///", ec="black", lw=0, alpha=0.5, gid="soft_mask"))
+    return im
+
+
+def contrastive_panels(view, *, title: str | None = None, colorbar: bool = True):
+    """image | A_pre (layer i*) | A_post (final layer) | I_A (diverging, centred at 0), one row per view.
+
+    ``view``: a dict from `contrastive_views` (``pre``, ``post``, ``A_pre``, ``A_post``, ``I_A`` as [rows, cols]
+    arrays, ``image``; optional ``relevant`` bool grid, ``mask`` bool [rows, cols] of softly masked tokens
+    (hatched), ``title``), or a list of them.
+    """
+    views = [view] if isinstance(view, Mapping) else list(view or [])
+    if not views:
+        raise ValueError("contrastive_panels: no view given.")
+    n = len(views)
+    with _style():
+        fig, axes = plt.subplots(n, 4, figsize=(BOOK_WIDTH, 2.3 * n + 0.4), squeeze=False)
+        for row, v in zip(axes, views):
+            im = _panel_row(row, v)
+            if colorbar:
+                fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.03)
+        return _finish(fig, title)
+
+
+# --- accuracy tables --------------------------------------------------------------------------------------------
+
+def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | None = "model", order=None,
+                  plain: str | None = "plain", ax=None, title: str | None = None, fmt: str = "{:.1f}",
+                  figsize=(BOOK_WIDTH, 3.6)):
+    """Accuracy per method (plain vs contrastive variants vs baselines), bars grouped by ``hue`` (model) when the
+    table has that column. The bar of method ``plain`` is hatched and each bar is labelled with its value."""
+    _require(table, [x, y], "accuracy table")
+    df = table.dropna(subset=[y])
+    if df.empty:
+        raise ValueError(f"accuracy table: column {y!r} is all NaN.")
+    if hue is not None and hue not in df.columns:
+        hue = None
+    order = list(order) if order is not None else list(dict.fromkeys(df[x]))
+    if plain is not None and plain in order:
+        order = [plain] + [o for o in order if o != plain]
+    with _style():
+        fig, ax = _new_axes(ax, figsize)
+        if hue is not None:
+            hues = list(dict.fromkeys(df[hue]))
+            palette = {h: model_color(h) for h in hues}
+            sns.barplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hues, palette=palette, ax=ax,
+                        errorbar=None)
+            ax.legend(fontsize=8, title=hue, title_fontsize=8)
+        else:
+            sns.barplot(data=df, x=x, y=y, order=order, color=_PALETTE[0], ax=ax, errorbar=None)
+        for cont in ax.containers:
+            ax.bar_label(cont, fmt=lambda v: fmt.format(v) if np.isfinite(v) else "", fontsize=7, padding=1)
+        if plain is not None and plain in order:
+            i = order.index(plain)
+            for cont in ax.containers:
+                if i < len(cont.patches):
+                    cont.patches[i].set_hatch("//")
+        ax.set_xlabel("")
+        ax.set_ylabel(y)
+        ax.set_title(title or "Accuracy by method")
+        plt.setp(ax.get_xticklabels(), rotation=20 if len(order) > 5 else 0, ha="right" if len(order) > 5 else "center")
+        fig.tight_layout()
+    return fig
+
+
+def ablation_lines(table, *, x: str = "rho", y: str = "accuracy", hue: str | None = "lam", col: str | None = None,
+                   baseline=None, title: str | None = None, figsize=None):
+    """``y`` vs ``x`` (e.g. ρ or λ), one line per value of ``hue``, one panel per value of ``col`` (e.g. candidate
+    set). ``baseline``: a number, or a column of the table (e.g. "plain_accuracy"), drawn as a dashed line."""
+    need = [x, y] + [c for c in (hue, col) if c is not None]
+    _require(table, need, "ablation table")
+    df = table.dropna(subset=[y])
+    if df.empty:
+        raise ValueError(f"ablation table: column {y!r} is all NaN.")
+    cols = list(dict.fromkeys(df[col])) if col is not None else [None]
+    with _style():
+        fig, axes = plt.subplots(1, len(cols), figsize=figsize or (BOOK_WIDTH, 3.2), squeeze=False, sharey=True)
+        for ax, cv in zip(axes[0], cols):
+            sub = df if cv is None else df[df[col] == cv]
+            groups = [(None, sub)] if hue is None else list(sub.groupby(hue, sort=True))
+            pal = sns.color_palette("viridis", max(len(groups), 1))
+            for (hv, g), c in zip(groups, pal):
+                g = g.groupby(x, as_index=False)[y].mean().sort_values(x)
+                ax.plot(g[x], g[y], "-o", color=c, ms=4, label=None if hv is None else f"{hue} = {hv}")
+            b = baseline
+            if isinstance(baseline, str):
+                b = float(sub[baseline].mean()) if baseline in sub.columns else None
+            if b is not None and np.isfinite(b):
+                ax.axhline(float(b), color="black", ls="--", lw=1.2, label="plain")
+            ax.set_xlabel({"rho": "ρ (share of tokens soft-masked)", "lam": "λ (scale of masked tokens)"}.get(x, x))
+            ax.set_title(f"{col} = {cv}" if cv is not None else (title or f"{y} vs {x}"), fontsize=10)
+            ax.legend(fontsize=7, loc="best")
+        axes[0][0].set_ylabel(y)
+        return _finish(fig, title if col is not None else None)

@@ -1,0 +1,114 @@
+"""The two organisms: offline loading through the public transformers API, the accuracy bar, and the recipe."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fusion_utils.organisms import ORGANISMS, weights_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+BAR_N = 250  # held-out test questions per organism (50 per family)
+
+
+def _have(name):
+    return (weights_dir(name) / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module", params=ORGANISMS)
+def organism(request):
+    name = request.param
+    if not _have(name):
+        pytest.fail(f"organism weights missing: {weights_dir(name)} (run `fusion-utils organisms train {name}`)")
+    import transformers
+    from transformers import AutoProcessor
+
+    from fusion_utils.archs import get_spec
+
+    d = weights_dir(name)
+    spec = get_spec(name)
+    model = getattr(transformers, spec.model_class).from_pretrained(d, use_safetensors=True, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(d, trust_remote_code=False)
+    model.eval()
+    return name, model, processor
+
+
+def test_weights_small_and_documented():
+    for name in ORGANISMS:
+        d = weights_dir(name)
+        assert _have(name)
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        assert size <= 10 * 2**20, (name, size)
+        for f in ("config.json", "model.safetensors", "README.md", "tokenizer.json", "processor_config.json"):
+            assert (d / f).exists() or f == "processor_config.json", (name, f)
+        card = (d / "README.md").read_text()
+        assert "Evaluation" in card and "overall" in card
+
+
+def test_structure(organism):
+    name, model, processor = organism
+    from fusion_utils.archs import get_spec, resolve
+
+    spec = get_spec(name)
+    assert model.config.model_type == name
+    dec = resolve(model, spec.decoder)
+    assert len(dec.layers) >= 8
+    assert processor.tokenizer.padding_side == "left"
+    img_id = next(getattr(model.config, a) for a in spec.image_token_attrs if getattr(model.config, a, None) is not None)
+    from fusion_utils.data.world import world_dataset
+    from fusion_utils.prompts import render_prompt, user_text
+
+    ds = world_dataset("test", 3)
+    texts = [render_prompt(processor, user_text(s.question)) for s in ds]
+    enc = processor(images=[s.image for s in ds], text=texts, padding=True, return_tensors="pt")
+    assert ((enc["input_ids"] == img_id).sum(-1) == 36).all()  # one image token per world cell
+    for k in spec.extra_model_inputs:
+        assert k in enc
+    if name == "qwen2_vl":
+        assert enc["image_grid_thw"].tolist() == [[1, 12, 12]] * 3
+    else:
+        assert texts[0].startswith("USER: <image>\n") and texts[0].endswith("ASSISTANT:")
+    assert processor.tokenizer.unk_token_id not in enc["input_ids"]
+
+
+def test_meets_the_bar(organism):
+    name, model, processor = organism
+    from fusion_utils.organisms.evaluate import evaluate
+
+    table = evaluate((model, processor), n=BAR_N, split="test", seed=1)
+    print(name, table, sep="\n")
+    assert table.loc["overall", "accuracy"] >= 0.90, table
+    fams = table.drop(index="overall")
+    assert (fams["accuracy"] >= 0.80).all(), table
+    assert table.loc["overall", "gap"] >= 0.30, table
+
+
+def test_models_load_helper():
+    from fusion_utils.organisms import load
+
+    model, processor = load("organism:llava")
+    assert model.config.model_type == "llava" and processor.chat_template
+
+
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_recipe_lowers_loss(name):
+    """A few steps of each stage on a tiny config run and lower the loss; the text-only fast path equals the processor."""
+    from fusion_utils.organisms.train import Trainer
+
+    torch.manual_seed(0)
+    tiny = dict(text_layers=2, width=32, heads=2, ffn=64, vision_layers=1, vision_width=32, vision_ffn=64)
+    tr = Trainer(name, seed=0, threads=None, recipe={"batch": 8, "text_check_every": 0}, **tiny)
+    s = tr._samples(3, with_image=True)
+    a, b = tr._encode_text_only(tr._texts(s)), tr._encode(s)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    tr.stage_text(steps=25, lr=5e-3)
+    losses = [r["loss"] for r in tr.log if r["stage"] == "text"]
+    assert np.mean(losses[-8:]) < np.mean(losses[:4]) - 0.5, losses
+    tr.stage_vision(steps=8, lr=5e-3)
+    vl = [r["loss"] for r in tr.log if r["stage"] == "vision"]
+    assert np.mean(vl[-3:]) < np.mean(vl[:3]), vl
+    tr.stage_joint(steps=2)
+    assert all(np.isfinite(r["loss"]) for r in tr.log if "loss" in r)

@@ -1,0 +1,149 @@
+"""fusion_utils.widgets with a tiny LLaVA and two world samples: explorers build, recompute on a control change,
+use their caches; the static twins return Figures; `in_live_kernel` follows its documented rule."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+pytest.importorskip("ipywidgets")
+import ipywidgets  # noqa: E402
+
+from fusion_utils import load_model, widgets  # noqa: E402
+from fusion_utils.data import load_dataset  # noqa: E402
+from fusion_utils.testing import tiny_model_dir  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(str(tiny_model_dir("llava")))
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset("world", n=2)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_attention_explorer_recomputes_and_caches(lm, ds):
+    ex = widgets.attention_explorer(lm, ds)
+    assert isinstance(ex, ipywidgets.VBox) and ex.state["error"] is None
+    assert ex.controls["layer"].max == lm.num_layers - 1
+    assert ex.state["computed"] == 1 and ex.n_updates == 1
+    png0 = ex.figure.value
+    assert png0[:4] == b"\x89PNG"
+    ex.controls["layer"].value = 0
+    assert ex.n_updates == 2 and ex.state["layer"] == 0 and "layer 0 of" in ex.text.value
+    assert ex.figure.value != png0 and ex.state["computed"] == 1  # same sample: maps reused
+    ex.controls["sample"].value = 1
+    assert ex.state["computed"] == 2 and ds[1].question in ex.text.value
+    ex.controls["sample"].value = 0
+    assert ex.state["computed"] == 2  # cached
+    assert ex.state["error"] is None
+    assert len(plt.get_fignums()) == 0  # rendered to PNG and closed, nothing left for the inline backend
+
+
+def test_masking_explorer(lm, ds):
+    ex = widgets.masking_explorer(lm, ds)
+    assert ex.state["error"] is None and ex.state["computed"] == 1
+    assert set(ex.controls) == {"sample", "mode", "layer", "window"}
+    p_before = ex.state["p_mask"]
+    ex.controls["layer"].value = lm.num_layers - 1
+    assert ex.state["computed"] == 2 and f"masked at layer {lm.num_layers - 1}" in ex.text.value
+    ex.controls["mode"].value = "knockout"
+    assert ex.state["mode"] == "knockout" and ex.state["computed"] == 3 and "knockout" in ex.text.value
+    assert 0.0 <= ex.state["p_plain"] <= 1.0 and 0.0 <= ex.state["p_mask"] <= 1.0
+    ex.controls["window"].value = lm.num_layers  # a window over every layer
+    assert ex.state["error"] is None and ex.state["window"] == lm.num_layers
+    assert isinstance(p_before, float)
+
+
+def test_contrastive_explorer(lm, ds):
+    pytest.importorskip("fusion_utils.experiments.contrastive")
+    L = lm.num_layers
+    ex = widgets.contrastive_explorer(lm, ds, fusion_layers=[0, 1], apply_layer=L - 2)
+    assert ex.state["error"] is None, ex.state["error"]
+    assert ex.state["pre"] in (0, 1) and ex.state["candidates"] == [0, 1]
+    ex.controls["rho"].value = 0.0
+    assert ex.state["n_masked"] == 0 and ex.state["answer"] == ex.state["plain"]
+    ex.controls["rho"].value = 0.5
+    assert ex.state["n_masked"] > 0
+    ex.controls["lam"].value = 1.0  # λ = 1 changes nothing
+    assert ex.state["answer"] == ex.state["plain"]
+    ex.controls["kind"].value = "all"
+    assert ex.state["candidates"] == list(range(L - 1)) and ex.state["error"] is None
+    assert "i* =" in ex.text.value
+
+
+def test_contrastive_explorer_shows_errors(lm, ds):
+    pytest.importorskip("fusion_utils.experiments.contrastive")
+    ex = widgets.contrastive_explorer(lm, ds, fusion_layers=[], apply_layer=1)
+    assert "fusion_layers" in ex.state["error"] and "color:#b00" in ex.text.value
+    ex.controls["kind"].value = "shallow"  # recovers once the choice is valid
+    assert ex.state["error"] is None
+
+
+def test_static_figures(lm, ds):
+    L = lm.num_layers
+    fig = widgets.attention_static(lm, ds)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 * (len({0, L // 4, L // 2, 3 * L // 4, L - 1}) + 1)
+    fig = widgets.static_grid("masking", lm, ds, layers=[0, L - 1])
+    assert isinstance(fig, Figure) and len(fig.axes) == 4
+    try:
+        import fusion_utils.experiments.contrastive  # noqa: F401
+    except ImportError:  # written concurrently; its own test covers it
+        return
+    else:
+        fig = widgets.static_grid("contrastive", lm, ds, fusion_layers=[0, 1], apply_layer=L - 2, rhos=(0.2,),
+                                  lams=(0.1,), n_samples=1)
+        assert isinstance(fig, Figure) and len(fig.axes) == 4 + 1 + 1  # panels, colorbar, answer table
+    with pytest.raises(ValueError, match="Unknown explorer"):
+        widgets.static_grid("nope", lm, ds)
+
+
+def test_explore_returns_static_when_not_live(lm, ds, monkeypatch):
+    monkeypatch.setattr(widgets, "in_live_kernel", lambda: False)
+    fig = widgets.explore("attention", lm, ds, static={"layers": [0], "n_samples": 1})
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+
+
+class _FakeKernelShell:
+    kernel = object()
+
+
+def test_in_live_kernel_rule(monkeypatch):
+    import IPython
+
+    for k in (widgets.STATIC_ENV, widgets.LIVE_ENV):
+        monkeypatch.delenv(k, raising=False)
+    assert widgets.in_live_kernel() is False  # pytest: no kernel
+    monkeypatch.setattr(IPython, "get_ipython", lambda: _FakeKernelShell())
+    monkeypatch.setattr(widgets, "_parent_cmdline", lambda: "/usr/bin/python /usr/bin/jupyter-lab")
+    assert widgets.in_live_kernel() is True
+    monkeypatch.setattr(widgets, "_parent_cmdline", lambda: "python -m papermill in.ipynb out.ipynb")
+    assert widgets.in_live_kernel() is False
+    monkeypatch.setattr(widgets, "_parent_cmdline", lambda: "python /venv/bin/fusion-utils book build")
+    assert widgets.in_live_kernel() is False
+    monkeypatch.setattr(widgets, "_parent_cmdline", lambda: "jupyter-lab")
+    monkeypatch.setenv("PAPERMILL_INPUT_PATH", "x.ipynb")
+    assert widgets.in_live_kernel() is False
+    monkeypatch.delenv("PAPERMILL_INPUT_PATH")
+    monkeypatch.setenv(widgets.STATIC_ENV, "1")
+    assert widgets.in_live_kernel() is False
+    monkeypatch.setenv(widgets.LIVE_ENV, "1")
+    assert widgets.in_live_kernel() is False  # STATIC wins
+    monkeypatch.setenv(widgets.STATIC_ENV, "0")
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    assert widgets.in_live_kernel() is True  # LIVE forces

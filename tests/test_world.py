@@ -1,0 +1,148 @@
+"""The procedural world: determinism, disjoint splits, exact relevance masks, answers in the organisms' vocabulary."""
+import re
+
+import numpy as np
+import pytest
+
+from fusion_utils.data import load_dataset
+from fusion_utils.data import world
+from fusion_utils.data.sample import SampleSet
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return world.world_dataset("test", 150)
+
+
+def test_dataset_shape(test_set):
+    assert isinstance(test_set, SampleSet) and test_set.name == "world" and test_set.scorer == "exact"
+    assert len(test_set) == 150
+    assert len(world.world_dataset("test")) == 500  # default size
+    s = test_set[0]
+    assert s.image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and s.image.mode == "RGB"
+    assert s.relevant.shape == (world.GRID, world.GRID) and s.relevant.dtype == bool
+    assert {x.family for x in test_set} == set(world.FAMILIES)
+    assert all(len(x.answers) == 1 and x.answers[0] == x.answers[0].strip().lower() and " " not in x.answers[0]
+               for x in test_set)
+
+
+def test_load_dataset_dispatch():
+    ds = load_dataset("world", split="val", n=10)
+    assert ds.name == "world" and len(ds) == 10
+    ds = load_dataset("world:count,spatial", n=6)
+    assert {s.family for s in ds} == {"count", "spatial"}
+
+
+def test_deterministic(test_set):
+    again = world.world_dataset("test", 150)
+    assert again.fingerprint() == test_set.fingerprint()
+    for a, b in zip(test_set, again):
+        assert a.id == b.id and a.question == b.question and a.answers == b.answers
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert np.array_equal(a.relevant, b.relevant) and a.meta == b.meta
+    other_seed = world.world_dataset("test", 20, seed=1)
+    assert other_seed.fingerprint() != test_set[:20].fingerprint()
+
+
+def test_splits_disjoint():
+    sets = {sp: world.world_dataset(sp, 60) for sp in ("train", "val", "test")}
+    keys = {sp: {(s.question, tuple(map(tuple, (sorted((o["row"], o["col"], o["color"], o["shape"], o["size"])
+                                                     for o in s.meta["objects"])))))
+                 for s in ds} for sp, ds in sets.items()}
+    pix = {sp: {np.asarray(s.image).tobytes() for s in ds} for sp, ds in sets.items()}
+    for a in keys:
+        for b in keys:
+            if a < b:
+                assert not keys[a] & keys[b], (a, b)
+                assert not pix[a] & pix[b], (a, b)
+    assert len({s.id for ds in sets.values() for s in ds}) == 180
+
+
+def _derive(s):
+    """Independent re-derivation of the answer and the relevant cells from the question text and meta['objects']."""
+    objs = s.meta["objects"]
+    q = s.question
+    cells = lambda os: {(o["row"], o["col"]) for o in os}  # noqa: E731
+    if s.family == "attribute":
+        m = re.fullmatch(r"what color is the (?:(small|large) )?(\w+)\?", q)
+        hits = [o for o in objs if o["shape"] == m[2] and m[1] in (None, o["size"])]
+        assert len(hits) == 1
+        return hits[0]["color"], cells(hits)
+    if s.family == "identity":
+        m = re.fullmatch(r"what shape is the (?:(small|large) )?(\w+) object\?", q)
+        hits = [o for o in objs if o["color"] == m[2] and m[1] in (None, o["size"])]
+        assert len(hits) == 1
+        return hits[0]["shape"], cells(hits)
+    if s.family == "existence":
+        m = re.fullmatch(r"is there a (\w+) (\w+)\?", q)
+        match = [o for o in objs if o["color"] == m[1] and o["shape"] == m[2]]
+        if match:
+            return "yes", cells(match)
+        near = [o for o in objs if (o["color"] == m[1]) ^ (o["shape"] == m[2])]
+        assert any(o["color"] == m[1] for o in near) and any(o["shape"] == m[2] for o in near)
+        return "no", cells(near)
+    if s.family == "count":
+        m = re.fullmatch(r"how many (\w+) objects\?", q)
+        if m:
+            hits = [o for o in objs if o["color"] == m[1]]
+        else:
+            m = re.fullmatch(r"how many (\w+)\?", q)
+            hits = [o for o in objs if world.SHAPE_PLURALS[o["shape"]] == m[1]]
+        assert 1 <= len(hits) <= 4
+        return str(len(hits)), cells(hits)
+    if s.family == "spatial":
+        m = re.fullmatch(r"what shape is (left of|right of|above|below) the (\w+) (\w+)\?", q)
+        dr, dc = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[m[1]]
+        anchors = [o for o in objs if o["color"] == m[2] and o["shape"] == m[3]]
+        assert len(anchors) == 1
+        a = anchors[0]
+        nb = [o for o in objs if (o["row"], o["col"]) == (a["row"] + dr, a["col"] + dc)]
+        assert len(nb) == 1
+        return nb[0]["shape"], cells(anchors + nb)
+    raise AssertionError(s.family)
+
+
+def test_masks_and_answers_rederived(test_set):
+    for s in list(test_set) + list(world.world_dataset("train", 100)):
+        ans, cells = _derive(s)
+        assert ans == s.answers[0], (s.question, s.meta["objects"])
+        assert {tuple(map(int, rc)) for rc in np.argwhere(s.relevant)} == cells, s.question
+        assert np.array_equal(world.relevant_from_meta(s.question, s.family, s.meta["objects"], ans), s.relevant)
+        occupied = {(o["row"], o["col"]) for o in s.meta["objects"]}
+        assert len(occupied) == len(s.meta["objects"])  # one object per cell
+        assert s.meta["scene_cells"] == world.scene_cells(s.meta["objects"])
+
+
+def test_balance(test_set):
+    ex = [s.answers[0] for s in world.world_dataset("test", 200, families=["existence"])]
+    assert ex.count("yes") == ex.count("no") == 100
+    counts = {s.answers[0] for s in world.world_dataset("test", 80, families=["count"])}
+    assert counts == {"1", "2", "3", "4"}
+
+
+def test_objects_are_drawn(test_set):
+    """Occupied cells differ from the background more than empty ones (pixels carry the scene)."""
+    s = test_set[0]
+    arr = np.asarray(s.image).astype(float)
+    sat = arr.max(-1) - arr.min(-1)  # objects are saturated, the background is near grey
+    per_cell = sat.reshape(world.GRID, world.CELL, world.GRID, world.CELL).transpose(0, 2, 1, 3).reshape(
+        world.GRID, world.GRID, -1)
+    score = np.quantile(per_cell, 0.9, axis=-1)
+    occ = np.zeros((world.GRID, world.GRID), bool)
+    for o in s.meta["objects"]:
+        occ[o["row"], o["col"]] = True
+    assert score[occ].min() > score[~occ].max() * 0.9 or score[occ].mean() > 2 * score[~occ].mean()
+    assert np.asarray(world.blank_image()).std() == 0
+
+
+def test_answers_in_tokenizer_vocab(test_set):
+    from fusion_utils.organisms.build import build_tokenizer
+
+    for name in ("llava", "qwen2_vl"):
+        tok = build_tokenizer(name)
+        vocab = tok.get_vocab()
+        for w in set(world.ANSWER_WORDS) | {s.answers[0] for s in test_set}:
+            assert w in vocab, (name, w)
+        for s in test_set[:30]:
+            ids = tok(s.question, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, s.question
