@@ -666,7 +666,7 @@ def _appendix_markdown(info: dict) -> str:
         lines.append("| (none) | |")
     lines += ["", "## Software", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info["versions"].items()]
-    lines += ["", f"The same information is in machine-readable form in `book/_build/build_info.json`.", ""]
+    lines += ["", "The same information is in machine-readable form in `book/_build/build_info.json`.", ""]
     return "\n".join(lines)
 
 

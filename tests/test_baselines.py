@@ -7,26 +7,23 @@ import torch
 
 from fusion_utils import load_model
 from fusion_utils.data import load_dataset
-from fusion_utils.data.sample import Sample
 from fusion_utils.experiments import baselines as BL
 from fusion_utils.experiments.common import Decoding, answer
 from fusion_utils.metrics import jensen_shannon
 from fusion_utils.sweeps import early_exit_logits
-from fusion_utils.testing import ARCHS, sample_images, tiny_model_dir
+from fusion_utils.testing import sample_images, tiny_model_dir
 
-QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how many red objects are there ?"]
 DEC = Decoding(max_new_tokens=4)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def lm(request):
-    torch.manual_seed(0)
-    return load_model(tiny_model_dir(request.param))
+@pytest.fixture(scope="module")
+def lm(tiny_lm):
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
-def samples():
-    return [Sample(f"s{i}", im, q, ["red"]) for i, (im, q) in enumerate(zip(sample_images(3, seed=0), QUESTIONS))]
+def samples(three_samples):
+    return three_samples
 
 
 def test_vcd_alpha_zero_is_plain_greedy(lm, samples):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fusion_utils import MaskImage, intervene, load_model
+from fusion_utils import MaskImage, load_model
 from fusion_utils.data import load_dataset
 from fusion_utils.data.world import blank_image
 from fusion_utils.experiments import EXPERIMENTS, get_experiment

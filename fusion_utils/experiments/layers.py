@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import pandas as pd
 import torch
 
 from ..interventions import CaptureAttention, intervene

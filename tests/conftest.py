@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny random instance of every architecture, and three small samples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion_utils import load_model
+from fusion_utils.data.sample import Sample
+from fusion_utils.testing import ARCHS, sample_images, tiny_model_dir
+
+QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how many red objects are there ?"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny_lm(request):
+    """Each of the six architectures in turn (module scope: built and loaded once per test file)."""
+    torch.manual_seed(0)
+    return load_model(tiny_model_dir(request.param))
+
+
+@pytest.fixture(scope="module")
+def three_samples():
+    return [Sample(f"s{i}", im, q, ["red"]) for i, (im, q) in enumerate(zip(sample_images(3, seed=0), QUESTIONS))]
