@@ -36,6 +36,8 @@ class View:
 
     def to_map(self, values) -> np.ndarray:
         """Reshape per-token values of this image ([n_tokens] or [..., n_tokens]) into [..., rows, cols]."""
+        if torch.is_tensor(values):
+            values = values.detach().float().cpu().numpy()
         v = np.asarray(values)
         return v[..., self.indices()]
 

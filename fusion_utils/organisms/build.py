@@ -123,10 +123,10 @@ def build_processor(name: str):
 
 # default sizes (see README / model cards)
 DEFAULTS = {
-    "llava": dict(text_layers=8, width=128, heads=4, ffn=320, vision_layers=4, vision_width=128, vision_ffn=256,
+    "llava": dict(text_layers=8, width=64, heads=4, ffn=192, vision_layers=4, vision_width=96, vision_ffn=192,
                   tie=False),
-    "qwen2_vl": dict(text_layers=8, width=96, heads=4, ffn=256, vision_layers=4, vision_width=96, vision_ffn=192,
-                     tie=True),
+    "qwen2_vl": dict(text_layers=8, width=64, heads=4, ffn=192, vision_layers=4, vision_width=96, vision_ffn=192,
+                     tie=False),
 }
 
 

@@ -136,12 +136,19 @@ processor = AutoProcessor.from_pretrained(dir)
 
 ## Training recipe (`fusion_utils.organisms.train`, seed {log.get('seed', 0)})
 Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get('batch')}; AdamW, warmup + cosine.
-1. (a) decoder on TEXT scenes: the 36 image slots hold scene-token embeddings (`<large_red_circle>` / `<empty>`,
-   noise {recipe.get('scene_noise')} x RMS), then the question in the evaluation prompt; up to {recipe.get('text_steps')} steps at lr
-   {recipe.get('text_lr')}, stopping early once text-scene val accuracy >= {recipe.get('text_target')} (steps run: {timings.get('text_steps_run', 'n/a')}).
+1. (a) decoder on TEXT scenes: the 36 image slots hold scene embeddings (a cell's embedding = E[size] + E[colour] +
+   E[shape] of the word embeddings, E[<empty>] for empty cells, noise {recipe.get('scene_noise')} x RMS; written into the
+   `<large_red_circle>`-style scene-token rows at the end of the stage), then the question in the evaluation prompt,
+   packed as {recipe.get('pack')} user/assistant turns about the same scene (turn 1 = the evaluation prompt); curriculum:
+   during the first {recipe.get('curriculum')} of the stage scenes are thinned to k objects, k growing to the full scene;
+   decoder q/k projections initialised with std {recipe.get('qk_init_std')}; up to {recipe.get('text_steps')} steps at lr
+   {recipe.get('text_lr')} with a {recipe.get('text_max_minutes')} min wall-clock guard, stopping early once text-scene val accuracy
+   >= {recipe.get('text_target')} (steps run: {timings.get('text_steps_run', 'n/a')}).
 2. (b+c) vision tower + projector (decoder frozen) map each cell's image token onto its scene-token embedding
-   (cross-entropy over -squared distances + MSE), {recipe.get('vision_steps')} steps at lr {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank.
-3. (d) joint VQA on rendered images, all parameters, {recipe.get('joint_steps')} steps at lr {recipe.get('joint_lr')}, alignment loss x {recipe.get('joint_aux')} kept.
+   (cross-entropy over -squared distances + MSE), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
+   {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`).
+3. (d) joint VQA on rendered images (packed turns as in (a)), all parameters, {recipe.get('joint_steps')} steps at lr
+   {recipe.get('joint_lr')}, alignment loss x {recipe.get('joint_aux')} kept.
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during
 training on `val` (base 1,000,000); evaluation on `test` (base 2,000,000) -- disjoint streams.
