@@ -1,13 +1,11 @@
 """The paper's experiments, one function each: ``fn(lm, dataset, **params) -> ExperimentResult``.
 
-| name          | paper           | function                                   |
-|---------------|-----------------|--------------------------------------------|
-| masking       | Sec. 3, Fig. 2  | `masking.masking` (fusion + review layers) |
-| hellinger     | Sec. 3-4        | `layers.hellinger`                         |
-| early_exit    | Sec. 3          | `layers.early_exit`                        |
-| attention     | Sec. 4, Fig. 3  | `attention.attention`                      |
-| contrastive   | Sec. 5          | `contrastive.contrastive`                  |
-| baselines     | Sec. 6 tables   | `baselines.baselines`                      |
+- ``masking`` (Sec. 3): ``masking.masking``, accuracy vs masked layer, fusion and review layers;
+- ``hellinger`` (Sec. 3-4): ``layers.hellinger``, attention distance to the final layer;
+- ``early_exit`` (Sec. 3): ``layers.early_exit``, each layer's early-exit answer;
+- ``attention`` (Sec. 4): ``attention.attention``, relevant vs irrelevant mass, persistent tokens;
+- ``contrastive`` (Sec. 5): ``contrastive.contrastive``, soft mask and crop, with ablations;
+- ``baselines`` (Sec. 6): ``baselines.baselines``, plain, ViCrop, VCD, DoLa.
 """
 from __future__ import annotations
 
