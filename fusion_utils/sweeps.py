@@ -109,7 +109,10 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
         return {"layers": layers, "logits": torch.stack(out), "plain": plain}
     if mode == "zero":
         return _zero_sweep(lm, batch, layers, window, onward, chunk)
-    return _knockout_sweep(lm, batch, layers, window, onward, chunk)
+    try:
+        return _knockout_sweep(lm, batch, layers, window, onward)
+    except _Ambiguous:
+        return _knockout_sweep_batched(lm, batch, layers, window, onward, chunk)
 
 
 def _zero_sweep(lm, batch, layers, window, onward, chunk):
@@ -181,7 +184,8 @@ def _decoder_inputs(lm, batch):
     return out.logits[:, -1].float(), captured, cache
 
 
-def _knockout_sweep(lm, batch, layers, window, onward, chunk):
+def _knockout_sweep_batched(lm, batch, layers, window, onward, chunk):
+    """Fallback: every variant's question suffix through every layer, all variants in one batch."""
     L, B, S = lm.num_layers, batch.size, batch.seq_len
     plain, kw, cache = _decoder_inputs(lm, batch)
     embeds = kw.pop("inputs_embeds")
@@ -217,6 +221,90 @@ def _knockout_sweep(lm, batch, layers, window, onward, chunk):
         for i, v in enumerate(variants):
             results[v] = last[:, i]
     return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def _knockout_sweep(lm, batch, layers, window, onward):
+    """Shared prefix + growing batch over the question suffix.
+
+    Nothing before the image's end depends on a knockout, and below its first knocked-out layer a variant's question
+    tokens are the plain run's. So one plain pass (with a KV cache, recording each layer's input) serves every
+    variant: at layer j, the variants whose window has started run their question tokens through layer j, attending
+    to the plain prefix keys and values of that layer plus their own.
+    """
+    L, B, S = lm.num_layers, batch.size, batch.seq_len
+    rec = _Recorder(lm.layers)
+    try:
+        out = lm.model(**batch.inputs, use_cache=True)
+    finally:
+        rec.remove()
+    plain = out.logits[:, -1].float()
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        cache = out.language_model_outputs.past_key_values
+    if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+        raise _Ambiguous
+    positions = torch.arange(S, device=batch.image_mask.device)
+    last_img = torch.where(batch.image_mask, positions, -1).max(dim=1).values
+    P = int(last_img.min().item()) + 1
+    prefix_kv = [(layer.keys[..., :P, :], layer.values[..., :P, :]) for layer in cache.layers]
+    windows = {v: set(layer_window(v, window, L, onward)) for v in layers}
+    start = {v: min(windows[v]) for v in layers}
+    active: list[int] = []
+    hidden = None
+    for j in range(min(start.values()), L):
+        args, kwargs = rec.inputs[j]
+        new = [v for v in layers if start[v] == j]
+        if new:
+            h0 = _hidden_of(args, kwargs)[:, P:]
+            hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
+            active += new
+        n = len(active)
+        kw = {}
+        for k, val in kwargs.items():
+            if k in ("hidden_states", "past_key_values"):
+                continue
+            if k == "attention_mask":
+                kw[k] = _suffix_mask(val, B, P, S, batch.image_mask.device)
+            elif k == "position_embeddings":
+                kw[k] = tuple(t[..., P:, :] for t in val)
+            elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
+                kw[k] = val[..., P:]
+            else:
+                kw[k] = val
+        kw = {k: _expand(v, B, n) for k, v in kw.items()}
+        k0, v0 = prefix_kv[j]
+        layer_cache = cache.layers[j]
+        layer_cache.keys, layer_cache.values = k0.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1)
+        rows = torch.tensor([j in windows[v] for v in active], device=batch.image_mask.device).repeat_interleave(B)
+        tiled = _TiledBatch(batch, n)
+        with intervene(lm, tiled, MaskImage(j, "knockout")) as run:
+            run._state.row_filter = {j: rows}
+            res = lm.layers[j](hidden, *tuple(_expand(a, B, n) for a in args[1:]), past_key_values=cache, **kw)
+        hidden = res[0] if isinstance(res, tuple) else res
+    last = _head(lm, hidden[:, -1])
+    results = {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
+    return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def _suffix_mask(mask, B, P, S, device):
+    """The attention-mask rows of the question suffix ([B, 1, S - P, S], True = may attend)."""
+    if mask is None:
+        q = torch.arange(P, S, device=device)
+        return (torch.arange(S, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, S - P, S)
+    if not torch.is_tensor(mask) or mask.ndim != 4:
+        raise _Ambiguous
+    return mask[:, :, P:, :]
+
+
+class _TiledBatch:
+    """A batch tiled n times (variant-major), as far as interventions need to know."""
+
+    def __init__(self, batch, n):
+        self.image_mask = batch.image_mask.repeat(n, 1)
+        am = batch.inputs.get("attention_mask")
+        self.inputs = {} if am is None else {"attention_mask": am.repeat(n, 1)}
+        self.image_positions = list(batch.image_positions) * n
+        self.grids = list(batch.grids) * n
 
 
 class _VariantBatch:
