@@ -154,7 +154,7 @@ def memory_figures() -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-variant", help=argparse.SUPPRESS)
     args = p.parse_args()
