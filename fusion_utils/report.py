@@ -231,10 +231,18 @@ def contrastive_verdicts(model: str, summary: pd.DataFrame) -> list[dict]:
     soft = summary[summary["variant"] == "soft"] if "variant" in summary.columns else summary.iloc[0:0]
     if soft["candidates"].nunique() > 1:
         by = soft.groupby("candidates")["accuracy"].max()
-        v = REPRODUCES if by.get("fusion", -1) >= by.max() else NO
+        fusion, others = by.get("fusion", float("nan")), by.drop(index="fusion", errors="ignore")
+        if math.isnan(fusion) or others.empty:
+            v = NA
+        elif fusion > others.max():
+            v = REPRODUCES
+        elif fusion == others.max() and by.nunique() > 1:
+            v = PARTLY  # tied for best
+        else:
+            v = NO  # another set is better, or the candidate set makes no difference at all
         rows.append(_row("fusion_candidates", model, ", ".join(f"{k}: {100 * a:.1f}" for k, a in by.items()),
                          "fusion set best (69.4 GQA vs 68.3 shallow, 65.4 all, 60.3 deep)", v,
-                         "the fusion candidate set reaches the highest accuracy among candidate sets"))
+                         "the fusion set is strictly best (tied for best: partly; all sets equal: no effect)"))
     return rows
 
 
