@@ -12,12 +12,12 @@ QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how man
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def tiny_lm(request):
+def lm(request):
     """Each of the six architectures in turn (module scope: built and loaded once per test file)."""
     torch.manual_seed(0)
     return load_model(tiny_model_dir(request.param))
 
 
 @pytest.fixture(scope="module")
-def three_samples():
+def samples():
     return [Sample(f"s{i}", im, q, ["red"]) for i, (im, q) in enumerate(zip(sample_images(3, seed=0), QUESTIONS))]

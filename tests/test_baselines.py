@@ -16,16 +16,6 @@ from fusion_utils.testing import sample_images, tiny_model_dir
 DEC = Decoding(max_new_tokens=4)
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm):
-    return tiny_lm
-
-
-@pytest.fixture(scope="module")
-def samples(three_samples):
-    return three_samples
-
-
 def test_vcd_alpha_zero_is_plain_greedy(lm, samples):
     plain = answer(lm, samples, decoding=DEC)
     assert BL.vcd(lm, samples, alpha=0.0, decoding=DEC) == plain

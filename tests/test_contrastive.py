@@ -16,16 +16,6 @@ from fusion_utils.testing import tiny_model_dir
 DEC = Decoding(max_new_tokens=5)
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm):
-    return tiny_lm
-
-
-@pytest.fixture(scope="module")
-def samples(three_samples):
-    return three_samples
-
-
 def _masks(batch, seed=0, p=0.5):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(n, generator=g) < p for n in batch.n_image_tokens]
