@@ -85,20 +85,13 @@ def timing_figures(reps: int) -> dict:
     return out
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS: current, VmHWM: peak since the last reset), in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_variant(variant: str) -> int:
@@ -134,9 +127,9 @@ def memory_variant(variant: str) -> int:
         libc.malloc_trim(0)  # hand freed heap back to the OS so the forward must take it again
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS counter
-        before = _rss_kib()
+        before = _status_kib("VmRSS")
         run()
-        added.append(_hwm_kib() - before)
+        added.append(_status_kib("VmHWM") - before)
     return int(statistics.median(added))
 
 

@@ -169,6 +169,11 @@ except ImportError:  # pragma: no cover - the static functions still work
     _ipw = None
 
 
+def _sample_picker(w, samples):
+    return w.Dropdown(options=[(_label(i, s), i) for i, s in enumerate(samples)], value=0, description="sample",
+                      layout=w.Layout(width="420px"))
+
+
 def _explorer_class():
     if Explorer is None:  # pragma: no cover
         _widgets()
@@ -266,8 +271,7 @@ def attention_explorer(lm, samples, *, post_prompt="auto", layer: int | None = N
     pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     controls = {
-        "sample": w.Dropdown(options=[(_label(i, s), i) for i, s in enumerate(samples)], value=0,
-                             description="sample", layout=w.Layout(width="420px")),
+        "sample": _sample_picker(w, samples),
         "layer": w.IntSlider(value=L // 2 if layer is None else layer, min=0, max=L - 1, step=1,
                              description="layer", continuous_update=False),
     }
@@ -368,8 +372,7 @@ def masking_explorer(lm, samples, *, post_prompt="auto", layer: int = 0):
     pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     controls = {
-        "sample": w.Dropdown(options=[(_label(i, s), i) for i, s in enumerate(samples)], value=0,
-                             description="sample", layout=w.Layout(width="420px")),
+        "sample": _sample_picker(w, samples),
         "mode": w.ToggleButtons(options=["zero", "knockout"], value="zero", description="mask"),
         "layer": w.IntSlider(value=layer, min=0, max=L - 1, description="layer", continuous_update=False),
         "window": w.IntSlider(value=1, min=1, max=L, description="window", continuous_update=False),
@@ -499,8 +502,7 @@ def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer:
     pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     controls = {
-        "sample": w.Dropdown(options=[(_label(i, s), i) for i, s in enumerate(samples)], value=0,
-                             description="sample", layout=w.Layout(width="420px")),
+        "sample": _sample_picker(w, samples),
         "kind": w.Dropdown(options=list(CANDIDATE_SETS), value="fusion", description="candidates"),
         "rho": w.FloatSlider(value=rho, min=0.0, max=0.9, step=0.05, description="ρ", continuous_update=False),
         "lam": w.FloatSlider(value=lam, min=0.0, max=1.0, step=0.05, description="λ", continuous_update=False),
