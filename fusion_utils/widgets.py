@@ -169,6 +169,16 @@ except ImportError:  # pragma: no cover - the static functions still work
     _ipw = None
 
 
+def _question_html(s) -> str:
+    return f"<b>{_esc(s.question)}</b> (gold: {_esc(', '.join(s.answers))})"
+
+
+def _answer_html(ans, reference) -> str:
+    """An answer in code style, flagged when it differs from the reference (unmasked / plain) answer."""
+    changed = "" if ans == reference else " <b style='color:#b00'>(changed)</b>"
+    return f"<code>{_esc(ans)}</code>{changed}"
+
+
 def _sample_picker(w, samples):
     return w.Dropdown(options=[(_label(i, s), i) for i, s in enumerate(samples)], value=0, description="sample",
                       layout=w.Layout(width="420px"))
@@ -404,10 +414,9 @@ def masking_explorer(lm, samples, *, post_prompt="auto", layer: int = 0):
             plots._integer_layers(ax)
             ax.legend(fontsize=8)
             fig.tight_layout()
-        changed = "" if ans == base["plain"] else " <b style='color:#b00'>(changed)</b>"
-        text = (f"<b>{_esc(s.question)}</b> (gold: {_esc(', '.join(s.answers))})<br>"
+        text = (f"{_question_html(s)}<br>"
                 f"unmasked: <code>{_esc(base['plain'])}</code> · p = {p0:.3f} &nbsp;|&nbsp; "
-                f"masked at layer {layer} ({mode}, window {window}): <code>{_esc(ans)}</code>{changed} · "
+                f"masked at layer {layer} ({mode}, window {window}): {_answer_html(ans, base['plain'])} · "
                 f"p = {p[layer]:.3f} (Δ {p[layer] - p0:+.3f})")
         return text, fig
 
@@ -534,11 +543,10 @@ def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer:
             im = plots._panel_row(axes, v)
             fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.03)
             fig.tight_layout()
-        changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
-        text = (f"<b>{_esc(s.question)}</b> (gold: {_esc(', '.join(s.answers))}) · candidates {kind} "
+        text = (f"{_question_html(s)} · candidates {kind} "
                 f"{cm['candidates']} → i* = {cm['pre']}<br>plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
                 f"soft mask (ρ={rho:.2f}: {int(mask.sum())} tokens × λ={lam:.2f} at layer {apply_layer}): "
-                f"<code>{_esc(ans)}</code>{changed}")
+                f"{_answer_html(ans, plain)}")
         return text, fig
 
     return _explorer_class()(controls, update)
