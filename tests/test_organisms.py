@@ -84,20 +84,21 @@ def held_out_table(organism):
 
 
 def test_image_matters(held_out_table):
-    """What the shipped organisms do achieve: answers depend on the image (accuracy above the blank-image control)."""
+    """The bar's blank-image criterion (met): the same questions with a blank image score >= 30 points lower; and what
+    the shipped organisms achieve on accuracy (about 71-72% overall at n=500), with a margin for the smaller sample."""
     t = held_out_table
-    assert t.loc["overall", "gap"] >= 0.08, t
-    assert t.loc["overall", "accuracy"] > t.loc["overall", "blank_accuracy"], t
-
-
-@pytest.mark.xfail(strict=True, reason="issue 3's bar (>= 90% overall, >= 80% per family, >= 30-point blank gap) is "
-                                       "not met by the shipped organisms (about 45% overall); see their model cards. "
-                                       "Strict: this starts failing, as a reminder to drop the mark, once it is met.")
-def test_meets_the_issue_bar(held_out_table):
-    t = held_out_table
-    assert t.loc["overall", "accuracy"] >= 0.90, t
-    assert (t.drop(index="overall")["accuracy"] >= 0.80).all(), t
     assert t.loc["overall", "gap"] >= 0.30, t
+    assert t.loc["overall", "accuracy"] >= 0.60, t
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3's accuracy bar (>= 90% overall, >= 80% per family) is not met by the "
+                                       "shipped organisms (72.2% and 70.8% overall, spatial 61% and 46%; see their "
+                                       "model cards). Strict: this starts failing, as a reminder to drop the mark, "
+                                       "once it is met.")
+def test_meets_the_issue_bar(held_out_table):
+    from fusion_utils.organisms.evaluate import bar_check
+
+    assert all(bar_check(held_out_table).values()), held_out_table
 
 
 def test_models_load_helper():
@@ -127,3 +128,41 @@ def test_recipe_lowers_loss(name):
     assert np.mean(vl[-3:]) < np.mean(vl[:3]), vl
     tr.stage_joint(steps=2)
     assert all(np.isfinite(r["loss"]) for r in tr.log if "loss" in r)
+
+
+def test_same_seed_same_weights():
+    """Retraining is reproducible: the recipe is deterministic in its seed (no wall-clock guards, seeded streams), so
+    two runs of the same stages give bit-identical weights; another seed gives other weights."""
+    from fusion_utils.organisms.train import Trainer
+
+    tiny = dict(text_layers=2, width=32, heads=2, ffn=64, vision_layers=1, vision_width=32, vision_ffn=64)
+    recipe = {"batch": 4, "vision_batch": 4, "joint_batch": 4, "text_check_every": 3, "text_steps": 6}
+
+    def run(seed):
+        tr = Trainer("llava", seed=seed, threads=None, recipe=recipe, **tiny)
+        tr.stage_text().stage_vision(steps=3).stage_joint(steps=2)
+        return tr.model.state_dict(), tr.log
+
+    (a, la), (b, lb), (c, _) = run(0), run(0), run(1)
+    assert la == lb
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bar_status_names_what_is_missed():
+    import pandas as pd
+
+    from fusion_utils.organisms.evaluate import bar_check, bar_status
+
+    def table(accs, blank):
+        rows = [{"family": f, "n": 100, "accuracy": a, "blank_accuracy": blank} for f, a in accs.items()]
+        t = pd.DataFrame(rows).set_index("family")
+        t.loc["overall"] = [500, t["accuracy"].mean(), blank]
+        t["gap"] = t["accuracy"] - t["blank_accuracy"]
+        return t
+
+    good = table({"attribute": 0.95, "identity": 0.92, "existence": 0.97, "count": 0.9, "spatial": 0.85}, 0.3)
+    assert all(bar_check(good).values()) and bar_status(good).startswith("Meets")
+    weak = table({"attribute": 0.95, "identity": 0.92, "existence": 0.97, "count": 0.9, "spatial": 0.55}, 0.3)
+    assert bar_check(weak) == {"overall": False, "per_family": False, "gap": True}
+    assert "spatial 55.0%" in bar_status(weak) and "attribute" not in bar_status(weak)

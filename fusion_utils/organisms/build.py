@@ -121,12 +121,16 @@ def build_processor(name: str):
     raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ORGANISMS)}.")
 
 
-# default sizes (see README / model cards)
+# default sizes (see README / model cards). rope_theta is scaled to the organisms' short contexts and 16-dim heads:
+# with the usual 10000, only ~3 of the 8 rotary frequencies resolve offsets of 1 and 6 tokens (left/right, above/
+# below in LLaVA's row-major image tokens), and M-RoPE's width section (the 3 lowest frequencies) turns by 0.003 rad
+# per column, so a Qwen2-VL organism could not tell left from right. theta 1 turns every M-RoPE section by 1 rad per
+# unit of its own axis (t, h, w): the 6 columns and 6 rows get 6 distinct phases each.
 DEFAULTS = {
     "llava": dict(text_layers=8, width=64, heads=4, ffn=192, vision_layers=4, vision_width=96, vision_ffn=192,
-                  tie=False),
+                  tie=False, rope_theta=100.0),
     "qwen2_vl": dict(text_layers=8, width=64, heads=4, ffn=192, vision_layers=4, vision_width=96, vision_ffn=192,
-                     tie=False),
+                     tie=False, rope_theta=1.0),
 }
 
 
@@ -143,7 +147,8 @@ def build_config(name: str, tokenizer, **overrides):
                          num_hidden_layers=d["text_layers"], num_attention_heads=d["heads"],
                          num_key_value_heads=d["heads"], max_position_embeddings=512, rms_norm_eps=1e-5,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=d["tie"])
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=d["tie"],
+                         rope_parameters={"rope_type": "default", "rope_theta": float(d["rope_theta"])})
         cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                           image_seq_length=N_IMAGE_TOKENS, vision_feature_select_strategy="default",
                           vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=d["tie"])
@@ -160,7 +165,8 @@ def build_config(name: str, tokenizer, **overrides):
         text = dict(vocab_size=vocab, hidden_size=d["width"], intermediate_size=d["ffn"],
                     num_hidden_layers=d["text_layers"], num_attention_heads=d["heads"], num_key_value_heads=d["heads"],
                     max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=d["tie"],
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                    rope_parameters={"rope_type": "default", "rope_theta": float(d["rope_theta"]),
+                                     "mrope_section": section},
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
         vision = dict(depth=d["vision_layers"], embed_dim=d["vision_width"], hidden_size=d["width"],
                       mlp_ratio=d["vision_ffn"] // d["vision_width"], num_heads=4, in_channels=3, patch_size=8,

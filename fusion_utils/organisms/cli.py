@@ -28,12 +28,14 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate, format_table
+    from .evaluate import bar_status, evaluate, format_table
 
     for name in _names(args):
         target = args.dir if args.dir else name
         table = evaluate(target, n=args.n, split=args.split, seed=args.seed, blank=not args.no_blank)
         print(f"\n## {name} ({args.split}, n={args.n})\n{format_table(table)}")
+        if "gap" in table:
+            print(bar_status(table))
     return 0
 
 

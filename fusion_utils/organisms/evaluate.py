@@ -59,6 +59,37 @@ def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | N
     return pd.DataFrame(rows).set_index("family")
 
 
+# issue 3's bar for an organism (held-out test split)
+BAR = {"overall": 0.90, "per_family": 0.80, "gap": 0.30}
+
+
+def bar_check(table: pd.DataFrame) -> dict[str, bool]:
+    """Which parts of the bar a table meets: overall accuracy, every family's accuracy, the blank-image gap."""
+    fam = table.drop(index="overall")
+    out = {"overall": bool(table.loc["overall", "accuracy"] >= BAR["overall"]),
+           "per_family": bool((fam["accuracy"] >= BAR["per_family"]).all())}
+    if "gap" in table:
+        out["gap"] = bool(table.loc["overall", "gap"] >= BAR["gap"])
+    return out
+
+
+def bar_status(table: pd.DataFrame) -> str:
+    """One sentence: meets the bar, or which parts it misses (with the numbers)."""
+    chk = bar_check(table)
+    if all(chk.values()):
+        return "Meets the bar (>= 90% overall, >= 80% per family, blank-image gap >= 30 points)."
+    miss = []
+    if not chk["overall"]:
+        miss.append(f"overall {100 * table.loc['overall', 'accuracy']:.1f}% < 90%")
+    if not chk["per_family"]:
+        fam = table.drop(index="overall")
+        low = fam[fam["accuracy"] < BAR["per_family"]]["accuracy"]
+        miss.append("below 80%: " + ", ".join(f"{f} {100 * v:.1f}%" for f, v in low.items()))
+    if not chk.get("gap", True):
+        miss.append(f"blank-image gap {100 * table.loc['overall', 'gap']:.1f} < 30 points")
+    return "Below the bar: " + "; ".join(miss) + "."
+
+
 def format_table(table: pd.DataFrame) -> str:
     t = table.copy()
     for c in ("accuracy", "blank_accuracy", "gap"):
@@ -74,6 +105,24 @@ def _has_tabulate() -> bool:
         return True
     except ImportError:
         return False
+
+
+def _a_extras(recipe: dict) -> str:
+    """The optional parts of stage (a), as the model card states them."""
+    out = []
+    fams = recipe.get("train_families")
+    if fams:
+        counts = {f: list(fams).count(f) for f in dict.fromkeys(fams)}
+        out.append("; families sampled in the proportions " + ", ".join(f"{f} {c}/{len(fams)}" for f, c in counts.items()))
+    if (recipe.get("pack") or 1) > 1:
+        out.append(f"; packed as {recipe['pack']} user/assistant turns about the same scene (turn 1 = the evaluation prompt)")
+    if recipe.get("curriculum"):
+        out.append(f"; curriculum: during the first {recipe['curriculum']} of the stage scenes are thinned to k objects, "
+                   "k growing to the full scene")
+    if recipe.get("text_max_minutes"):
+        out.append(f"; a {recipe['text_max_minutes']} min wall-clock guard (not reproducible: set it to None to retrain "
+                   "exactly)")
+    return "".join(out)
 
 
 def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> Path:
@@ -101,7 +150,8 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
                 f"`vision_feature_select_strategy=\"{cfg.vision_feature_select_strategy}\"` drops CLS, "
                 f"`vision_feature_layer={cfg.vision_feature_layer}`), 2-layer GELU MLP projector, Llama decoder "
                 f"({tc.num_hidden_layers} layers, width {tc.hidden_size}, {tc.num_attention_heads} heads, FFN "
-                f"{tc.intermediate_size}, vocab {tc.vocab_size}). 36 image tokens per image (one per world cell, "
+                f"{tc.intermediate_size}, vocab {tc.vocab_size}, rope_theta {tc.rope_parameters.get('rope_theta')}). "
+                f"36 image tokens per image (one per world cell, "
                 f"row-major), image token id {cfg.image_token_id}. Prompt: LLaVA-1.5 `USER: <image>\\n... ASSISTANT:`.")
     else:
         arch = (f"`Qwen2VLForConditionalGeneration`: Qwen2-VL vision tower ({vc.depth} blocks, width {vc.embed_dim}, "
@@ -109,7 +159,8 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
                 f"merger with `spatial_merge_size={vc.spatial_merge_size}` -> 6x6 = 36 image tokens (one per world "
                 f"cell, row-major), Qwen2 decoder with M-RoPE (mrope_section {tc.rope_parameters.get('mrope_section')}; "
                 f"{tc.num_hidden_layers} layers, width {tc.hidden_size}, {tc.num_attention_heads} heads, FFN "
-                f"{tc.intermediate_size}, vocab {tc.vocab_size}). Image token id {cfg.image_token_id}. Prompt: Qwen2-VL "
+                f"{tc.intermediate_size}, vocab {tc.vocab_size}, rope_theta {tc.rope_parameters.get('rope_theta')}). "
+                f"Image token id {cfg.image_token_id}. Prompt: Qwen2-VL "
                 "chat template with the default system turn. The model needs `mm_token_type_ids` and `image_grid_thw` "
                 "from the processor (a 96x96 image always gives grid_thw = [1, 12, 12]).")
     mins = {k: f"{v / 60:.1f} min" for k, v in timings.items() if isinstance(v, float)}
@@ -123,7 +174,9 @@ the tokenizer is word-level over the world's words, the chat template words and 
 ## Architecture
 {arch}
 
-Parameters: {n_params if n_params is not None else 'n/a'} (fp32 safetensors).
+Parameters: {n_params if n_params is not None else 'n/a'} (fp32 safetensors). The rotary base is scaled to 16-dim heads and
+~70-token prompts: with the usual 10000 too few rotary frequencies resolve the 1-cell offsets that spatial questions
+need (for M-RoPE, the width section would turn by 0.003 rad per column); see `fusion_utils/organisms/build.py`.
 Processor: {'CLIPImageProcessor (96 px, no resize in effect)' if name == 'llava' else 'Qwen2VLImageProcessor (min_pixels = max_pixels = 96*96, patch 8, merge 2)'}
 + word-level `PreTrainedTokenizerFast` (lowercasing; left padding) + the real model's chat template.
 
@@ -138,26 +191,28 @@ processor = AutoProcessor.from_pretrained(dir)
 Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get('batch')}; AdamW, warmup + cosine.
 1. (a) decoder on TEXT scenes: the 36 image slots hold scene embeddings (a cell's embedding = E[size] + E[colour] +
    E[shape] of the word embeddings, E[<empty>] for empty cells, noise {recipe.get('scene_noise')} x RMS; written into the
-   `<large_red_circle>`-style scene-token rows at the end of the stage), then the question in the evaluation prompt,
-   packed as {recipe.get('pack')} user/assistant turns about the same scene (turn 1 = the evaluation prompt); curriculum:
-   during the first {recipe.get('curriculum')} of the stage scenes are thinned to k objects, k growing to the full scene;
+   `<large_red_circle>`-style scene-token rows at the end of the stage), then the question in the evaluation prompt{_a_extras(recipe)};
    decoder q/k projections initialised with std {recipe.get('qk_init_std')}; up to {recipe.get('text_steps')} steps at lr
-   {recipe.get('text_lr')} with a {recipe.get('text_max_minutes')} min wall-clock guard, stopping early once text-scene val accuracy
-   >= {recipe.get('text_target')} (steps run: {timings.get('text_steps_run', 'n/a')}).
+   {recipe.get('text_lr')}, stopping early (checked every {recipe.get('text_check_every')} steps on 200 `val` questions) once text-scene
+   accuracy >= {recipe.get('text_target')} overall and >= {recipe.get('text_family_target')} per family (steps run: {timings.get('text_steps_run', 'n/a')}).
 2. (b+c) vision tower + projector (decoder frozen) map each cell's image token onto its scene-token embedding
-   (cross-entropy over -squared distances + MSE), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
+   (squared error relative to the embeddings' scale + {recipe.get('align_ce', 0.1)} x cross-entropy over scale-free -squared
+   distances), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
    {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`).
-3. (d) joint VQA on rendered images (packed turns as in (a)), all parameters, {recipe.get('joint_steps')} steps at lr
+3. (d) joint VQA on rendered images (same question mix as (a)), all parameters, {recipe.get('joint_steps')} steps of batch
+   {recipe.get('joint_batch') or recipe.get('batch')} at lr
    {recipe.get('joint_lr')}, alignment loss x {recipe.get('joint_aux')} kept.
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during
 training on `val` (base 1,000,000); evaluation on `test` (base 2,000,000) -- disjoint streams.
-Measured wall time (1 torch thread, CPU shared with other jobs): {mins or 'n/a'}.
+Measured wall time ({log.get('threads') or 1} torch thread{'s' if (log.get('threads') or 1) > 1 else ''}; the other organism trained at the same time on the other core): {mins or 'n/a'}.
 
 Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organisms.cli train {name}`).
 
 ## Evaluation (held-out `test` split, n={int(table.loc['overall', 'n'])}, greedy, exact match; blank = same questions on a uniform grey image)
 {format_table(table)}
+
+{bar_status(table)} (`fusion-utils organisms eval {name}` prints this table.)
 """
     (out / "README.md").write_text(text)
     return out / "README.md"
