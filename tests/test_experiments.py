@@ -137,11 +137,17 @@ def test_organism_no_mask_reproduces_plain_accuracy_exactly(organism, held_out):
     assert res.summary["plain_accuracy"].iloc[0] == pytest.approx(_accuracy(plain, ds))
 
 
-def test_organism_full_knockout_is_as_blind_as_a_blank_image(organism, held_out):
+def test_organism_full_knockout_makes_answers_blind(organism, held_out):
+    """Knocking the image out at every layer leaves the organism blind: its answers no longer depend on the pixels,
+    and it loses the image's whole contribution. (A blank image is a different control: a trained organism reads it
+    as an empty scene and answers confidently wrong, so the two accuracies need not agree.)"""
     full = [MaskImage(j, "knockout") for j in range(organism.num_layers)]
+    blank_imgs = [blank_image()] * len(held_out)
     knocked = answer(organism, held_out, plans=full, batch_size=50)
-    blank = answer(organism, held_out, images=[blank_image()] * len(held_out), batch_size=50)
+    knocked_blank = answer(organism, held_out, images=blank_imgs, plans=full, batch_size=50)
+    blank = answer(organism, held_out, images=blank_imgs, batch_size=50)
     plain = answer(organism, held_out, batch_size=50)
     acc_k, acc_b, acc_p = (_accuracy(x, held_out) for x in (knocked, blank, plain))
-    assert acc_p > acc_b  # the image matters (the shipped organisms are weak: see their model cards)
-    assert abs(acc_k - acc_b) <= 0.05, (acc_k, acc_b)
+    assert knocked == knocked_blank
+    assert acc_p - acc_b >= 0.25, (acc_p, acc_b)  # the image matters
+    assert acc_p - acc_k >= 0.25, (acc_p, acc_k)  # and knockout removes it
