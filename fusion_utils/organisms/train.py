@@ -40,7 +40,6 @@ RECIPE = {
     # count and spatial both twice as often was tried: the colour-answer pathway then lags (attribute 0.63 on text
     # scenes after 3500 steps, against 0.98 after 2000 with a balanced mix)
     "train_families": ("attribute", "identity", "existence", "count", "spatial", "spatial"),
-    "early_families": None, "early_frac": 0.0,  # an optional different mix for the first early_frac of stage (a)
     "pack": 1,  # questions per scene (>1 packs more user/assistant turns on the same scene; slower per minute here)
     "pack_short": True,  # packed turns omit the post-prompt
     "curriculum": 0.0,  # >0: the first fraction of stage (a) thins scenes to k objects (slower per minute here)
@@ -90,7 +89,6 @@ class Trainer:
         self.scene_parts = torch.tensor([self.tok.convert_tokens_to_ids(p) for p in parts])  # [41, 3]
         self.composed = False
         self.counter = 0  # index into the train split's sample stream
-        self._progress = 1.0  # fraction of stage (a) done (the early family mix applies only in stage a)
         self.gen = torch.Generator().manual_seed(seed)
         self.log: list[dict] = []
         self.timings: dict[str, float] = {}
@@ -98,9 +96,6 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _samples(self, n: int, with_image: bool):
         fams = self.recipe.get("train_families") or self.recipe.get("families")
-        early = self.recipe.get("early_families")
-        if early and self._progress < float(self.recipe.get("early_frac") or 0):
-            fams = early
         out = [world.make_sample("train", self.counter + i, seed=self.seed, families=fams, with_image=with_image)
                for i in range(n)]
         self.counter += n
@@ -278,17 +273,26 @@ class Trainer:
             p.requires_grad = {"lm": is_lm, "vision": not is_lm, "all": True}[part]
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _begin(self, part: str, lr: float, steps: int, desc: str):
+        """One stage's set-up: which parameters train, AdamW + warmup/cosine, train mode, a tqdm bar, the start time."""
+        params = self._set_trainable(part)
+        opt, sched = self._opt(params, lr, steps)
+        self.model.train()
+        return params, opt, sched, tqdm(range(steps), desc=f"{self.name} {desc}", mininterval=5), time.time()
+
+    @staticmethod
+    def _update(loss, params, opt, sched):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step()
+
     # ------------------------------------------------------------------ stages
     def stage_text(self, steps=None, lr=None):
         R = self.recipe
         steps = R["text_steps"] if steps is None else steps
-        params = self._set_trainable("lm")
-        opt, sched = self._opt(params, lr or R["text_lr"], steps)
-        self.model.train()
-        t0 = time.time()
-        bar = tqdm(range(steps), desc=f"{self.name} (a) text scenes", mininterval=5)
+        params, opt, sched, bar, t0 = self._begin("lm", lr or R["text_lr"], steps, "(a) text scenes")
         for step in bar:
-            self._progress = step / steps
             samples = self._curriculum_samples(self._samples(R["batch"], with_image=False), step / steps)
             enc = self._encode_text_only(self._texts_packed(samples))
             feats = self._scene_embeds(self._cell_targets(samples))
@@ -297,10 +301,7 @@ class Trainer:
                     feats.shape, generator=self.gen)
             logits = self._lm_forward(enc, feats)
             loss = self._answer_loss(logits, enc["input_ids"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step(); sched.step()
+            self._update(loss, params, opt, sched)
             self._record("text", step, loss=loss.item(), bar=bar)
             if R.get("text_max_minutes") and time.time() - t0 > 60 * R["text_max_minutes"]:
                 tqdm.write(f"[{self.name}] stage (a) stopped by the {R['text_max_minutes']} min guard at step {step + 1}")
@@ -314,7 +315,6 @@ class Trainer:
                 fam = min(v for k, v in acc.items() if k != "overall")
                 if acc["overall"] >= R["text_target"] and fam >= R["text_family_target"]:
                     break
-        self._progress = 1.0
         self.freeze_composition()
         self.timings["text"] = time.time() - t0
         self.timings["text_steps_run"] = step + 1
@@ -330,11 +330,7 @@ class Trainer:
     def stage_vision(self, steps=None, lr=None):
         R = self.recipe
         steps = R["vision_steps"] if steps is None else steps
-        params = self._set_trainable("vision")
-        opt, sched = self._opt(params, lr or R["vision_lr"], steps)
-        self.model.train()
-        t0 = time.time()
-        bar = tqdm(range(steps), desc=f"{self.name} (b+c) vision->scene tokens", mininterval=5)
+        params, opt, sched, bar, t0 = self._begin("vision", lr or R["vision_lr"], steps, "(b+c) vision->scene tokens")
         B = R.get("vision_batch") or R["batch"]
         n_blank = int(round(R["blank_frac"] * B))
         for step in bar:
@@ -344,10 +340,7 @@ class Trainer:
             targets = torch.cat([self._cell_targets(samples), torch.zeros(n_blank, N_IMAGE_TOKENS, dtype=torch.long)])
             feats = self._image_features(dict(ip))
             loss, acc = self._align_loss(feats, targets.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step(); sched.step()
+            self._update(loss, params, opt, sched)
             self._record("vision", step, loss=loss.item(), cell_acc=acc, bar=bar)
         self.timings["vision"] = time.time() - t0
         return self
@@ -355,11 +348,7 @@ class Trainer:
     def stage_joint(self, steps=None, lr=None):
         R = self.recipe
         steps = R["joint_steps"] if steps is None else steps
-        params = self._set_trainable("all")
-        opt, sched = self._opt(params, lr or R["joint_lr"], steps)
-        self.model.train()
-        t0 = time.time()
-        bar = tqdm(range(steps), desc=f"{self.name} (d) joint VQA", mininterval=5)
+        params, opt, sched, bar, t0 = self._begin("all", lr or R["joint_lr"], steps, "(d) joint VQA")
         for step in bar:
             samples = self._samples(R.get("joint_batch") or R["batch"], with_image=True)
             enc = self._encode(samples, packed=True)
@@ -368,10 +357,7 @@ class Trainer:
             vqa = self._answer_loss(logits, enc["input_ids"])
             aux, acc = self._align_loss(feats, self._cell_targets(samples))
             loss = vqa + R["joint_aux"] * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step(); sched.step()
+            self._update(loss, params, opt, sched)
             self._record("joint", step, loss=vqa.item(), cell_acc=acc, bar=bar)
         self.timings["joint"] = time.time() - t0
         return self
