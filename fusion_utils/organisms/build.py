@@ -145,6 +145,7 @@ def build_config(name: str, tokenizer, **overrides):
                               patch_size=16, projection_dim=d["vision_width"], hidden_act="quick_gelu")
         tc = LlamaConfig(vocab_size=vocab, hidden_size=d["width"], intermediate_size=d["ffn"],
                          num_hidden_layers=d["text_layers"], num_attention_heads=d["heads"],
+                         head_dim=d.get("head_dim") or d["width"] // d["heads"],
                          num_key_value_heads=d["heads"], max_position_embeddings=512, rms_norm_eps=1e-5,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=d["tie"],
@@ -157,14 +158,14 @@ def build_config(name: str, tokenizer, **overrides):
     if name == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
-        head_dim = d["width"] // d["heads"]
+        head_dim = d.get("head_dim") or d["width"] // d["heads"]
         q = head_dim // 2  # mrope sections (t, h, w) must sum to head_dim / 2
         section = [q - 2 * (3 * q // 8), 3 * q // 8, 3 * q // 8]
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
         text = dict(vocab_size=vocab, hidden_size=d["width"], intermediate_size=d["ffn"],
                     num_hidden_layers=d["text_layers"], num_attention_heads=d["heads"], num_key_value_heads=d["heads"],
-                    max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=d["tie"],
+                    head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=d["tie"],
                     rope_parameters={"rope_type": "default", "rope_theta": float(d["rope_theta"]),
                                      "mrope_section": section},
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)

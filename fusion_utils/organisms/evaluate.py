@@ -114,6 +114,15 @@ def _a_extras(recipe: dict) -> str:
     if fams:
         counts = {f: list(fams).count(f) for f in dict.fromkeys(fams)}
         out.append("; families sampled in the proportions " + ", ".join(f"{f} {c}/{len(fams)}" for f, c in counts.items()))
+    stages = recipe.get("family_stages") or ()
+    if stages:
+        out.append("; family curriculum: " + ", then ".join(f"only {', '.join(fams)} until {until:.0%} of the stage"
+                                                           for until, fams in stages) + ", then the full mix")
+    if (recipe.get("blocks") or 1) > 1:
+        out.append(f"; {recipe['blocks']} questions per scene in one sequence (the first is the sample's own, the others from "
+                   "`world.scene_questions`), each an isolated block after the shared scene prefix: a 4D mask lets a block "
+                   "see the prefix and itself only, and its positions (M-RoPE included) are those of its single prompt, so "
+                   "each block is an independent evaluation-format sample while the prefix is computed once")
     if (recipe.get("pack") or 1) > 1:
         out.append(f"; packed as {recipe['pack']} user/assistant turns about the same scene (turn 1 = the evaluation prompt)")
     if recipe.get("curriculum"):
