@@ -223,9 +223,7 @@ class Trainer:
                 assert one[:cut] == seq[:cut], "the question blocks must share the scene prefix"
                 t = torch.tensor([one])
                 if self.name == "qwen2_vl":
-                    p, _ = self.model.model.get_rope_index(
-                        t, mm_token_type_ids=(t == img_id).long(),
-                        image_grid_thw=torch.tensor([[1, 2 * world.GRID, 2 * world.GRID]]))
+                    p, _ = self.model.model.get_rope_index(**self._with_mrope_inputs({"input_ids": t}))
                     p = p[:, 0]  # [3, L]
                 else:
                     p = torch.arange(len(one))[None]  # [1, L]
@@ -249,21 +247,21 @@ class Trainer:
         allowed |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no all-masked softmax rows)
         mask = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
         enc = {"input_ids": ids, "attention_mask": mask, "position_ids": pos if self.name == "qwen2_vl" else pos[0]}
-        if self.name == "qwen2_vl":
-            enc["mm_token_type_ids"] = (ids == self.model.config.image_token_id).long()
-            enc["image_grid_thw"] = torch.tensor([[1, 2 * world.GRID, 2 * world.GRID]] * B)
-        return enc
+        return self._with_mrope_inputs(enc)
 
-    def _encode_text_only(self, texts):
-        it = _image_token(self.name)
-        texts = [t.replace(it, it * N_IMAGE_TOKENS) for t in texts]
-        enc = self.tok(texts, padding=True, return_tensors="pt")
-        enc = dict(enc)
+    def _with_mrope_inputs(self, enc):
+        """Qwen2-VL's extra inputs for text with image placeholders: mm_token_type_ids and one [1, 12, 12] grid per
+        row (a 96 px world image always gives that grid). LLaVA: unchanged."""
         if self.name == "qwen2_vl":
             ids = enc["input_ids"]
             enc["mm_token_type_ids"] = (ids == self.model.config.image_token_id).long()
             enc["image_grid_thw"] = torch.tensor([[1, 2 * world.GRID, 2 * world.GRID]] * ids.shape[0])
         return enc
+
+    def _encode_text_only(self, texts):
+        it = _image_token(self.name)
+        texts = [t.replace(it, it * N_IMAGE_TOKENS) for t in texts]
+        return self._with_mrope_inputs(dict(self.tok(texts, padding=True, return_tensors="pt")))
 
     def _encode(self, samples, with_answer=True, images=None, packed=False):
         texts = self._texts_packed(samples) if packed else self._texts(samples, with_answer)
