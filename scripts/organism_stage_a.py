@@ -8,6 +8,7 @@ and prints text-scene validation accuracy per family every ``text_check_every`` 
     python scripts/organism_stage_a.py llava 2000 blocks=4 batch=32     # a recipe override (JSON values)
     python scripts/organism_stage_a.py llava 2000 m.head_dim=32 m.rope_theta=10000   # a model-size override
     python scripts/organism_stage_a.py llava 2000 'train_families=["spatial"]' 'families=["spatial"]' 'family_stages=[]'
+    python scripts/organism_stage_a.py llava 1000 w.SPATIAL_ANCHOR='"shape"' 'w.RELATIONS=["left"]'   # a world variant
 
 Run two at a time on a 2-core machine (one torch thread each). Numbers measured with it are in the issue-3 notes.
 """
@@ -20,6 +21,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusion_utils.data import world
 from fusion_utils.organisms.train import Trainer
 
 
@@ -31,6 +33,13 @@ def main(argv: list[str]) -> None:
     for kv in argv[2:]:
         if "=" not in kv:
             sys.exit(f"Override {kv!r} is not KEY=JSON; write it like batch=32 or m.head_dim=32.")
+        if kv.startswith("w."):  # a world setting: SPATIAL_ANCHOR, or RELATIONS as a list of relation names
+            k, v = kv[2:].split("=", 1)
+            if k not in ("SPATIAL_ANCHOR", "RELATIONS"):
+                sys.exit(f"World override {kv!r}: only w.SPATIAL_ANCHOR and w.RELATIONS can be set.")
+            v = json.loads(v)
+            setattr(world, k, {r: world.RELATIONS[r] for r in v} if k == "RELATIONS" else v)
+            continue
         k, v = kv.split("=", 1)
         try:
             value = json.loads(v)

@@ -1,4 +1,5 @@
 """The procedural world: determinism, disjoint splits, exact relevance masks, answers in the organisms' vocabulary."""
+import dataclasses
 import re
 
 import numpy as np
@@ -91,9 +92,9 @@ def _derive(s):
         assert 1 <= len(hits) <= 4
         return str(len(hits)), cells(hits)
     if s.family == "spatial":
-        m = re.fullmatch(r"what shape is (left of|right of|above|below) the (\w+) (\w+)\?", q)
+        m = re.fullmatch(r"what shape is (left of|right of|above|below) the (?:(\w+) )?(\w+)\?", q)
         dr, dc = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[m[1]]
-        anchors = [o for o in objs if o["color"] == m[2] and o["shape"] == m[3]]
+        anchors = [o for o in objs if o["shape"] == m[3] and m[2] in (None, o["color"])]
         assert len(anchors) == 1
         a = anchors[0]
         nb = [o for o in objs if (o["row"], o["col"]) == (a["row"] + dr, a["col"] + dc)]
@@ -111,6 +112,40 @@ def test_masks_and_answers_rederived(test_set):
         occupied = {(o["row"], o["col"]) for o in s.meta["objects"]}
         assert len(occupied) == len(s.meta["objects"])  # one object per cell
         assert s.meta["scene_cells"] == world.scene_cells(s.meta["objects"])
+
+
+@pytest.mark.parametrize("mode", world.SPATIAL_ANCHORS)
+def test_spatial_anchor_variants(mode, monkeypatch):
+    """Every spatial variant: answers and masks re-derived from the question text, scene_questions well posed, and
+    its lures present: "shape" -- a lure of the anchor's colour (another shape) in every scene; "color_shape_lured" --
+    a lure sharing the colour and one sharing the shape in every scene; "color_shape" -- a same-shape lure in about
+    half. Each lure's neighbour in the asked direction holds another shape than the answer."""
+    monkeypatch.setattr(world, "SPATIAL_ANCHOR", mode)
+    samples = [world.make_sample("test", i, families=["spatial"], with_image=False) for i in range(200)]
+    kinds = {"color": 0, "shape": 0}
+    for s in samples:
+        ans, cells = _derive(s)
+        assert ans == s.answers[0] and {tuple(map(int, rc)) for rc in np.argwhere(s.relevant)} == cells, s.question
+        assert (s.question.rstrip("?").split()[-2] in world.COLORS) == (mode != "shape")  # "...the (red) circle?"
+        for f, q, a in world.scene_questions(s.meta["objects"]):
+            if f == "spatial":
+                assert _derive(dataclasses.replace(s, question=q, answers=[a]))[0] == a
+        a, t = s.meta["anchor"], s.meta["target"]
+        dr, dc = world.RELATIONS[s.meta["relation"]]
+        at = {(o["row"], o["col"]): o for o in s.meta["objects"]}
+        for kind in kinds:
+            lures = [o for o in s.meta["objects"] if o is not a and (o[kind] == a[kind]) and (o["row"] + dr, o["col"] + dc)
+                     in at and at[(o["row"] + dr, o["col"] + dc)]["shape"] != t["shape"]]
+            kinds[kind] += bool(lures)
+    want = {"shape": ({"color"}, set()), "color_shape_lured": ({"color", "shape"}, set()),
+            "color_shape": (set(), {"shape"})}[mode]
+    for kind in want[0]:
+        assert kinds[kind] >= 190, (mode, kinds)
+    for kind in want[1]:
+        assert 70 <= kinds[kind] <= 130, (mode, kinds)
+    monkeypatch.setattr(world, "SPATIAL_ANCHOR", "colour")
+    with pytest.raises(ValueError, match="SPATIAL_ANCHOR"):
+        world.make_sample("test", 0, families=["spatial"], with_image=False)
 
 
 def test_balance(test_set):

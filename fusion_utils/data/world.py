@@ -18,7 +18,11 @@ Question families (``Sample.family``) and their ground-truth relevance (``Sample
 * ``count`` -- "how many green objects?" / "how many circles?". Answer: a digit 1-4. Relevant: every counted object.
 * ``spatial`` -- "what shape is left of the red circle?" (also right of / above / below). The relation means the
   *adjacent* cell in that direction, which always holds an object. The anchor ("red circle") is unique by colour +
-  shape. Answer: the neighbour's shape. Relevant: the anchor cell and the answer cell.
+  shape; half the time a lure of the anchor's shape in another colour has a neighbour of another shape in the same
+  direction. Answer: the neighbour's shape. Relevant: the anchor cell and the answer cell. ``SPATIAL_ANCHOR`` selects
+  a variant for experiments (the shipped organisms and the book use the default ``"color_shape"``): ``"shape"`` --
+  "what shape is left of the circle?", the anchor unique by shape, a lure of its colour always present;
+  ``"color_shape_lured"`` -- both lures always present, so neither attribute alone finds the anchor.
 
 Every question has a unique answer by construction, and scenes contain distractors sharing one attribute with the
 target (same colour / other shape, same shape / other colour), so looking at the wrong cell gives a wrong answer.
@@ -48,6 +52,9 @@ NUMBERS = tuple(str(i) for i in range(10))
 COUNT_RANGE = (1, 4)
 YES_NO = ("yes", "no")
 RELATIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
+# the spatial family's anchor phrasing (see the module docstring); a module setting, read when a sample is drawn
+SPATIAL_ANCHORS = ("color_shape", "shape", "color_shape_lured")
+SPATIAL_ANCHOR = "color_shape"
 RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 FAMILIES = ("attribute", "identity", "existence", "count", "spatial")
 SPLIT_BASE = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -189,26 +196,49 @@ def _q_count(sc: _Scene, i: int):
     return q, str(len(counted)), counted, {"query": query}
 
 
+def _lure(sc: _Scene, dr: int, dc: int, pick, anchor: dict, avoid: tuple, ordered: bool = True) -> None:
+    """A distractor anchor (colour, shape from `pick()`) on a free cell whose neighbour in the asked direction is free
+    too, given a neighbour whose shape is not in `avoid` (looking there gives a wrong answer) and that is no twin of
+    the anchor."""
+    free = set(sc.free_cells())
+    opts = [(a, b) for (a, b) in free if (a + dr, b + dc) in free]
+    if not opts:
+        return
+    opts = sorted(opts) if ordered else opts
+    a, b = opts[int(sc.rng.integers(len(opts)))]
+    sc.add(*pick(), cell=(a, b))
+    nc = sc.pick(COLORS)
+    excl = avoid + ((anchor["shape"],) if nc == anchor["color"] else ())
+    sc.add(nc, sc.pick(SHAPES, excl), cell=(a + dr, b + dc))
+
+
 def _q_spatial(sc: _Scene, i: int):
+    mode = SPATIAL_ANCHOR
+    if mode not in SPATIAL_ANCHORS:
+        raise ValueError(f"world.SPATIAL_ANCHOR is {mode!r}; set it to one of {SPATIAL_ANCHORS}.")
     rel = list(RELATIONS)[int(sc.rng.integers(len(RELATIONS)))]
     dr, dc = RELATIONS[rel]
     cells = [(r, c) for r in range(GRID) for c in range(GRID) if 0 <= r + dr < GRID and 0 <= c + dc < GRID]
     r, c = cells[int(sc.rng.integers(len(cells)))]
     color, shape = sc.pick(COLORS), sc.pick(SHAPES)
     anchor = sc.add(color, shape, cell=(r, c))
-    ac = sc.pick(COLORS)
-    answer = sc.add(ac, sc.pick(SHAPES, (shape,) if ac == color else ()), cell=(r + dr, c + dc))
-    if sc.rng.integers(2):  # distractor anchor: same shape, other colour, with a neighbour of another shape
-        free = set(sc.free_cells())
-        opts = [(a, b) for (a, b) in free if (a + dr, b + dc) in free]
-        if opts:
-            a, b = opts[int(sc.rng.integers(len(opts)))]
-            sc.add(sc.pick(COLORS, (color,)), shape, cell=(a, b))
-            nc = sc.pick(COLORS)
-            excl = (answer["shape"], shape) if nc == color else (answer["shape"],)
-            sc.add(nc, sc.pick(SHAPES, excl), cell=(a + dr, b + dc))
-    sc.fill(int(sc.rng.integers(1, 5)), lambda c_, s_: not (c_ == color and s_ == shape))
-    q = f"what shape is {RELATION_PHRASES[rel]} the {color} {shape}?"
+    if mode == "shape":  # the anchor is the only object of its shape; the lure has its colour
+        answer = sc.add(sc.pick(COLORS), sc.pick(SHAPES, (shape,)), cell=(r + dr, c + dc))
+        _lure(sc, dr, dc, lambda: (color, sc.pick(SHAPES, (shape,))), anchor, (answer["shape"], shape))
+        sc.fill(int(sc.rng.integers(1, 4)), lambda c_, s_: s_ != shape)
+        q = f"what shape is {RELATION_PHRASES[rel]} the {shape}?"
+    else:  # the anchor is unique by colour + shape
+        ac = sc.pick(COLORS)
+        answer = sc.add(ac, sc.pick(SHAPES, (shape,) if ac == color else ()), cell=(r + dr, c + dc))
+        if mode == "color_shape_lured":  # both lures, always: neither attribute alone finds the anchor
+            _lure(sc, dr, dc, lambda: (sc.pick(COLORS, (color,)), shape), anchor, (answer["shape"],))
+            _lure(sc, dr, dc, lambda: (color, sc.pick(SHAPES, (shape,))), anchor, (answer["shape"],))
+            sc.fill(int(sc.rng.integers(0, 3)), lambda c_, s_: not (c_ == color and s_ == shape))
+        else:
+            if sc.rng.integers(2):  # a same-shape lure of another colour, half the time
+                _lure(sc, dr, dc, lambda: (sc.pick(COLORS, (color,)), shape), anchor, (answer["shape"],), ordered=False)
+            sc.fill(int(sc.rng.integers(1, 5)), lambda c_, s_: not (c_ == color and s_ == shape))
+        q = f"what shape is {RELATION_PHRASES[rel]} the {color} {shape}?"
     return q, answer["shape"], [anchor, answer], {"anchor": anchor, "relation": rel, "target": answer}
 
 
@@ -333,10 +363,10 @@ def relevant_from_meta(question: str, family: str, objects: Sequence[dict], answ
             sh = next(s for s, p in SHAPE_PLURALS.items() if p in words)
             hits = [o for o in objects if o["shape"] == sh]
     elif family == "spatial":
-        co, sh = words[-2], words[-1]
+        co, sh = (words[-2] if words[-2] in COLORS else None), words[-1]
         rel = next(w for w in words if w in RELATIONS)
         dr, dc = RELATIONS[rel]
-        anchors = [o for o in objects if o["color"] == co and o["shape"] == sh]
+        anchors = [o for o in objects if o["shape"] == sh and co in (None, o["color"])]
         hits = list(anchors)
         for a in anchors:
             hits += [o for o in objects if o["row"] == a["row"] + dr and o["col"] == a["col"] + dc]
@@ -345,7 +375,8 @@ def relevant_from_meta(question: str, family: str, objects: Sequence[dict], answ
     return _cells_mask((o["row"], o["col"]) for o in hits)
 
 
-__all__ = ["GRID", "CELL", "IMAGE_SIZE", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "FAMILIES",
+__all__ = ["GRID", "CELL", "IMAGE_SIZE", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "SPATIAL_ANCHORS",
+           "SPATIAL_ANCHOR", "FAMILIES",
            "VOCABULARY", "ANSWER_WORDS", "SCENE_TOKENS", "SPLIT_BASE", "world_dataset", "generate", "make_sample",
            "make_scene", "render", "blank_image", "scene_cells", "relevant_from_meta"]
 
@@ -382,12 +413,14 @@ def scene_questions(objects: Sequence[dict]) -> list[tuple[str, str, str]]:
             elif by_color[c] and by_shape[s]:  # a "no" with near misses of both kinds
                 out.append(("existence", f"is there a {c} {s}?", "no"))
     at = {(o["row"], o["col"]): o for o in objects}
+    by_shape_only = SPATIAL_ANCHOR == "shape"
     for o in objects:
-        if sum(1 for p in objects if p["color"] == o["color"] and p["shape"] == o["shape"]) != 1:
+        twins = by_shape[o["shape"]] if by_shape_only else [p for p in by_shape[o["shape"]] if p["color"] == o["color"]]
+        if len(twins) != 1:
             continue
+        name = o["shape"] if by_shape_only else f"{o['color']} {o['shape']}"
         for rel, (dr, dc) in RELATIONS.items():
             nb = at.get((o["row"] + dr, o["col"] + dc))
             if nb is not None:
-                out.append(("spatial", f"what shape is {RELATION_PHRASES[rel]} the {o['color']} {o['shape']}?",
-                            nb["shape"]))
+                out.append(("spatial", f"what shape is {RELATION_PHRASES[rel]} the {name}?", nb["shape"]))
     return out
