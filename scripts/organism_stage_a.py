@@ -9,6 +9,7 @@ and prints text-scene validation accuracy per family every ``text_check_every`` 
     python scripts/organism_stage_a.py llava 2000 m.head_dim=32 m.rope_theta=10000   # a model-size override
     python scripts/organism_stage_a.py llava 2000 'train_families=["spatial"]' 'families=["spatial"]' 'family_stages=[]'
     python scripts/organism_stage_a.py llava 1000 w.SPATIAL_ANCHOR='"shape"' 'w.RELATIONS=["left"]'   # a world variant
+    python scripts/organism_stage_a.py llava 1000 threads=2             # torch threads (default 1)
 
 Run two at a time on a 2-core machine (one torch thread each). Numbers measured with it are in the issue-3 notes.
 """
@@ -30,9 +31,13 @@ def main(argv: list[str]) -> None:
         sys.exit(__doc__)
     name, stop = argv[0], int(argv[1])
     recipe, model = {"text_check_every": 500, "text_target": 2.0}, {}  # target 2.0: never stop early
+    threads = 1
     for kv in argv[2:]:
         if "=" not in kv:
             sys.exit(f"Override {kv!r} is not KEY=JSON; write it like batch=32 or m.head_dim=32.")
+        if kv.startswith("threads="):
+            threads = int(kv.split("=", 1)[1])
+            continue
         if kv.startswith("w."):  # a world setting: SPATIAL_ANCHOR, or RELATIONS as a list of relation names
             k, v = kv[2:].split("=", 1)
             if k not in ("SPATIAL_ANCHOR", "RELATIONS"):
@@ -52,7 +57,7 @@ def main(argv: list[str]) -> None:
             params, opt, sched, bar, t0 = super()._begin(part, lr, steps, desc)
             return params, opt, sched, tqdm(range(min(stop, steps)), desc=desc, mininterval=30), t0
 
-    tr = StopEarly(name, seed=0, threads=1, recipe=recipe, **model)
+    tr = StopEarly(name, seed=0, threads=threads, recipe=recipe, **model)
     t0 = time.time()
     tr.stage_text()
     losses = [r["loss"] for r in tr.log if r["stage"] == "text"]
