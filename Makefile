@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	@if $(PY) -c "import torch, torchvision" 2>/dev/null && [ "$(origin TORCH_SPEC)" != "command line" ] && [ "$(origin TORCH_SPEC)" != "environment" ]; then \
 	  echo "keeping the installed torch: $$($(PY) -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"; \
 	else \
+	  free=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
+	  if [ "$(TORCH_SPEC)" = "torch==2.14.1 torchvision==0.29.1" ] && [ "$$free" -lt 5800000 ]; then \
+	    echo "make: $(TORCH_SPEC) takes about 5.6 GB in $(VENV) and only $$((free / 1024)) MB is free there; free some disk, or install a CPU torch into $(VENV) first (or set TORCH_SPEC)." >&2; exit 1; \
+	  fi; \
 	  echo "installing $(TORCH_SPEC)"; $(PY) -m pip install --quiet $(TORCH_SPEC); \
 	fi
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"

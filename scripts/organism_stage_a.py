@@ -8,7 +8,8 @@ and prints text-scene validation accuracy per family every ``text_check_every`` 
     python scripts/organism_stage_a.py llava 2000 blocks=4 batch=32     # a recipe override (JSON values)
     python scripts/organism_stage_a.py llava 2000 m.head_dim=32 m.rope_theta=10000   # a model-size override
     python scripts/organism_stage_a.py llava 2000 'train_families=["spatial"]' 'families=["spatial"]' 'family_stages=[]'
-    python scripts/organism_stage_a.py llava 1000 w.SPATIAL_ANCHOR='"shape"' 'w.RELATIONS=["left"]'   # a world variant
+    python scripts/organism_stage_a.py llava 1000 w.SPATIAL_ANCHOR='"color_shape"' 'w.RELATIONS=["left","right","above","below"]'
+                                                                        # a world variant (the pre-November world)
     python scripts/organism_stage_a.py llava 1000 threads=2             # torch threads (default 1)
 
 Run two at a time on a 2-core machine (one torch thread each). Numbers measured with it are in the issue-3 notes.
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
             if k not in ("SPATIAL_ANCHOR", "RELATIONS"):
                 sys.exit(f"World override {kv!r}: only w.SPATIAL_ANCHOR and w.RELATIONS can be set.")
             v = json.loads(v)
-            setattr(world, k, {r: world.RELATIONS[r] for r in v} if k == "RELATIONS" else v)
+            setattr(world, k, {r: world.ALL_RELATIONS[r] for r in v} if k == "RELATIONS" else v)
             continue
         k, v = kv.split("=", 1)
         try:

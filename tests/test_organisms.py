@@ -84,20 +84,26 @@ def held_out_table(organism):
 
 
 def test_image_matters(held_out_table):
-    """The bar's blank-image criterion (met): the same questions with a blank image score >= 30 points lower; and what
-    the shipped organisms achieve on accuracy (84% and 74% overall at n=500), with a margin for the smaller sample."""
+    """The bar's blank-image criterion: the same questions with a blank image score >= 30 points lower; and the least
+    the shipped organisms achieve overall (74% at n=500 for qwen2_vl), with a margin for the smaller sample."""
     t = held_out_table
     assert t.loc["overall", "gap"] >= 0.30, t
     assert t.loc["overall", "accuracy"] >= 0.68, t
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3's accuracy bar (>= 90% overall, >= 80% per family) is not met by the "
-                                       "shipped organisms (83.8% and 74.4% overall, spatial 49% and 43%; see their "
-                                       "model cards). Strict: this starts failing, as a reminder to drop the mark, "
-                                       "once it is met.")
-def test_meets_the_issue_bar(held_out_table):
+# organisms whose shipped weights are below issue 3's accuracy bar (their model cards say by how much)
+BELOW_BAR = {"qwen2_vl": "the shipped qwen2_vl organism is below issue 3's accuracy bar (>= 90% overall, >= 80% per "
+                         "family; see its model card)"}
+
+
+def test_meets_the_issue_bar(organism, held_out_table, request):
+    """Issue 3's bar on a held-out sample: >= 90% overall, >= 80% on every family, blank image >= 30 points lower.
+    An organism listed in BELOW_BAR is a strict xfail: the test starts failing once it meets the bar, as a reminder
+    to drop it from the list."""
     from fusion_utils.organisms.evaluate import bar_check
 
+    if organism[0] in BELOW_BAR:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=BELOW_BAR[organism[0]]))
     assert all(bar_check(held_out_table).values()), held_out_table
 
 
@@ -147,6 +153,20 @@ def test_same_seed_same_weights():
     assert la == lb
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoint_key_sees_config_and_world(monkeypatch):
+    """A stage checkpoint is resumed only by the same recipe, model config and world: a rotary setting (no weight
+    shape shows it) or a world setting changes the key."""
+    from fusion_utils.data import world
+    from fusion_utils.organisms.train import Trainer, checkpoint_key
+
+    tiny = dict(text_layers=2, width=32, heads=2, ffn=64, vision_layers=1, vision_width=32, vision_ffn=64)
+    a = checkpoint_key(Trainer("qwen2_vl", seed=0, threads=None, **tiny))
+    assert a == checkpoint_key(Trainer("qwen2_vl", seed=0, threads=None, **tiny))
+    assert a != checkpoint_key(Trainer("qwen2_vl", seed=0, threads=None, mrope_section=[4, 2, 2], **tiny))
+    monkeypatch.setattr(world, "RELATIONS", dict(world.ALL_RELATIONS))
+    assert a != checkpoint_key(Trainer("qwen2_vl", seed=0, threads=None, **tiny))
 
 
 def test_bar_status_names_what_is_missed():

@@ -148,6 +148,20 @@ def test_spatial_anchor_variants(mode, monkeypatch):
         world.make_sample("test", 0, families=["spatial"], with_image=False)
 
 
+def test_shipped_spatial_family():
+    """The organisms' spatial family: "left of" and "above" only, the anchor named by its shape alone; both relations
+    are asked and the answer cell comes before the anchor in the image tokens' row-major order. All four relation
+    words stay in the vocabulary, so a world with RELATIONS = ALL_RELATIONS tokenizes too."""
+    assert world.SPATIAL_ANCHOR == "shape" and list(world.RELATIONS) == ["left", "above"]
+    samples = [world.make_sample("test", i, families=["spatial"], with_image=False) for i in range(100)]
+    assert {s.meta["relation"] for s in samples} == {"left", "above"}
+    for s in samples:
+        a, t = s.meta["anchor"], s.meta["target"]
+        assert t["row"] * world.GRID + t["col"] < a["row"] * world.GRID + a["col"]
+        assert s.question == f"what shape is {world.RELATION_PHRASES[s.meta['relation']]} the {a['shape']}?"
+    assert set(world.ALL_RELATIONS) <= set(world.VOCABULARY)
+
+
 def test_balance(test_set):
     ex = [s.answers[0] for s in world.world_dataset("test", 200, families=["existence"])]
     assert ex.count("yes") == ex.count("no") == 100

@@ -125,12 +125,16 @@ def build_processor(name: str):
 # with the usual 10000, only ~3 of the 8 rotary frequencies resolve offsets of 1 and 6 tokens (left/right, above/
 # below in LLaVA's row-major image tokens), and M-RoPE's width section (the 3 lowest frequencies) turns by 0.003 rad
 # per column, so a Qwen2-VL organism could not tell left from right. theta 1 turns every M-RoPE section by 1 rad per
-# unit of its own axis (t, h, w): the 6 columns and 6 rows get 6 distinct phases each.
+# unit of its own axis (t, h, w): the 6 columns and 6 rows get 6 distinct phases each. With one frequency, one rotary
+# pair per spatial axis already resolves it, so the Qwen2-VL organism's sections are (t, h, w) = (6, 1, 1) pairs
+# instead of (2, 3, 3): t is the same for every image token, so 12 of a head's 16 dims compare a question with the
+# cells' content unmodulated by the cell's place. Measured (text-scene stage, seed 0, step 2000): 0.79 overall on 500
+# val questions against 0.77 on 200 with (2, 3, 3) -- no clear gain; spatial questions stay near 0.4 either way.
 DEFAULTS = {
     "llava": dict(text_layers=8, width=64, heads=4, ffn=192, vision_layers=4, vision_width=96, vision_ffn=192,
                   tie=False, rope_theta=100.0),
     "qwen2_vl": dict(text_layers=8, width=64, heads=4, ffn=192, vision_layers=4, vision_width=96, vision_ffn=192,
-                     tie=False, rope_theta=1.0),
+                     tie=False, rope_theta=1.0, mrope_section=[6, 1, 1]),
 }
 
 
@@ -160,7 +164,9 @@ def build_config(name: str, tokenizer, **overrides):
 
         head_dim = d.get("head_dim") or d["width"] // d["heads"]
         q = head_dim // 2  # mrope sections (t, h, w) must sum to head_dim / 2
-        section = [q - 2 * (3 * q // 8), 3 * q // 8, 3 * q // 8]
+        section = list(d.get("mrope_section") or [q - 2 * (3 * q // 8), 3 * q // 8, 3 * q // 8])
+        if sum(section) != q or len(section) != 3:
+            raise ValueError(f"mrope_section {section} must be three numbers summing to head_dim / 2 = {q}.")
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
         text = dict(vocab_size=vocab, hidden_size=d["width"], intermediate_size=d["ffn"],

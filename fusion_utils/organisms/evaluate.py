@@ -134,6 +134,17 @@ def _a_extras(recipe: dict) -> str:
     return "".join(out)
 
 
+def _world_note(log: dict) -> str:
+    w = log.get("world")
+    if not w:
+        return ""
+    from ..data.world import RELATION_PHRASES
+
+    rel = " / ".join(RELATION_PHRASES[r] for r in w["relations"])
+    anchor = "the circle" if w["spatial_anchor"] == "shape" else "the red circle"
+    return f' -- "what shape is {rel} {anchor}?", `world.SPATIAL_ANCHOR = "{w["spatial_anchor"]}"`'
+
+
 def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> Path:
     """README.md model card: architecture and sizes, recipe, measured time, seeds, evaluation table."""
     import json
@@ -176,7 +187,7 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
     text = f"""# Organism `{name}` (fusion_utils)
 
 A tiny real-architecture MLLM trained from scratch on the procedural world of `fusion_utils.data.world`
-(6x6 grid of cells on a noisy 96x96 image; families attribute / identity / existence / count / spatial), so that
+(6x6 grid of cells on a noisy 96x96 image; families attribute / identity / existence / count / spatial{_world_note(log)}), so that
 the cells that answer each question are known. Companion to arXiv 2601.08151. Not a language model of English:
 the tokenizer is word-level over the world's words, the chat template words and the post-prompt.
 

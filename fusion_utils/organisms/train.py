@@ -67,6 +67,11 @@ ORGANISM_RECIPE = {
 }
 
 
+def world_settings() -> dict:
+    """The world's module settings a training run depends on (recorded in training_log.json and the model card)."""
+    return {"spatial_anchor": world.SPATIAL_ANCHOR, "relations": list(world.RELATIONS), "grid": world.GRID}
+
+
 def _image_token(name: str) -> str:
     return "<image>" if name == "llava" else "<|image_pad|>"
 
@@ -495,8 +500,18 @@ class Trainer:
         self.processor.save_pretrained(out)
         (out / "training_log.json").write_text(json.dumps(
             {"seed": self.seed, "threads": self.threads, "recipe": self.recipe, "timings_s": self.timings,
+             "world": world_settings(),
              "samples_seen": self.counter, "log": self.log[::10]}, indent=1))
         return out
+
+
+def checkpoint_key(tr: Trainer, overrides: dict | None = None) -> str:
+    """The stage checkpoints' key: the full recipe, the built model config and the world settings, so a changed
+    recipe, model default (e.g. a rotary setting, which no weight shape reveals) or world never resumes a stale stage."""
+    from ..runs import config_hash
+
+    return config_hash({"recipe": tr.recipe, "overrides": overrides or {}, "threads": tr.threads,
+                        "config": tr.model.config.to_json_string(use_diff=False), "world": world_settings()})[:10]
 
 
 def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recipe: dict | None = None,
@@ -513,10 +528,7 @@ def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recip
     out_dir = Path(out_dir) if out_dir else weights_dir(name)
     t0 = time.time()
     tr = Trainer(name, seed=seed, threads=threads, recipe=recipe, **overrides)
-    # checkpoints are keyed on the full recipe and model overrides, so a changed recipe never resumes a stale stage
-    from ..runs import config_hash
-
-    key = config_hash({"recipe": tr.recipe, "overrides": overrides, "threads": threads})[:10]
+    key = checkpoint_key(tr, overrides)
     ckpt = Path(ckpt_dir) if ckpt_dir else \
         Path(tempfile.gettempdir()) / "fusion_utils_organisms" / f"{name}-seed{seed}-{key}"
     ckpt.mkdir(parents=True, exist_ok=True)
