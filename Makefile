@@ -3,7 +3,8 @@ PYTHON     ?= python3
 VENV       ?= .venv
 # The torch pair this machine has on disk. Override it (e.g. TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"),
 # or install torch into $(VENV) yourself first: an importable torch + torchvision is kept as it is.
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PINNED_TORCH := torch==2.14.1 torchvision==0.29.1
+TORCH_SPEC ?= $(PINNED_TORCH)
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fusion-utils-installed
 BOOK_PARAMS ?= book/params/default.yml
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 	  echo "keeping the installed torch: $$($(PY) -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"; \
 	else \
 	  free=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
-	  if [ "$(TORCH_SPEC)" = "torch==2.14.1 torchvision==0.29.1" ] && [ "$$free" -lt 5800000 ]; then \
+	  if [ "$(TORCH_SPEC)" = "$(PINNED_TORCH)" ] && [ "$$free" -lt 5800000 ]; then \
 	    echo "make: $(TORCH_SPEC) takes about 5.6 GB in $(VENV) and only $$((free / 1024)) MB is free there; free some disk, or install a CPU torch into $(VENV) first (or set TORCH_SPEC)." >&2; exit 1; \
 	  fi; \
 	  echo "installing $(TORCH_SPEC)"; $(PY) -m pip install --quiet $(TORCH_SPEC); \

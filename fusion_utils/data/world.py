@@ -56,10 +56,10 @@ YES_NO = ("yes", "no")
 ALL_RELATIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
 # the relations the spatial family asks about: the two whose answer cell comes before the anchor in the image tokens'
 # row-major order. With all four, the 8-layer organisms learned spatial questions to ~0.4 (text scenes, 3500 steps)
-# while learning the others; with these two, to 0.96 in 2500 steps (see the model cards). A module setting, like
-# SPATIAL_ANCHOR: read when a sample is drawn
+# while learning the others; with these two, to 0.96 in 2500 steps (see the model cards)
 RELATIONS = {r: ALL_RELATIONS[r] for r in ("left", "above")}
-# the spatial family's anchor phrasing (see the module docstring); a module setting, read when a sample is drawn
+# the spatial family's anchor phrasing (see the module docstring). RELATIONS and SPATIAL_ANCHOR are module settings,
+# read when a sample is drawn
 SPATIAL_ANCHORS = ("shape", "color_shape", "color_shape_lured")
 SPATIAL_ANCHOR = "shape"
 RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
