@@ -29,6 +29,10 @@ class View:
     cols: int
     pitch: int  # tokens per row (cols, or cols + 1 with LLaVA-NeXT's newline token)
     spatial: bool = True
+    # the part of the original image the block shows, (left, top, right, bottom) as fractions of its width and height:
+    # the whole image, except where the processor centre-crops (LLaVA-1.5: the central square of a non-square image)
+    # or pads it to a square (values outside [0, 1])
+    extent: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 
     def indices(self) -> np.ndarray:
         r = np.arange(self.rows)[:, None] * self.pitch + np.arange(self.cols)[None, :]
@@ -66,7 +70,8 @@ class ImageGrid:
         out = np.full(self.n_tokens, np.nan)
         for v in self.views:
             if v.spatial:
-                out[v.indices().ravel()] = resample_mask(np.asarray(sample_relevant, bool), v.rows, v.cols).ravel()
+                out[v.indices().ravel()] = resample_mask(np.asarray(sample_relevant, bool), v.rows, v.cols,
+                                                         v.extent).ravel()
         return out
 
 
@@ -190,7 +195,41 @@ def _square(lm, inputs, i, img) -> ImageGrid:
     side = vc.image_size // vc.patch_size
     n = side * side
     extra = 1 if getattr(lm.config, "vision_feature_select_strategy", "default") == "full" else 0
-    return ImageGrid(n + extra, (View("base", extra, side, side, side),))
+    extent = processed_extent(lm.processor.image_processor, *img.size)
+    return ImageGrid(n + extra, (View("base", extra, side, side, side, extent=extent),))
+
+
+def _size_get(size, key):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def processed_extent(ip, width: int, height: int) -> tuple[float, float, float, float]:
+    """The part of a ``width`` x ``height`` image that a CLIP-style image processor's output shows, as fractions
+    (left, top, right, bottom) of the image: LLaVA's optional pad to a square (``do_pad``), the resize (a shortest
+    edge keeps the aspect ratio, height/width stretches), then the optional centre crop. Mirrors transformers'
+    arithmetic (integer sizes, crop offset ``int((size - crop) / 2)``)."""
+    left, top, right, bottom = 0.0, 0.0, float(width), float(height)  # the frame, in original pixels
+    if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square") and width != height:
+        m = max(width, height)
+        left, top = -float((m - width) // 2), -float((m - height) // 2)
+        right, bottom = left + m, top + m
+    fw, fh = right - left, bottom - top
+    nw, nh = fw, fh
+    if getattr(ip, "do_resize", False) and getattr(ip, "size", None) is not None:
+        se = _size_get(ip.size, "shortest_edge")
+        if se:
+            short, long = min(fw, fh), max(fw, fh)
+            new_long = int(se * long / short)
+            nw, nh = (se, new_long) if fw <= fh else (new_long, se)
+        elif _size_get(ip.size, "height") and _size_get(ip.size, "width"):
+            nh, nw = _size_get(ip.size, "height"), _size_get(ip.size, "width")
+    if getattr(ip, "do_center_crop", False) and getattr(ip, "crop_size", None) is not None:
+        ch, cw = _size_get(ip.crop_size, "height"), _size_get(ip.crop_size, "width")
+        sx, sy = nw / fw, nh / fh  # output pixels per original pixel
+        x0, y0 = int((nw - cw) / 2.0), int((nh - ch) / 2.0)  # negative: the crop pads
+        left, right = left + x0 / sx, left + (x0 + cw) / sx
+        top, bottom = top + y0 / sy, top + (y0 + ch) / sy
+    return (left / width, top / height, right / width, bottom / height)
 
 
 def _anyres(lm, inputs, i, img) -> ImageGrid:

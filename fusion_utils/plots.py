@@ -340,10 +340,13 @@ def _outline(ax, relevant, extent) -> None:
 
 
 def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, cmap: str = HEATMAP_CMAP,
-                 vmin=None, vmax=None, norm=None, spatial: bool | None = None, title: str | None = None):
+                 vmin=None, vmax=None, norm=None, spatial: bool | None = None, title: str | None = None,
+                 extent=None):
     """Draw one [rows, cols] map on ``ax``: bilinear-upsampled over ``image`` (PIL) with ``alpha``, relevant cells
-    outlined. A one-row map (``spatial=False``, e.g. InstructBLIP's 32 query tokens) is drawn as a strip, without
-    the image, and titled "no spatial grid". Returns the image artist (for a colorbar)."""
+    outlined. ``extent``: the part of the image the map shows, (left, top, right, bottom) as fractions (a view's
+    ``extent``; default the whole image), so a centre-cropped grid lands on the centre of the picture. A one-row map
+    (``spatial=False``, e.g. InstructBLIP's 32 query tokens) is drawn as a strip, without the image, and titled
+    "no spatial grid". Returns the image artist (for a colorbar)."""
     v = np.asarray(values, dtype=float)
     if v.ndim == 1:
         v = v[None, :]
@@ -364,8 +367,9 @@ def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, c
         ax.imshow(np.asarray(image.convert("RGB")), extent=(0, W, H, 0))
     else:
         W, H = v.shape[1], v.shape[0]
-    im = ax.imshow(v, extent=(0, W, H, 0), interpolation="bilinear", alpha=alpha if image is not None else 1.0,
-                   **kw)
+    ex0, ey0, ex1, ey1 = extent if extent is not None and image is not None else (0.0, 0.0, 1.0, 1.0)
+    im = ax.imshow(v, extent=(ex0 * W, ex1 * W, ey1 * H, ey0 * H), interpolation="bilinear",
+                   alpha=alpha if image is not None else 1.0, **kw)
     if relevant is not None:
         _outline(ax, relevant, (0, W, 0, H))
     ax.set_xlim(0, W)
@@ -381,13 +385,14 @@ def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, c
 def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = None, relevant=None, *,
                        ncols: int | None = None, alpha: float = 0.6, cmap: str = HEATMAP_CMAP,
                        shared_scale: bool = False, spatial: bool | None = None, title: str | None = None,
-                       panel_size: float | None = None):
+                       panel_size: float | None = None, extent=None):
     """Per-layer attention heatmaps over the image, one panel per layer in ``layers``.
 
     ``maps_layers``: [L, rows, cols] array, a list of [rows, cols] maps (index = layer) or a dict layer -> map;
     ``layers``: which to show (default: up to 8 evenly spaced, including the first and last). Each map is coloured
     on its own scale (``shared_scale=True``: one scale for all). ``relevant``: the sample's bool grid over the
-    image, outlined. One-row maps (no spatial grid) are drawn as strips.
+    image, outlined. One-row maps (no spatial grid) are drawn as strips. ``extent``: the view's part of the image
+    (see `draw_heatmap`).
     """
     if isinstance(maps_layers, Mapping):
         maps = {int(k): np.asarray(v, float) for k, v in maps_layers.items()}
@@ -427,7 +432,7 @@ def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = N
             m = maps[j]
             t = f"layer {j}" + ("" if shared_scale else f" (max {np.nanmax(m):.2f})")
             draw_heatmap(ax, m, image=None if strip else image, relevant=None if strip else relevant,
-                         alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, spatial=not strip, title=t)
+                         alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, spatial=not strip, title=t, extent=extent)
         for ax in flat[n:]:
             fig.delaxes(ax)
         return _finish(fig, title)
@@ -586,6 +591,7 @@ def _panel_row(axes, view: Mapping, *, alpha: float = 0.6):
     spatial = bool(view["spatial"]) if view.get("spatial") is not None else ia.shape[0] > 1
     rel = view.get("relevant")
     pre, post = view.get("pre"), view.get("post")
+    ext = view.get("extent")
     ax0, ax1, ax2, ax3 = axes
     if image is not None:
         ax0.imshow(np.asarray(image.convert("RGB")))
@@ -596,21 +602,23 @@ def _panel_row(axes, view: Mapping, *, alpha: float = 0.6):
         ax0.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax0.transAxes)
     ax0.set_xticks([]), ax0.set_yticks([]), ax0.grid(False)
     ax0.set_title(view.get("title") or "image", fontsize=9)
-    draw_heatmap(ax1, a_pre, image if spatial else None, spatial=spatial, alpha=alpha,
+    draw_heatmap(ax1, a_pre, image if spatial else None, spatial=spatial, alpha=alpha, extent=ext,
                  title=f"A_pre (layer i*={pre})" if pre is not None else "A_pre")
-    draw_heatmap(ax2, a_post, image if spatial else None, spatial=spatial, alpha=alpha,
+    draw_heatmap(ax2, a_post, image if spatial else None, spatial=spatial, alpha=alpha, extent=ext,
                  title=f"A_post (layer {post})" if post is not None else "A_post")
     lim = float(np.nanmax(np.abs(ia))) if np.isfinite(ia).any() else 1.0
     lim = lim if lim > 0 else 1.0
     im = draw_heatmap(ax3, ia, image if spatial else None, spatial=spatial, alpha=0.75, cmap=DIVERGING_CMAP,
-                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), title="I_A = A_post − A_pre")
+                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), title="I_A = A_post − A_pre", extent=ext)
     mask = view.get("mask")
     if mask is not None and spatial:
         mask = np.asarray(mask, bool)
         W, H = (image.size if image is not None else (ia.shape[1], ia.shape[0]))
+        ex0, ey0, ex1, ey1 = ext if ext is not None and image is not None else (0.0, 0.0, 1.0, 1.0)
         R, C = mask.shape
+        cw, ch = (ex1 - ex0) * W / C, (ey1 - ey0) * H / R
         for r, c in zip(*np.nonzero(mask)):
-            ax3.add_patch(matplotlib.patches.Rectangle((c * W / C, r * H / R), W / C, H / R, fill=False,
+            ax3.add_patch(matplotlib.patches.Rectangle((ex0 * W + c * cw, ey0 * H + r * ch), cw, ch, fill=False,
                                                        hatch="///", ec="black", lw=0, alpha=0.5, gid="soft_mask"))
     return im
 
@@ -620,7 +628,7 @@ def contrastive_panels(view, *, title: str | None = None, colorbar: bool = True)
 
     ``view``: a dict from `contrastive_views` (``pre``, ``post``, ``A_pre``, ``A_post``, ``I_A`` as [rows, cols]
     arrays, ``image``; optional ``relevant`` bool grid, ``mask`` bool [rows, cols] of softly masked tokens
-    (hatched), ``title``), or a list of them.
+    (hatched), ``extent`` (the view's part of the image), ``title``), or a list of them.
     """
     views = [view] if isinstance(view, Mapping) else list(view or [])
     if not views:

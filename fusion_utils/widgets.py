@@ -259,7 +259,8 @@ def _attention_draw(axes, a: dict, sample, layer: int):
     ax_h, ax_c = axes
     spatial = a["view"].spatial
     plots.draw_heatmap(ax_h, a["grid"][layer], sample.image if spatial else None,
-                       sample.relevant if spatial else None, spatial=spatial, title=f"layer {layer}")
+                       sample.relevant if spatial else None, spatial=spatial, title=f"layer {layer}",
+                       extent=a["view"].extent)
     t = a["table"]
     if "rel_mass" in t.columns:
         plots.relevance_curves(t, ratio=False, marker_layer=layer, axes=[ax_c])
@@ -326,7 +327,7 @@ def attention_static(lm, samples, *, layers: Sequence[int] | None = None, n_samp
             for c, j in enumerate(layers):
                 ax = fig.add_subplot(gs[r, c])
                 plots.draw_heatmap(ax, a["grid"][j], s.image if spatial else None, s.relevant if spatial else None,
-                                   spatial=spatial, title=f"layer {j}")
+                                   spatial=spatial, title=f"layer {j}", extent=a["view"].extent)
                 if c == 0:
                     ax.set_ylabel(_txt(_label(r, s), 28), fontsize=7)
             ax = fig.add_subplot(gs[r, n])

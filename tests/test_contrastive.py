@@ -77,6 +77,19 @@ def test_crop_box_inside_and_deterministic():
         C.crop_box(vals[:4], ImageGrid(4, (View("queries", 0, 1, 4, 4, spatial=False),)), (80, 40))
 
 
+def test_crop_box_maps_cells_through_the_view_extent():
+    """A centre-cropped grid (LLaVA-1.5 on an 80 x 40 image shows x in [20, 60]): its cells map into that square."""
+    grid = ImageGrid(16, (View("base", 0, 4, 4, 4, extent=(0.25, 0.0, 0.75, 1.0)),))
+    vals = np.zeros(16)
+    vals[5] = 1.0  # cell (1, 1) -> x in [30, 40], y in [10, 20]
+    assert C.crop_box(vals, grid, (80, 40), frac=0.1, min_side=0.0, pad=0) == (30, 10, 40, 20)
+    padded = ImageGrid(16, (View("base", 0, 4, 4, 4, extent=(0.0, -0.5, 1.0, 1.5)),))  # 80 x 40 padded to 80 x 80
+    vals = np.zeros(16)
+    vals[0] = 1.0  # cell (0, 0) lies in the padding above the image: the box is clipped to the image
+    l, t, r, b = C.crop_box(vals, padded, (80, 40), frac=0.1, min_side=0.0, pad=0)
+    assert 0 <= l < r <= 80 and 0 <= t < b <= 40 and (l, t) == (0, 0)
+
+
 # --- on the six architectures ----------------------------------------------------------------------------------------
 
 def test_reuse_equals_naive(lm, samples):

@@ -55,6 +55,70 @@ def test_positions_found_by_id(lm, images):
         assert len(np.unique(idx)) == len(idx) and idx.max() < g.n_tokens
 
 
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("size", [(96, 48), (40, 88), (50, 50)])
+def test_processed_extent_matches_the_processor(size, pad):
+    """`processed_extent` (what part of the image a CLIP-style square grid shows) agrees with the processor's own
+    pixels: a probe image whose red / green channels ramp with x / y, read back at output pixel centres."""
+    from transformers import LlavaImageProcessor
+
+    from fusion_utils.adapters import processed_extent
+
+    W, H = size
+    ip = LlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_pad=pad,
+                             do_normalize=False, do_rescale=False)
+    x = (np.arange(W) + 0.5) / W  # pixel centres as fractions
+    y = (np.arange(H) + 0.5) / H
+    probe = np.zeros((H, W, 3), np.float64)
+    probe[..., 0], probe[..., 1] = 255 * x[None, :], 255 * y[:, None]
+    out = ip(images=Image.fromarray(probe.round().astype(np.uint8)), return_tensors="pt")["pixel_values"][0].numpy()
+    left, top, right, bottom = processed_extent(ip, W, H)
+    S = out.shape[-1]
+    centres = (np.arange(S) + 0.5) / S
+    xs, ys = left + (right - left) * centres, top + (bottom - top) * centres  # predicted image fractions
+    cols = (xs > 0.1) & (xs < 0.9)
+    rows = (ys > 0.1) & (ys < 0.9)
+    assert cols.sum() > 8 and rows.sum() > 8
+    mid_r, mid_c = int(np.flatnonzero(rows).mean()), int(np.flatnonzero(cols).mean())
+    np.testing.assert_allclose(out[0, mid_r, cols] / 255, xs[cols], atol=0.03)
+    np.testing.assert_allclose(out[1, rows, mid_c] / 255, ys[rows], atol=0.03)
+    if W != H and not pad:  # centre crop: the long side is cut to the short one
+        assert (right - left) * W == pytest.approx((bottom - top) * H, rel=0.05) and min(left, top) >= 0
+    if W != H and pad:  # padding: the short side extends beyond the image
+        assert min(left, top) < 0 and max(right, bottom) > 1
+
+
+def test_grid_extent_relevance_and_crop(lm):
+    """On every architecture, a 2:1 image: the primary view's extent is the part of the picture its tokens show
+    (LLaVA / VipLLaVA's centre crop: the middle half; the others: the whole image). A relevant region the view cannot
+    see has zero relevance, one it fully sees has relevance 1, and a crop from a corner token lands in its extent."""
+    image = sample_images(1, seed=3)[0].resize((96, 48))
+    b = lm.prepare([(image, QUESTIONS[0])])
+    g = b.grids[0][0]
+    if not g.spatial:
+        assert g.relevance(np.ones((4, 4), bool)) is None
+        return
+    v = g.primary
+    expect = (0.25, 0.0, 0.75, 1.0) if lm.spec.grid == "square" else (0.0, 0.0, 1.0, 1.0)
+    np.testing.assert_allclose(v.extent, expect, atol=0.02)
+    outside = np.zeros((8, 8), bool)
+    outside[:, :1] = True  # the image's left eighth
+    inside = np.zeros((8, 8), bool)
+    inside[:, 2:6] = True  # its middle half
+    rel_out = g.relevance(outside)[v.indices().ravel()]
+    rel_in = g.relevance(inside)[v.indices().ravel()]
+    if lm.spec.grid == "square":
+        assert np.all(rel_out == 0) and np.allclose(rel_in, 1.0)
+    else:
+        assert rel_out.max() > 0 and 0 < rel_in.mean() < 1
+    from fusion_utils.experiments.contrastive import crop_box
+
+    values = np.zeros(g.n_tokens)
+    values[v.indices()[0, 0]] = 1.0  # top-left token of the primary view
+    l, t, r, _ = crop_box(values, g, image.size, frac=0.01, min_side=0.0, pad=0)
+    assert l == pytest.approx(v.extent[0] * 96, abs=1) and t == 0 and r <= (v.extent[0] + 0.5) * 96
+
+
 def test_noop_intervention_equals_plain(lm, images):
     b = _batch(lm, images)
     plain = _logits(lm, b)

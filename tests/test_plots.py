@@ -220,6 +220,23 @@ def test_noise_tokens_and_frequency():
 
 # --- contrastive -------------------------------------------------------------------------------------------------------
 
+def test_heatmaps_sit_on_the_views_extent():
+    """A centre-cropped view's map covers the middle of a wide image, and its soft-mask hatching follows."""
+    img = Image.new("RGB", (80, 40))
+    a = np.random.default_rng(0).random((4, 4))
+    fig, ax = plt.subplots()
+    im = plots.draw_heatmap(ax, a, img, extent=(0.25, 0.0, 0.75, 1.0))
+    assert tuple(im.get_extent()) == (20.0, 60.0, 40.0, 0.0)
+    assert tuple(plots.draw_heatmap(ax, a, img).get_extent()) == (0.0, 80.0, 40.0, 0.0)
+    mask = np.zeros((4, 4), bool)
+    mask[0, 0] = True
+    fig = plots.contrastive_panels(dict(pre=0, post=3, A_pre=a, A_post=a, I_A=a, image=img, mask=mask,
+                                        extent=(0.25, 0.0, 0.75, 1.0)))
+    (patch,) = [p for p in fig.axes[3].patches if p.get_gid() == "soft_mask"]
+    assert (patch.get_x(), patch.get_y(), patch.get_width(), patch.get_height()) == (20.0, 0.0, 10.0, 10.0)
+    plt.close("all")
+
+
 def test_contrastive_panels():
     rng = np.random.default_rng(0)
     a, b = rng.random((4, 4)), rng.random((4, 4))

@@ -34,23 +34,25 @@ class Sample:
         return resample_mask(np.asarray(self.relevant, dtype=bool), rows, cols)
 
 
-def resample_mask(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Area-weighted resampling of a boolean grid covering [0,1]^2 onto a rows x cols grid."""
+def resample_mask(mask: np.ndarray, rows: int, cols: int, extent=(0.0, 0.0, 1.0, 1.0)) -> np.ndarray:
+    """Area-weighted resampling of a boolean grid covering [0,1]^2 onto a rows x cols grid that covers ``extent``
+    = (left, top, right, bottom) of the image, as fractions (default: the whole image; a centre-cropping processor
+    shows less of a non-square image, a padding one more, and the padding holds nothing relevant)."""
     r0, c0 = mask.shape
-    out = np.zeros((rows, cols), dtype=np.float64)
-    # exact area overlap of uniform grids along each axis
-    wr = _overlap(r0, rows)  # [rows, r0]
-    wc = _overlap(c0, cols)  # [cols, c0]
-    out = wr @ mask.astype(np.float64) @ wc.T
-    return out
+    left, top, right, bottom = (float(x) for x in extent)
+    wr = _overlap(r0, rows, top, bottom)  # [rows, r0]
+    wc = _overlap(c0, cols, left, right)  # [cols, c0]
+    return wr @ mask.astype(np.float64) @ wc.T
 
 
-def _overlap(n_src: int, n_dst: int) -> np.ndarray:
+def _overlap(n_src: int, n_dst: int, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """[n_dst, n_src]: the fraction of each destination cell (uniform over [lo, hi]) that each source cell (uniform
+    over [0, 1]) covers; rows sum to 1 where the destination lies inside [0, 1]."""
     src = np.linspace(0.0, 1.0, n_src + 1)
-    dst = np.linspace(0.0, 1.0, n_dst + 1)
-    lo = np.maximum(dst[:-1, None], src[None, :-1])
-    hi = np.minimum(dst[1:, None], src[None, 1:])
-    return np.clip(hi - lo, 0.0, None) * n_dst  # rows sum to 1
+    dst = np.linspace(lo, hi, n_dst + 1)
+    a = np.maximum(dst[:-1, None], src[None, :-1])
+    b = np.minimum(dst[1:, None], src[None, 1:])
+    return np.clip(b - a, 0.0, None) / np.diff(dst)[:, None]
 
 
 class SampleSet(Sequence[Sample]):

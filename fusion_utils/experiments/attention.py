@@ -31,15 +31,15 @@ def capture_maps(lm, samples, *, post_prompt=None, questions=None, images=None):
 
 
 def sample_maps(lm, samples, *, post_prompt=None) -> list[dict]:
-    """Per sample, everything a figure needs: per-layer 2-D maps on the primary view ([L, rows, cols]), the token
-    maps ([L, N]), per-token relevance ([N] or None), the image, its relevant grid, question and gold answer."""
+    """Per sample, everything a figure needs: per-layer 2-D maps on the primary view ([L, rows, cols]) and the
+    view's ``extent`` on the image, the token maps ([L, N]), per-token relevance ([N] or None), the image, its relevant grid, question and gold answer."""
     maps, b = capture_maps(lm, samples, post_prompt=post_prompt)
     out = []
     for i, s in enumerate(samples):
         tokens = maps.sample(i).cpu().numpy()
         grid = b.grids[i][0]
         view = grid.primary
-        out.append(dict(maps2d=view.to_map(tokens), tokens=tokens, spatial=view.spatial,
+        out.append(dict(maps2d=view.to_map(tokens), tokens=tokens, spatial=view.spatial, extent=view.extent,
                         relevance=token_relevance(b.grids[i], s), image=s.image, relevant=s.relevant,
                         question=s.question, answer=s.answers[0] if s.answers else None, id=s.id))
     return out

@@ -110,7 +110,8 @@ def crop_box(values, grid, image_size, frac: float = 0.1, min_side: float = 0.25
     ``values``: one value per image token of the image ``grid`` describes (``I_A``, or ViCrop's relative attention).
     On the grid's primary view: take the top ``frac`` of the cells with positive value, keep the 4-connected
     component that holds the peak, take its bounding box, pad it by ``pad`` cells, widen each side to at least
-    ``min_side`` of the image's, and map cells to pixels (the grid spans the whole image, as for relevance).
+    ``min_side`` of the image's, and map cells to pixels through the view's ``extent`` (the part of the image the grid
+    shows: all of it, or LLaVA-1.5's centre square of a non-square image), clipped to the image.
     ``image_size``: ``(width, height)`` as PIL's ``Image.size``. Deterministic; always inside the image.
     """
     if not grid.spatial:
@@ -135,8 +136,13 @@ def crop_box(values, grid, image_size, frac: float = 0.1, min_side: float = 0.25
     rr, cc = np.nonzero(comp)
     r0, r1 = max(0, rr.min() - pad), min(rows, rr.max() + 1 + pad)
     c0, c1 = max(0, cc.min() - pad), min(cols, cc.max() + 1 + pad)
-    left, right = _widen(c0 * W / cols, c1 * W / cols, min_side * W, W)
-    top, bottom = _widen(r0 * H / rows, r1 * H / rows, min_side * H, H)
+    ex0, ey0, ex1, ey1 = view.extent
+
+    def px(k, n, lo, hi, size):  # grid line k of n -> pixel, clipped to the image
+        return min(size, max(0.0, (lo + (hi - lo) * k / n) * size))
+
+    left, right = _widen(px(c0, cols, ex0, ex1, W), px(c1, cols, ex0, ex1, W), min_side * W, W)
+    top, bottom = _widen(px(r0, rows, ey0, ey1, H), px(r1, rows, ey0, ey1, H), min_side * H, H)
     box = (int(math.floor(left)), int(math.floor(top)), int(math.ceil(right)), int(math.ceil(bottom)))
     box = (max(0, box[0]), max(0, box[1]), min(W, max(box[2], box[0] + 1)), min(H, max(box[3], box[1] + 1)))
     return box
@@ -401,7 +407,8 @@ def contrastive_views(lm, samples, candidates="fusion", fusion_layers: Sequence[
         view = batch.grids[b][0].primary
         out.append({"pre": c["pre"], "post": c["post"], "A_pre": view.to_map(maps[c["pre"]].numpy()),
                     "A_post": view.to_map(maps[c["post"]].numpy()), "I_A": view.to_map(c["I_A"].numpy()),
-                    "hellinger": c["hellinger"], "image": s.image, "spatial": view.spatial})
+                    "hellinger": c["hellinger"], "image": s.image, "spatial": view.spatial,
+                    "extent": view.extent})
     return out
 
 
