@@ -28,8 +28,8 @@ comparable with published tables:
 ``option_accuracy`` MMBench: the chosen letter is inferred with VLMEvalKit's ``can_infer`` (a lone option letter
     after punctuation is turned into spaces, else exactly one option text contained in the answer); 1.0 if it
     equals the gold letter. Not reproduced: the GPT judge VLMEvalKit/lmms-eval call when nothing can be inferred
-    (we score 0) and MMBench's circular evaluation (a question counts only if all its rotated copies are right);
-    this is per-row accuracy.
+    (we score 0). This is per-row accuracy, what the paper reports; ``circular_accuracy`` gives MMBench's
+    CircularEval from the same rows (the dev set already holds each question's rotated copies, index + k·10^6).
 
 Distribution metrics (numpy or torch inputs, renormalised along ``axis``): ``hellinger`` (the paper's H(P, Q) =
 (1/sqrt 2)·||sqrt P - sqrt Q||_2), ``jensen_shannon`` (DoLa's layer-selection divergence) and ``topk_overlap``.
@@ -45,7 +45,7 @@ import numpy as np
 
 __all__ = [
     "normalize_answer", "EvalAIAnswerProcessor", "vqa_accuracy", "exact_match", "anls", "levenshtein",
-    "infer_option", "option_accuracy", "score", "hellinger", "jensen_shannon", "topk_overlap",
+    "infer_option", "option_accuracy", "circular_accuracy", "score", "hellinger", "jensen_shannon", "topk_overlap",
 ]
 
 
@@ -279,6 +279,25 @@ def option_accuracy(pred: Any, answer_letter: str, choices: Sequence[str] | Mapp
     """MMBench single-row accuracy: 1.0 if the inferred option letter equals ``answer_letter``."""
     got = infer_option(pred, choices)
     return 1.0 if got is not None and got == _as_text(answer_letter).strip().upper() else 0.0
+
+
+def circular_accuracy(ids: Sequence[Any], scores: Sequence[float]) -> float:
+    """MMBench CircularEval (VLMEvalKit): rows whose ``index`` agree modulo 10^6 are one question asked with its
+    options rotated; the question counts only if every copy scores 1. ``ids``: the rows' MMBench ``index`` (the
+    ``Sample.id`` the loader gives); ``scores``: their `option_accuracy`. Returns the mean over questions."""
+    if len(ids) != len(scores):
+        raise ValueError(f"circular_accuracy: {len(ids)} ids but {len(scores)} scores; pass one score per row.")
+    if not len(ids):
+        raise ValueError("circular_accuracy: no rows given.")
+    groups: dict[int, bool] = {}
+    for i, sc in zip(ids, scores):
+        try:
+            key = int(float(str(i).strip())) % 1_000_000  # the loader's meta["circular_group"]
+        except ValueError:
+            raise ValueError(f"circular_accuracy: id {i!r} is not an MMBench index (an integer); pass the rows' "
+                             "'index' column.") from None
+        groups[key] = groups.get(key, True) and float(sc) >= 1.0
+    return float(np.mean(list(groups.values())))
 
 
 def score(scorer: str, pred: Any, sample) -> float:

@@ -109,6 +109,13 @@ def test_mmbench_prompt_choices_and_letters():
     assert s.choices == ["blue", "green"] and s.answers == ["B"] and s.meta["letters"] == ["A", "B"]
     assert ds[2].question.startswith("Which option describes the object? There are")  # hint "nan" dropped
     assert ds[3].meta["circular_group"] == 1 and ds[3].answers == ["A"]  # circular copy of question 1
+    from fusion_utils.metrics import circular_accuracy
+
+    right = [score("option", s.answers[0], s) for s in ds]
+    assert circular_accuracy(ds.ids, right) == 1.0
+    groups = {s.meta["circular_group"] for s in ds}
+    wrong_copy = [0.0 if s is ds[3] else r for s, r in zip(ds, right)]  # question 1 fails on its rotated copy
+    assert circular_accuracy(ds.ids, wrong_copy) == pytest.approx((len(groups) - 1) / len(groups))
     assert score("option", "green", s) == 1.0 and score("option", "(A) blue", s) == 0.0
     assert POST_PROMPTS["mmbench"] == "Answer with the option's letter from the given choices directly."
 

@@ -193,3 +193,17 @@ def test_topk_overlap():
     assert topk_overlap(torch.tensor([0.1, 0.9]), torch.tensor([0.2, 0.8]), 1) == 1.0
     with pytest.raises(ValueError):
         topk_overlap([1, 2], [1, 2], 3)
+
+
+def test_circular_accuracy_groups_rotations():
+    from fusion_utils.metrics import circular_accuracy
+
+    ids = [7, 1_000_007, 2_000_007, 8, 1_000_008, "9"]
+    # question 7: all three rotations right; 8: one rotation wrong; 9: a single row, right
+    assert circular_accuracy(ids, [1, 1, 1, 1, 0, 1]) == pytest.approx(2 / 3)
+    assert circular_accuracy(ids, [1, 1, 0, 1, 1, 1]) == pytest.approx(2 / 3)
+    assert circular_accuracy(ids, [1] * 6) == 1.0
+    with pytest.raises(ValueError, match="one score per row"):
+        circular_accuracy(ids, [1])
+    with pytest.raises(ValueError, match="index"):
+        circular_accuracy(["q1"], [1])
