@@ -136,6 +136,27 @@ def test_recipe_lowers_loss(name):
     assert all(np.isfinite(r["loss"]) for r in tr.log if "loss" in r)
 
 
+def test_joint_stage_parts():
+    """Stage (d) trains what the recipe names: 'vision' leaves the decoder as it was, 'all' moves it, 0 steps
+    moves nothing, and a bad part is one sentence."""
+    from fusion_utils.organisms.train import Trainer
+
+    tiny = dict(text_layers=2, width=32, heads=2, ffn=64, vision_layers=1, vision_width=32, vision_ffn=64)
+
+    def changed(**recipe):
+        tr = Trainer("qwen2_vl", seed=0, threads=None, recipe={"joint_batch": 4, **recipe}, **tiny)
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        tr.stage_joint(steps=recipe.get("joint_steps", 2))
+        after = tr.model.state_dict()
+        return {k.startswith("model.language_model") for k in before if not torch.equal(before[k], after[k])}
+
+    assert changed(joint_part="vision") == {False}
+    assert changed(joint_part="all") == {False, True}
+    assert changed(joint_steps=0) == set()
+    with pytest.raises(ValueError, match="joint_part"):
+        changed(joint_part="decoder")
+
+
 def test_same_seed_same_weights():
     """Retraining is reproducible: the recipe is deterministic in its seed (no wall-clock guards, seeded streams), so
     two runs of the same stages give bit-identical weights; another seed gives other weights."""

@@ -55,6 +55,7 @@ RECIPE = {
     "qk_init_std": 0.15,  # decoder q/k projections start larger than the 0.02 default: content-selective attention
     "vision_steps": 1000, "vision_lr": 3e-3, "align_ce": 0.1,
     "joint_steps": 400, "joint_lr": 3e-4, "joint_aux": 0.3,
+    "joint_part": "all",  # what stage (d) trains: "all", or "vision" (tower + projector; the decoder stays as in (a))
     "scene_noise": 0.15, "blank_frac": 0.05,
     "compose_scene": True,  # (a) a cell's embedding = E[size] + E[colour] + E[shape] (E[<empty>] if empty)
 }
@@ -352,6 +353,7 @@ class Trainer:
 
     def _opt(self, params, lr, steps):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        steps = max(1, steps)  # a stage of 0 steps (e.g. joint_steps 0) builds its schedule and runs no step
         warm = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -442,7 +444,10 @@ class Trainer:
     def stage_joint(self, steps=None, lr=None):
         R = self.recipe
         steps = R["joint_steps"] if steps is None else steps
-        params, opt, sched, bar, t0 = self._begin("all", lr or R["joint_lr"], steps, "(d) joint VQA")
+        part = R.get("joint_part", "all")
+        if part not in ("all", "vision"):
+            raise ValueError(f"recipe joint_part={part!r}: use 'all' or 'vision'.")
+        params, opt, sched, bar, t0 = self._begin(part, lr or R["joint_lr"], steps, "(d) joint VQA")
         for step in bar:
             samples = self._samples(R.get("joint_batch") or R["batch"], with_image=True)
             if (R.get("blocks") or 1) > 1:
