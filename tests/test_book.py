@@ -516,14 +516,17 @@ def test_book_skeleton_builds_without_warnings(skeleton_book, tmp_path):
     try:
         for page in toc_pages(root / "_toc.yml"):
             if not page.startswith("book/chapters/"):
-                check_page(site, f"{page}.html", tmp_path, need_figure=False)
+                dom = check_page(site, f"{page}.html", tmp_path, need_figure=False)
+                if page == "book/intro":  # its formulas are typeset by MathJax served from the build (no network)
+                    assert dom.count("<mjx-container") >= 4, "MathJax did not typeset the introduction's formulas"
         check_page(site, "book/chapters/fusion.html", tmp_path, need_figure=True)
     finally:
         site.close()
 
 
 def test_book_makes_no_network_requests_at_build(skeleton_book):
-    """No remote resources are referenced for loading at build time (intersphinx off, no fonts/CDN in <link>)."""
+    """No remote resources are referenced for loading (intersphinx off, no fonts/CDN in <link>, no remote <script>:
+    MathJax is served from the build)."""
     root, _ = skeleton_book
     html = root / "book" / "_build" / "html"
     assert not (root / "book" / "_build" / ".doctrees" / "intersphinx").exists()
@@ -531,6 +534,8 @@ def test_book_makes_no_network_requests_at_build(skeleton_book):
         text = page.read_text()
         for m in re.finditer(r"<link[^>]+href=\"(https?:[^\"]+)\"", text):
             assert "stylesheet" not in m.group(0) and "preload" not in m.group(0), f"{page}: {m.group(0)}"
+        remote_scripts = re.findall(r"<script[^>]+src=\"(?:https?:)?//[^\"]+\"", text)
+        assert not remote_scripts, f"{page}: {remote_scripts}"
         assert "fonts.googleapis" not in text, page
 
 
@@ -560,3 +565,14 @@ def test_real_book_chapter_in_browser(real_book, chapter, tmp_path):
         check_page(site, f"book/chapters/{chapter}.html", tmp_path, need_figure=True)
     finally:
         site.close()
+
+
+def test_offline_mathjax_names_its_fix_when_missing(monkeypatch):
+    import importlib.util
+
+    from fusion_utils import _sphinx_mathjax
+
+    assert (_sphinx_mathjax.mathjax_dir() / "tex-chtml.js").is_file()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install sphinx-mathjax-offline"):
+        _sphinx_mathjax.mathjax_dir()
