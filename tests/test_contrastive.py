@@ -1,6 +1,8 @@
 """Contrastive attention (Sec. 5): the contrast, the soft mask, the crop, and the cache-reusing second pass."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,19 @@ def test_contrastive_experiment(arch, tmp_path):
                           lams=(0.1, 1.0), decoding=Decoding(max_new_tokens=3), batch_size=2, out=str(tmp_path),
                           progress=False)  # resumes: nothing recomputed
     assert len(again.records) == len(r)
+
+
+def test_two_image_control_script_feeds_the_second_image():
+    """scripts/two_image_control.py (the crop methods' control): the duplicated image reaches the model (answers
+    change on the organism, which was trained with one image) and the table records the model's fingerprint."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "two_image_control.py"
+    spec = importlib.util.spec_from_file_location("two_image_control", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = mod.main(["organism:llava", "--n", "24"])
+    row = table.iloc[0]
+    assert 0 <= row["same image twice"] < row["one image"] <= 1
+    assert row["cost (points)"] == round(100 * (row["one image"] - row["same image twice"]), 1)
+    assert len(row["fingerprint"]) == 16 and row["n"] == 24
