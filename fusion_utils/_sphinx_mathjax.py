@@ -23,13 +23,10 @@ def _copy(app, exc):
     if exc is not None or app.builder.format != "html":
         return
     src, dst = mathjax_dir(), Path(app.outdir) / "_static" / "mathjax"
-    for part in PARTS:
-        target = dst / part
-        if (src / part).is_dir():
-            copy_asset(str(src / part), str(target))
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            copy_asset(str(src / part), str(target.parent))
+    for part in PARTS:  # copy_asset copies a directory onto its target, a file into its target directory
+        source, target = src / part, dst / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_asset(str(source), str(target if source.is_dir() else target.parent))
 
 
 def setup(app):

@@ -339,6 +339,12 @@ def _outline(ax, relevant, extent) -> None:
     ax.add_collection(LineCollection(segs, colors=RELEVANT_COLOR, linewidths=2.0, gid="relevant"))
 
 
+def _extent_px(extent, W, H) -> tuple[float, float, float, float]:
+    """A view's ``extent`` (fractions left, top, right, bottom; None: the whole image) in pixels of a W x H image."""
+    ex0, ey0, ex1, ey1 = extent if extent is not None else (0.0, 0.0, 1.0, 1.0)
+    return ex0 * W, ey0 * H, ex1 * W, ey1 * H
+
+
 def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, cmap: str = HEATMAP_CMAP,
                  vmin=None, vmax=None, norm=None, spatial: bool | None = None, title: str | None = None,
                  extent=None):
@@ -367,8 +373,8 @@ def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, c
         ax.imshow(np.asarray(image.convert("RGB")), extent=(0, W, H, 0))
     else:
         W, H = v.shape[1], v.shape[0]
-    ex0, ey0, ex1, ey1 = extent if extent is not None and image is not None else (0.0, 0.0, 1.0, 1.0)
-    im = ax.imshow(v, extent=(ex0 * W, ex1 * W, ey1 * H, ey0 * H), interpolation="bilinear",
+    x0, y0, x1, y1 = _extent_px(extent if image is not None else None, W, H)
+    im = ax.imshow(v, extent=(x0, x1, y1, y0), interpolation="bilinear",
                    alpha=alpha if image is not None else 1.0, **kw)
     if relevant is not None:
         _outline(ax, relevant, (0, W, 0, H))
@@ -614,11 +620,11 @@ def _panel_row(axes, view: Mapping, *, alpha: float = 0.6):
     if mask is not None and spatial:
         mask = np.asarray(mask, bool)
         W, H = (image.size if image is not None else (ia.shape[1], ia.shape[0]))
-        ex0, ey0, ex1, ey1 = ext if ext is not None and image is not None else (0.0, 0.0, 1.0, 1.0)
+        x0, y0, x1, y1 = _extent_px(ext if image is not None else None, W, H)
         R, C = mask.shape
-        cw, ch = (ex1 - ex0) * W / C, (ey1 - ey0) * H / R
+        cw, ch = (x1 - x0) / C, (y1 - y0) / R
         for r, c in zip(*np.nonzero(mask)):
-            ax3.add_patch(matplotlib.patches.Rectangle((ex0 * W + c * cw, ey0 * H + r * ch), cw, ch, fill=False,
+            ax3.add_patch(matplotlib.patches.Rectangle((x0 + c * cw, y0 + r * ch), cw, ch, fill=False,
                                                        hatch="///", ec="black", lw=0, alpha=0.5, gid="soft_mask"))
     return im
 
