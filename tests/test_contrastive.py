@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fusion_utils.engine.replay import reusable
+
 from fusion_utils import ScaleImage, intervene, load_model
 from fusion_utils.adapters import ImageGrid, View
 from fusion_utils.data import load_dataset
@@ -98,9 +100,9 @@ def test_reuse_equals_naive(lm, samples):
     batch = lm.prepare(samples)
     a = 2
     masks = _masks(batch)
-    p1 = C._first_pass(lm, batch, record_layer=a, keep_cache=True)
-    assert C._reusable(p1.cache)  # every architecture takes the reuse path
-    reuse, logits = C._soft_generate_reuse(lm, batch, p1, a, 0.1, masks, DEC, return_logits=True)
+    p1 = C.first_pass(lm, batch, record_layer=a, keep_cache=True)
+    assert reusable(p1.cache)  # every architecture takes the reuse path
+    reuse, logits = C.soft_generate_reuse(lm, batch, p1, a, 0.1, masks, DEC, return_logits=True)
     naive = C.soft_generate(lm, batch, a, 0.1, masks, DEC, method="naive")
     assert reuse == naive
     with torch.no_grad(), intervene(lm, batch, ScaleImage(a, 0.1, masks)):

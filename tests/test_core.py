@@ -326,10 +326,10 @@ def test_blank_image_input_types():
 
 def test_batched_knockout_fallback_equals_naive(lm, images):
     """The fallback used when a layer kwarg's batch dimension is ambiguous (e.g. M-RoPE tables with batch 3)."""
-    from fusion_utils.sweeps import _knockout_sweep_batched
+    from fusion_utils.engine.sweeps import knockout_sweep_batched
 
     b = _batch(lm, images)
     with torch.no_grad():
-        got = _knockout_sweep_batched(lm, b, list(range(lm.num_layers)), 3, False, None)
+        got = knockout_sweep_batched(lm, b, list(range(lm.num_layers)), 3, False, None)
     ref = masking_sweep(lm, b, mode="knockout", window=3, method="naive")
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-4, atol=1e-4)

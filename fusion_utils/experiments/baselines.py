@@ -28,12 +28,13 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..interventions import CaptureAttention, check_layer, intervene
+from ..engine import CaptureAttention, check_layer, intervene
+from ..engine.replay import head, last_logits_only, record_outputs
 from ..metrics import jensen_shannon
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import (Decoding, answer, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
                      score)
-from .contrastive import _crop_images, _forward_kwargs, crop_box
+from .contrastive import crop_box, crop_images
 
 METHODS = ("plain", "vicrop", "vcd", "dola")
 
@@ -60,7 +61,7 @@ def vicrop_layer(n_layers: int) -> int:
 @torch.no_grad()
 def _last_token_map(lm, batch, layer: int) -> list[torch.Tensor]:
     with intervene(lm, batch, CaptureAttention(layers=[layer])) as run:
-        lm.model(**batch.inputs, use_cache=False, **_forward_kwargs(lm))
+        lm.model(**batch.inputs, use_cache=False, **last_logits_only(lm))
     maps = run.attention
     return [maps.sample(b)[0] for b in range(batch.size)]
 
@@ -97,7 +98,7 @@ def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = P
     preds, boxes = [], []
     for chunk in _chunks(samples, batch_size):
         bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, frac=frac, min_side=min_side)
-        b = lm.prepare(chunk, post_prompt=post_prompt, images=_crop_images(chunk, bx))
+        b = lm.prepare(chunk, post_prompt=post_prompt, images=crop_images(chunk, bx))
         preds += generate(lm, b, (), decoding)
         boxes += bx
     return (preds, boxes) if return_boxes else preds
@@ -227,11 +228,9 @@ class _DoLaProcessor(LogitsProcessor):
         self.first_scores: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores):
-        from ..sweeps import _head
-
         L = self.lm.num_layers
-        final = _head(self.lm, self.captured[L - 1])
-        prem = torch.stack([_head(self.lm, self.captured[j]) for j in self.candidates])
+        final = head(self.lm, self.captured[L - 1])
+        prem = torch.stack([head(self.lm, self.captured[j]) for j in self.candidates])
         out, chosen = dola_contrast(final, prem, self.candidates, self.alpha)
         if self.penalty != 1.0:
             prev = out.gather(1, input_ids)
@@ -258,22 +257,10 @@ def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: f
     out, details = [], []
     for chunk in _chunks(samples, batch_size):
         batch = lm.prepare(chunk, post_prompt=post_prompt)
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook(j):
-            def h(module, args, output):
-                hs = output[0] if isinstance(output, tuple) else output
-                captured[j] = hs[:, -1]
-            return h
-
-        handles = [lm.layers[j].register_forward_hook(hook(j)) for j in sorted(set(cands) | {L - 1})]
-        proc = _DoLaProcessor(lm, captured, cands, alpha, repetition_penalty)
-        try:
+        with record_outputs(lm, set(cands) | {L - 1}) as captured:
+            proc = _DoLaProcessor(lm, captured, cands, alpha, repetition_penalty)
             ids = lm.model.generate(**batch.inputs, **decoding.kwargs(lm.processor.tokenizer),
                                     logits_processor=LogitsProcessorList([proc]))
-        finally:
-            for h in handles:
-                h.remove()
         out += decode_new(lm, batch, ids)
         details.append(proc)
     return (out, details) if return_details else out

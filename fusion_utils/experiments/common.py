@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import SampleSet
-from ..interventions import intervene
+from ..engine import intervene
 from ..metrics import score as score_answer
 from ..prompts import POST_PROMPT
 

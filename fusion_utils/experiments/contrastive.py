@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..interventions import CaptureAttention, ScaleImage, _State, check_layer, intervene
+from ..engine import CaptureAttention, ScaleImage, check_layer, intervene
+from ..engine.replay import (continue_generate, fork_cache, language_model_cache, last_logits_only, record_inputs,
+                             reusable, rope_state, run_layers, head)
 from ..metrics import hellinger as _hellinger
 from ..prompts import POST_PROMPT
 from .common import (Decoding, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
@@ -181,58 +183,21 @@ def default_apply_layer(n_layers: int) -> int:
 
 # --- the first pass -------------------------------------------------------------------------------------------------
 
-class _FirstPass:
+class FirstPass:
     """Prefill with attention capture; optionally keeps the KV cache and the recorded input of one layer."""
 
     def __init__(self, maps, cache, layer_input, rope):
         self.maps, self.cache, self.layer_input, self.rope = maps, cache, layer_input, rope
 
 
-def _rope_modules(lm):
-    return [m for m in lm.model.modules() if hasattr(m, "rope_deltas")]
-
-
-def _rope_state(lm):
-    return [(m, m.rope_deltas) for m in _rope_modules(lm)]
-
-
-def _restore_rope(state):
-    for m, v in state:
-        m.rope_deltas = v
-
-
-def _forward_kwargs(lm) -> dict:
-    import inspect
-
-    try:
-        params = inspect.signature(lm.model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
 @torch.no_grad()
-def _first_pass(lm, batch, record_layer: int | None = None, keep_cache: bool = False) -> _FirstPass:
-    rec = {}
-    handle = None
-    if record_layer is not None:
-        def hook(module, args, kwargs):
-            rec["in"] = (args, dict(kwargs))
-
-        handle = lm.layers[record_layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with intervene(lm, batch, CaptureAttention()) as run:
-            out = lm.model(**batch.inputs, use_cache=keep_cache, **_forward_kwargs(lm))
-        maps = run.attention
-    finally:
-        if handle is not None:
-            handle.remove()
-    cache = None
-    if keep_cache:
-        cache = getattr(out, "past_key_values", None)
-        if cache is None and getattr(out, "language_model_outputs", None) is not None:  # InstructBLIP
-            cache = out.language_model_outputs.past_key_values
-    return _FirstPass(maps, cache, rec.get("in"), _rope_state(lm))
+def first_pass(lm, batch, record_layer: int | None = None, keep_cache: bool = False) -> FirstPass:
+    """Prefill with attention capture; with ``record_layer``, also what layers ``record_layer``.. received."""
+    layers = range(record_layer, lm.num_layers) if record_layer is not None else ()
+    with record_inputs(lm, layers) as rec, intervene(lm, batch, CaptureAttention()) as run:
+        out = lm.model(**batch.inputs, use_cache=keep_cache, **last_logits_only(lm))
+    cache = language_model_cache(out) if keep_cache else None
+    return FirstPass(run.attention, cache, rec if record_layer is not None else None, rope_state(lm))
 
 
 def _resolve_candidates(candidates, lm, fusion_layers, post) -> list[int]:
@@ -241,88 +206,22 @@ def _resolve_candidates(candidates, lm, fusion_layers, post) -> list[int]:
 
 # --- the soft variant's second pass ---------------------------------------------------------------------------------
 
-def _generator_model(lm):
-    """The module whose ``generate`` continues decoding from a language-model cache (InstructBLIP: its LM)."""
-    if lm.spec.lm_head.startswith("language_model."):
-        return lm.model.language_model
-    return lm.model
-
-
-def _reusable(cache) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def _fork_cache(cache, keep_below: int):
-    """A cache sharing the first pass's tensors for layers < keep_below and empty above (the original is untouched:
-    dynamic layers grow by concatenation, never in place)."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    for j in range(keep_below, len(new.layers)):
-        new.layers[j].reset()
-    return new
-
-
 @torch.no_grad()
-def _soft_generate_reuse(lm, batch, p1: _FirstPass, apply_layer: int, factor: float, masks, decoding: Decoding,
+def soft_generate_reuse(lm, batch, p1: FirstPass, apply_layer: int, factor: float, masks, decoding: Decoding,
                          return_logits: bool = False):
-    from ..sweeps import _hidden_of
-
-    L, S = lm.num_layers, batch.seq_len
-    cache = _fork_cache(p1.cache, apply_layer)
-    args, kwargs = p1.layer_input
-    state = _State(lm, batch, [ScaleImage(apply_layer, factor, masks)])
-    hidden = state.edit_hidden(apply_layer, _hidden_of(args, kwargs), 0)  # exactly what the naive pre-hook does
-    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-    kw["past_key_values"] = cache
-    rest = tuple(args[1:])
-    for j in range(apply_layer, L):
-        out = lm.layers[j](hidden, *rest, **kw)
-        hidden = out[0] if isinstance(out, tuple) else out
-    logits = lm.lm_head(lm.final_norm(hidden)[:, -1:, :])  # as the model's own forward with logits_to_keep=1
-    # generate() must produce the first token itself (its logits processors, sampling, stopping): give it the
-    # cache without the last prompt position; it recomputes that one position, and a hook on the LM head replaces
-    # the recomputed logits and cache entries with the exact ones computed above.
-    last = []
-    for layer in cache.layers:
-        last.append((layer.keys[..., -1:, :], layer.values[..., -1:, :]))
-        layer.crop(-1)
-    pending = {"first": True}
-
-    def head_hook(module, inp, output):
-        if not pending["first"]:
-            return None
-        pending["first"] = False
-        for layer, (k, v) in zip(cache.layers, last):
-            if layer.keys.shape[-2] != S:
-                raise RuntimeError("Cache reuse: unexpected cache length after the first decoding step.")
-            layer.keys[..., S - 1:S, :] = k
-            layer.values[..., S - 1:S, :] = v
-        new = output.clone()
-        new[:, -1:, :] = logits.to(new.dtype)
-        return new
-
-    gen = _generator_model(lm)
-    inputs = {"input_ids": batch.inputs["input_ids"]}
-    if batch.inputs.get("attention_mask") is not None:
-        inputs["attention_mask"] = batch.inputs["attention_mask"]
-    _restore_rope(p1.rope)
-    h = lm.lm_head.register_forward_hook(head_hook)
-    try:
-        out = gen.generate(**inputs, past_key_values=cache, **decoding.kwargs(lm.processor.tokenizer))
-    finally:
-        h.remove()
-    if pending["first"]:
-        raise RuntimeError("Cache reuse: generate() never called the LM head.")
+    cache = fork_cache(p1.cache, apply_layer)
+    rec = p1.layer_input
+    with intervene(lm, batch, ScaleImage(apply_layer, factor, masks)):  # layers below apply_layer: the first pass's
+        hidden = run_layers(lm, rec, apply_layer, rec.hidden(apply_layer), cache)
+    logits = head(lm, hidden[:, -1:, :]).to(lm.dtype)  # as the model's own forward with logits_to_keep=1
+    out = continue_generate(lm, batch, cache, logits, decoding.kwargs(lm.processor.tokenizer), p1.rope)
     texts = decode_new(lm, batch, out)
     return (texts, logits[:, -1].float()) if return_logits else texts
 
 
 @torch.no_grad()
 def soft_generate(lm, batch, apply_layer: int, factor: float, masks, decoding: Decoding | None = None, *,
-                  method: str = "reuse", first_pass: _FirstPass | None = None) -> list[str]:
+                  method: str = "reuse", first_pass: FirstPass | None = None) -> list[str]:
     """Answers with the image tokens chosen by ``masks`` (per sample, bool over its image tokens) scaled by
     ``factor`` at the input of ``apply_layer``. ``method="reuse"`` continues from a first pass's cache (run here if
     not given); ``"naive"`` is one full generate with the `ScaleImage` plan installed."""
@@ -332,16 +231,17 @@ def soft_generate(lm, batch, apply_layer: int, factor: float, masks, decoding: D
         raise ValueError("method must be 'reuse' or 'naive'.")
     if method == "reuse":
         if first_pass is None or first_pass.cache is None or first_pass.layer_input is None:
-            first_pass = _first_pass(lm, batch, record_layer=apply_layer, keep_cache=True)
-        if _reusable(first_pass.cache):
-            return _soft_generate_reuse(lm, batch, first_pass, apply_layer, factor, masks, decoding)
+            first_pass = first_pass(lm, batch, record_layer=apply_layer, keep_cache=True)
+        if reusable(first_pass.cache):
+            return soft_generate_reuse(lm, batch, first_pass, apply_layer, factor, masks, decoding)
         # other cache types (sliding-window, static, quantised) fall back to the naive path explicitly
     return generate(lm, batch, [ScaleImage(apply_layer, factor, masks)], decoding)
 
 
 # --- answering ------------------------------------------------------------------------------------------------------
 
-def _crop_images(samples, boxes):
+def crop_images(samples, boxes):
+    """Per sample, ``[original, its crop to box]``: the two images of a crop method's second pass."""
     return [[s.image, s.image.convert("RGB").crop(tuple(box))] for s, box in zip(samples, boxes)]
 
 
@@ -370,7 +270,7 @@ def contrastive_answer(lm, samples, *, variant: str = "soft", candidates="fusion
             if not batch.grids[b][0].spatial:
                 raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; use the soft-mask variant.")
     soft = variant == "soft"
-    p1 = _first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
+    p1 = first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
                      keep_cache=soft and method == "reuse")
     contrasts = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
     out = [{"pre_layer": c["pre"], "I_A": c["I_A"].cpu().tolist(), "hellinger": c["hellinger"]} for c in contrasts]
@@ -382,7 +282,7 @@ def contrastive_answer(lm, samples, *, variant: str = "soft", candidates="fusion
     else:
         boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                  for b, (c, s) in enumerate(zip(contrasts, samples))]
-        crop_batch = lm.prepare(samples, post_prompt=post_prompt, images=_crop_images(samples, boxes))
+        crop_batch = lm.prepare(samples, post_prompt=post_prompt, images=crop_images(samples, boxes))
         answers = generate(lm, crop_batch, (), decoding)
         for o, box in zip(out, boxes):
             o["crop_box"] = list(box)
@@ -399,7 +299,7 @@ def contrastive_views(lm, samples, candidates="fusion", fusion_layers: Sequence[
     samples = list(samples)
     cands = _resolve_candidates(candidates, lm, fusion_layers, post)
     batch = lm.prepare(samples, post_prompt=post_prompt)
-    p1 = _first_pass(lm, batch)
+    p1 = first_pass(lm, batch)
     out = []
     for b, s in enumerate(samples):
         maps = p1.maps.sample(b).cpu()
@@ -463,7 +363,7 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
         batch = lm.prepare(samples, post_prompt=post_prompt)
         plain = generate(lm, batch, (), decoding)
         soft = "soft" in variants
-        p1 = _first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
+        p1 = first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
                          keep_cache=soft and method == "reuse")
         records = []
         for cname, cands in cand_sets.items():
@@ -483,7 +383,7 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
             if "crop" in variants:
                 boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                          for b, (c, s) in enumerate(zip(cons, samples))]
-                cb = lm.prepare(samples, post_prompt=post_prompt, images=_crop_images(samples, boxes))
+                cb = lm.prepare(samples, post_prompt=post_prompt, images=crop_images(samples, boxes))
                 settings.append(("crop", None, None, generate(lm, cb, (), decoding)))
             for variant, rho, lam, preds in settings:
                 for b, s in enumerate(samples):
