@@ -150,7 +150,7 @@ def test_full_mask_makes_answer_independent_of_pixels(lm, images, other_images, 
     if lm.spec.grid in ("merged_thw", "anyres"):
         other_images = [im.resize(images[i].size) for i, im in enumerate(other_images)]  # same token count
     b1, b2 = _batch(lm, images), _batch(lm, other_images)
-    plans = [MaskImage(j, "knockout") for j in range(lm.num_layers)] if mode == "knockout" else [MaskImage(0, "zero")]
+    plans = [MaskImage(j, "knockout") for j in range(lm.num_layers)] if mode == "knockout" else [MaskImage(0, "zero", onward=True)]
     with intervene(lm, b1, *plans):
         l1 = _logits(lm, b1)[:, -1]
     with intervene(lm, b2, *plans):

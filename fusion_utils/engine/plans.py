@@ -236,9 +236,15 @@ def block_edges(src: torch.Tensor, dst: torch.Tensor, dst_generated: bool = True
 class MaskImage(Plan):
     """The paper's masking probe at ``layer`` (Sec. 3).
 
-    ``mode="zero"``: the image positions' hidden states are zeroed at the layer's input. ``mode="knockout"``: at that
-    layer, text queries cannot attend to image keys. ``window=k`` covers k consecutive layers centred on ``layer``
-    (the cross-modal information-flow protocol uses 9); ``onward=True`` covers every layer from ``layer`` on.
+    ``mode="zero"`` (one layer): that layer reads zeros at the image positions -- their hidden states are zeroed at
+    its input, so its keys and values there come from zeros -- while the image positions' own outputs of the layer
+    stay the unmasked ones: from the next layer on they carry the unmasked stream again. Only layer ``layer``'s
+    computation changes, which is what lets a late "review" layer show up in a masking curve.
+    ``mode="knockout"``: at that layer, text queries cannot attend to image keys.
+    ``window=k``: k consecutive layers centred on ``layer``, each as above (the cross-modal information-flow protocol
+    uses 9). ``onward=True`` (persistent): every layer from ``layer`` on is masked -- for ``zero``, the image
+    positions' inputs are zeroed at each of them and never restored, so no layer from ``layer`` on sees the image.
+    A persistent curve can only fall with depth and cannot show a review layer.
     """
 
     layer: int
@@ -259,7 +265,8 @@ class MaskImage(Plan):
         img = site.groups["image"]
         if self.mode == "knockout":
             return [AttentionEdit(j, block_edges(img, site.groups["text"])) for j in self.layers(site.n_layers)]
-        return [HiddenEdit(j, zero_positions(img)) for j in self.layers(site.n_layers)]
+        restore = None if self.onward else img
+        return [HiddenEdit(j, zero_positions(img), restore=restore) for j in self.layers(site.n_layers)]
 
 
 @dataclass(frozen=True)

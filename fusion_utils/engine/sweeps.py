@@ -3,13 +3,14 @@
 `masking_sweep` returns, for every masked layer ℓ, the logits at the last prompt position -- the same numbers as
 running one masked forward per layer (``method="naive"``), computed with less work:
 
-- ``zero``: layers below the first masked layer do not depend on the mask, so one plain pass records every layer's
-  input; each variant starts from the recorded input of its first masked layer, and the variants run together as
-  one growing batch through the layers above.
-- ``knockout``: a knockout only changes non-image queries, and nothing before the end of the image attends to one,
-  so the keys and values of the prompt up to the image's end are computed once and shared by every variant; only
-  the question tokens are recomputed, all variants in one batch. (A prompt that puts text before its last image
-  token gets a shorter shared prefix; nothing else changes.)
+- ``knockout`` and one-layer ``zero``: both only change what the question tokens read at the masked layers, and
+  nothing before the end of the image attends to a question token, so the keys and values of the prompt up to the
+  image's end are computed once and shared by every variant (for zero, the masked layer's own image keys and values
+  are computed once from zeroed inputs); only the question tokens are recomputed, all variants in one growing batch.
+  (A prompt that puts text before its last image token gets a shorter shared prefix; nothing else changes.)
+- persistent ``zero`` (``onward=True``): layers below the first masked layer do not depend on the mask, so one
+  plain pass records every layer's input; each variant starts from the recorded input of its first masked layer,
+  and the variants run together as one growing batch through the layers above.
 
 `early_exit_logits` applies the final norm and LM head to every layer's output.
 """
@@ -23,8 +24,8 @@ import torch
 
 from .intervene import intervene
 from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
-from .replay import (Ambiguous, head, language_model_cache, layer_kv, record_decoder_call, record_inputs,
-                     record_outputs, set_layer_kv, shared_prefix_length, tile)
+from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, record_decoder_call, record_inputs,
+                     record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,14 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
             with intervene(lm, batch, MaskImage(j, mode, window, onward)):
                 out.append(plain_forward(lm, batch).logits[:, -1].float())
         return {"layers": layers, "logits": torch.stack(out), "plain": plain}
-    if mode == "zero":
+    if mode == "zero" and onward:
         return zero_sweep(lm, batch, layers, window, onward, chunk)
+    if mode == "zero":
+        try:
+            return one_layer_zero_sweep(lm, batch, layers, window)
+        except Ambiguous:  # batch dimension of a recorded input unclear: one variant at a time (never tiled)
+            res = [one_layer_zero_sweep(lm, batch, [v], window) for v in layers]
+            return {"layers": layers, "logits": torch.cat([r["logits"] for r in res]), "plain": res[0]["plain"]}
     try:
         return knockout_sweep(lm, batch, layers, window, onward)
     except Ambiguous:
@@ -166,29 +173,70 @@ def knockout_sweep_batched(lm, batch, layers, window, onward, chunk):
 
 
 def knockout_sweep(lm, batch, layers, window, onward):
-    """Shared prefix + growing batch over the question suffix.
+    """Shared prefix + growing batch over the question suffix, for knockout and one-layer zero masks.
 
-    Nothing before the image's end depends on a knockout, and below its first knocked-out layer a variant's question
+    Nothing before the image's end depends on either mask, and below its first masked layer a variant's question
     tokens are the plain run's. So one plain pass (with a KV cache, recording each layer's input) serves every
     variant: at layer j, the variants whose window has started run their question tokens through layer j, attending
-    to the plain prefix keys and values of that layer plus their own.
+    to the prefix keys and values of that layer plus their own. For knockout the prefix keys and values are the
+    plain ones (the edit is on the attention of the question rows); for one-layer zero they are the plain ones except
+    at the variant's masked layers, where they are computed once from zeroed image inputs.
     """
+    return suffix_sweep(lm, batch, layers, window, onward, "knockout")
+
+
+def one_layer_zero_sweep(lm, batch, layers, window):
+    return suffix_sweep(lm, batch, layers, window, False, "zero")
+
+
+def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int, device) -> dict:
+    """A layer's recorded kwargs for queries [lo, hi) and keys [0, keys_to) of a length-S prompt."""
+    kw = {}
+    for k, val in kwargs.items():
+        if k == "past_key_values":
+            continue
+        if k == "attention_mask":
+            if val is None:
+                q = torch.arange(lo, hi, device=device)
+                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi - lo,
+                                                                                                     keys_to)
+            elif not torch.is_tensor(val) or val.ndim != 4:
+                raise Ambiguous
+            kw[k] = val[:, :, lo:hi, :keys_to]
+        elif k == "position_embeddings":
+            kw[k] = tuple(t[..., lo:hi, :] for t in val)
+        elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
+            kw[k] = val[..., lo:hi]
+        else:
+            kw[k] = val
+    return kw
+
+
+def suffix_sweep(lm, batch, layers, window, onward, mode):
     L, B, S = lm.num_layers, batch.size, batch.seq_len
     with record_inputs(lm) as rec:
         out = lm.model(**batch.inputs, use_cache=True)
     plain = out.logits[:, -1].float()
     cache = language_model_cache(out)
-    from .replay import reusable
-
     if not reusable(cache):
         raise Ambiguous
     P = shared_prefix_length(batch.image_mask)
+    device = batch.image_mask.device
+    img = batch.image_mask
     prefix_kv = [layer_kv(cache, j, P) for j in range(L)]
     windows = {v: set(layer_window(v, window, L, onward)) for v in layers}
     start = {v: min(windows[v]) for v in layers}
+    zero_kv = {}
+    if mode == "zero":  # each masked layer's prefix keys and values, computed once from zeroed image inputs
+        for j in sorted(set().union(*windows.values())):
+            args, kwargs = rec.rest(j)
+            h = rec.hidden(j)[:, :P].masked_fill(img[:, :P, None], 0.0)
+            scratch = fork_cache(cache, j)
+            lm.layers[j](h, *args, past_key_values=scratch, **position_slice(kwargs, 0, P, S, P, B, device))
+            zero_kv[j] = layer_kv(scratch, j)
+    suffix_img = img[:, P:]
     active: list[int] = []
     hidden = None
-    device = batch.image_mask.device
     for j in range(min(start.values()), L):
         args, kwargs = rec.rest(j)
         new = [v for v in layers if start[v] == j]
@@ -197,25 +245,28 @@ def knockout_sweep(lm, batch, layers, window, onward):
             hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
             active += new
         n = len(active)
-        kw = {}
-        for k, val in kwargs.items():
-            if k == "past_key_values":
-                continue
-            if k == "attention_mask":
-                kw[k] = suffix_mask(val, B, P, S, device)
-            elif k == "position_embeddings":
-                kw[k] = tuple(t[..., P:, :] for t in val)
-            elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
-                kw[k] = val[..., P:]
-            else:
-                kw[k] = val
-        kw = {k: tile(v, B, n) for k, v in kw.items()}
+        kw = {k: tile(v, B, n) for k, v in position_slice(kwargs, P, S, S, S, B, device).items()}
+        masked = torch.tensor([j in windows[v] for v in active], device=device).repeat_interleave(B)  # rows
         k0, v0 = prefix_kv[j]
-        set_layer_kv(cache, j, k0.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1))
-        rows = torch.tensor([j in windows[v] for v in active], device=device).repeat_interleave(B)
-        with intervene(lm, batch.tile(n), RowKnockout({j: rows})):
-            res = lm.layers[j](hidden, *(tile(a, B, n) for a in args), past_key_values=cache, **kw)
-        hidden = res[0] if isinstance(res, tuple) else res
+        if mode == "zero" and masked.any():
+            kz, vz = zero_kv[j]
+            pick = masked[:, None, None, None]
+            set_layer_kv(cache, j, torch.where(pick, kz.repeat(n, 1, 1, 1), k0.repeat(n, 1, 1, 1)),
+                         torch.where(pick, vz.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1)))
+        else:
+            set_layer_kv(cache, j, k0.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1))
+        rest = tuple(tile(a, B, n) for a in args)
+        if mode == "knockout":
+            with intervene(lm, batch.tile(n), RowKnockout({j: masked})):
+                res = lm.layers[j](hidden, *rest, past_key_values=cache, **kw)
+            hidden = res[0] if isinstance(res, tuple) else res
+            continue
+        zero_here = suffix_img.repeat(n, 1) & masked[:, None]  # image positions past P of the masked rows
+        res = lm.layers[j](hidden.masked_fill(zero_here[..., None], 0.0), *rest, past_key_values=cache, **kw)
+        out_j = res[0] if isinstance(res, tuple) else res
+        if zero_here.any() and j + 1 < L:  # those positions' own outputs stay unmasked: the plain pass's
+            out_j = torch.where(zero_here[..., None], rec.hidden(j + 1)[:, P:].repeat(n, 1, 1), out_j)
+        hidden = out_j
     last = head(lm, hidden[:, -1])
     results = {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
     return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
