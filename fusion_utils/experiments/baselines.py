@@ -29,11 +29,12 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..interventions import CaptureAttention, check_layer, intervene
+from ..methods import crop_images
 from ..metrics import jensen_shannon
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import (Decoding, answer, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
                      score)
-from .contrastive import _crop_images, _forward_kwargs, crop_box
+from .contrastive import _forward_kwargs, crop_box
 
 METHODS = ("plain", "vicrop", "vcd", "dola")
 
@@ -97,7 +98,7 @@ def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = P
     preds, boxes = [], []
     for chunk in _chunks(samples, batch_size):
         bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, frac=frac, min_side=min_side)
-        b = lm.prepare(chunk, post_prompt=post_prompt, images=_crop_images(chunk, bx))
+        b = lm.prepare(chunk, post_prompt=post_prompt, images=crop_images([s.image for s in chunk], bx))
         preds += generate(lm, b, (), decoding)
         boxes += bx
     return (preds, boxes) if return_boxes else preds
