@@ -4,7 +4,11 @@ Golden numbers come from the official code of each baseline (named in the test),
 """
 from __future__ import annotations
 
+import ast
+import doctest
+import importlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,34 @@ import torch
 from PIL import Image
 
 from fusion_utils import methods as M
+
+
+METHOD_MODULES = sorted(p.stem for p in Path(M.__file__).parent.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", METHOD_MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(f"fusion_utils.methods.{name}")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", METHOD_MODULES)
+def test_methods_import_only_tensor_libraries_and_layer_0(name):
+    """Layer 2 of the package: torch, numpy, the standard library, each other, and `metrics` (layer 0); never a
+    model, the engine or an experiment, and no private name of another module."""
+    tree = ast.parse((Path(M.__file__).parent / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 2:
+                assert node.module == "metrics", f"methods/{name}.py imports fusion_utils.{node.module}"
+            elif node.level == 0:
+                assert node.module.split(".")[0] in {"__future__", "typing", "collections", "torch", "numpy"}, \
+                    f"methods/{name}.py imports {node.module}"
+            assert not any(a.name.startswith("_") for a in node.names), f"methods/{name}.py imports a private name"
+        elif isinstance(node, ast.Import):
+            assert all(a.name.split(".")[0] in {"math", "torch", "numpy"} for a in node.names), \
+                f"methods/{name}.py imports {[a.name for a in node.names]}"
 
 
 def _rand_maps(L, N, seed=0):
@@ -163,7 +195,7 @@ def test_vicrop_window_properties():
     m = np.zeros((24, 24))
     m[20, 3] = 5.0
     l, t, r, b = M.vicrop_box(m, (672, 672), 336)
-    assert (r - l, b - t) == (336, 336) or (r - l) in {336 * k // 2 * 2 for k in (1.2, 1.4, 1.6, 1.8, 2.0)}
+    assert r - l == b - t and r - l in {2 * (336 * ratio // 2) for ratio in M.VICROP_RATIOS}  # a square window
     assert l <= 3 * 28 < r and t <= 20 * 28 < b  # the hot cell's pixels lie inside
     assert M.vicrop_box(m, (300, 300), 336) == (0, 0, 300, 300)  # window of the input resolution covers the image
     # a centre-cropped map (LLaVA-1.5 on a 2:1 image) shifts the window into the shown square
