@@ -91,7 +91,7 @@ def _last_token_map(lm, batch, layer: int) -> list[torch.Tensor]:
 def relative_attention(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
                        eps: float = 1e-6) -> list[torch.Tensor]:
     """Per sample, float32 [image tokens]: task-prompt attention / generic-prompt attention at ``layer``; both
-    prompts end with ``post_prompt``, as ViCrop's."""
+    prompts end with ``post_prompt``, as in ViCrop's ``rel_attention_llava`` and its run script."""
     samples = list(samples)
     layer = check_layer(vicrop_layer(lm.num_layers) if layer is None else layer, lm.num_layers)
     task = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt), layer)
@@ -118,6 +118,8 @@ def vicrop_boxes(lm, samples, *, layer: int | None = None, post_prompt: str | No
 def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
            decoding: Decoding | None = None, eps: float = 1e-6, bbox_size: int | None = None,
            batch_size: int = 8, return_boxes: bool = False):
+    """ViCrop's answers (its ``vicrop_qa`` with relative attention): the answer to ``[original, crop]``, the crop
+    from `vicrop_boxes`. ``return_boxes``: also the boxes."""
     samples = list(samples)
     preds, boxes = [], []
     for chunk in _chunks(samples, batch_size):
@@ -206,7 +208,8 @@ class _VCDProcessor(LogitsProcessor):
 def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.1, noise_step: int = 500,
         post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, seed: int = 0,
         batch_size: int = 8) -> list[str]:
-    """Visual contrastive decoding; greedy, or sampled (``decoding.do_sample``; seeded by ``seed``, which also
+    """Visual contrastive decoding as DAMO-NLP-SG/VCD's ``vcd_sample.sample`` with ``add_diffusion_noise``
+    (`vcd_batch`, `methods.vcd_logits`); greedy, or sampled (``decoding.do_sample``; seeded by ``seed``, which also
     seeds each sample's noise)."""
     decoding = decoding or Decoding()
     samples = list(samples)
@@ -261,7 +264,7 @@ class _DoLaProcessor(LogitsProcessor):
 def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: float = 1.0,
          post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8,
          return_details: bool = False):
-    """DoLa answers (greedy). ``layers``: ``"low"``, ``"high"`` or hidden-state indices (0 = the embedding output);
+    """DoLa answers (greedy), as transformers' ``_dola_decoding`` (`methods.dola_contrast`). ``layers``: ``"low"``, ``"high"`` or hidden-state indices (0 = the embedding output);
     ``alpha``: the relative-top filter. ``return_details``: also the per-batch processors (premature layers per
     step, the first step's scores)."""
     decoding = decoding or Decoding()
