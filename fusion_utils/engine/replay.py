@@ -78,6 +78,32 @@ def record_outputs(lm, layers: Sequence[int], position: int = -1):
 
 
 @contextmanager
+def record_stream(lm, indices: Sequence[int], position: int = -1):
+    """``{index: residual stream at ``position``}`` by hidden-state index, as transformers' ``hidden_states``
+    counts them: 0 is the embedding output (the input of layer 0), j >= 1 the output of decoder layer j-1. Refreshed
+    at every forward call inside the block."""
+    out: dict[int, torch.Tensor] = {}
+
+    def after(j):
+        def h(module, args, output):
+            out[j] = (output[0] if isinstance(output, tuple) else output)[:, position]
+        return h
+
+    def before(module, args, kwargs):
+        out[0] = (args[0] if args else kwargs["hidden_states"])[:, position]
+
+    indices = sorted(set(indices))
+    handles = [lm.layers[j - 1].register_forward_hook(after(j)) for j in indices if j > 0]
+    if 0 in indices:
+        handles.append(lm.layers[0].register_forward_pre_hook(before, with_kwargs=True))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def record_decoder_call(lm):
     """The keyword arguments the decoder (the language model's layer stack) receives in the passes inside the block."""
     captured: dict = {}
@@ -264,7 +290,7 @@ def continue_generate(lm, batch, cache, first_logits: torch.Tensor, generate_kwa
     return out
 
 
-__all__ = ["LayerInputs", "record_inputs", "record_outputs", "record_decoder_call", "head", "last_logits_only",
+__all__ = ["LayerInputs", "record_inputs", "record_outputs", "record_stream", "record_decoder_call", "head", "last_logits_only",
            "language_model_cache", "reusable", "fork_cache", "layer_kv", "set_layer_kv", "shared_prefix_length",
            "run_layers", "Ambiguous", "batch_dim", "tile", "generator_model", "rope_state", "restore_rope",
            "continue_generate"]

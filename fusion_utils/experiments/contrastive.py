@@ -23,8 +23,6 @@ architectures).
 from __future__ import annotations
 
 import copy
-import math
-from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -32,153 +30,25 @@ import pandas as pd
 import torch
 
 from ..engine import CaptureAttention, ScaleImage, check_layer, intervene
-from ..engine.replay import (continue_generate, fork_cache, language_model_cache, last_logits_only, record_inputs,
-                             reusable, rope_state, run_layers, head)
-from ..metrics import hellinger as _hellinger
+from ..engine.replay import (continue_generate, fork_cache, head, language_model_cache, last_logits_only,
+                             record_inputs, reusable, rope_state, run_layers)
+from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
+                       peak_crop_box, soft_mask_tokens)
 from ..prompts import POST_PROMPT
 from .common import (Decoding, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
                      score)
 
-CANDIDATE_KINDS = ("fusion", "shallow", "deep", "all")
 VARIANTS = ("soft", "crop")
 
 
-# --- the contrast ---------------------------------------------------------------------------------------------------
-
-def candidate_layers(kind, n_layers: int, fusion_layers: Sequence[int] | None = None, post: int = -1) -> list[int]:
-    """Candidate pre layers (0-based decoder layer indices), never including the post layer.
-
-    ``"fusion"``: the given ``fusion_layers`` (required); ``"shallow"``: layers < L/2 (paper: < 16 of 32);
-    ``"deep"``: layers > L/2 + 1 (paper: > 17 of 32); ``"all"``: every layer but the post layer. An explicit list of
-    layers is returned validated.
-    """
-    L = int(n_layers)
-    post = check_layer(post, L)
-    if not isinstance(kind, str):
-        layers = [check_layer(int(j), L) for j in kind]
-    elif kind == "fusion":
-        if fusion_layers is None or len(fusion_layers) == 0:
-            raise ValueError("candidates='fusion' needs fusion_layers (e.g. from the masking sweep: the layers whose "
-                             "masking costs the most accuracy).")
-        layers = [check_layer(int(j), L) for j in fusion_layers]
-    elif kind == "shallow":
-        layers = [j for j in range(L) if j < L / 2]
-    elif kind == "deep":
-        layers = [j for j in range(L) if j > L / 2 + 1]
-    elif kind == "all":
-        layers = list(range(L))
-    else:
-        raise ValueError(f"Unknown candidate set {kind!r}; use one of {', '.join(CANDIDATE_KINDS)} or a list of layers.")
-    layers = sorted({j for j in layers if j != post})
-    if not layers:
-        raise ValueError(f"Candidate set {kind!r} is empty for a {L}-layer model once the post layer {post} is "
-                         "excluded.")
-    return layers
-
-
-def contrastive_map(maps: torch.Tensor, candidates: Sequence[int], post: int = -1) -> dict:
-    """Contrast of one sample's maps ``[L, N]`` (head mean, renormalised over its N image tokens).
-
-    Returns ``{"pre": i*, "post": k, "I_A": float32 [N] = A_post − A_pre, "hellinger": {layer: H(A_layer, A_post)}}``.
-    """
-    maps = torch.as_tensor(maps).float()
-    L = maps.shape[0]
-    post = check_layer(post, L)
-    cands = [check_layer(int(j), L) for j in candidates if check_layer(int(j), L) != post]
-    if not cands:
-        raise ValueError("contrastive_map needs at least one candidate layer other than the post layer.")
-    a_post = maps[post]
-    d = _hellinger(maps[cands], a_post[None].expand(len(cands), -1), axis=-1)
-    d = torch.nan_to_num(d, nan=-1.0)
-    hell = {j: float(v) for j, v in zip(cands, d.tolist())}
-    pre = cands[int(torch.argmax(d))]  # first maximum: ties go to the earliest candidate
-    return {"pre": pre, "post": post, "I_A": (a_post - maps[pre]).float(), "hellinger": hell}
-
-
-def soft_mask_tokens(I_A: torch.Tensor, rho: float) -> torch.Tensor:
-    """bool [N]: image tokens whose ``I_A`` lies strictly below its ρ-quantile (those are scaled by λ)."""
-    if not 0.0 <= rho <= 1.0:
-        raise ValueError("rho must be a fraction in [0, 1].")
-    v = torch.as_tensor(I_A).float()
-    if rho == 0.0:
-        return torch.zeros(v.shape, dtype=torch.bool, device=v.device)
-    q = torch.quantile(v, float(rho))
-    return v < q
-
-
 def crop_box(values, grid, image_size, frac: float = 0.1, min_side: float = 0.25, pad: int = 1) -> tuple:
-    """Pixel box ``(left, top, right, bottom)`` around the high-value region of per-token ``values``.
-
-    ``values``: one value per image token of the image ``grid`` describes (``I_A``, or ViCrop's relative attention).
-    On the grid's primary view: take the top ``frac`` of the cells with positive value, keep the 4-connected
-    component that holds the peak, take its bounding box, pad it by ``pad`` cells, widen each side to at least
-    ``min_side`` of the image's, and map cells to pixels through the view's ``extent`` (the part of the image the grid
-    shows: all of it, or LLaVA-1.5's centre square of a non-square image), clipped to the image.
-    ``image_size``: ``(width, height)`` as PIL's ``Image.size``. Deterministic; always inside the image.
-    """
+    """The paper-variant crop box (`methods.peak_crop_box`) of per-token ``values`` (``I_A``) on the primary view of
+    the image ``grid`` describes, mapped to pixels through the view's extent. ``image_size``: ``(width, height)``."""
     if not grid.spatial:
         raise ValueError("This image's tokens have no spatial grid (InstructBLIP's Q-Former queries); cropping needs "
                          "a spatial layout -- use the soft-mask variant.")
-    W, H = int(image_size[0]), int(image_size[1])
     view = grid.primary
-    v = np.asarray(values.detach().float().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
-    m = view.to_map(v)
-    m = np.where(np.isfinite(m), m, -np.inf)
-    rows, cols = m.shape
-    peak = np.unravel_index(int(np.argmax(m)), m.shape)  # first maximum in row-major order
-    pos = m[m > 0]
-    if pos.size:
-        k = max(1, int(math.ceil(frac * m.size)))
-        thr = np.sort(pos)[::-1][min(k, pos.size) - 1]
-        high = m >= thr
-    else:
-        high = np.zeros_like(m, dtype=bool)
-    high[peak] = True
-    comp = _component(high, peak)
-    rr, cc = np.nonzero(comp)
-    r0, r1 = max(0, rr.min() - pad), min(rows, rr.max() + 1 + pad)
-    c0, c1 = max(0, cc.min() - pad), min(cols, cc.max() + 1 + pad)
-    ex0, ey0, ex1, ey1 = view.extent
-
-    def px(k, n, lo, hi, size):  # grid line k of n -> pixel, clipped to the image
-        return min(size, max(0.0, (lo + (hi - lo) * k / n) * size))
-
-    left, right = _widen(px(c0, cols, ex0, ex1, W), px(c1, cols, ex0, ex1, W), min_side * W, W)
-    top, bottom = _widen(px(r0, rows, ey0, ey1, H), px(r1, rows, ey0, ey1, H), min_side * H, H)
-    box = (int(math.floor(left)), int(math.floor(top)), int(math.ceil(right)), int(math.ceil(bottom)))
-    box = (max(0, box[0]), max(0, box[1]), min(W, max(box[2], box[0] + 1)), min(H, max(box[3], box[1] + 1)))
-    return box
-
-
-def _component(mask: np.ndarray, seed) -> np.ndarray:
-    out = np.zeros_like(mask, dtype=bool)
-    q = deque([tuple(int(x) for x in seed)])
-    out[q[0]] = True
-    R, C = mask.shape
-    while q:
-        r, c = q.popleft()
-        for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-            a, b = r + dr, c + dc
-            if 0 <= a < R and 0 <= b < C and mask[a, b] and not out[a, b]:
-                out[a, b] = True
-                q.append((a, b))
-    return out
-
-
-def _widen(lo: float, hi: float, min_len: float, size: float) -> tuple[float, float]:
-    if hi - lo < min_len:
-        mid = 0.5 * (lo + hi)
-        lo, hi = mid - min_len / 2, mid + min_len / 2
-        if lo < 0:
-            lo, hi = 0.0, min_len
-        if hi > size:
-            lo, hi = size - min_len, size
-    return max(0.0, lo), min(float(size), hi)
-
-
-def default_apply_layer(n_layers: int) -> int:
-    """Layer 28 of 32 (0-based; the paper's review dip is "near layer 29"), scaled to the model's depth."""
-    return int(min(n_layers - 1, max(1, round(28 / 32 * n_layers))))
+    return peak_crop_box(view.to_map(values), image_size, extent=view.extent, frac=frac, min_side=min_side, pad=pad)
 
 
 # --- the first pass -------------------------------------------------------------------------------------------------
@@ -240,11 +110,6 @@ def soft_generate(lm, batch, apply_layer: int, factor: float, masks, decoding: D
 
 # --- answering ------------------------------------------------------------------------------------------------------
 
-def crop_images(samples, boxes):
-    """Per sample, ``[original, its crop to box]``: the two images of a crop method's second pass."""
-    return [[s.image, s.image.convert("RGB").crop(tuple(box))] for s, box in zip(samples, boxes)]
-
-
 @torch.no_grad()
 def contrastive_answer(lm, samples, *, variant: str = "soft", candidates="fusion",
                        fusion_layers: Sequence[int] | None = None, rho: float = 0.2, lam: float = 0.1,
@@ -282,7 +147,7 @@ def contrastive_answer(lm, samples, *, variant: str = "soft", candidates="fusion
     else:
         boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                  for b, (c, s) in enumerate(zip(contrasts, samples))]
-        crop_batch = lm.prepare(samples, post_prompt=post_prompt, images=crop_images(samples, boxes))
+        crop_batch = lm.prepare(samples, post_prompt=post_prompt, images=crop_images([s.image for s in samples], boxes))
         answers = generate(lm, crop_batch, (), decoding)
         for o, box in zip(out, boxes):
             o["crop_box"] = list(box)
@@ -383,7 +248,7 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
             if "crop" in variants:
                 boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                          for b, (c, s) in enumerate(zip(cons, samples))]
-                cb = lm.prepare(samples, post_prompt=post_prompt, images=crop_images(samples, boxes))
+                cb = lm.prepare(samples, post_prompt=post_prompt, images=crop_images([s.image for s in samples], boxes))
                 settings.append(("crop", None, None, generate(lm, cb, (), decoding)))
             for variant, rho, lam, preds in settings:
                 for b, s in enumerate(samples):
@@ -417,5 +282,6 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
-__all__ = ["candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box", "default_apply_layer",
+__all__ = ["CANDIDATE_SETS", "candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box",
+           "default_apply_layer",
            "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "summarize"]
