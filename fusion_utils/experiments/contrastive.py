@@ -8,16 +8,18 @@ contrast ``I_A = A_k − A_i*`` cancels the attention every layer gives regardle
 
 Two ways to use ``I_A``:
 
-- ``soft`` (arXiv v1): scale the hidden states of the image tokens whose ``I_A`` lies below its ρ-quantile by λ at
-  the input of one late layer (``apply_layer``, the review layer where a model has one) and answer again.
+- ``soft`` (arXiv v1): softly mask the image tokens whose ``I_A`` lies below its ρ-quantile at one late layer
+  (``apply_layer``, the review layer where a model has one) and answer again. By default the mask acts on attention
+  (`ScaleAttention`: the text queries' weights on those keys scaled by λ); ``soft_mask="hidden_state"`` scales their
+  hidden states at the layer's input instead, which on pre-RMSNorm decoders reaches only the layers after it.
 - ``crop`` (CVPR version): crop the high-``I_A`` region of the image and answer with ``[original, crop]`` as a
   two-image prompt.
 
 Cost of the soft variant (``method="reuse"``, the default): the first pass (prefill with attention capture) already
-computed everything below ``apply_layer``, and nothing there depends on the scaling. The second pass keeps the
+computed everything below ``apply_layer``, and nothing there depends on the mask. The second pass keeps the
 first pass's KV cache of layers ``< apply_layer`` and the recorded input of ``apply_layer``, recomputes only layers
-``>= apply_layer`` over the prompt (scaling applied), and hands the combined cache to ``generate``, which continues
-decoding from it. ``method="naive"`` runs two full passes; both give the same answers (tested on all six
+``>= apply_layer`` over the prompt (mask applied), and hands the combined cache to ``generate``, which continues
+decoding from it (mask still applied). ``method="naive"`` runs two full passes; both give the same answers (tested on all six
 architectures).
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..engine import CaptureAttention, ScaleImage, check_layer, intervene
+from ..engine import CaptureAttention, ScaleAttention, ScaleImage, check_layer, intervene
 from ..engine.replay import (continue_generate, fork_cache, head, language_model_cache, last_logits_only,
                              record_inputs, reusable, rope_state, run_layers)
 from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
@@ -53,21 +55,26 @@ def crop_box(values, grid, image_size, frac: float = 0.1, min_side: float = 0.25
 
 # --- the first pass -------------------------------------------------------------------------------------------------
 
-class FirstPass:
-    """Prefill with attention capture; optionally keeps the KV cache and the recorded input of one layer."""
+SOFT_MASKS = ("attention", "hidden_state")
 
-    def __init__(self, maps, cache, layer_input, rope):
-        self.maps, self.cache, self.layer_input, self.rope = maps, cache, layer_input, rope
+
+class FirstPass:
+    """Prefill with attention capture: the maps, the plain last-position logits, and optionally the KV cache and
+    what each layer from one on received (for the soft variant's second pass)."""
+
+    def __init__(self, maps, logits, cache, layer_input, rope):
+        self.maps, self.logits, self.cache, self.layer_input, self.rope = maps, logits, cache, layer_input, rope
 
 
 @torch.no_grad()
-def first_pass(lm, batch, record_layer: int | None = None, keep_cache: bool = False) -> FirstPass:
+def capture_first_pass(lm, batch, record_layer: int | None = None, keep_cache: bool = False) -> FirstPass:
     """Prefill with attention capture; with ``record_layer``, also what layers ``record_layer``.. received."""
     layers = range(record_layer, lm.num_layers) if record_layer is not None else ()
     with record_inputs(lm, layers) as rec, intervene(lm, batch, CaptureAttention()) as run:
         out = lm.model(**batch.inputs, use_cache=keep_cache, **last_logits_only(lm))
     cache = language_model_cache(out) if keep_cache else None
-    return FirstPass(run.attention, cache, rec if record_layer is not None else None, rope_state(lm))
+    return FirstPass(run.attention, out.logits[:, -1].float(), cache, rec if record_layer is not None else None,
+                     rope_state(lm))
 
 
 def _resolve_candidates(candidates, lm, fusion_layers, post) -> list[int]:
@@ -76,36 +83,62 @@ def _resolve_candidates(candidates, lm, fusion_layers, post) -> list[int]:
 
 # --- the soft variant's second pass ---------------------------------------------------------------------------------
 
+def soft_mask_plan(apply_layer: int, factor: float, masks, soft_mask: str = "attention"):
+    """The plan that softly masks the chosen image tokens at ``apply_layer``.
+
+    ``"attention"`` (default): `ScaleAttention` -- the text queries' attention to those image keys is scaled by λ
+    at that layer (renormalised), so the layer itself reads less of them; it acts at any layer, the last included.
+    ``"hidden_state"``: `ScaleImage` -- their hidden states are scaled by λ at the layer's input. On pre-RMSNorm
+    decoders (Llama, Qwen) that layer's keys and values do not change (RMSNorm(λh) = RMSNorm(h)); only later layers
+    see the edit, so at the last layer it changes nothing."""
+    if soft_mask == "attention":
+        return ScaleAttention(apply_layer, factor, masks)
+    if soft_mask == "hidden_state":
+        return ScaleImage(apply_layer, factor, masks)
+    raise ValueError(f"Unknown soft mask {soft_mask!r}; use one of {', '.join(SOFT_MASKS)}.")
+
+
 @torch.no_grad()
 def soft_generate_reuse(lm, batch, p1: FirstPass, apply_layer: int, factor: float, masks, decoding: Decoding,
-                         return_logits: bool = False):
+                        return_logits: bool = False, soft_mask: str = "attention"):
     cache = fork_cache(p1.cache, apply_layer)
     rec = p1.layer_input
-    with intervene(lm, batch, ScaleImage(apply_layer, factor, masks)):  # layers below apply_layer: the first pass's
+    # layers below apply_layer are the first pass's; the plan acts from there on, and in every generated step
+    with intervene(lm, batch, soft_mask_plan(apply_layer, factor, masks, soft_mask)):
         hidden = run_layers(lm, rec, apply_layer, rec.hidden(apply_layer), cache)
-    logits = head(lm, hidden[:, -1:, :]).to(lm.dtype)  # as the model's own forward with logits_to_keep=1
-    out = continue_generate(lm, batch, cache, logits, decoding.kwargs(lm.processor.tokenizer), p1.rope)
+        logits = head(lm, hidden[:, -1:, :]).to(lm.dtype)  # as the model's own forward with logits_to_keep=1
+        out = continue_generate(lm, batch, cache, logits, decoding.kwargs(lm.processor.tokenizer), p1.rope)
     texts = decode_new(lm, batch, out)
     return (texts, logits[:, -1].float()) if return_logits else texts
 
 
 @torch.no_grad()
 def soft_generate(lm, batch, apply_layer: int, factor: float, masks, decoding: Decoding | None = None, *,
-                  method: str = "reuse", first_pass: FirstPass | None = None) -> list[str]:
-    """Answers with the image tokens chosen by ``masks`` (per sample, bool over its image tokens) scaled by
-    ``factor`` at the input of ``apply_layer``. ``method="reuse"`` continues from a first pass's cache (run here if
-    not given); ``"naive"`` is one full generate with the `ScaleImage` plan installed."""
+                  method: str = "reuse", first_pass: FirstPass | None = None, soft_mask: str = "attention",
+                  return_logits: bool = False):
+    """Answers with the image tokens chosen by ``masks`` (per sample, bool over its image tokens) softly masked by
+    ``factor`` at ``apply_layer`` (`soft_mask_plan`). ``method="reuse"`` continues from a first pass's cache (run
+    here if not given); ``"naive"`` is one full generate with the plan installed. ``return_logits``: also the
+    last-position logits under the mask (float32 [batch, vocab])."""
     decoding = decoding or Decoding()
     apply_layer = check_layer(apply_layer, lm.num_layers)
+    plan = soft_mask_plan(apply_layer, factor, masks, soft_mask)
     if method not in ("reuse", "naive"):
         raise ValueError("method must be 'reuse' or 'naive'.")
     if method == "reuse":
-        if first_pass is None or first_pass.cache is None or first_pass.layer_input is None:
-            first_pass = first_pass(lm, batch, record_layer=apply_layer, keep_cache=True)
-        if reusable(first_pass.cache):
-            return soft_generate_reuse(lm, batch, first_pass, apply_layer, factor, masks, decoding)
+        p1 = first_pass
+        if p1 is None or p1.cache is None or p1.layer_input is None:
+            p1 = capture_first_pass(lm, batch, record_layer=apply_layer, keep_cache=True)
+        if reusable(p1.cache):
+            return soft_generate_reuse(lm, batch, p1, apply_layer, factor, masks, decoding, return_logits,
+                                       soft_mask)
         # other cache types (sliding-window, static, quantised) fall back to the naive path explicitly
-    return generate(lm, batch, [ScaleImage(apply_layer, factor, masks)], decoding)
+    texts = generate(lm, batch, [plan], decoding)
+    if not return_logits:
+        return texts
+    with intervene(lm, batch, plan):
+        logits = lm.model(**batch.inputs, **last_logits_only(lm)).logits[:, -1].float()
+    return texts, logits
 
 
 # --- answering ------------------------------------------------------------------------------------------------------
@@ -115,7 +148,7 @@ def contrastive_answer(lm, samples, *, variant: str = "soft", candidates="fusion
                        fusion_layers: Sequence[int] | None = None, rho: float = 0.2, lam: float = 0.1,
                        apply_layer: int | None = None, decoding: Decoding | None = None,
                        post_prompt: str | None = POST_PROMPT, post: int = -1, method: str = "reuse",
-                       frac: float = 0.1, min_side: float = 0.25) -> list[dict]:
+                       frac: float = 0.1, min_side: float = 0.25, soft_mask: str = "attention") -> list[dict]:
     """Contrastive-attention answers for ``samples`` (one batch).
 
     Per sample: ``answer``, ``pre_layer``, ``I_A`` (list over the image tokens), ``hellinger`` ({layer: distance})
@@ -135,13 +168,14 @@ def contrastive_answer(lm, samples, *, variant: str = "soft", candidates="fusion
             if not batch.grids[b][0].spatial:
                 raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; use the soft-mask variant.")
     soft = variant == "soft"
-    p1 = first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
-                     keep_cache=soft and method == "reuse")
+    p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
+                             keep_cache=soft and method == "reuse")
     contrasts = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
     out = [{"pre_layer": c["pre"], "I_A": c["I_A"].cpu().tolist(), "hellinger": c["hellinger"]} for c in contrasts]
     if soft:
         masks = [soft_mask_tokens(c["I_A"], rho) for c in contrasts]
-        answers = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method, first_pass=p1)
+        answers = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method, first_pass=p1,
+                                soft_mask=soft_mask)
         for o, m in zip(out, masks):
             o["mask"] = m.cpu().tolist()
     else:
@@ -164,7 +198,7 @@ def contrastive_views(lm, samples, candidates="fusion", fusion_layers: Sequence[
     samples = list(samples)
     cands = _resolve_candidates(candidates, lm, fusion_layers, post)
     batch = lm.prepare(samples, post_prompt=post_prompt)
-    p1 = first_pass(lm, batch)
+    p1 = capture_first_pass(lm, batch)
     out = []
     for b, s in enumerate(samples):
         maps = p1.maps.sample(b).cpu()
@@ -196,13 +230,14 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
                 variants: Sequence[str] = VARIANTS, candidates: Sequence = ("fusion",), rhos: Sequence[float] = (0.2,),
                 lams: Sequence[float] = (0.1,), out: str | None = None, batch_size: int = 8, seed: int = 0,
                 decoding: Decoding | None = None, post: int = -1, method: str = "reuse", frac: float = 0.1,
-                min_side: float = 0.25, progress: bool = True):
+                min_side: float = 0.25, soft_mask: str = "attention", progress: bool = True):
     """Accuracy with and without contrastive attention, per variant and ablation setting.
 
     Settings: soft = candidates x ρ x λ; crop = candidates (ρ and λ do not apply; recorded as None). Records (one
     per sample per setting): id, family, variant, candidates, rho, lam, pre_layer, pred, score, plain_pred,
-    plain_score, plus, where the sample has a ``relevant`` mask, the share of I_A's positive mass and of A_post's
-    mass on relevant tokens (``ia_relevant_mass``, ``post_relevant_mass``; ``relevant_area`` is the chance level).
+    plain_score; for soft, ``dlogit`` (largest change of a last-position logit the mask caused: 0 means the mask
+    did nothing) and ``n_masked`` (image tokens masked); plus, where the sample has a ``relevant`` mask, the share of
+    I_A's positive mass and of A_post's mass on relevant tokens (``ia_relevant_mass``, ``post_relevant_mass``; ``relevant_area`` is the chance level).
     Summary: accuracy per setting, the plain accuracy on the same samples and the gain.
     """
     for v in variants:
@@ -220,7 +255,8 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
     params = {"fusion_layers": None if fusion_layers is None else [int(j) for j in fusion_layers],
               "apply_layer": apply_layer, "variants": list(variants), "candidates": cand_sets,
               "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams], "post": post,
-              "frac": frac, "min_side": min_side}
+              "frac": frac, "min_side": min_side, "soft_mask": soft_mask}
+    soft_mask_plan(apply_layer, 1.0, None, soft_mask)  # validates soft_mask before any work
     config = base_config(lm, dataset, experiment="contrastive", seed=seed, decoding=decoding,
                          post_prompt=post_prompt, params=params)
 
@@ -228,8 +264,8 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
         batch = lm.prepare(samples, post_prompt=post_prompt)
         plain = generate(lm, batch, (), decoding)
         soft = "soft" in variants
-        p1 = first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
-                         keep_cache=soft and method == "reuse")
+        p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
+                                 keep_cache=soft and method == "reuse")
         records = []
         for cname, cands in cand_sets.items():
             cons = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
@@ -241,21 +277,24 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
             if soft:
                 for rho in rhos:
                     masks = [soft_mask_tokens(c["I_A"], rho) for c in cons]
+                    n_masked = [int(m.sum()) for m in masks]
                     for lam in lams:
-                        preds = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method,
-                                              first_pass=p1)
-                        settings.append(("soft", float(rho), float(lam), preds))
+                        preds, logits = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method,
+                                                      first_pass=p1, soft_mask=soft_mask, return_logits=True)
+                        dlogit = (logits - p1.logits).abs().amax(-1).tolist()
+                        settings.append(("soft", float(rho), float(lam), preds,
+                                         [{"dlogit": d, "n_masked": k} for d, k in zip(dlogit, n_masked)]))
             if "crop" in variants:
                 boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                          for b, (c, s) in enumerate(zip(cons, samples))]
                 cb = lm.prepare(samples, post_prompt=post_prompt, images=crop_images([s.image for s in samples], boxes))
-                settings.append(("crop", None, None, generate(lm, cb, (), decoding)))
-            for variant, rho, lam, preds in settings:
+                settings.append(("crop", None, None, generate(lm, cb, (), decoding), [{}] * len(samples)))
+            for variant, rho, lam, preds, acted in settings:
                 for b, s in enumerate(samples):
                     records.append({"id": s.id, "family": s.family, "variant": variant, "candidates": cname,
                                     "rho": rho, "lam": lam, "pre_layer": cons[b]["pre"], "pred": preds[b],
                                     "score": score(dataset, preds[b], s), "plain_pred": plain[b],
-                                    "plain_score": score(dataset, plain[b], s), **extra[b]})
+                                    "plain_score": score(dataset, plain[b], s), **acted[b], **extra[b]})
         return records
 
     df = run_experiment("contrastive", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
@@ -282,6 +321,6 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
-__all__ = ["CANDIDATE_SETS", "candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box",
-           "default_apply_layer",
+__all__ = ["CANDIDATE_SETS", "SOFT_MASKS", "candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box",
+           "default_apply_layer", "soft_mask_plan", "capture_first_pass", "FirstPass", "soft_generate_reuse",
            "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "summarize"]
