@@ -1,0 +1,763 @@
+"""Figures a reader drives in the rendered book, with no kernel: Plotly traces for every combination of the
+controls, computed once, and a few lines of JavaScript that swap them when a select or a slider moves.
+
+Each explorer has a *data* function that runs the package's experiments on a few samples (it computes nothing of
+its own) and a *figure* function that turns that data into an `InteractiveFigure`:
+
+==========================  =====================================  ====================================================
+data                        figure                                 controls -> what changes
+==========================  =====================================  ====================================================
+`masking_data`              `masking_figure`                       question, mode, window, layer -> p(answer), answers
+`attention_data`            `attention_figure`                     question, layer -> heatmap, marker on mass curves
+`contrastive_data`          `contrastive_figure`                   question, candidates, ρ, λ -> I_A, masked tokens,
+                                                                   answer
+(chapter records)           `layers_figure`                        layer -> Hellinger and early-exit distributions
+(chapter summaries)         `threshold_figure`                     threshold, x axis -> drop curves, fusion layers
+==========================  =====================================  ====================================================
+
+`fusion_utils.widgets.explore` calls a data function once and builds from it both this figure and, in a live
+kernel, the ipywidgets explorer.
+
+The figure's HTML loads nothing: it expects ``window.Plotly``, which the book serves from its own ``_static``
+folder (see ``fusion_utils/_sphinx_mathjax.py``); `InteractiveFigure.to_html` with ``plotly_js=True`` inlines
+plotly.js for a stand-alone page or a live notebook.
+"""
+from __future__ import annotations
+
+import base64
+import html as _html
+import io
+import itertools
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "masking_data", "masking_figure", "attention_data",
+           "attention_figure", "contrastive_data", "contrastive_figure", "layers_figure", "threshold_figure",
+           "MARKER_CLASS"]
+
+#: CSS class of every figure's root element; the book's Sphinx extension loads plotly.js on pages that have one.
+MARKER_CLASS = "fu-interactive"
+
+HEATMAP = "Magma"
+DIVERGING = "RdBu"
+RELEVANT_COLOR = "#17becf"
+MASK_COLOR = "#2ca02c"
+LINE_COLORS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9")
+
+
+# --- the figure ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Control:
+    """One select (``kind="select"``) or slider (``kind="slider"``) over ``values`` shown as ``labels``."""
+
+    name: str
+    values: list
+    labels: list[str] | None = None
+    kind: str = "select"
+    value: Any = None  # initial value (default: the first)
+
+    def __post_init__(self):
+        if not self.values:
+            raise ValueError(f"Control {self.name!r} has no values; give it at least one choice.")
+        if self.kind not in ("select", "slider"):
+            raise ValueError(f"Control {self.name!r}: kind must be 'select' or 'slider', not {self.kind!r}.")
+        self.values = list(self.values)
+        self.labels = [str(v) for v in self.values] if self.labels is None else [str(x) for x in self.labels]
+        if self.value is None:
+            self.value = self.values[0]
+        if self.value not in self.values:
+            raise ValueError(f"Control {self.name!r}: initial value {self.value!r} is not one of {self.values}.")
+
+
+@dataclass
+class InteractiveFigure:
+    """Plotly traces for every combination of ``controls``.
+
+    ``traces`` maps an id to a Plotly trace (dict) and ``layouts`` an id to a layout fragment, both shared between
+    states (an image drawn in many states is stored once); ``states`` maps a key (the control value indices joined
+    by ``|``) to ``{"data": [trace ids], "layout": [fragment ids or dicts], "text": html}``, whose fragments update
+    the base ``layout`` key by key, in order. `state` reads one state back as Python data (what the page draws)."""
+
+    title: str
+    controls: list[Control]
+    layout: dict
+    traces: dict = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)
+    states: dict = field(default_factory=dict)
+    height: int = 380
+    caption: str = ""
+
+    def key(self, **choices) -> str:
+        idx = []
+        for c in self.controls:
+            v = choices.get(c.name, c.value)
+            if v not in c.values:
+                raise ValueError(f"{v!r} is not a choice of {c.name!r}; choose one of {c.labels}.")
+            idx.append(str(c.values.index(v)))
+        return "|".join(idx)
+
+    def state(self, **choices) -> dict:
+        """``{"data": [traces], "layout": {...}, "text": ...}`` for the given control values (default: initial)."""
+        st = self.states[self.key(**choices)]
+        layout = dict(self.layout)
+        for part in self._parts(st):
+            layout.update(self.layouts[part] if isinstance(part, str) else part)
+        return {"data": [self.traces[t] for t in st["data"]], "layout": layout, "text": st.get("text", "")}
+
+    @staticmethod
+    def _parts(st: dict) -> list:
+        lay = st.get("layout", [])
+        return lay if isinstance(lay, list) else [lay]
+
+    def check(self) -> None:
+        """Every combination of the controls has a state and every state's traces exist."""
+        for combo in itertools.product(*(range(len(c.values)) for c in self.controls)):
+            k = "|".join(map(str, combo))
+            if k not in self.states:
+                raise ValueError(f"{self.title}: no state for {dict(zip((c.name for c in self.controls), combo))}.")
+            missing = [t for t in self.states[k]["data"] if t not in self.traces]
+            missing += [p for p in self._parts(self.states[k]) if isinstance(p, str) and p not in self.layouts]
+            if missing:
+                raise ValueError(f"{self.title}: state {k} names unknown traces {missing}.")
+
+    def spec(self) -> dict:
+        return {"controls": [{"name": c.name, "labels": c.labels} for c in self.controls], "layout": self.layout,
+                "traces": self.traces, "layouts": self.layouts, "states": self.states,
+                "config": {"responsive": True, "displaylogo": False, "typesetMath": False,
+                           "modeBarButtonsToRemove": ["lasso2d", "select2d"]}}
+
+    def to_html(self, plotly_js: bool = False) -> str:
+        """The figure as an HTML fragment; ``plotly_js=True`` inlines plotly.js (about 5 MB) so it runs anywhere."""
+        self.check()
+        fid = f"fu-{uuid.uuid4().hex[:10]}"
+        parts = [f'<div class="{MARKER_CLASS}" id="{fid}" data-title="{_html.escape(self.title)}">',
+                 f'<div class="fu-title"><b>{_html.escape(self.title)}</b></div>', '<div class="fu-controls">']
+        for i, c in enumerate(self.controls):
+            j = c.values.index(c.value)
+            if c.kind == "slider":
+                parts.append(f'<label class="fu-control">{_html.escape(c.name)} <input type="range" min="0" '
+                             f'max="{len(c.values) - 1}" step="1" value="{j}" data-control="{i}" '
+                             f'aria-label="{_html.escape(c.name)}"> <output>{_html.escape(c.labels[j])}</output></label>')
+            else:
+                opts = "".join(f'<option value="{k}"{" selected" if k == j else ""}>{_html.escape(lab)}</option>'
+                               for k, lab in enumerate(c.labels))
+                parts.append(f'<label class="fu-control">{_html.escape(c.name)} <select data-control="{i}">{opts}'
+                             f'</select></label>')
+        parts.append("</div>")
+        parts.append(f'<div class="fu-plot" style="width:100%;height:{int(self.height)}px"></div>')
+        parts.append('<div class="fu-text"></div>')
+        if self.caption:
+            parts.append(f'<div class="fu-caption">{self.caption}</div>')
+        # "</" inside the JSON would end the <script> element early
+        data = json.dumps(self.spec(), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+        parts.append(f'<script type="application/json" class="fu-spec">{data}</script></div>')
+        if plotly_js:
+            parts.append(f"<script>{plotly_js_path().read_text(encoding='utf-8')}</script>")
+        parts.append(f"<script>{_CONTROLLER.replace('__ID__', fid)}</script>")
+        return "".join([_STYLE, *parts])
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __repr__(self) -> str:
+        return (f"InteractiveFigure({self.title!r}, controls={[c.name for c in self.controls]}, "
+                f"{len(self.states)} states)")
+
+
+_STYLE = ("<style>.fu-interactive{margin:.5em 0 1em}.fu-controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;"
+          "margin:.3em 0;font-size:.9em}.fu-control select{max-width:28em}.fu-control output{display:inline-block;"
+          "min-width:3em;font-variant-numeric:tabular-nums}.fu-text{font-size:.9em;margin-top:.2em}"
+          ".fu-caption{font-size:.85em;color:#555}</style>")
+
+# Swaps the traces when a control moves. It waits for the page (plotly.js may load later in <head> with defer) and
+# says so in the figure instead of failing silently when plotly.js is absent.
+_CONTROLLER = r"""(function(){
+var root=document.getElementById("__ID__");
+function start(){
+  var text=root.querySelector(".fu-text"), plot=root.querySelector(".fu-plot");
+  if(!window.Plotly){text.textContent="This figure needs plotly.js: open it in the built book (make book).";return;}
+  var spec=JSON.parse(root.querySelector(".fu-spec").textContent);
+  var inputs=Array.prototype.slice.call(root.querySelectorAll("[data-control]"));
+  function key(){return inputs.map(function(el){return el.value;}).join("|");}
+  function draw(){
+    inputs.forEach(function(el){var o=el.parentNode.querySelector("output");
+      if(o){o.textContent=spec.controls[+el.getAttribute("data-control")].labels[+el.value];}});
+    var k=key(), st=spec.states[k];
+    var layout=Object.assign({}, spec.layout), parts=st.layout||[];
+    (Array.isArray(parts)?parts:[parts]).forEach(function(p){Object.assign(layout, typeof p==="string"?spec.layouts[p]:p);});
+    window.Plotly.react(plot, st.data.map(function(id){return spec.traces[id];}), layout, spec.config);
+    text.innerHTML=st.text||"";
+    root.setAttribute("data-state", k);
+  }
+  inputs.forEach(function(el){el.addEventListener("input", draw);el.addEventListener("change", draw);});
+  draw();
+}
+if(document.readyState==="loading"){document.addEventListener("DOMContentLoaded", start);}else{start();}
+})();"""
+
+
+def plotly_js_path() -> Path:
+    """plotly.min.js from the installed ``plotly`` package (served by the book, never fetched)."""
+    try:
+        import plotly
+    except ImportError:
+        raise ImportError("The book's interactive figures need the plotly package for plotly.min.js; run "
+                          "`pip install plotly` (or `make book`, which installs it).") from None
+    p = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing; reinstall plotly (`pip install --force-reinstall plotly`).")
+    return p
+
+
+# --- small helpers ------------------------------------------------------------------------------------------------
+
+def _r(x, nd: int = 4):
+    """Rounded floats (NaN -> None): the page's JSON stays small and valid."""
+    a = np.asarray(x, dtype=float)
+    out = np.round(a, nd).astype(object)
+    out[~np.isfinite(a)] = None
+    return out.tolist()
+
+
+def _esc(x) -> str:
+    return _html.escape("".join(ch if ch.isprintable() else "\ufffd" for ch in str(x)))
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _png_uri(image, size: int = 256) -> str | None:
+    if image is None:
+        return None
+    im = image.convert("RGB")
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _axes(n: int, gap: float = 0.07, widths: Sequence[float] | None = None) -> list[tuple[float, float]]:
+    w = np.asarray(widths if widths is not None else [1.0] * n, float)
+    w = w / w.sum() * (1 - gap * (n - 1))
+    out, x = [], 0.0
+    for wi in w:
+        out.append((round(x, 4), round(x + wi, 4)))
+        x += wi + gap
+    return out
+
+
+def _ax(i: int) -> str:
+    return "" if i == 0 else str(i + 1)
+
+
+def _base_layout(n_panels: int, *, widths=None, titles=(), height: int = 380, image_axes=()) -> dict:
+    """Side-by-side panels; panel titles are annotations above each panel (never over another's title)."""
+    lay: dict = {"margin": {"l": 50, "r": 20, "t": 40, "b": 45}, "height": height, "showlegend": True,
+                 "legend": {"orientation": "h", "x": 0, "y": -0.18, "yanchor": "top"},  # below the axes
+                 "annotations": [], "font": {"size": 12}, "hovermode": "closest"}
+    for i, (a, b) in enumerate(_axes(n_panels, widths=widths)):
+        xa, ya = f"xaxis{_ax(i)}", f"yaxis{_ax(i)}"
+        lay[xa] = {"domain": [a, b], "anchor": f"y{_ax(i)}"}
+        lay[ya] = {"anchor": f"x{_ax(i)}"}
+        if i in image_axes:
+            lay[xa].update(showticklabels=False, showgrid=False, zeroline=False, ticks="")
+            lay[ya].update(showticklabels=False, showgrid=False, zeroline=False, ticks="", autorange="reversed",
+                           scaleanchor=f"x{_ax(i)}")
+        if i < len(titles) and titles[i]:
+            lay["annotations"].append(_panel_title(titles[i], a, b))
+    return lay
+
+
+def _panel_title(text: str, a: float, b: float) -> dict:
+    return {"text": f"<b>{_esc(text)}</b>", "xref": "paper", "yref": "paper", "x": (a + b) / 2, "y": 1.0,
+            "xanchor": "center", "yanchor": "bottom", "showarrow": False, "font": {"size": 12}}
+
+
+def _titles(layout: dict, titles: Sequence[str], widths=None) -> list:
+    doms = [layout[f"xaxis{_ax(i)}"]["domain"] for i in range(len(titles))]
+    return [_panel_title(t, a, b) for t, (a, b) in zip(titles, doms)]
+
+
+def _sample_labels(samples) -> list[str]:
+    return [f"{i + 1}: {_short(s.question, 56)}" for i, s in enumerate(samples)]
+
+
+def _as_set(samples, like=None):
+    """A `SampleSet` for the experiments: a SampleSet as it is; a list with the scorer of ``like`` (default vqa)."""
+    from .data.sample import SampleSet
+
+    if isinstance(samples, SampleSet):
+        return samples
+    samples = list(samples)
+    if not samples:
+        raise ValueError("An interactive figure needs at least one sample; pass a non-empty list or SampleSet.")
+    scorer = getattr(like, "scorer", None) or "vqa"
+    name = getattr(like, "name", None) or "picked"
+    return SampleSet(name, samples, scorer, getattr(like, "meta", None))
+
+
+def _image_layer(image, extent_xy, xref="x", yref="y") -> dict:
+    """A layout image filling the data rectangle (x0, y0, x1, y1) of one panel (y down)."""
+    x0, y0, x1, y1 = extent_xy
+    return {"source": _png_uri(image), "xref": xref, "yref": yref, "x": x0, "y": y0, "sizex": x1 - x0,
+            "sizey": y1 - y0, "xanchor": "left", "yanchor": "top", "sizing": "stretch", "layer": "below"}
+
+
+def _grid_geometry(values: np.ndarray, image, extent) -> dict:
+    """Where a [rows, cols] map lies on its image, in pixels (the matplotlib figures' convention)."""
+    R, C = values.shape
+    if image is not None:
+        W, H = image.size
+    else:
+        W, H = C, R
+    ex0, ey0, ex1, ey1 = extent if (extent is not None and image is not None) else (0.0, 0.0, 1.0, 1.0)
+    x0, y0, x1, y1 = ex0 * W, ey0 * H, ex1 * W, ey1 * H
+    return dict(W=W, H=H, x0=x0 + (x1 - x0) / C / 2, dx=(x1 - x0) / C, y0=y0 + (y1 - y0) / R / 2, dy=(y1 - y0) / R)
+
+
+def _heatmap(values, geo, i: int, *, colorscale=HEATMAP, zmid=None, opacity=0.6, showscale=False, name="") -> dict:
+    t = {"type": "heatmap", "z": _r(values), "x0": geo["x0"], "dx": geo["dx"], "y0": geo["y0"], "dy": geo["dy"],
+         "colorscale": colorscale, "opacity": opacity, "showscale": showscale, "xaxis": f"x{_ax(i)}",
+         "yaxis": f"y{_ax(i)}", "zsmooth": "best", "name": name, "hovertemplate": "%{z:.3f}<extra></extra>"}
+    if zmid is not None:
+        t["zmid"] = zmid
+    return t
+
+
+def _outline_path(relevant, W, H) -> str | None:
+    """SVG path outlining the True cells of a bool grid laid over a W x H image (as plots.py outlines them)."""
+    if relevant is None:
+        return None
+    rel = np.asarray(relevant, bool)
+    if rel.ndim != 2 or not rel.any():
+        return None
+    R, C = rel.shape
+    cw, ch = W / C, H / R
+    segs = []
+    for r, c in zip(*np.nonzero(rel)):
+        X, Y = c * cw, r * ch
+        if r == 0 or not rel[r - 1, c]:
+            segs.append(f"M{X:.1f},{Y:.1f}H{X + cw:.1f}")
+        if r == R - 1 or not rel[r + 1, c]:
+            segs.append(f"M{X:.1f},{Y + ch:.1f}H{X + cw:.1f}")
+        if c == 0 or not rel[r, c - 1]:
+            segs.append(f"M{X:.1f},{Y:.1f}V{Y + ch:.1f}")
+        if c == C - 1 or not rel[r, c + 1]:
+            segs.append(f"M{X + cw:.1f},{Y:.1f}V{Y + ch:.1f}")
+    return "".join(segs)
+
+
+def _outline_shape(relevant, W, H, i: int) -> list[dict]:
+    path = _outline_path(relevant, W, H)
+    if path is None:
+        return []
+    return [{"type": "path", "path": path, "xref": f"x{_ax(i)}", "yref": f"y{_ax(i)}",
+             "line": {"color": RELEVANT_COLOR, "width": 2}}]
+
+
+def _image_panel(layout_update: dict, i: int, image, geo, relevant=None) -> None:
+    """Axes ranges, the picture and the relevant outline of image panel ``i`` (added to a state's layout)."""
+    W, H = geo["W"], geo["H"]
+    layout_update.setdefault("images", [])
+    layout_update.setdefault("shapes", [])
+    if image is not None:
+        layout_update["images"].append(_image_layer(image, (0, 0, W, H), f"x{_ax(i)}", f"y{_ax(i)}"))
+        layout_update["shapes"] += _outline_shape(relevant, W, H, i)
+
+
+def _with_axis_ranges(base: dict, update: dict, panels: Sequence[int], W, H) -> None:
+    for i in panels:
+        xa, ya = f"xaxis{_ax(i)}", f"yaxis{_ax(i)}"
+        update[xa] = {**base[xa], "range": [0, W]}
+        update[ya] = {**{k: v for k, v in base[ya].items() if k != "autorange"}, "range": [H, 0]}
+
+
+# --- masking ------------------------------------------------------------------------------------------------------
+
+def masking_data(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), windows: Sequence[int] = (1,),
+                 dataset=None) -> pd.DataFrame:
+    """The masking experiment's records for ``samples`` at each window: one row per (sample, mode, window, layer)
+    with the answer under the mask (``pred``), p of the unmasked answer's first token (``p_answer``, ``plain_p``)
+    and the unmasked answer (``plain_pred``). ``dataset`` lends its scorer when ``samples`` is a list."""
+    from .experiments.masking import masking
+
+    ds = _as_set(samples, dataset)
+    L = lm.num_layers
+    parts = []
+    for w in windows:
+        if not 1 <= int(w) <= L:
+            raise ValueError(f"Masking window {w} is outside 1..{L} for this {L}-layer model; choose windows in that "
+                             "range.")
+        r = masking(lm, ds, modes=tuple(modes), window=int(w), out=None, progress=False)
+        parts.append(r.records.assign(window=int(w)))
+    df = pd.concat(parts, ignore_index=True)
+    df.attrs["questions"] = {str(s.id): (s.question, list(s.answers)) for s in ds}
+    df.attrs["num_layers"] = L
+    return df
+
+
+def masking_figure(records: pd.DataFrame, *, title: str = "Masking the image at one layer",
+                   model: str = "") -> InteractiveFigure:
+    """Question, mode, window and layer -> p(first token of the unmasked answer) over the masked layer, a marker at
+    the chosen layer, and the answer under the mask beside the unmasked one."""
+    need = {"id", "mode", "layer", "window", "pred", "p_answer", "plain_pred", "plain_p"}
+    missing = need - set(records.columns)
+    if missing:
+        raise ValueError(f"masking_figure needs the masking records' columns {sorted(missing)}; pass masking_data's "
+                         "result.")
+    ids = list(dict.fromkeys(records["id"].astype(str)))
+    qs = records.attrs.get("questions", {})
+    modes = list(dict.fromkeys(records["mode"]))
+    windows = sorted(records["window"].unique().tolist())
+    layers = sorted(records["layer"].unique().tolist())
+    labels = [f"{i + 1}: {_short(qs.get(q, (q,))[0], 56)}" for i, q in enumerate(ids)]
+    controls = [Control("question", ids, labels), Control("mask", modes), Control("window", windows,
+                                                                                   kind="slider"),
+                Control("layer", layers, kind="slider")]
+    if len(windows) == 1:
+        controls.pop(2)
+    lay = _base_layout(1, height=360)
+    lay["xaxis"].update(title={"text": "masked layer"}, dtick=max(1, len(layers) // 16))
+    lay["yaxis"].update(title={"text": "p(first token of the unmasked answer)"}, range=[0, 1.05])
+    lay["legend"].update(y=-0.25)
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=380,
+                            caption="Dashed: unmasked. The ring marks the chosen layer.")
+    rec = records.assign(id=records["id"].astype(str))
+    for qi, q in enumerate(ids):
+        rq = rec[rec["id"] == q]
+        plain_p = float(rq["plain_p"].iloc[0])
+        plain = str(rq["plain_pred"].iloc[0])
+        fig.traces[f"plain|{qi}"] = {"type": "scatter", "mode": "lines", "x": layers, "y": [round(plain_p, 4)] * len(layers),
+                                     "line": {"dash": "dash", "color": "grey"}, "name": "unmasked"}
+        for mi, mode in enumerate(modes):
+            for wi, w in enumerate(windows):
+                r = rq[(rq["mode"] == mode) & (rq["window"] == w)].sort_values("layer")
+                cid = f"curve|{qi}|{mi}|{wi}"
+                fig.traces[cid] = {"type": "scatter", "mode": "lines+markers", "x": r["layer"].tolist(),
+                                   "y": _r(r["p_answer"]), "name": f"masked ({mode}, window {w})",
+                                   "line": {"color": LINE_COLORS[mi % len(LINE_COLORS)]}, "marker": {"size": 5}}
+                by_layer = r.set_index("layer")
+                for li, j in enumerate(layers):
+                    mid = f"mk|{qi}|{mi}|{wi}|{li}"
+                    p = float(by_layer.loc[j, "p_answer"])
+                    fig.traces[mid] = {"type": "scatter", "mode": "markers", "x": [j], "y": [round(p, 4)],
+                                       "marker": {"size": 14, "color": "rgba(0,0,0,0)",
+                                                  "line": {"color": "black", "width": 2}},
+                                       "name": f"layer {j}", "showlegend": False}
+                    ans = str(by_layer.loc[j, "pred"])
+                    changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
+                    question, gold = qs.get(q, (q, []))
+                    text = (f"<b>{_esc(question)}</b> (gold: {_esc(', '.join(gold))})<br>unmasked: "
+                            f"<code>{_esc(plain)}</code> · p = {plain_p:.3f} &nbsp;|&nbsp; masked at layer {j} "
+                            f"({_esc(mode)}, window {w}): <code>{_esc(ans)}</code>{changed} · p = {p:.3f} "
+                            f"(Δ {p - plain_p:+.3f})")
+                    combo = [qi, mi, wi, li] if len(windows) > 1 else [qi, mi, li]
+                    fig.states["|".join(map(str, combo))] = {"data": [cid, f"plain|{qi}", mid], "text": text}
+    return fig
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+def attention_data(lm, samples, *, dataset=None) -> list[dict]:
+    """Per sample: `sample_maps`'s maps (2-D per layer on the image, per token) and the attention experiment's
+    per-layer records (mass on relevant and irrelevant tokens where the dataset knows relevance)."""
+    from .experiments.attention import attention, sample_maps
+    from .experiments.common import post_prompt_for
+
+    ds = _as_set(samples, dataset)
+    views = sample_maps(lm, list(ds), post_prompt=post_prompt_for(ds))
+    rec = attention(lm, ds, out=None, progress=False).records
+    rec = rec.assign(id=rec["id"].astype(str))
+    for v, s in zip(views, ds):
+        v["records"] = rec[rec["id"] == str(s.id)].sort_values("layer").reset_index(drop=True)
+        v["answers"] = list(s.answers)
+    return views
+
+
+def attention_figure(views: Sequence[Mapping], *, title: str = "Last-token attention over the image",
+                     model: str = "", layer: int | None = None) -> InteractiveFigure:
+    """Question and layer -> the heatmap of that layer over the image (relevant cells outlined), beside the mass on
+    relevant and irrelevant tokens by layer with a marker at the chosen layer."""
+    if not views:
+        raise ValueError("attention_figure needs at least one view; pass attention_data's result.")
+    L = int(np.asarray(views[0]["tokens"]).shape[0])
+    layers = list(range(L))
+    labels = [f"{i + 1}: {_short(v['question'], 56)}" for i, v in enumerate(views)]
+    controls = [Control("question", list(range(len(views))), labels),
+                Control("layer", layers, kind="slider", value=L // 2 if layer is None else int(layer) % L)]
+    lay = _base_layout(2, widths=[1, 1.3], image_axes=(0,), height=380)
+    lay["xaxis2"].update(title={"text": "layer"}, dtick=max(1, L // 16))
+    lay["yaxis2"].update(title={"text": "attention mass"}, rangemode="tozero")
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=400,
+                            caption="Outlined cells hold the answer. Each layer's map is renormalised over the image.")
+    for qi, v in enumerate(views):
+        maps = np.asarray(v["maps2d"], float)
+        spatial = bool(v.get("spatial", True)) and maps.ndim == 3 and maps.shape[1] > 1
+        image = v.get("image") if spatial else None
+        m0 = maps[0] if maps.ndim == 3 else np.asarray(maps[0])[None, :]
+        geo = _grid_geometry(m0, image, v.get("extent"))
+        rec = v.get("records")
+        curves = []
+        if rec is not None and "rel_mass" in rec.columns and rec["rel_mass"].notna().any():
+            for col, name, color in (("rel_mass", "relevant tokens", "#d55e00"), ("irr_mass", "irrelevant tokens",
+                                                                                   "#0072b2")):
+                fig.traces[f"{col}|{qi}"] = {"type": "scatter", "mode": "lines+markers", "x": rec["layer"].tolist(),
+                                             "y": _r(rec[col]), "name": name, "xaxis": "x2", "yaxis": "y2",
+                                             "line": {"color": color}, "marker": {"size": 4}}
+                curves.append(f"{col}|{qi}")
+            ycol = "rel_mass"
+        else:
+            tokens = np.asarray(v["tokens"], float)
+            fig.traces[f"max|{qi}"] = {"type": "scatter", "mode": "lines+markers", "x": layers,
+                                       "y": _r(tokens.max(1)), "name": "largest token share", "xaxis": "x2",
+                                       "yaxis": "y2"}
+            curves.append(f"max|{qi}")
+            ycol = None
+        upd: dict = {}
+        if spatial:
+            _image_panel(upd, 0, image, geo, v.get("relevant"))
+            _with_axis_ranges(lay, upd, [0], geo["W"], geo["H"])
+        else:
+            upd["annotations"] = [{"text": "no spatial grid (query tokens)", "xref": "paper", "yref": "paper",
+                                   "x": 0.2, "y": -0.1, "showarrow": False}]
+        for j in layers:
+            mj = maps[j] if maps.ndim == 3 else np.asarray(maps[j])[None, :]
+            hid = f"hm|{qi}|{j}"
+            fig.traces[hid] = _heatmap(mj, geo, 0, opacity=0.6 if image is not None else 1.0, name=f"layer {j}")
+            fig.traces[hid]["showlegend"] = False
+            if ycol is not None:
+                yv = float(rec.loc[rec["layer"] == j, ycol].iloc[0])
+                extra = (f" · mass on relevant tokens {yv:.2f}, on irrelevant "
+                         f"{float(rec.loc[rec['layer'] == j, 'irr_mass'].iloc[0]):.2f}")
+            else:
+                yv = float(np.asarray(v["tokens"], float)[j].max())
+                extra = f" · largest token share {yv:.2f}"
+            mid = f"mk|{qi}|{j}"
+            fig.traces[mid] = {"type": "scatter", "mode": "markers", "x": [j], "y": [round(yv, 4)], "xaxis": "x2",
+                               "yaxis": "y2", "marker": {"size": 13, "color": "rgba(0,0,0,0)",
+                                                         "line": {"color": "black", "width": 2}},
+                               "showlegend": False, "name": f"layer {j}"}
+            text = (f"<b>{_esc(v['question'])}</b> (answer: {_esc(v.get('answer') or ', '.join(v.get('answers', [])))})"
+                    f" · layer {j} of {L}{extra}")
+            titles = _titles(lay, [f"layer {j}", "attention mass by layer"])
+            fig.layouts.setdefault(f"img|{qi}", upd)
+            fig.states[f"{qi}|{j}"] = {"data": [hid, *curves, mid], "text": text,
+                                       "layout": [f"img|{qi}", {"annotations": titles + upd.get("annotations", [])}]}
+    return fig
+
+
+# --- contrastive --------------------------------------------------------------------------------------------------
+
+def contrastive_data(lm, samples, *, fusion_layers: Sequence[int], apply_layer: int,
+                     candidate_sets: Sequence[str] = ("fusion", "shallow", "deep", "all"),
+                     rhos: Sequence[float] = (0.1, 0.2, 0.4), lams: Sequence[float] = (0.0, 0.1, 0.5),
+                     dataset=None) -> dict:
+    """The contrastive experiment on ``samples`` over candidate sets x ρ x λ (soft mask), and per candidate set
+    `contrastive_views` (A_pre, A_post, I_A on the image): everything `contrastive_figure` shows."""
+    from .experiments.common import post_prompt_for
+    from .experiments.contrastive import contrastive, contrastive_views
+
+    ds = _as_set(samples, dataset)
+    res = contrastive(lm, ds, fusion_layers=list(fusion_layers), apply_layer=apply_layer, variants=("soft",),
+                      candidates=tuple(candidate_sets), rhos=tuple(rhos), lams=tuple(lams), out=None,
+                      progress=False)
+    pp = post_prompt_for(ds)
+    views = {k: contrastive_views(lm, list(ds), k, list(fusion_layers), post_prompt=pp) for k in candidate_sets}
+    return {"records": res.records.assign(id=res.records["id"].astype(str)), "views": views,
+            "samples": [dict(id=str(s.id), question=s.question, answers=list(s.answers), relevant=s.relevant)
+                        for s in ds],
+            "candidate_sets": list(candidate_sets), "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams],
+            "apply_layer": int(apply_layer), "fusion_layers": [int(j) for j in fusion_layers]}
+
+
+def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and the soft mask",
+                       model: str = "") -> InteractiveFigure:
+    """Question, candidate set, ρ and λ -> A_pre (layer i*), A_post and I_A over the image, the tokens the soft mask
+    scales marked on I_A, and the soft-masked answer beside the plain one."""
+    from .methods.softmask import soft_mask_tokens
+
+    import torch
+
+    sets, rhos, lams = data["candidate_sets"], data["rhos"], data["lams"]
+    samples = data["samples"]
+    rec = data["records"]
+    labels = [f"{i + 1}: {_short(s['question'], 56)}" for i, s in enumerate(samples)]
+    controls = [Control("question", list(range(len(samples))), labels), Control("candidates", sets),
+                Control("ρ", rhos, [f"{r:g}" for r in rhos], kind="slider",
+                        value=0.2 if 0.2 in rhos else rhos[0]),
+                Control("λ", lams, [f"{x:g}" for x in lams], kind="slider", value=0.1 if 0.1 in lams else lams[0])]
+    lay = _base_layout(3, image_axes=(0, 1, 2), height=330)
+    lay["legend"].update(y=-0.05)
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=360,
+                            caption="Red on I_A: attention gained with depth; blue: lost. Green crosses: the image "
+                                    "tokens the soft mask scales by λ at the apply layer.")
+    for qi, s in enumerate(samples):
+        for ki, kind in enumerate(sets):
+            v = data["views"][kind][qi]
+            spatial = bool(v.get("spatial", True))
+            ia = np.asarray(v["I_A"], float)
+            ia2 = ia if ia.ndim == 2 else ia[None, :]
+            image = v.get("image") if spatial else None
+            geo = _grid_geometry(ia2, image, v.get("extent"))
+            lim = float(np.nanmax(np.abs(ia2))) if np.isfinite(ia2).any() and np.nanmax(np.abs(ia2)) > 0 else 1.0
+            ids = []
+            for i, (key, cs, zmid) in enumerate((("A_pre", HEATMAP, None), ("A_post", HEATMAP, None),
+                                                   ("I_A", DIVERGING, 0.0))):
+                vals = np.asarray(v[key], float)
+                vals = vals if vals.ndim == 2 else vals[None, :]
+                tid = f"{key}|{qi}|{ki}"
+                t = _heatmap(vals, geo, i, colorscale=cs, zmid=zmid, opacity=0.7 if image is not None else 1.0,
+                             name=key)
+                if key == "I_A":
+                    t.update(zmin=-lim, zmax=lim, reversescale=True)
+                t["showlegend"] = False
+                fig.traces[tid] = t
+                ids.append(tid)
+            upd: dict = {}
+            if spatial:
+                for i in range(3):
+                    _image_panel(upd, i, image, geo, s.get("relevant"))
+                _with_axis_ranges(lay, upd, [0, 1, 2], geo["W"], geo["H"])
+            upd["annotations"] = _titles(lay, [f"A_pre (layer i* = {v['pre']})", f"A_post (layer {v['post']})",
+                                               "I_A = A_post − A_pre"])
+            # the pictures are the same for every candidate set: stored once per question
+            fig.layouts.setdefault(f"pic|{qi}", {k: upd.pop(k) for k in ("images", "shapes") if k in upd})
+            fig.layouts[f"img|{qi}|{ki}"] = upd
+            for ri, rho in enumerate(rhos):
+                mask = np.asarray(soft_mask_tokens(torch.as_tensor(ia2.ravel()), rho)).astype(bool).reshape(ia2.shape)
+                rr, cc = np.nonzero(mask)
+                mid = f"mask|{qi}|{ki}|{ri}"
+                fig.traces[mid] = {"type": "scatter", "mode": "markers", "xaxis": "x3", "yaxis": "y3",
+                                   "x": _r(geo["x0"] + cc * geo["dx"], 2), "y": _r(geo["y0"] + rr * geo["dy"], 2),
+                                   "marker": {"symbol": "x-thin", "size": 7, "line": {"width": 2, "color": MASK_COLOR}},
+                                   "name": f"scaled tokens (ρ = {rho:g})", "hoverinfo": "skip"}
+                for li, lam in enumerate(lams):
+                    sel = rec[(rec["id"] == s["id"]) & (rec["candidates"] == kind) & (rec["variant"] == "soft")
+                              & np.isclose(rec["rho"].astype(float), rho) & np.isclose(rec["lam"].astype(float), lam)]
+                    if sel.empty:
+                        raise ValueError(f"contrastive_figure: no record for {s['id']}, {kind}, ρ={rho}, λ={lam}; "
+                                         "pass contrastive_data's result for the same grid.")
+                    row = sel.iloc[0]
+                    ans, plain = str(row["pred"]), str(row["plain_pred"])
+                    changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
+                    n_masked = int(row["n_masked"]) if "n_masked" in row and pd.notna(row["n_masked"]) else int(mask.sum())
+                    text = (f"<b>{_esc(s['question'])}</b> (gold: {_esc(', '.join(s['answers']))}) · candidates "
+                            f"{_esc(kind)} → i* = {v['pre']}<br>plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
+                            f"soft mask (ρ = {rho:g}: {n_masked} tokens × λ = {lam:g} at layer "
+                            f"{data['apply_layer']}): <code>{_esc(ans)}</code>{changed}")
+                    fig.states[f"{qi}|{ki}|{ri}|{li}"] = {"data": [*ids, mid], "layout": [f"pic|{qi}", f"img|{qi}|{ki}"],
+                                                          "text": text}
+    return fig
+
+
+# --- the layer story: Hellinger and early exit --------------------------------------------------------------------
+
+def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFrame, *, model: str = "",
+                  top: int = 8, title: str = "Each layer's attention and early-exit answer") -> InteractiveFigure:
+    """Layer -> the distribution over questions of that layer's Hellinger distance to the final layer's attention,
+    and of the answer read off that layer (early exit), correct and wrong stacked."""
+    for df, cols, what in ((hellinger_records, {"layer", "hellinger"}, "hellinger"),
+                           (early_exit_records, {"layer", "pred", "score"}, "early_exit")):
+        if not cols <= set(df.columns):
+            raise ValueError(f"layers_figure needs the {what} records (columns {sorted(cols)}); pass "
+                             f"{what}(...).records.")
+    layers = sorted(set(hellinger_records["layer"]) | set(early_exit_records["layer"]))
+    L = len(layers)
+    controls = [Control("layer", layers, kind="slider", value=layers[(3 * L) // 4] if L else None)]
+    lay = _base_layout(2, widths=[1, 1.2], height=360)
+    lay["xaxis"].update(title={"text": "Hellinger distance to the final layer"}, range=[0, 1])
+    lay["yaxis"].update(title={"text": "questions"}, rangemode="tozero")
+    lay["xaxis2"].update(title={"text": "answer read off the layer"}, automargin=True, tickangle=-30)
+    lay["yaxis2"].update(title={"text": "questions"}, rangemode="tozero")
+    lay["barmode"] = "stack"
+    lay["bargap"] = 0.1
+    h_max = int(hellinger_records.groupby("layer").size().max()) if len(hellinger_records) else 1
+    lay["yaxis"]["range"] = [0, h_max]
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=400)
+    edges = np.linspace(0, 1, 21)
+    for li, j in enumerate(layers):
+        h = hellinger_records.loc[hellinger_records["layer"] == j, "hellinger"].astype(float).to_numpy()
+        counts, _ = np.histogram(np.clip(h, 0, 1), bins=edges)
+        fig.traces[f"h|{li}"] = {"type": "bar", "x": _r((edges[:-1] + edges[1:]) / 2), "y": counts.tolist(),
+                                 "width": 0.05, "name": "Hellinger", "marker": {"color": "#7f7f7f"},
+                                 "showlegend": False}
+        e = early_exit_records[early_exit_records["layer"] == j]
+        words = e["pred"].astype(str).replace("", "(empty)")
+        order = words.value_counts().index[:top].tolist()
+        ok = [int(((words == w) & (e["score"] > 0)).sum()) for w in order]
+        bad = [int(((words == w) & (e["score"] <= 0)).sum()) for w in order]
+        fig.traces[f"ok|{li}"] = {"type": "bar", "x": order, "y": ok, "name": "correct", "xaxis": "x2",
+                                  "yaxis": "y2", "marker": {"color": "#009e73"}}
+        fig.traces[f"bad|{li}"] = {"type": "bar", "x": order, "y": bad, "name": "wrong", "xaxis": "x2",
+                                   "yaxis": "y2", "marker": {"color": "#d55e00"}}
+        acc = float(e["score"].mean()) if len(e) else float("nan")
+        agree = (f", agrees with the final layer on {float(e['agrees_final'].mean()):.0%}"
+                 if "agrees_final" in e.columns and len(e) else "")
+        text = (f"layer {j}: mean Hellinger distance {np.nanmean(h) if len(h) else float('nan'):.3f} over "
+                f"{len(h)} questions · early-exit accuracy {acc:.0%}{agree}")
+        fig.states[str(li)] = {"data": [f"h|{li}", f"ok|{li}", f"bad|{li}"], "text": text,
+                               "layout": {"annotations": _titles(lay, [f"attention distance at layer {j}",
+                                                                       f"early-exit answers at layer {j}"])}}
+    return fig
+
+
+# --- across models: the fusion threshold --------------------------------------------------------------------------
+
+def threshold_figure(summaries: Mapping[str, pd.DataFrame], *, thresholds: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
+                     mode: str = "zero", title: str = "Accuracy drop by depth, and the fusion layers a threshold picks"
+                     ) -> InteractiveFigure:
+    """Threshold and x axis (layer or relative depth) -> each model's accuracy drop when the image is masked at a
+    layer, with the fusion layers `find_layers` picks at that threshold marked."""
+    from .experiments.masking import find_layers
+
+    if not summaries:
+        raise ValueError("threshold_figure needs at least one model's masking summary.")
+    thresholds = [float(t) for t in thresholds]
+    controls = [Control("threshold", thresholds, [f"{t:g}" for t in thresholds], kind="slider",
+                        value=0.05 if 0.05 in thresholds else thresholds[0]),
+                Control("x axis", ["relative", "layer"], ["relative depth", "layer"])]
+    lay = _base_layout(1, height=360)
+    lay["yaxis"].update(title={"text": "accuracy drop (unmasked − masked)"})
+    fig = InteractiveFigure(title, controls, lay, height=380,
+                            caption="Triangles: fusion layers (drop above the threshold, before the plateau).")
+    for xi, xkind in enumerate(("relative", "layer")):
+        for ti, t in enumerate(thresholds):
+            ids, lines = [], []
+            for mi, (name, s) in enumerate(summaries.items()):
+                s = s[s["mode"] == mode].sort_values("layer") if "mode" in s.columns else s.sort_values("layer")
+                L = int(s["layer"].max()) + 1 if len(s) else 1
+                x = (s["layer"] / max(L - 1, 1)) if xkind == "relative" else s["layer"]
+                cid = f"c|{mi}|{xi}"
+                color = LINE_COLORS[mi % len(LINE_COLORS)]
+                fig.traces[cid] = {"type": "scatter", "mode": "lines", "x": _r(x), "y": _r(s["drop"]),
+                                   "name": name, "line": {"color": color}}
+                found = find_layers(s, threshold=t)
+                fl = [j for j in found["fusion_layers"]]
+                sel = s[s["layer"].isin(fl)]
+                fid = f"f|{mi}|{xi}|{ti}"
+                xs = (sel["layer"] / max(L - 1, 1)) if xkind == "relative" else sel["layer"]
+                fig.traces[fid] = {"type": "scatter", "mode": "markers", "x": _r(xs), "y": _r(sel["drop"]),
+                                   "marker": {"symbol": "triangle-down", "size": 11, "color": color,
+                                              "line": {"color": "black", "width": 1}},
+                                   "name": f"{name}: fusion layers", "showlegend": False}
+                ids += [cid, fid]
+                lines.append(f"{_esc(name)}: fusion layers {fl or 'none found'}, plateau from "
+                             f"{found['plateau_start'] if found['plateau_start'] is not None else 'none found'}, "
+                             f"review layer {found['review_layer'] if found['review_layer'] is not None else 'none found'}")
+            xr = [-0.02, 1.02] if xkind == "relative" else None
+            upd = {"xaxis": {**lay["xaxis"], "title": {"text": "relative depth (layer / (L − 1))" if xkind == "relative"
+                                                               else "masked layer"},
+                             **({"range": xr} if xr else {})},
+                   "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": t, "y1": t,
+                               "line": {"dash": "dot", "color": "grey"}}]}
+            fig.states[f"{ti}|{xi}"] = {"data": ids, "layout": upd,
+                                        "text": f"threshold {t:g}<br>" + "<br>".join(lines)}
+    return fig
