@@ -12,15 +12,26 @@ parameters given in a *parameters file* such as ``book/params/default.yml``::
       fusion: {}                 # chapter-specific overrides
       review: {samples: 60}
 
-:func:`build` executes every chapter whose inputs changed (the notebook's
-cells, its parameters, the ``fusion_utils`` source and version, and the
-fingerprints of the models it uses), writes the executed notebooks to
-``book/chapters/<name>.ipynb``, writes the reproducibility appendix
-(``book/_generated/reproducibility.md``) and ``book/_build/build_info.json``,
-and then runs ``jupyter-book build`` (notebook execution off) to produce
-``book/_build/html``.
+:func:`build` runs five small steps, each a function of this module:
 
-Importing this module has no side effects and imports neither papermill nor
+1. :func:`validate` -- read the parameters file and check it against the notebooks and ``_toc.yml``;
+2. :func:`plan` -- per chapter, the cache key of its inputs (the notebook's cells, its parameters, the
+   ``fusion_utils`` source and version, the fingerprints of its models) and whether it must run;
+3. :func:`execute` -- run the chapters that must, each in a kernel whose environment says "static book";
+4. :func:`appendix` -- the reproducibility appendix and ``build_info.json``;
+5. :func:`render` -- Sphinx (jupyter-book's configuration, notebook execution off), then the builds' index page.
+
+Each parameters file builds into its own folder, so books for different models sit side by side::
+
+    book/_build/index.html           every build found: parameters file, models, data, date
+    book/_build/<params name>/
+        html/                        the book
+        src/                         its sources: config, prose pages, executed chapters, appendix
+        build_info.json
+    .cache/book/<params name>/       the chapters' cache records, failed notebooks, kernel logs
+
+Hashing and provenance come from :mod:`fusion_utils.runs`; the driver sets no process-wide environment variable
+(the kernels and Sphinx get theirs). Importing this module has no side effects and imports neither papermill nor
 jupyter-book; they are loaded when a build starts.
 
 .. _papermill: https://papermill.readthedocs.io
@@ -31,7 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import hashlib
+import html as _html
 import json
 import os
 import platform
@@ -42,26 +53,33 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .runs import canonical_json, package_source_hash
+from .runs import atomic_write_text, canonical_json, config_hash, package_source_hash, provenance
 
 __all__ = [
     "BookError",
     "BuildReport",
     "ChapterResult",
+    "Layout",
     "add_cli",
+    "appendix",
     "build",
     "cache_key",
     "clean",
+    "execute",
     "find_root",
     "load_params",
     "main",
+    "plan",
+    "render",
+    "validate",
+    "write_index",
 ]
 
 #: Bump when the cache-key recipe changes, so that old cache records never match.
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2
 
-#: Files of the package that do not influence what a chapter computes; editing
-#: them does not invalidate the chapter cache.
+#: What a chapter kernel is told: render the explorers as kernel-free figures (see fusion_utils.widgets).
+KERNEL_ENV = {"FUSION_UTILS_STATIC": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -72,10 +90,10 @@ class BookError(RuntimeError):
 
 @dataclasses.dataclass
 class ChapterResult:
-    """Outcome of one chapter in a :func:`build`."""
+    """One chapter of a :func:`build`: what :func:`plan` decided and what :func:`execute` did."""
 
     name: str
-    #: ``"executed"``, ``"cached"``, ``"skipped"`` (not selected by ``only``) or ``"failed"``.
+    #: ``"execute"`` (planned), ``"executed"``, ``"cached"``, ``"skipped"`` (not selected by ``only``) or ``"failed"``.
     status: str
     #: Wall time of the execution that produced the notebook now in the book
     #: (for a cached chapter: the time of the run that filled the cache).
@@ -100,6 +118,7 @@ class BuildReport:
     total_seconds: float = 0.0
     ok: bool = True
     error: str | None = None
+    index: Path | None = None
 
     @property
     def executed(self) -> list[str]:
@@ -129,63 +148,88 @@ def find_root(start: str | os.PathLike | None = None) -> Path:
 
 
 @dataclasses.dataclass
-class _Layout:
-    root: Path  # where notebooks/ lives (the sources)
-    out: Path  # where _config.yml/_toc.yml/book/ are built (== root unless staging)
+class Layout:
+    """Where one build reads and writes: ``root`` holds the sources (``notebooks/``, ``book/``, the config), ``out``
+    the builds (``out == root`` unless building elsewhere), ``name`` is the parameters file's name."""
+
+    root: Path
+    out: Path
+    name: str
 
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
 
     @property
-    def book(self) -> Path:
-        return self.out / "book"
-
-    @property
-    def chapters(self) -> Path:
-        return self.book / "chapters"
-
-    @property
-    def generated(self) -> Path:
-        return self.book / "_generated"
+    def builds(self) -> Path:
+        return self.out / "book" / "_build"
 
     @property
     def build_dir(self) -> Path:
-        return self.book / "_build"
+        return self.builds / self.name
+
+    @property
+    def src(self) -> Path:
+        return self.build_dir / "src"
+
+    @property
+    def chapters(self) -> Path:
+        return self.src / "book" / "chapters"
+
+    @property
+    def generated(self) -> Path:
+        return self.src / "book" / "_generated"
 
     @property
     def html(self) -> Path:
         return self.build_dir / "html"
 
     @property
+    def build_info(self) -> Path:
+        return self.build_dir / "build_info.json"
+
+    @property
     def cache(self) -> Path:
-        return self.out / ".cache" / "book"
+        return self.out / ".cache" / "book" / self.name
 
     @property
     def failed(self) -> Path:
         return self.cache / "failed"
 
 
-def _stage(root: Path, out: Path) -> None:
-    """Copy the book sources (config, toc, prose pages, params, assets) to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+def build_name(params_file: str | os.PathLike) -> str:
+    """The folder a parameters file builds into: its file name without the suffix (``default.yml`` -> ``default``)."""
+    return Path(params_file).stem
+
+
+def _stage(root: Path, src: Path) -> None:
+    """Copy the book sources (config, toc, prose pages, assets) into a build's ``src``; times are kept (copy2) so
+    Sphinx re-reads only what changed."""
+    src.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml"):
-        shutil.copy2(root / name, out / name)
-    src = root / "book"
-    if src.is_dir():
-        skip = {"_build", "chapters", "_generated"}
-        for item in src.iterdir():
+        _copy_if_changed(root / name, src / name)
+    book = root / "book"
+    if book.is_dir():
+        skip = {"_build", "chapters", "_generated", "params"}
+        for item in book.iterdir():
             if item.name in skip:
                 continue
-            dest = out / "book" / item.name
+            dest = src / "book" / item.name
             if item.is_dir():
-                shutil.copytree(item, dest, dirs_exist_ok=True)
+                shutil.copytree(item, dest, dirs_exist_ok=True, copy_function=_copy_if_changed)
             else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, dest)
+                _copy_if_changed(item, dest)
 
 
-# --------------------------------------------------------------------------- params
+def _copy_if_changed(source, dest) -> None:
+    source, dest = Path(source), Path(dest)
+    if dest.is_file() and dest.stat().st_size == source.stat().st_size and dest.read_bytes() == source.read_bytes():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, dest)
+
+
+# --------------------------------------------------------------------------- step 1: validate
 
 
 def _check_value(value: Any, where: str) -> None:
@@ -290,7 +334,7 @@ def _declared_parameters(notebook: Path) -> set[str] | None:
         return None
 
 
-def _validate(params: dict, layout: _Layout, toc_file: Path) -> None:
+def _validate(params: dict, layout: Layout, toc_file: Path) -> None:
     path = params["path"]
     for name in params["chapters"]:
         nb = layout.notebooks / f"{name}.ipynb"
@@ -337,15 +381,22 @@ def _validate(params: dict, layout: _Layout, toc_file: Path) -> None:
             )
 
 
-# --------------------------------------------------------------------------- cache key
+def validate(params_file: str | os.PathLike, layout: Layout, only: Sequence[str] | None = None) -> dict:
+    """Step 1: the parameters file read and checked against the notebooks and ``_toc.yml`` (see `load_params`)."""
+    params = load_params(params_file, layout.root)
+    for f in ("_config.yml", "_toc.yml"):
+        if not (layout.root / f).is_file():
+            raise BookError(f"{layout.root / f} is missing; run the build from the repository root or pass root=.")
+    _validate(params, layout, layout.root / "_toc.yml")
+    if only:
+        unknown = [n for n in only if n not in params["chapters"]]
+        if unknown:
+            raise BookError(f"--only names unknown chapter(s) {', '.join(unknown)}; choose from "
+                            f"{', '.join(params['chapters'])}.")
+    return params
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _canonical(obj: Any) -> str:
-    return canonical_json(obj) if isinstance(obj, Mapping) else canonical_json({"value": obj})
+# --------------------------------------------------------------------------- step 2: plan
 
 
 def notebook_source_hash(notebook: Path) -> str:
@@ -358,21 +409,22 @@ def notebook_source_hash(notebook: Path) -> str:
             src = "".join(src)
         tags = sorted((c.get("metadata") or {}).get("tags", []) or [])
         cells.append([c.get("cell_type"), src, tags])
-    return _sha256(_canonical(cells).encode("utf-8"))
+    return config_hash({"cells": cells})
 
 
 def package_version() -> str:
-    try:
-        from importlib.metadata import version
+    return str(provenance_versions().get("fusion_utils") or "0+unknown")
 
-        return version("fusion_utils")
-    except Exception:
-        try:
-            import fusion_utils
 
-            return str(getattr(fusion_utils, "__version__", "0+unknown"))
-        except Exception:
-            return "0+unknown"
+def provenance_versions() -> dict:
+    """`fusion_utils.runs.provenance` (versions, platform, git), computed once per process."""
+    global _PROVENANCE
+    if _PROVENANCE is None:
+        _PROVENANCE = provenance()
+    return _PROVENANCE
+
+
+_PROVENANCE: dict | None = None
 
 
 def _models_in(parameters: Mapping[str, Any]) -> list[str]:
@@ -427,19 +479,49 @@ def model_fingerprints(names: Iterable[str], _memo: dict | None = None) -> dict[
 
 def cache_key(notebook: Path, parameters: Mapping[str, Any], fingerprints: Mapping[str, str],
               *, version: str | None = None, source_hash: str | None = None) -> str:
-    """The cache key of one chapter execution."""
-    parts = {
+    """The cache key of one chapter execution (`fusion_utils.runs.config_hash` of everything it depends on)."""
+    return config_hash({
         "schema": CACHE_SCHEMA,
         "notebook": notebook_source_hash(notebook),
-        "parameters": _canonical(dict(parameters)),
+        "parameters": dict(parameters),
         "fusion_utils": version if version is not None else package_version(),
         "package_source": source_hash if source_hash is not None else package_source_hash(),
-        "models": _canonical(dict(fingerprints)),
-    }
-    return _sha256(_canonical(parts).encode("utf-8"))
+        "models": dict(fingerprints),
+    })
 
 
-# --------------------------------------------------------------------------- execution
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan(params: dict, layout: Layout, *, force: bool = False, only: Sequence[str] | None = None) -> list[ChapterResult]:
+    """Step 2: per chapter, its parameters, model fingerprints and cache key, and its status: ``"execute"``,
+    ``"cached"`` (the cache record's key matches and the executed notebook exists) or ``"skipped"`` (``only``)."""
+    version, source_hash, memo = package_version(), package_source_hash(), {}
+    out = []
+    for name, over in params["chapters"].items():
+        nb = layout.notebooks / f"{name}.ipynb"
+        parameters = {**params["common"], **over}
+        fps = model_fingerprints(_models_in(parameters), memo)
+        key = cache_key(nb, parameters, fps, version=version, source_hash=source_hash)
+        output = layout.chapters / f"{name}.ipynb"
+        record = _read_record(layout.cache / f"{name}.json")
+        result = ChapterResult(name=name, status="execute", seconds=None, parameters=parameters, key=key, notebook=nb,
+                               output=output, fingerprints=fps)
+        if only and name not in only:
+            result.status = "skipped"
+            if record and output.is_file():
+                result.seconds = record.get("seconds")
+        elif not force and record and record.get("key") == key and output.is_file():
+            result.status, result.seconds = "cached", record.get("seconds")
+        out.append(result)
+    return out
+
+
+# --------------------------------------------------------------------------- step 3: execute
 
 
 def ensure_kernel(name: str = "python3") -> str:
@@ -469,7 +551,6 @@ def ensure_kernel(name: str = "python3") -> str:
         return found
     from ipykernel.kernelspec import install
 
-    os.environ["JUPYTER_PREFER_ENV_PATH"] = "1"
     path = install(kernel_name=name, prefix=sys.prefix)
     found = good()
     if not found:
@@ -525,26 +606,52 @@ def _placeholder(path: Path, name: str) -> None:
     nbformat.write(nb, str(path))
 
 
-class _kernel_sees_this_package:
-    """Put the directory this ``fusion_utils`` is imported from on the kernel's
-    PYTHONPATH (so a checkout that is not pip-installed works), then restore it."""
+def _placeholder(path: Path, name: str) -> None:
+    """A notebook standing in for a chapter not executed in this build (``only``)."""
+    import nbformat
 
-    def __enter__(self):
-        self.saved = os.environ.get("PYTHONPATH")
-        here = str(Path(__file__).resolve().parent.parent)
-        parts = [p for p in (self.saved or "").split(os.pathsep) if p]
-        if here not in parts:
-            os.environ["PYTHONPATH"] = os.pathsep.join([here, *parts])
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = self.saved
-        return False
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_markdown_cell(
+        f"# {name}\n\nThis chapter was not executed in this build (it was left out with `--only`). "
+        "Run `fusion-utils book build` without `--only` to include it."))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, nbformat.writes(nb))
 
 
-def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str, kernel_log: Path) -> None:
+def child_env(extra: Mapping[str, str] | None = None) -> dict:
+    """The environment of a kernel or of Sphinx: this one, the directory this ``fusion_utils`` is imported from on
+    PYTHONPATH (so a checkout that is not pip-installed works), and ``extra``. The driver's own is untouched."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent)
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([here, *[p for p in parts if p != here]])
+    env.update(extra or {})
+    return env
+
+
+def _kernel_manager(env: Mapping[str, str]):
+    """A kernel manager class whose kernels start with ``env`` (papermill takes no environment of its own)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _KernelWithEnv(AsyncKernelManager):
+        async def _async_pre_start_kernel(self, **kw):
+            kw["env"] = {**(kw.get("env") or {}), **env}
+            return await super()._async_pre_start_kernel(**kw)
+
+    return _KernelWithEnv
+
+
+def _strip_widget_state(path: Path) -> None:
+    """Drop the ipywidgets state (tqdm bars leave some) from an executed notebook: the static book has no live
+    widgets, and the state would make myst-nb add widget scripts to the page."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    if "widgets" in nb.get("metadata", {}):
+        del nb["metadata"]["widgets"]
+        atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str, kernel_log: Path,
+             env: Mapping[str, str]) -> None:
     """Run one notebook with papermill. The kernel process's own stderr (ipykernel's
     start-up and shutdown chatter) goes to ``kernel_log`` instead of the terminal;
     everything the notebook prints is in the output notebook."""
@@ -560,7 +667,7 @@ def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: 
             try:
                 papermill.execute_notebook(
                     str(notebook), str(output), parameters=parameters, kernel_name=kernel, cwd=str(cwd),
-                    progress_bar=False, log_output=False,
+                    progress_bar=False, log_output=False, kernel_manager_class=_kernel_manager(env),
                 )
             finally:
                 sys.stderr.flush()
@@ -569,33 +676,84 @@ def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: 
         os.close(saved)
 
 
-# --------------------------------------------------------------------------- build info / appendix
+def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = "python3", log=None) -> float:
+    """Step 3: run every chapter planned ``"execute"`` (write a placeholder for a skipped one never built), keep a
+    cache record per chapter, and return the seconds spent. A failing chapter raises `BookError` naming the cell
+    and keeps the partial notebook in ``.cache/book/<build>/failed``; the last good notebook is left alone."""
+    from tqdm.auto import tqdm
+
+    say = log or (lambda msg: print(msg, flush=True))
+    t_exec = time.perf_counter()
+    env = child_env(KERNEL_ENV)
+    kernel_ready = False
+    for d in (layout.chapters, layout.cache):
+        d.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(chapters, desc="chapters", unit="ch", file=sys.stderr, disable=None, leave=False)
+    for result in bar:
+        name = result.name
+        bar.set_postfix_str(name)
+        if result.status == "skipped":
+            if not result.output.is_file():
+                _placeholder(result.output, name)
+            bar.write(f"{name}: skipped (--only)")
+            continue
+        if result.status == "cached":
+            bar.write(f"{name}: cached")
+            continue
+        if not kernel_ready:
+            ensure_kernel(kernel)
+            kernel_ready = True
+        record_path = layout.cache / f"{name}.json"
+        record_path.unlink(missing_ok=True)
+        partial = layout.failed / f"{name}.ipynb"
+        partial.unlink(missing_ok=True)
+        kernel_log = layout.cache / "logs" / f"{name}.kernel.log"
+        t0 = time.perf_counter()
+        try:
+            _execute(result.notebook, partial, result.parameters, layout.notebooks, kernel, kernel_log, env)
+        except Exception as exc:  # noqa: BLE001 - turned into a clear message
+            result.status, result.seconds = "failed", time.perf_counter() - t0
+            bar.close()
+            nb = result.notebook
+            raise BookError(_describe_failure(exc, nb.relative_to(layout.root) if nb.is_relative_to(layout.root)
+                                              else nb, partial, kernel_log)) from exc
+        secs = time.perf_counter() - t0
+        _strip_widget_state(partial)
+        os.replace(partial, result.output)
+        result.status, result.seconds = "executed", secs
+        record = {"key": result.key, "seconds": round(secs, 3), "output": str(result.output),
+                  "executed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "parameters": result.parameters, "fingerprints": result.fingerprints}
+        atomic_write_text(record_path, json.dumps(record, indent=2, ensure_ascii=False))
+        bar.write(f"{name}: executed in {secs:.1f} s")
+    bar.close()
+    return time.perf_counter() - t_exec
+
+
+# --------------------------------------------------------------------------- step 4: appendix
 
 
 def _versions() -> dict[str, str]:
+    """The versions that decide what a reader sees: `fusion_utils.runs.provenance`'s, and the book tools'."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
-    for dist in ("fusion_utils", "torch", "transformers", "jupyter-book", "sphinx", "myst-nb", "papermill", "numpy"):
+    prov = provenance_versions()
+    out = {k: str(prov.get(k) or "not installed") for k in ("python", "fusion_utils", "torch", "transformers",
+                                                              "numpy")}
+    for dist in ("jupyter-book", "sphinx", "myst-nb", "papermill", "plotly"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
             out[dist] = "not installed"
-    out["fusion_utils"] = package_version() if out["fusion_utils"] == "not installed" else out["fusion_utils"]
     return out
 
 
-def _git_revision(root: Path) -> str | None:
-    try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except Exception:
+def _git_revision() -> str | None:
+    prov = provenance_versions()
+    commit = prov.get("git_commit")
+    if not commit:
         return None
+    return commit[:7] + ("+dirty" if prov.get("git_dirty") else "")
 
 
 def _fmt_value(v: Any) -> str:
@@ -632,7 +790,8 @@ def _appendix_markdown(info: dict) -> str:
     lines += ["", "## Parameters", ""]
     chs = info["chapters"]
     shared = {k: v for k, v in (chs[0]["parameters"].items() if chs else ())
-              if all(k in c["parameters"] and _canonical(c["parameters"][k]) == _canonical(v) for c in chs)}
+              if all(k in c["parameters"] and canonical_json({"v": c["parameters"][k]}) == canonical_json({"v": v})
+                 for c in chs)}
     lines += ["Passed to every chapter:", ""]
     lines += [f"- `{k}` = {_fmt_value(v)}" for k, v in shared.items()] or ["- (nothing)"]
     lines.append("")
@@ -652,7 +811,7 @@ def _appendix_markdown(info: dict) -> str:
         lines.append("| (none) | |")
     lines += ["", "## Software", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info["versions"].items()]
-    lines += ["", "The same information is in machine-readable form in `book/_build/build_info.json`.", ""]
+    lines += ["", f"The same information is in machine-readable form in `book/_build/{info['name']}/build_info.json`.", ""]
     return "\n".join(lines)
 
 
@@ -660,44 +819,115 @@ def _write_if_changed(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
 
 
-# --------------------------------------------------------------------------- jupyter-book
+def appendix(report: BuildReport, layout: Layout, params: dict) -> dict:
+    """Step 4: the build information (``build_info.json``) and the reproducibility appendix page; returns the
+    information."""
+    prov = provenance_versions()
+    common = params["common"]
+    info = {
+        "name": layout.name,
+        "params_file": _display_path(report.params_file, layout.root),
+        "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": _git_revision(),
+        "platform": f"{platform.system()} {prov.get('machine') or platform.machine()}, Python {prov.get('python')}",
+        "versions": _versions(),
+        "models": list(dict.fromkeys(m for c in report.chapters for m in _models_in(c.parameters))),
+        "data": {k: common.get(k) for k in ("dataset", "source", "samples") if k in common},
+        "chapters": [
+            {"name": c.name, "status": c.status, "seconds": None if c.seconds is None else round(c.seconds, 3),
+             "parameters": c.parameters, "key": c.key, "fingerprints": c.fingerprints}
+            for c in report.chapters
+        ],
+    }
+    _write_if_changed(layout.generated / "reproducibility.md", _appendix_markdown(info))
+    layout.build_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.build_info, json.dumps(info, indent=2, ensure_ascii=False))
+    report.build_info = layout.build_info
+    return info
 
 
-def _jupyter_book_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "jupyter-book"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("jupyter-book")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+# --------------------------------------------------------------------------- step 5: render
 
 
-def run_jupyter_book(out: Path, *, strict: bool = False, keep_going: bool = True, all_pages: bool = False,
-                     quiet: bool = True) -> None:
-    """``jupyter-book build out --path-output out/book`` (execution is off in ``_config.yml``)."""
-    cmd = _jupyter_book_cmd() + ["build", str(out), "--path-output", str(out / "book")]
-    if strict:
-        cmd.append("-W")
-        if keep_going:
-            cmd.append("--keep-going")
-    if all_pages:
-        cmd.append("--all")
-    if quiet:
-        cmd.append("-q")
-    env = dict(os.environ)
-    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+# jupyter-book's own build, minus its fixed output folder: Sphinx writes <build>/html and <build>/.doctrees
+_SPHINX = """import sys
+from pathlib import Path
+from jupyter_book.sphinx import build_sphinx
+src, out, strict, keep_going, force_all, quiet = sys.argv[1], sys.argv[2], *(a == "1" for a in sys.argv[3:7])
+result = build_sphinx(src, out, noconfig=True, path_config=str(Path(src) / "_config.yml"),
+                      confoverrides={"external_toc_path": str(Path(src) / "_toc.yml"), "latex_individualpages": False},
+                      builder="html",
+                      warningiserror=strict, keep_going=keep_going, force_all=force_all, quiet=quiet,
+                      really_quiet=False)
+sys.exit(result if isinstance(result, int) else 1)
+"""
+
+
+def render(layout: Layout, *, strict: bool = False, keep_going: bool = True, all_pages: bool = False,
+           quiet: bool = True) -> Path:
+    """Step 5: Sphinx with jupyter-book's configuration (execution off) on the build's ``src``, into its ``html``;
+    then the index page of every build. Returns the HTML folder."""
+    cmd = [sys.executable, "-c", _SPHINX, str(layout.src), str(layout.html), *("1" if f else "0" for f in (
+        strict, strict and keep_going, all_pages, quiet))]
     sys.stdout.flush()
     sys.stderr.flush()
-    proc = subprocess.run(cmd, cwd=str(out), env=env)
+    proc = subprocess.run(cmd, cwd=str(layout.src), env=child_env({"PYDEVD_DISABLE_FILE_VALIDATION": "1"}))
     if proc.returncode != 0:
         raise BookError(
             f"jupyter-book build failed (exit code {proc.returncode}"
             f"{', warnings are errors' if strict else ''}); see the Sphinx messages above."
         )
+    write_index(layout.builds)
+    return layout.html
+
+
+def _fmt_models(models: Iterable[str]) -> str:
+    return ", ".join(_html.escape(m) for m in models) or "–"
+
+
+def write_index(builds: Path) -> Path:
+    """``book/_build/index.html``: one row per build found (a folder with ``build_info.json`` and ``html/``), with
+    its parameters file, models, data and date, newest first."""
+    rows = []
+    for info_path in sorted(Path(builds).glob("*/build_info.json")):
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except ValueError:
+            continue  # a build being written right now: it lists itself when it finishes
+        d = info_path.parent
+        if not (d / "html" / "index.html").is_file():
+            continue
+        data = info.get("data") or {}
+        what = " · ".join(str(x) for x in (data.get("dataset"), data.get("source"),
+                                            f"{data['samples']} samples" if data.get("samples") is not None else None)
+                         if x)
+        rows.append((info.get("built_at", ""), f"<tr><td><a href=\"{_html.escape(d.name)}/html/index.html\">"
+                     f"{_html.escape(d.name)}</a></td><td><code>{_html.escape(str(info.get('params_file', '')))}"
+                     f"</code></td><td>{_fmt_models(info.get('models') or [])}</td><td>{_html.escape(what) or '–'}"
+                     f"</td><td>{_html.escape(info.get('built_at', ''))}</td><td><code>"
+                     f"{_html.escape(str(info.get('git') or '–'))}</code></td></tr>"))
+    rows.sort(reverse=True)
+    body = "\n".join(r for _, r in rows) or "<tr><td colspan=\"6\">No build found.</td></tr>"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Companion book: builds</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;width:100%}}th,td{{text-align:left;padding:.4em .6em;border-bottom:1px solid #ddd;
+vertical-align:top}}th{{background:#f4f4f4}}</style></head>
+<body><h1>Where Does Vision Meet Language? — builds of the companion book</h1>
+<p>Each parameters file builds into its own folder (<code>make book BOOK_PARAMS=book/params/&lt;name&gt;.yml</code>).
+This page lists the builds found beside it.</p>
+<table><thead><tr><th>build</th><th>parameters file</th><th>models</th><th>data</th><th>built (UTC)</th>
+<th>revision</th></tr></thead>
+<tbody>
+{body}
+</tbody></table></body></html>
+"""
+    path = Path(builds) / "index.html"
+    _write_if_changed(path, page)
+    return path
 
 
 # --------------------------------------------------------------------------- build
@@ -708,13 +938,15 @@ def build(params_file: str | os.PathLike, force: bool = False, only: Sequence[st
           html: bool = True, strict: bool = False, keep_going: bool = True, all_pages: bool = False,
           kernel: str = "python3",
           raise_on_error: bool = True, log=None) -> BuildReport:
-    """Execute the book's chapters (with caching) and render it with jupyter-book.
+    """Execute the book's chapters (with caching) and render it: `validate`, `plan`, `execute`, `appendix`,
+    `render`.
 
     Parameters
     ----------
     params_file
         A parameters YAML file (e.g. ``book/params/default.yml``); relative paths
-        are tried against the working directory, then against ``root``.
+        are tried against the working directory, then against ``root``. Its name
+        names the build: ``book/_build/<name>/html``.
     force
         Re-execute the selected chapters even when their cache key matches.
     only
@@ -724,142 +956,40 @@ def build(params_file: str | os.PathLike, force: bool = False, only: Sequence[st
         The directory with ``_config.yml``, ``_toc.yml``, ``book/`` and
         ``notebooks/`` (default: found from the working directory).
     out
-        Where to build (default ``root``). A different directory gets a copy of
-        the book sources, and its own ``book/chapters``, ``book/_build`` and
-        ``.cache/book``; the user's build is left untouched.
+        Where the builds and caches go (default ``root``): ``out/book/_build`` and ``out/.cache/book``.
     html
-        Run ``jupyter-book build`` after executing the chapters.
+        Render the HTML after executing the chapters.
     strict
         Treat Sphinx warnings as errors (``-W``; with ``keep_going`` all
         warnings are reported before failing).
     all_pages
-        Re-render every page (``jupyter-book build --all``), not only changed
-        ones; with ``strict`` this re-checks warnings of unchanged pages too.
+        Re-render every page, not only changed ones; with ``strict`` this
+        re-checks warnings of unchanged pages too.
     kernel
         Jupyter kernel name; it is made to run this interpreter.
     raise_on_error
         Raise :class:`BookError` on failure (default) instead of returning a
         report with ``ok=False``.
     """
-    os.environ["FUSION_UTILS_STATIC"] = "1"  # chapter kernels render widgets as static figures
     t_start = time.perf_counter()
     say = log or (lambda msg: print(msg, flush=True))
     root_p = Path(root).resolve() if root is not None else find_root()
     out_p = Path(out).resolve() if out is not None else root_p
-    layout = _Layout(root=root_p, out=out_p)
+    layout = Layout(root=root_p, out=out_p, name=build_name(params_file))
     report = BuildReport(params_file=Path(params_file), chapters=[], html_dir=None, build_info=None)
     try:
-        params = load_params(params_file, root_p)
+        params = validate(params_file, layout, only)
         report.params_file = params["path"]
-        for f in ("_config.yml", "_toc.yml"):
-            if not (root_p / f).is_file():
-                raise BookError(f"{root_p / f} is missing; run the build from the repository root or pass root=.")
-        _validate(params, layout, root_p / "_toc.yml")
-        names = list(params["chapters"])
-        if only:
-            unknown = [n for n in only if n not in params["chapters"]]
-            if unknown:
-                raise BookError(f"--only names unknown chapter(s) {', '.join(unknown)}; choose from {', '.join(names)}.")
-        if out_p != root_p:
-            _stage(root_p, out_p)
-        for d in (layout.chapters, layout.cache, layout.generated):
-            d.mkdir(parents=True, exist_ok=True)
-
-        version = package_version()
-        source_hash = package_source_hash()
-        memo: dict[str, str] = {}
-        kernel_ready = False
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(names, desc="chapters", unit="ch", file=sys.stderr, disable=None, leave=False)
-        t_exec = time.perf_counter()
-        for name in bar:
-            bar.set_postfix_str(name)
-            nb = layout.notebooks / f"{name}.ipynb"
-            parameters = {**params["common"], **params["chapters"][name]}
-            fps = model_fingerprints(_models_in(parameters), memo)
-            key = cache_key(nb, parameters, fps, version=version, source_hash=source_hash)
-            output = layout.chapters / f"{name}.ipynb"
-            record_path = layout.cache / f"{name}.json"
-            record = None
-            if record_path.is_file():
-                try:
-                    record = json.loads(record_path.read_text(encoding="utf-8"))
-                except ValueError:
-                    record = None
-            result = ChapterResult(name=name, status="", seconds=None, parameters=parameters, key=key,
-                                   notebook=nb, output=output, fingerprints=fps)
-            report.chapters.append(result)
-            selected = not only or name in only
-            if not selected:
-                result.status = "skipped"
-                if record and output.is_file():
-                    result.seconds = record.get("seconds")
-                if not output.is_file():
-                    _placeholder(output, name)
-                bar.write(f"{name}: skipped (--only)")
-                continue
-            if not force and record and record.get("key") == key and output.is_file():
-                result.status = "cached"
-                result.seconds = record.get("seconds")
-                bar.write(f"{name}: cached")
-                continue
-            if not kernel_ready:
-                ensure_kernel(kernel)
-                kernel_ready = True
-            record_path.unlink(missing_ok=True)
-            partial = layout.failed / f"{name}.ipynb"
-            partial.unlink(missing_ok=True)
-            kernel_log = layout.cache / "logs" / f"{name}.kernel.log"
-            t0 = time.perf_counter()
-            try:
-                with _kernel_sees_this_package():
-                    _execute(nb, partial, parameters, layout.notebooks, kernel, kernel_log)
-            except Exception as exc:  # noqa: BLE001 - turned into a clear message
-                result.status = "failed"
-                result.seconds = time.perf_counter() - t0
-                bar.close()
-                raise BookError(_describe_failure(exc, nb.relative_to(root_p) if nb.is_relative_to(root_p) else nb,
-                                                  partial, kernel_log)) from exc
-            secs = time.perf_counter() - t0
-            os.replace(partial, output)
-            result.status, result.seconds = "executed", secs
-            record = {
-                "key": key, "seconds": round(secs, 3), "output": str(output),
-                "executed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "parameters": parameters, "fingerprints": fps,
-            }
-            record_path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-            bar.write(f"{name}: executed in {secs:.1f} s")
-        bar.close()
-        report.execute_seconds = time.perf_counter() - t_exec
-
-        # Build information + appendix page (written before jupyter-book runs).
-        info = {
-            "params_file": _display_path(report.params_file, root_p),
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "git": _git_revision(root_p),
-            "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
-            "versions": _versions(),
-            "chapters": [
-                {"name": c.name, "status": c.status, "seconds": None if c.seconds is None else round(c.seconds, 3),
-                 "parameters": c.parameters, "key": c.key, "fingerprints": c.fingerprints}
-                for c in report.chapters
-            ],
-        }
-        _write_if_changed(layout.generated / "reproducibility.md", _appendix_markdown(info))
-        layout.build_dir.mkdir(parents=True, exist_ok=True)
-        info_path = layout.build_dir / "build_info.json"
-        info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-        report.build_info = info_path
-
+        report.chapters = plan(params, layout, force=force, only=only)
+        _stage(root_p, layout.src)
+        report.execute_seconds = execute(report.chapters, layout, kernel=kernel, log=say)
+        appendix(report, layout, params)
         if html:
             t_jb = time.perf_counter()
-            say("jupyter-book: rendering the book ...")
-            run_jupyter_book(out_p, strict=strict, keep_going=keep_going, all_pages=all_pages)
+            say(f"jupyter-book: rendering {layout.name} ...")
+            report.html_dir = render(layout, strict=strict, keep_going=keep_going, all_pages=all_pages)
+            report.index = layout.builds / "index.html"
             report.jupyter_book_seconds = time.perf_counter() - t_jb
-            report.html_dir = layout.html
             say(f"jupyter-book: done in {report.jupyter_book_seconds:.1f} s -> {layout.html / 'index.html'}")
     except BookError as exc:
         report.ok, report.error = False, str(exc)
@@ -878,18 +1008,24 @@ def _display_path(p: Path, root: Path) -> str:
         return str(p)
 
 
-def clean(root: str | os.PathLike | None = None, *, keep_cache: bool = False) -> list[Path]:
-    """Remove the build outputs (``book/_build``, ``book/chapters``,
-    ``book/_generated``) and, unless ``keep_cache``, ``.cache/book``."""
+def clean(root: str | os.PathLike | None = None, *, keep_cache: bool = False, name: str | None = None) -> list[Path]:
+    """Remove the builds (``book/_build``) and, unless ``keep_cache``, the chapter caches (``.cache/book``); with
+    ``name``, only that build's folder and cache. Also removes ``book/chapters`` and ``book/_generated`` left by
+    earlier versions of the driver."""
     root_p = Path(root).resolve() if root is not None else find_root()
-    targets = [root_p / "book" / "_build", root_p / "book" / "chapters", root_p / "book" / "_generated"]
-    if not keep_cache:
-        targets.append(root_p / ".cache" / "book")
+    if name is not None:
+        targets = [root_p / "book" / "_build" / name] + ([] if keep_cache else [root_p / ".cache" / "book" / name])
+    else:
+        targets = [root_p / "book" / "_build", root_p / "book" / "chapters", root_p / "book" / "_generated"]
+        if not keep_cache:
+            targets.append(root_p / ".cache" / "book")
     removed = []
     for t in targets:
         if t.exists():
             shutil.rmtree(t)
             removed.append(t)
+    if name is not None and (root_p / "book" / "_build").is_dir():
+        write_index(root_p / "book" / "_build")
     return removed
 
 
@@ -905,12 +1041,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise SystemExit(1)
     n_exec, n_cached = len(report.executed), len(report.cached)
     print(f"book: {n_exec} chapter(s) executed, {n_cached} cached, total {report.total_seconds:.1f} s")
+    if report.html_dir is not None:
+        print(f"book: {report.html_dir / 'index.html'} (all builds: {report.index})")
     return 0
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
     try:
-        removed = clean(args.root, keep_cache=args.keep_cache)
+        removed = clean(args.root, keep_cache=args.keep_cache,
+                        name=build_name(args.params) if args.params else None)
     except BookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1)
@@ -928,15 +1067,16 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     sub.required = True
     b = sub.add_parser("build", help="execute the chapters (cached) and render the HTML book")
     b.add_argument("--params", default="book/params/default.yml", metavar="FILE",
-                   help="parameters file (default: book/params/default.yml)")
+                   help="parameters file (default: book/params/default.yml); builds into book/_build/<its name>")
     b.add_argument("--force", action="store_true", help="re-execute chapters even if cached")
     b.add_argument("--only", nargs="+", metavar="CHAPTER", help="execute only these chapters")
     b.add_argument("--strict", action="store_true", help="treat Sphinx warnings as errors")
-    b.add_argument("--no-html", action="store_true", help="execute the chapters but do not run jupyter-book")
+    b.add_argument("--no-html", action="store_true", help="execute the chapters but do not render the HTML")
     b.add_argument("--root", default=None, help="book root (default: found from the working directory)")
-    b.add_argument("--out", default=None, help="build into this directory instead of the root")
+    b.add_argument("--out", default=None, help="put book/_build and .cache/book under this directory")
     b.set_defaults(func=_cmd_build)
-    c = sub.add_parser("clean", help="remove book/_build, book/chapters, book/_generated and .cache/book")
+    c = sub.add_parser("clean", help="remove the builds (book/_build) and the chapter caches (.cache/book)")
+    c.add_argument("--params", default=None, metavar="FILE", help="remove only this parameters file's build")
     c.add_argument("--keep-cache", action="store_true", help="keep .cache/book")
     c.add_argument("--root", default=None, help="book root (default: found from the working directory)")
     c.set_defaults(func=_cmd_clean)

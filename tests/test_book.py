@@ -42,6 +42,19 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "book"
 PARAMS = "book/params/fixture.yml"
 
 
+def built(root: Path, name: str = "fixture") -> Path:
+    """A build's folder: book/_build/<params name>."""
+    return root / "book" / "_build" / name
+
+
+def chapter_nb(root: Path, chapter: str, name: str = "fixture") -> Path:
+    return built(root, name) / "src" / "book" / "chapters" / f"{chapter}.ipynb"
+
+
+def cache_dir(root: Path, name: str = "fixture") -> Path:
+    return root / ".cache" / "book" / name
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -249,6 +262,140 @@ def check_page(site: Site, page: str, tmp: Path, *, need_figure: bool) -> str:
     return dom
 
 
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (on 127.0.0.1): every request the page makes, its
+    console errors and uncaught exceptions are recorded, and keys can be pressed like a reader would."""
+
+    def __init__(self, tmp: Path):
+        import urllib.request
+
+        websocket = pytest.importorskip("websocket", reason="the figure test drives Chromium with websocket-client")
+        self.profile = tmp / f"cdp-profile-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(
+            [require_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio", "--remote-debugging-port=0",
+             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = self.profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline and self.proc.poll() is None, "Chromium did not open its DevTools port"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30))
+        page = next(t for t in targets if t.get("type") == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.events: list[dict] = []
+        self._id = 0
+        for domain in ("Network", "Runtime", "Log", "Page"):
+            self.call(f"{domain}.enable")
+
+    def call(self, method: str, **params) -> dict:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self._id:
+                assert "error" not in msg, f"{method}: {msg['error']}"
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def js(self, expression: str):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in r, f"{expression[:80]}: {r['exceptionDetails']}"
+        return r["result"].get("value")
+
+    def wait_for(self, expression: str, what: str, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    def press(self, key: str) -> None:
+        code = {"ArrowLeft": 37, "ArrowUp": 38, "ArrowRight": 39, "ArrowDown": 40}[key]
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code,
+                      nativeVirtualKeyCode=code)
+
+    def requests(self) -> list[str]:
+        return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+
+    def errors(self) -> list[str]:
+        out = []
+        for e in self.events:
+            m, p = e.get("method"), e.get("params", {})
+            if m == "Runtime.exceptionThrown":
+                d = p["exceptionDetails"]
+                out.append(f"exception: {(d.get('exception') or {}).get('description') or d.get('text')}")
+            elif m == "Runtime.consoleAPICalled" and p.get("type") == "error":
+                out.append("console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+            elif m == "Log.entryAdded" and p["entry"].get("level") == "error" and \
+                    not p["entry"].get("url", "").endswith("/favicon.ico"):
+                out.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
+        return out
+
+    def close(self):
+        try:
+            self.ws.close()
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+FIGURES = "document.querySelectorAll('.fu-interactive')"
+
+
+def drive_page(site: Site, page: str, tmp: Path) -> int:
+    """Open ``page``, and in every interactive figure move each slider and select with the keyboard; each move must
+    change the data the figure plots. No request may leave 127.0.0.1 and the console must stay free of errors.
+    Returns the number of controls moved."""
+    b = Browser(tmp)
+    try:
+        b.call("Page.navigate", url=site.base + page)
+        b.wait_for("document.readyState === 'complete'", f"{page} to load")
+        n = b.js(f"{FIGURES}.length")
+        assert n, f"{page}: no interactive figure"
+        b.wait_for(f"Array.from({FIGURES}).every(f => f.hasAttribute('data-state') && "
+                   "f.querySelector('.fu-plot').data)", f"{page}'s figures to draw")
+        moved = 0
+        for i in range(n):
+            fig = f"{FIGURES}[{i}]"
+            for c in range(b.js(f"{fig}.querySelectorAll('[data-control]').length")):
+                el = f"{fig}.querySelectorAll('[data-control]')[{c}]"
+                data = f"JSON.stringify({fig}.querySelector('.fu-plot').data.map(t => [t.x, t.y, t.z]))"
+                before, state = b.js(data), b.js(f"{fig}.getAttribute('data-state')")
+                kind, value, last = b.js(f"[{el}.tagName, +{el}.value, {el}.tagName === 'SELECT' ? "
+                                         f"{el}.options.length - 1 : +{el}.max]")
+                if last == 0:
+                    continue  # a control with one choice cannot move
+                b.js(f"{el}.scrollIntoView(); {el}.focus(); true")
+                if kind == "SELECT":
+                    b.press("ArrowDown" if value < last else "ArrowUp")
+                else:
+                    b.press("ArrowRight" if value < last else "ArrowLeft")
+                b.wait_for(f"{fig}.getAttribute('data-state') !== {json.dumps(state)}",
+                           f"{page}: figure {i} to follow control {c}", timeout=10)
+                assert b.js(data) != before, f"{page}: figure {i}: control {c} moved but the plotted data did not change"
+                moved += 1
+        time.sleep(0.3)
+        b.call("Runtime.evaluate", expression="0")  # collect the events that arrived meanwhile
+        remote = [u for u in b.requests() if not u.startswith((site.base, "data:", "blob:", "about:"))]
+        assert not remote, f"{page}: requests left the machine: {remote[:5]}"
+        errors = b.errors()
+        assert not errors, f"{page}: console errors: {errors[:5]}"
+        return moved
+    finally:
+        b.close()
+
+
 # --------------------------------------------------------------------------- (a) the fixture mini-book
 
 
@@ -266,22 +413,25 @@ def test_fixture_build_executes_and_renders(fixture_book):
     root, report = fixture_book
     assert report.ok and report.executed == ["alpha", "beta"] and report.cached == []
     for name in ("alpha", "beta"):
-        nb = json.loads((root / "book" / "chapters" / f"{name}.ipynb").read_text())
+        nb = json.loads(chapter_nb(root, name).read_text())
         assert any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
-        rec = json.loads((root / ".cache" / "book" / f"{name}.json").read_text())
+        assert "widgets" not in nb["metadata"], "widget state would make myst-nb load widget scripts"
+        rec = json.loads((cache_dir(root) / f"{name}.json").read_text())
         assert rec["key"] == next(c.key for c in report.chapters if c.name == name) and rec["seconds"] > 0
-    html = root / "book" / "_build" / "html"
+    html = built(root) / "html"
+    assert report.html_dir == html
     for page in ("book/intro.html", "book/chapters/alpha.html", "book/chapters/beta.html",
                  "book/_generated/reproducibility.html", "index.html"):
         assert (html / page).is_file(), page
-    info = json.loads((root / "book" / "_build" / "build_info.json").read_text())
+    info = json.loads((built(root) / "build_info.json").read_text())
     assert [c["name"] for c in info["chapters"]] == ["alpha", "beta"]
     assert info["chapters"][0]["parameters"] == {"models": ["fixture/tiny-vlm"], "dataset": "world", "samples": 5,
                                                  "seed": 0}
     assert info["chapters"][1]["parameters"]["fail"] is False
     for k in ("python", "torch", "transformers", "fusion_utils", "jupyter-book"):
         assert info["versions"][k]
-    appendix = (root / "book" / "_generated" / "reproducibility.md").read_text()
+    assert info["models"] == ["fixture/tiny-vlm"] and info["data"] == {"dataset": "world", "samples": 5}
+    appendix = (built(root) / "src" / "book" / "_generated" / "reproducibility.md").read_text()
     assert "| alpha | executed |" in appendix and "fixture/tiny-vlm" in appendix
     print(f"\nfixture book: first build {report.wall:.1f} s (execute {report.execute_seconds:.1f} s, "
           f"jupyter-book {report.jupyter_book_seconds:.1f} s)")
@@ -297,26 +447,58 @@ def test_fixture_fingerprints_come_from_fusion_utils_models(fixture_book):
 
 def test_fixture_second_build_is_cached(fixture_book):
     root, _ = fixture_book
-    chapters = [root / "book" / "chapters" / f"{n}.ipynb" for n in ("alpha", "beta")]
+    chapters = [chapter_nb(root, n) for n in ("alpha", "beta")]
     before = [mtime(p) for p in chapters]
     t0 = time.perf_counter()
     report = book.build(root / PARAMS, root=root, strict=True)
     wall = time.perf_counter() - t0
     assert report.executed == [] and report.cached == ["alpha", "beta"]
     assert [mtime(p) for p in chapters] == before, "cached chapters must not be rewritten"
-    appendix = (root / "book" / "_generated" / "reproducibility.md").read_text()
+    appendix = (built(root) / "src" / "book" / "_generated" / "reproducibility.md").read_text()
     assert "cached (not re-executed)" in appendix
     print(f"\nfixture book: cached rebuild {wall:.1f} s (jupyter-book {report.jupyter_book_seconds:.1f} s)")
     assert wall < 60
 
 
+def test_fixture_kernel_gets_the_static_flag_and_the_driver_keeps_its_environment(fixture_book):
+    root, _ = fixture_book
+    nb = json.loads(chapter_nb(root, "alpha").read_text())
+    printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "static book: 1" in printed, "the chapter kernel must be told it renders a static book"
+    before = dict(os.environ)
+    book.build(root / PARAMS, root=root, html=False, force=True, only=["alpha"])
+    assert dict(os.environ) == before, "the driver must not change its own process environment"
+
+
+def test_second_params_file_builds_beside_the_first_and_the_index_lists_both(fixture_book, tmp_path):
+    root, _ = fixture_book
+    other = write_params(root, (root / PARAMS).read_text().replace("samples: 5", "samples: 4"), "other.yml")
+    try:
+        r = book.build(other, root=root)
+        assert r.executed == ["alpha", "beta"], "a second parameters file has its own cache"
+        assert (built(root, "other") / "html" / "index.html").is_file()
+        assert (built(root) / "html" / "index.html").is_file(), "the first build stays where it was"
+        assert (cache_dir(root, "other") / "alpha.json").is_file() and (cache_dir(root) / "alpha.json").is_file()
+        index = (root / "book" / "_build" / "index.html").read_text()
+        assert r.index == root / "book" / "_build" / "index.html"
+        for name in ("fixture", "other"):
+            assert f'href="{name}/html/index.html"' in index
+        assert "fixture/tiny-vlm" in index and "4 samples" in index and "5 samples" in index
+        assert not re.search(r"(src|href)=\"(https?:)?//", index), "the index page loads nothing remote"
+    finally:
+        book.clean(root, name="other")
+    assert 'href="other/html' not in (root / "book" / "_build" / "index.html").read_text()
+
+
 def test_fixture_pages_in_browser(fixture_book, tmp_path):
     root, _ = fixture_book
     require_chromium()
-    site = Site(root / "book" / "_build" / "html")
+    site = Site(built(root) / "html")
     try:
         for page in ("book/chapters/alpha.html", "book/chapters/beta.html"):
             check_page(site, page, tmp_path, need_figure=True)
+        moved = drive_page(site, "book/chapters/alpha.html", tmp_path)
+        assert moved == 2, "the fixture figure has a slider and a select: both must change the figure"
         dom = check_page(site, "book/_generated/reproducibility.html", tmp_path, need_figure=False)
         assert "Reproducibility appendix" in dom
         check_page(site, "book/intro.html", tmp_path, need_figure=False)
@@ -328,7 +510,7 @@ def test_browser_check_catches_a_page_without_figure(fixture_book, tmp_path):
     """The browser check itself must fail on a page with no figure (the intro)."""
     root, _ = fixture_book
     require_chromium()
-    site = Site(root / "book" / "_build" / "html")
+    site = Site(built(root) / "html")
     try:
         with pytest.raises(AssertionError, match="no figure"):
             check_page(site, "book/intro.html", tmp_path, need_figure=True)
@@ -344,7 +526,7 @@ def test_cache_invalidation(tmp_path, monkeypatch):
     write_params(root, (root / PARAMS).read_text().replace("alpha: {}", "alpha: {samples: 6}"), "fixture.yml")
     r2 = book.build(root / PARAMS, root=root, html=False)
     assert r2.executed == ["alpha"] and r2.cached == ["beta"]
-    nb = json.loads((root / "book" / "chapters" / "alpha.ipynb").read_text())
+    nb = json.loads(chapter_nb(root, "alpha").read_text())
     assert "samples = 6" in "".join("".join(c["source"]) for c in nb["cells"])
     # Editing a notebook's source re-executes it; editing only its outputs/metadata does not.
     p = root / "notebooks" / "beta.ipynb"
@@ -374,14 +556,15 @@ def test_only_writes_placeholder_for_never_built_chapter(tmp_path):
     root = make_fixture_book(tmp_path / "fx")
     r = book.build(root / PARAMS, root=root, only=["alpha"], strict=True)
     assert r.executed == ["alpha"]
-    assert (root / "book" / "chapters" / "beta.ipynb").is_file()
-    assert "not executed in this build" in (root / "book" / "_build" / "html" / "book" / "chapters" / "beta.html").read_text()
+    assert chapter_nb(root, "beta").is_file()
+    assert "not executed in this build" in (built(root) / "html" / "book" / "chapters" / "beta.html").read_text()
 
 
 def test_failing_cell_stops_the_build_and_keeps_the_partial_notebook(tmp_path):
     root = make_fixture_book(tmp_path / "fx")
-    book.build(root / PARAMS, root=root, html=False)
-    good = root / "book" / "chapters" / "beta.ipynb"
+    params = write_params(root, (root / PARAMS).read_text())
+    book.build(params, root=root, html=False)
+    good = chapter_nb(root, "beta", "case")
     good_before = good.read_bytes()
     params = write_params(root, (root / PARAMS).read_text().replace("fail: false", "fail: true"))
     with pytest.raises(book.BookError) as err:
@@ -389,20 +572,21 @@ def test_failing_cell_stops_the_build_and_keeps_the_partial_notebook(tmp_path):
     msg = str(err.value)
     assert "notebooks/beta.ipynb" in msg and "ValueError" in msg and "asked to fail with samples=5" in msg
     assert re.search(r"cell 3\b", msg), msg  # the 4th cell of the notebook (0-based index 3)
-    partial = root / ".cache" / "book" / "failed" / "beta.ipynb"
+    partial = cache_dir(root, "case") / "failed" / "beta.ipynb"
     assert str(partial) in msg and partial.is_file()
     nb = json.loads(partial.read_text())
     assert any(o.get("output_type") == "error" for c in nb["cells"] for o in c.get("outputs", []))
-    assert not (root / ".cache" / "book" / "beta.json").exists(), "a failed chapter must not stay cached"
+    assert not (cache_dir(root, "case") / "beta.json").exists(), "a failed chapter must not stay cached"
     assert good.read_bytes() == good_before, "the last good executed notebook is left alone"
-    assert not (root / "book" / "_build" / "html").exists(), "no HTML after a failed chapter"
+    assert not (built(root, "case") / "html").exists(), "no HTML after a failed chapter"
     # The CLI exits non-zero with the same sentence.
     with pytest.raises(SystemExit) as ex:
         book.main(["build", "--params", str(params), "--root", str(root)])
     assert ex.value.code == 1
-    # Fixing the parameter re-executes beta and the build passes again.
-    r = book.build(root / PARAMS, root=root, html=False)
-    assert r.executed == ["beta"] and not partial.exists()
+    # Fixing the parameter re-executes beta (alpha stays cached) and the build passes again.
+    write_params(root, (root / PARAMS).read_text())
+    r = book.build(params, root=root, html=False)
+    assert r.executed == ["beta"] and r.cached == ["alpha"] and not partial.exists()
 
 
 @pytest.mark.parametrize("text, expect", [
@@ -424,7 +608,7 @@ def test_bad_params_file_gives_one_clear_sentence(tmp_path, text, expect):
         book.build(params, root=root, html=False)
     msg = str(err.value)
     assert "\n" not in msg and msg.rstrip().endswith(".")
-    assert not (root / "book" / "chapters").exists(), "nothing runs before the parameters are valid"
+    assert not (root / "book" / "_build").exists(), "nothing runs before the parameters are valid"
 
 
 def test_missing_params_file(tmp_path):
@@ -446,7 +630,10 @@ def test_cli_wiring(tmp_path, capsys):
         book.main(["build", "--params", "book/params/case.yml", "--root", str(root)])
     assert ex.value.code == 1
     assert "error: Parameters file" in capsys.readouterr().err
-    (root / "book" / "_build").mkdir(parents=True)
+    (root / "book" / "_build" / "a").mkdir(parents=True)
+    (root / "book" / "_build" / "b").mkdir(parents=True)
+    assert book.main(["clean", "--root", str(root), "--params", "book/params/a.yml"]) == 0
+    assert not (root / "book" / "_build" / "a").exists() and (root / "book" / "_build" / "b").is_dir()
     assert book.main(["clean", "--root", str(root)]) == 0
     assert not (root / "book" / "_build").exists()
 
@@ -474,6 +661,15 @@ def _out_dir(tmp_path_factory, name):
     return tmp_path_factory.mktemp(name)
 
 
+STUB_FIGURE = """from fusion_utils.interactive import Control, InteractiveFigure
+
+fig = InteractiveFigure("Stub: a slider", [Control("k", [1, 2, 3], kind="slider")], {"height": 250})
+for i, k in enumerate(fig.controls[0].values):
+    fig.traces[str(i)] = {"type": "scatter", "x": [0, 1, 2], "y": [0, k, 2 * k]}
+    fig.states[str(i)] = {"data": [str(i)], "text": f"k = {k}"}
+fig"""
+
+
 @pytest.fixture(scope="module")
 def skeleton_book(tmp_path_factory):
     """The real _config.yml, _toc.yml and prose/API pages with stub chapter notebooks (one figure each),
@@ -494,7 +690,10 @@ def skeleton_book(tmp_path_factory):
         params = nbformat.v4.new_code_cell("\n".join(f"{k} = None" for k in keys))
         params.metadata["tags"] = ["parameters"]
         nb.cells = [nbformat.v4.new_markdown_cell(f"# Stub chapter `{name}`"), params,
-                    nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()")]
+                    nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()"),
+                    # a tqdm bar leaves ipywidgets state, for which myst-nb used to add two CDN scripts
+                    nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3)):\n    pass"),
+                    nbformat.v4.new_code_cell(STUB_FIGURE)]
         nbformat.write(nb, str(root / "notebooks" / f"{name}.ipynb"))
     stub = dict(tiny, common={**tiny["common"], "models": ["stub/model-a", "stub/model-b"]})
     (root / "book" / "params" / "stub.yml").write_text(yaml.safe_dump(stub, sort_keys=False))
@@ -506,7 +705,7 @@ def test_book_skeleton_builds_without_warnings(skeleton_book, tmp_path):
     """Prose pages, appendix and API page of the real book, under -W, in the browser."""
     root, report = skeleton_book
     assert report.ok and set(report.executed + report.cached) == set(REAL_CHAPTERS)
-    html = root / "book" / "_build" / "html"
+    html = built(root, "stub") / "html"
     for page in toc_pages(root / "_toc.yml"):
         assert (html / f"{page}.html").is_file(), page
     api = (html / "book" / "api.html").read_text()
@@ -520,6 +719,7 @@ def test_book_skeleton_builds_without_warnings(skeleton_book, tmp_path):
                 if page == "book/intro":  # its formulas are typeset by MathJax served from the build (no network)
                     assert dom.count("<mjx-container") >= 4, "MathJax did not typeset the introduction's formulas"
         check_page(site, "book/chapters/fusion.html", tmp_path, need_figure=True)
+        assert drive_page(site, "book/chapters/fusion.html", tmp_path) == 1
     finally:
         site.close()
 
@@ -528,9 +728,11 @@ def test_book_makes_no_network_requests_at_build(skeleton_book):
     """No remote resources are referenced for loading (intersphinx off, no fonts/CDN in <link>, no remote <script>:
     MathJax is served from the build)."""
     root, _ = skeleton_book
-    html = root / "book" / "_build" / "html"
-    assert not (root / "book" / "_build" / ".doctrees" / "intersphinx").exists()
-    for page in html.rglob("*.html"):
+    html = built(root, "stub") / "html"
+    assert not (built(root, "stub") / ".doctrees" / "intersphinx").exists()
+    pages = sorted(html.rglob("*.html"))
+    assert any("chapters" in p.parts for p in pages), "the chapter pages must be checked too"
+    for page in pages:
         text = page.read_text()
         for m in re.finditer(r"<link[^>]+href=\"(https?:[^\"]+)\"", text):
             assert "stylesheet" not in m.group(0) and "preload" not in m.group(0), f"{page}: {m.group(0)}"
@@ -560,9 +762,10 @@ def test_real_book_builds(real_book):
 def test_real_book_chapter_in_browser(real_book, chapter, tmp_path):
     out, _ = real_book
     require_chromium()
-    site = Site(out / "book" / "_build" / "html")
+    site = Site(built(out, "tiny") / "html")
     try:
         check_page(site, f"book/chapters/{chapter}.html", tmp_path, need_figure=True)
+        assert drive_page(site, f"book/chapters/{chapter}.html", tmp_path) >= 1
     finally:
         site.close()
 
