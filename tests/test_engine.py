@@ -168,3 +168,14 @@ def test_exit_at_gives_the_early_exit_logits_and_generates_from_the_layer(lm, ba
     with torch.no_grad(), intervene(lm, ext, ExitAt(0)):
         step2 = lm.model(**inputs).logits[:, -1].argmax(-1)
     assert torch.equal(step2, out[:, batch.seq_len + 1])
+
+
+@pytest.mark.parametrize("mode", ["zero", "knockout"])
+def test_fast_sweep_equals_naive_for_one_unpadded_sample(lm, mode):
+    """Batch of one: no padding mask is recorded (the kernel is causal by itself), so the sweep spells it out."""
+    from fusion_utils import masking_sweep
+
+    one = lm.prepare(list(zip(sample_images(1, seed=3), QUESTIONS[:1])))
+    fast = masking_sweep(lm, one, mode=mode)
+    naive = masking_sweep(lm, one, mode=mode, method="naive")
+    torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
