@@ -55,25 +55,25 @@ LINE_COLORS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9")
 
 @dataclass
 class Control:
-    """One select (``kind="select"``) or slider (``kind="slider"``) over ``values`` shown as ``labels``."""
+    """One select (``kind="select"``) or slider (``kind="slider"``) over ``choices`` shown as ``labels``."""
 
     name: str
-    values: list
+    choices: list
     labels: list[str] | None = None
     kind: str = "select"
     value: Any = None  # initial value (default: the first)
 
     def __post_init__(self):
-        if not self.values:
+        if not self.choices:
             raise ValueError(f"Control {self.name!r} has no values; give it at least one choice.")
         if self.kind not in ("select", "slider"):
             raise ValueError(f"Control {self.name!r}: kind must be 'select' or 'slider', not {self.kind!r}.")
-        self.values = list(self.values)
-        self.labels = [str(v) for v in self.values] if self.labels is None else [str(x) for x in self.labels]
+        self.choices = list(self.choices)
+        self.labels = [str(v) for v in self.choices] if self.labels is None else [str(x) for x in self.labels]
         if self.value is None:
-            self.value = self.values[0]
-        if self.value not in self.values:
-            raise ValueError(f"Control {self.name!r}: initial value {self.value!r} is not one of {self.values}.")
+            self.value = self.choices[0]
+        if self.value not in self.choices:
+            raise ValueError(f"Control {self.name!r}: initial value {self.value!r} is not one of {self.choices}.")
 
 
 @dataclass
@@ -98,9 +98,9 @@ class InteractiveFigure:
         idx = []
         for c in self.controls:
             v = choices.get(c.name, c.value)
-            if v not in c.values:
+            if v not in c.choices:
                 raise ValueError(f"{v!r} is not a choice of {c.name!r}; choose one of {c.labels}.")
-            idx.append(str(c.values.index(v)))
+            idx.append(str(c.choices.index(v)))
         return "|".join(idx)
 
     def state(self, **choices) -> dict:
@@ -118,7 +118,7 @@ class InteractiveFigure:
 
     def check(self) -> None:
         """Every combination of the controls has a state and every state's traces exist."""
-        for combo in itertools.product(*(range(len(c.values)) for c in self.controls)):
+        for combo in itertools.product(*(range(len(c.choices)) for c in self.controls)):
             k = "|".join(map(str, combo))
             if k not in self.states:
                 raise ValueError(f"{self.title}: no state for {dict(zip((c.name for c in self.controls), combo))}.")
@@ -140,10 +140,10 @@ class InteractiveFigure:
         parts = [f'<div class="{MARKER_CLASS}" id="{fid}" data-title="{_html.escape(self.title)}">',
                  f'<div class="fu-title"><b>{_html.escape(self.title)}</b></div>', '<div class="fu-controls">']
         for i, c in enumerate(self.controls):
-            j = c.values.index(c.value)
+            j = c.choices.index(c.value)
             if c.kind == "slider":
                 parts.append(f'<label class="fu-control">{_html.escape(c.name)} <input type="range" min="0" '
-                             f'max="{len(c.values) - 1}" step="1" value="{j}" data-control="{i}" '
+                             f'max="{len(c.choices) - 1}" step="1" value="{j}" data-control="{i}" '
                              f'aria-label="{_html.escape(c.name)}"> <output>{_html.escape(c.labels[j])}</output></label>')
             else:
                 opts = "".join(f'<option value="{k}"{" selected" if k == j else ""}>{_html.escape(lab)}</option>'
@@ -304,6 +304,20 @@ def _as_set(samples, like=None):
     return SampleSet(name, samples, scorer, getattr(like, "meta", None))
 
 
+def _per_batch(name: str, lm, ds, **params) -> pd.DataFrame:
+    """The records of experiment ``name``'s own per-batch function on ``ds`` (one batch), with its parameters
+    resolved as a full run would resolve them: the figures show exactly what the chapters compute."""
+    from .experiments.common import Decoding
+    from .experiments.harness import Context, accepted, get_spec
+
+    spec = get_spec(name)
+    if spec.resolve is not None:
+        params = spec.resolve(lm, ds, **params)
+    ctx = Context.of(ds, Decoding() if spec.decodes else None)
+    rows = spec.per_batch(lm, list(ds), ctx, **accepted(spec.per_batch, params))
+    return pd.DataFrame(rows).assign(id=lambda d: d["id"].astype(str)) if rows else pd.DataFrame(columns=["id"])
+
+
 def _image_layer(image, extent_xy, xref="x", yref="y") -> dict:
     """A layout image filling the data rectangle (x0, y0, x1, y1) of one panel (y down)."""
     x0, y0, x1, y1 = extent_xy
@@ -384,11 +398,9 @@ def _with_axis_ranges(base: dict, update: dict, panels: Sequence[int], W, H) -> 
 
 def masking_data(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), windows: Sequence[int] = (1,),
                  dataset=None) -> pd.DataFrame:
-    """The masking experiment's records for ``samples`` at each window: one row per (sample, mode, window, layer)
-    with the answer under the mask (``pred``), p of the unmasked answer's first token (``p_answer``, ``plain_p``)
-    and the unmasked answer (``plain_pred``). ``dataset`` lends its scorer when ``samples`` is a list."""
-    from .experiments.masking import masking
-
+    """The masking experiment's per-batch records for ``samples`` at each window: one row per (sample, mode, window,
+    layer) with the answer under the mask (``pred``), p of the unmasked answer's first token (``p_answer``,
+    ``plain_p``) and the unmasked answer (``plain_pred``). ``dataset`` lends its scorer when ``samples`` is a list."""
     ds = _as_set(samples, dataset)
     L = lm.num_layers
     parts = []
@@ -396,8 +408,7 @@ def masking_data(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), wi
         if not 1 <= int(w) <= L:
             raise ValueError(f"Masking window {w} is outside 1..{L} for this {L}-layer model; choose windows in that "
                              "range.")
-        r = masking(lm, ds, modes=tuple(modes), window=int(w), out=None, progress=False)
-        parts.append(r.records.assign(window=int(w)))
+        parts.append(_per_batch("masking", lm, ds, modes=list(modes), window=int(w)).assign(window=int(w)))
     df = pd.concat(parts, ignore_index=True)
     df.attrs["questions"] = {str(s.id): (s.question, list(s.answers)) for s in ds}
     df.attrs["num_layers"] = L
@@ -468,14 +479,13 @@ def masking_figure(records: pd.DataFrame, *, title: str = "Masking the image at 
 
 def attention_data(lm, samples, *, dataset=None) -> list[dict]:
     """Per sample: `sample_maps`'s maps (2-D per layer on the image, per token) and the attention experiment's
-    per-layer records (mass on relevant and irrelevant tokens where the dataset knows relevance)."""
-    from .experiments.attention import attention, sample_maps
+    per-batch records (mass on relevant and irrelevant tokens where the dataset knows relevance)."""
+    from .experiments.attention import sample_maps
     from .experiments.common import post_prompt_for
 
     ds = _as_set(samples, dataset)
     views = sample_maps(lm, list(ds), post_prompt=post_prompt_for(ds))
-    rec = attention(lm, ds, out=None, progress=False).records
-    rec = rec.assign(id=rec["id"].astype(str))
+    rec = _per_batch("attention", lm, ds)
     for v, s in zip(views, ds):
         v["records"] = rec[rec["id"] == str(s.id)].sort_values("layer").reset_index(drop=True)
         v["answers"] = list(s.answers)
@@ -560,18 +570,17 @@ def contrastive_data(lm, samples, *, fusion_layers: Sequence[int], apply_layer: 
                      candidate_sets: Sequence[str] = ("fusion", "shallow", "deep", "all"),
                      rhos: Sequence[float] = (0.1, 0.2, 0.4), lams: Sequence[float] = (0.0, 0.1, 0.5),
                      dataset=None) -> dict:
-    """The contrastive experiment on ``samples`` over candidate sets x ρ x λ (soft mask), and per candidate set
-    `contrastive_views` (A_pre, A_post, I_A on the image): everything `contrastive_figure` shows."""
+    """The contrastive experiment's per-batch records on ``samples`` over candidate sets x ρ x λ (soft mask), and per
+    candidate set `contrastive_views` (A_pre, A_post, I_A on the image): everything `contrastive_figure` shows."""
     from .experiments.common import post_prompt_for
-    from .experiments.contrastive import contrastive, contrastive_views
+    from .experiments.contrastive import contrastive_views
 
     ds = _as_set(samples, dataset)
-    res = contrastive(lm, ds, fusion_layers=list(fusion_layers), apply_layer=apply_layer, variants=("soft",),
-                      candidates=tuple(candidate_sets), rhos=tuple(rhos), lams=tuple(lams), out=None,
-                      progress=False)
+    records = _per_batch("contrastive", lm, ds, fusion_layers=list(fusion_layers), apply_layer=apply_layer,
+                         variants=("soft",), candidates=tuple(candidate_sets), rhos=tuple(rhos), lams=tuple(lams))
     pp = post_prompt_for(ds)
     views = {k: contrastive_views(lm, list(ds), k, list(fusion_layers), post_prompt=pp) for k in candidate_sets}
-    return {"records": res.records.assign(id=res.records["id"].astype(str)), "views": views,
+    return {"records": records, "views": views,
             "samples": [dict(id=str(s.id), question=s.question, answers=list(s.answers), relevant=s.relevant)
                         for s in ds],
             "candidate_sets": list(candidate_sets), "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams],

@@ -1,4 +1,4 @@
-"""Interactive explorers that recompute with a loaded model (ipywidgets), and their static counterparts.
+"""Explorers for a live Jupyter session (ipywidgets), and the kernel-free figures of the rendered book.
 
 Three explorers, each an `Explorer` (an ``ipywidgets.VBox``: controls, a text line, a figure):
 
@@ -9,21 +9,19 @@ Three explorers, each an `Explorer` (an ``ipywidgets.VBox``: controls, a text li
 - `contrastive_explorer(lm, samples, fusion_layers, apply_layer)` -- candidate set, ρ and λ: A_pre / A_post / I_A and
   the soft-masked answer vs the plain one.
 
-Work is cached per sample (and per setting), so moving a slider back is instant. The figure is a PNG in an
-``ipywidgets.Image`` and the text an ``ipywidgets.HTML``, so both update without an output area; the latest
-choices and results are in ``explorer.state`` (``state["error"]`` holds the last error message, shown in red in
-the widget instead of being lost in the kernel log).
+The explorers compute nothing of their own: they call the data functions of `fusion_utils.interactive`
+(`masking_data`, `attention_data`, `contrastive_data`), which run the experiments' own per-batch functions, and
+cache the results per sample and setting, so moving a slider back is instant. The latest choices and results are in
+``explorer.state`` (``state["error"]`` holds the last error message, shown in red in the widget).
 
-A rendered book has no kernel, so every explorer has a static twin returning a matplotlib Figure over a small grid
-of choices (`attention_static`, `masking_static`, `contrastive_static`, or `static_grid(name, ...)`). Chapters use::
+A rendered book has no kernel. `explore` computes the data once and builds from it both the kernel-free figure
+(`fusion_utils.interactive.InteractiveFigure`, Plotly: it moves in the static HTML) and, in a live kernel, the
+explorer seeded with the same data. Chapters use::
 
     from fusion_utils import widgets as W
-    if W.in_live_kernel():
-        display(W.attention_explorer(lm, samples))
-    fig = W.attention_static(lm, samples)      # always rendered
+    W.explore("attention", lm, samples)      # the figure is the cell's output; live: the explorer is shown too
 
-or the one-liner ``fig = W.explore("attention", lm, samples)`` that does both. See `in_live_kernel` for the rule
-that decides "live".
+See `in_live_kernel` for the rule that decides "live".
 """
 from __future__ import annotations
 
@@ -38,7 +36,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import plots
+from . import interactive, plots
+from .methods.contrastive import CANDIDATE_SETS, candidate_layers
+from .methods.softmask import soft_mask_tokens
 
 LIVE_ENV = "FUSION_UTILS_LIVE"
 STATIC_ENV = "FUSION_UTILS_STATIC"
@@ -46,10 +46,8 @@ _EXECUTORS = re.compile(r"papermill|nbconvert|nbclient|jupyter[-_]book|fusion_ut
                         r"|pytest")
 _TRUE = {"1", "true", "yes", "on"}
 
-__all__ = ["in_live_kernel", "Explorer", "attention_explorer", "masking_explorer", "contrastive_explorer",
-           "attention_static", "masking_static", "contrastive_static", "static_grid", "explore", "CANDIDATE_SETS"]
-
-CANDIDATE_SETS = ("fusion", "shallow", "deep", "all")
+__all__ = ["in_live_kernel", "Explorer", "attention_explorer", "masking_explorer", "contrastive_explorer", "figure",
+           "explore", "CANDIDATE_SETS"]
 
 
 # --- live or static ---------------------------------------------------------------------------------------------
@@ -74,8 +72,7 @@ def in_live_kernel() -> bool:
 
     The rule, first match wins:
 
-    1. ``FUSION_UTILS_STATIC`` set to 1/true/yes/on -> False (the book driver should set it for its papermill
-       runs); ``FUSION_UTILS_LIVE`` set to 1/true -> True (force widgets, e.g. in a frontend not recognised below);
+    1. ``FUSION_UTILS_STATIC`` set to 1/true/yes/on -> False (the book driver sets it in its chapter kernels); ``FUSION_UTILS_LIVE`` set to 1/true -> True (force widgets, e.g. in a frontend not recognised below);
        either set to 0/false is ignored.
     2. Not inside an IPython *kernel* (plain Python, pytest, terminal IPython) -> False.
     3. Any ``PAPERMILL_*`` / ``NBCONVERT_*`` environment variable, or a kernel launched by a batch executor (its
@@ -109,26 +106,11 @@ def _widgets():
     return ipywidgets
 
 
-def _post_prompt(samples, post_prompt):
-    if post_prompt != "auto":
-        return post_prompt
-    from .experiments.common import post_prompt_for
-    from .prompts import POST_PROMPT
-
-    return post_prompt_for(samples) if hasattr(samples, "scorer") else POST_PROMPT
-
-
 def _samples(samples) -> list:
     out = list(samples)
     if not out:
         raise ValueError("The explorer needs at least one sample.")
     return out
-
-
-def _np(x) -> np.ndarray:
-    if torch.is_tensor(x):
-        return x.detach().float().cpu().numpy() if x.dtype != torch.bool else x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _png(fig, dpi: int = 90) -> bytes:
@@ -143,10 +125,6 @@ def _label(i: int, s) -> str:
     return f"{i}: {q}"
 
 
-def _layers_grid(L: int) -> list[int]:
-    return sorted({0, L // 4, L // 2, (3 * L) // 4, L - 1})
-
-
 def _esc(x) -> str:
     return html.escape(_printable(x))
 
@@ -154,13 +132,6 @@ def _esc(x) -> str:
 def _printable(x) -> str:
     """Model output made safe to show: control characters replaced by U+FFFD."""
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in str(x))
-
-
-def _txt(x, n: int | None = None) -> str:
-    """Model output for matplotlib text: printable, '$' escaped (no mathtext), optionally cut to n chars."""
-    t = _printable(x)
-    t = t if n is None or len(t) <= n else t[: n - 1] + "…"
-    return t.replace("$", r"\$")
 
 
 try:
@@ -228,159 +199,72 @@ else:  # pragma: no cover
 
 # --- attention ----------------------------------------------------------------------------------------------------
 
-def _attention_of(lm, sample, post_prompt) -> dict:
-    """One sample's last-token -> image maps [L, N], the primary view, token relevance, and its layer table."""
-    from .experiments.attention import RELEVANT_AT, capture_maps, token_relevance
-
-    maps, b = capture_maps(lm, [sample], post_prompt=post_prompt)
-    m = _np(maps.sample(0))
-    view = b.grids[0][0].primary
-    n0 = b.grids[0][0].n_tokens
-    rel = token_relevance(b.grids[0], sample)
-    relevant, rule = None, None
-    if rel is not None:
-        frac = np.nan_to_num(rel)
-        relevant, rule = frac >= RELEVANT_AT, f"≥{RELEVANT_AT:.0%} covered"
-        if not relevant.any() and (frac > 0).any():  # a coarse grid: no token is half covered by a small object
-            relevant, rule = frac > 0, "any overlap (no token is half covered)"
-    table = pd.DataFrame({"layer": np.arange(m.shape[0]), "max_share": m.max(1)})
-    if relevant is not None and relevant.any() and (~relevant).any():
-        table["rel_mass"] = m[:, relevant].sum(1)
-        table["irr_mass"] = m[:, ~relevant].sum(1)
-        table["rel_ratio"] = table["rel_mass"] / relevant.mean()
-    else:
-        relevant, rule = None, None
-    grid = view.to_map(m[:, :n0]) if view.spatial else m[:, view.indices().ravel()][:, None, :]
-    return dict(maps=m, grid=grid, view=view, relevant_tokens=relevant, relevant_rule=rule, table=table, batch=b)
-
-
-def _attention_draw(axes, a: dict, sample, layer: int):
-    """Heatmap of ``layer`` on axes[0], the sample's relevance curve (or max share) with a marker on axes[1]."""
+def _attention_draw(axes, v: dict, layer: int):
+    """Heatmap of ``layer`` on axes[0]; the sample's relevant/irrelevant mass curves (or largest share) on axes[1]."""
     ax_h, ax_c = axes
-    spatial = a["view"].spatial
-    plots.draw_heatmap(ax_h, a["grid"][layer], sample.image if spatial else None,
-                       sample.relevant if spatial else None, spatial=spatial, title=f"layer {layer}",
-                       extent=a["view"].extent)
-    t = a["table"]
-    if "rel_mass" in t.columns:
-        plots.relevance_curves(t, ratio=False, marker_layer=layer, axes=[ax_c])
-        ax_c.set_title("relevant vs irrelevant mass", fontsize=9)
-        ax_c.legend(["relevant", "irrelevant"], fontsize=7, loc="best")
-    else:
-        ax_c.plot(t["layer"], t["max_share"], "-", color=plots.model_color("model"))
-        ax_c.plot([layer], [t.loc[layer, "max_share"]], "o", ms=8, color="black")
-        ax_c.axvline(layer, color="grey", lw=0.8)
-        ax_c.set_title("largest token share (no ground-truth regions)", fontsize=9)
-        ax_c.set_xlabel("layer")
-        plots.integer_layers(ax_c)
+    spatial = bool(v["spatial"])
+    plots.draw_heatmap(ax_h, v["maps2d"][layer], v["image"] if spatial else None, v["relevant"] if spatial else None,
+                       spatial=spatial, title=f"layer {layer}", extent=v["extent"])
+    t = v["records"]
+    cols = [c for c in ("rel_mass", "irr_mass") if c in t.columns and t[c].notna().any()]
+    for col, label in zip(cols, ("relevant", "irrelevant")):
+        ax_c.plot(t["layer"], t[col], "-o", ms=3, label=label)
+    if not cols:
+        ax_c.plot(t["layer"], t["max_share"], "-o", ms=3, label="largest token share")
+    y = float(t.loc[t["layer"] == layer, cols[0] if cols else "max_share"].iloc[0])
+    ax_c.plot([layer], [y], "o", ms=10, mfc="none", mec="black", mew=1.5, gid="marker")
+    ax_c.set_xlabel("layer")
+    ax_c.set_title("attention mass by layer", fontsize=9)
+    plots.integer_layers(ax_c)
+    ax_c.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the curves, never over them
 
 
-def attention_explorer(lm, samples, *, post_prompt="auto", layer: int | None = None):
-    """Sample picker + layer slider over the last token's attention to the image (recomputed per sample, cached)."""
+def attention_explorer(lm, samples, *, layer: int | None = None, data: Sequence[dict] | None = None):
+    """Sample picker + layer slider over the last token's attention to the image (computed per sample by
+    `interactive.attention_data`, cached; ``data`` seeds the cache with that function's result for ``samples``)."""
     w = _widgets()
+    ds = samples
     samples = _samples(samples)
-    pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     controls = {
         "sample": _sample_picker(w, samples),
         "layer": w.IntSlider(value=L // 2 if layer is None else layer, min=0, max=L - 1, step=1,
                              description="layer", continuous_update=False),
     }
+    seed = dict(enumerate(data)) if data is not None else {}
 
     def update(ex, sample, layer):
         s = samples[sample]
+        if sample in seed:
+            ex.cache[sample] = seed.pop(sample)
         if sample not in ex.cache:
-            ex.cache[sample] = _attention_of(lm, s, pp)
+            ex.cache[sample] = interactive.attention_data(lm, [s], dataset=ds)[0]
             ex.state["computed"] += 1
-        a = ex.cache[sample]
+        v = ex.cache[sample]
         with plots.figure_style():
             fig, axes = plt.subplots(1, 2, figsize=(plots.BOOK_WIDTH, 3.4), gridspec_kw={"width_ratios": [1, 1.4]})
-            _attention_draw(axes, a, s, layer)
+            _attention_draw(axes, v, layer)
             fig.tight_layout()
-        t = a["table"].set_index("layer")
+        t = v["records"].set_index("layer")
         ex.state["max_share"] = float(t.loc[layer, "max_share"])
-        ex.state["rel_mass"] = float(t.loc[layer, "rel_mass"]) if "rel_mass" in t.columns else None
-        extra = ("" if ex.state["rel_mass"] is None else
-                 f" · mass on relevant tokens {ex.state['rel_mass']:.2f} (relevant = {a['relevant_rule']})")
-        grid = "" if a["view"].spatial else " · <i>no spatial grid (query tokens)</i>"
-        text = (f"<b>{_esc(s.question)}</b> (gold: {_esc(', '.join(s.answers))}) · layer {layer} of {L}"
-                f"{extra}{grid}")
-        return text, fig
+        has_rel = "rel_mass" in t.columns and t["rel_mass"].notna().any()
+        ex.state["rel_mass"] = float(t.loc[layer, "rel_mass"]) if has_rel else None
+        extra = "" if ex.state["rel_mass"] is None else f" · mass on relevant tokens {ex.state['rel_mass']:.2f}"
+        grid = "" if v["spatial"] else " · <i>no spatial grid (query tokens)</i>"
+        return f"{_question_html(s)} · layer {layer} of {L}{extra}{grid}", fig
 
     return _explorer_class()(controls, update)
 
 
-def attention_static(lm, samples, *, layers: Sequence[int] | None = None, n_samples: int = 2, post_prompt="auto"):
-    """Static twin of `attention_explorer`: per sample (first ``n_samples``), heatmaps at ``layers`` (default
-    0, L/4, L/2, 3L/4, L-1) and the relevance curve."""
-    samples = _samples(samples)[:n_samples]
-    pp = _post_prompt(samples, post_prompt)
-    L = lm.num_layers
-    layers = _layers_grid(L) if layers is None else [int(j) % L for j in layers]
-    n = len(layers)
-    with plots.figure_style():
-        fig = plt.figure(figsize=(plots.BOOK_WIDTH, 1.75 * len(samples) + 0.5))
-        gs = fig.add_gridspec(len(samples), n + 1, width_ratios=[1] * n + [1.8])
-        for r, s in enumerate(samples):
-            a = _attention_of(lm, s, pp)
-            spatial = a["view"].spatial
-            for c, j in enumerate(layers):
-                ax = fig.add_subplot(gs[r, c])
-                plots.draw_heatmap(ax, a["grid"][j], s.image if spatial else None, s.relevant if spatial else None,
-                                   spatial=spatial, title=f"layer {j}", extent=a["view"].extent)
-                if c == 0:
-                    ax.set_ylabel(_txt(_label(r, s), 28), fontsize=7)
-            ax = fig.add_subplot(gs[r, n])
-            t = a["table"]
-            if "rel_mass" in t.columns:
-                plots.relevance_curves(t, ratio=False, axes=[ax])
-                ax.legend(["relevant", "irrelevant"], fontsize=6)
-                ax.set_title("attention mass", fontsize=9)
-            else:
-                ax.plot(t["layer"], t["max_share"])
-                ax.set_title("largest token share", fontsize=9)
-            for j in layers:
-                ax.axvline(j, color="grey", lw=0.5, alpha=0.5)
-        fig.suptitle("Last-token attention over the image, by layer (relevant cells outlined)", fontsize=11)
-        fig.tight_layout()
-    return fig
-
-
 # --- masking ------------------------------------------------------------------------------------------------------
 
-def _masking_base(lm, sample, pp) -> dict:
-    from .experiments.common import first_token_ids, generate
-
-    b = lm.prepare([sample], post_prompt=pp)
-    plain = generate(lm, b)[0]
-    target = first_token_ids(lm, [plain])[0]
-    return dict(batch=b, plain=plain, target=target)
-
-
-def _masking_curve(lm, base, mode, window) -> tuple[np.ndarray, float]:
-    """p(unmasked answer's first token) with the image masked at each layer [L], and unmasked."""
-    from .sweeps import masking_sweep
-
-    sw = masking_sweep(lm, base["batch"], None, mode=mode, window=window)
-    t = base["target"]
-    p = torch.softmax(sw["logits"][:, 0], -1)[:, t]
-    p0 = torch.softmax(sw["plain"][0], -1)[t]
-    return _np(p), float(p0)
-
-
-def _masked_answer(lm, base, mode, window, layer) -> str:
-    from .experiments.common import generate
-    from .interventions import MaskImage
-
-    return generate(lm, base["batch"], [MaskImage(int(layer), mode, int(window))])[0]
-
-
-def masking_explorer(lm, samples, *, post_prompt="auto", layer: int = 0):
+def masking_explorer(lm, samples, *, layer: int = 0, data: pd.DataFrame | None = None):
     """Masking mode, layer and window: the answer under the mask, and p(unmasked answer's first token) masked vs
-    unmasked (curve over all layers, marker at the chosen one)."""
+    unmasked (curve over all layers, marker at the chosen one). Computed per (sample, mode, window) by
+    `interactive.masking_data`; ``data`` seeds the cache with that function's result."""
     w = _widgets()
+    ds = samples
     samples = _samples(samples)
-    pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     controls = {
         "sample": _sample_picker(w, samples),
@@ -389,127 +273,56 @@ def masking_explorer(lm, samples, *, post_prompt="auto", layer: int = 0):
         "window": w.IntSlider(value=1, min=1, max=L, description="window", continuous_update=False),
     }
 
+    def records(ex, sample, mode, window):
+        key = (sample, mode, window)
+        if key not in ex.cache:
+            sid = str(samples[sample].id)
+            have = None
+            if data is not None:
+                have = data[(data["id"].astype(str) == sid) & (data["mode"] == mode) & (data["window"] == window)]
+            if have is None or have.empty:
+                have = interactive.masking_data(lm, [samples[sample]], modes=(mode,), windows=(window,), dataset=ds)
+                ex.state["computed"] += 1
+            ex.cache[key] = have.sort_values("layer").set_index("layer")
+        return ex.cache[key]
+
     def update(ex, sample, mode, layer, window):
         s = samples[sample]
-        c = ex.cache
-        if ("base", sample) not in c:
-            c[("base", sample)] = _masking_base(lm, s, pp)
-        base = c[("base", sample)]
-        if ("curve", sample, mode, window) not in c:
-            c[("curve", sample, mode, window)] = _masking_curve(lm, base, mode, window)
-        p, p0 = c[("curve", sample, mode, window)]
-        key = ("answer", sample, mode, window, layer)
-        if key not in c:
-            c[key] = _masked_answer(lm, base, mode, window, layer)
-            ex.state["computed"] += 1
-        ans = c[key]
-        ex.state.update(answer=ans, plain=base["plain"], p_mask=float(p[layer]), p_plain=p0)
+        r = records(ex, sample, mode, window)
+        p, p0 = r["p_answer"].to_numpy(), float(r["plain_p"].iloc[0])
+        ans, plain = str(r.loc[layer, "pred"]), str(r["plain_pred"].iloc[0])
+        ex.state.update(answer=ans, plain=plain, p_mask=float(r.loc[layer, "p_answer"]), p_plain=p0)
         with plots.figure_style():
             fig, ax = plt.subplots(figsize=(plots.BOOK_WIDTH, 2.8))
-            ax.plot(np.arange(L), p, "-o", ms=3, color=plots.model_color(getattr(lm, "name", "model")),
+            ax.plot(r.index, p, "-o", ms=3, color=plots.model_color(getattr(lm, "name", "model")),
                     label=f"image masked ({mode}, window {window})")
             ax.axhline(p0, color="grey", ls="--", label="unmasked")
-            ax.plot([layer], [p[layer]], "o", ms=10, mfc="none", mec="black", mew=1.5, gid="marker")
+            ax.plot([layer], [r.loc[layer, "p_answer"]], "o", ms=10, mfc="none", mec="black", mew=1.5, gid="marker")
             ax.set_xlabel("masked layer")
             ax.set_ylabel("p(first answer token)")
             plots.integer_layers(ax)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: no curve hidden
             fig.tight_layout()
+        pl = ex.state["p_mask"]
         text = (f"{_question_html(s)}<br>"
-                f"unmasked: <code>{_esc(base['plain'])}</code> · p = {p0:.3f} &nbsp;|&nbsp; "
-                f"masked at layer {layer} ({mode}, window {window}): {_answer_html(ans, base['plain'])} · "
-                f"p = {p[layer]:.3f} (Δ {p[layer] - p0:+.3f})")
+                f"unmasked: <code>{_esc(plain)}</code> · p = {p0:.3f} &nbsp;|&nbsp; "
+                f"masked at layer {layer} ({mode}, window {window}): {_answer_html(ans, plain)} · "
+                f"p = {pl:.3f} (Δ {pl - p0:+.3f})")
         return text, fig
 
     return _explorer_class()(controls, update)
 
 
-def masking_static(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), window: int = 1,
-                   layers: Sequence[int] | None = None, n_samples: int = 2, post_prompt="auto"):
-    """Static twin of `masking_explorer`: per sample, p(first answer token) vs masked layer for each mode, and a
-    table of the answers under the mask at ``layers`` (default 0, L/4, L/2, 3L/4, L-1)."""
-    samples = _samples(samples)[:n_samples]
-    pp = _post_prompt(samples, post_prompt)
-    L = lm.num_layers
-    layers = _layers_grid(L) if layers is None else [int(j) % L for j in layers]
-    styles = {"zero": "-o", "knockout": "-s"}
-    with plots.figure_style():
-        fig, axes = plt.subplots(len(samples), 2, figsize=(plots.BOOK_WIDTH, 2.6 * len(samples) + 0.4),
-                                 squeeze=False, gridspec_kw={"width_ratios": [1.3, 1]})
-        for (ax, axt), (r, s) in zip(axes, enumerate(samples)):
-            base = _masking_base(lm, s, pp)
-            cells = []
-            for mode in modes:
-                p, p0 = _masking_curve(lm, base, mode, window)
-                ax.plot(np.arange(L), p, styles.get(mode, "-^"), ms=3, label=mode)
-                cells.append([_txt(_masked_answer(lm, base, mode, window, j), 14) for j in layers])
-            ax.axhline(p0, color="grey", ls="--", label="unmasked")
-            ax.set_xlabel("masked layer")
-            ax.set_ylabel("p(first answer token)")
-            plots.integer_layers(ax)
-            ax.legend(fontsize=7)
-            ax.set_title(_txt(_label(r, s), 60), fontsize=9)
-            axt.axis("off")
-            tab = axt.table(cellText=cells, rowLabels=list(modes), colLabels=[f"L{j}" for j in layers],
-                            loc="center", cellLoc="center")
-            tab.auto_set_font_size(False)
-            tab.set_fontsize(7)
-            axt.set_title(f"answer under the mask (unmasked: “{_txt(base['plain'], 20)}”)", fontsize=8)
-        fig.suptitle(f"Masking the image at one layer (window {window})", fontsize=11)
-        fig.tight_layout()
-    return fig
-
-
 # --- contrastive ----------------------------------------------------------------------------------------------------
 
-def _contrastive_module():
-    try:
-        from .experiments import contrastive
-    except ImportError as e:
-        raise ImportError("fusion_utils.experiments.contrastive is not available yet "
-                          f"({e}); the contrastive explorer needs contrastive_map, candidate_layers and "
-                          "soft_mask_tokens.") from e
-    return contrastive
-
-
-def _contrastive_of(lm, a: dict, kind: str, fusion_layers) -> dict:
-    C = _contrastive_module()
-    L = lm.num_layers
-    cand = C.candidate_layers(kind, L, list(fusion_layers))
-    res = C.contrastive_map(torch.as_tensor(a["maps"]), cand, post=-1)
-    return dict(candidates=[int(j) for j in _np(cand).ravel()] if cand is not None else None,
-                pre=int(_np(res["pre"])), I_A=res["I_A"], hellinger=res.get("hellinger"))
-
-
-def _soft_answer(lm, a: dict, cm: dict, rho: float, lam: float, apply_layer: int):
-    from .experiments.common import generate
-    from .interventions import ScaleImage
-
-    C = _contrastive_module()
-    mask = _np(C.soft_mask_tokens(cm["I_A"], rho)).astype(bool).ravel()
-    ans = generate(lm, a["batch"], [ScaleImage(int(apply_layer), float(lam), tokens=[mask])])[0]
-    return ans, mask
-
-
-def _contrastive_view(a: dict, cm: dict, sample, L: int, mask=None) -> dict:
-    view = a["view"]
-    ia = _np(cm["I_A"]).ravel()
-
-    def grid(v):
-        return view.to_map(v) if view.spatial else np.asarray(v)[view.indices().ravel()][None, :]
-
-    return dict(pre=cm["pre"], post=L - 1, A_pre=grid(a["maps"][cm["pre"]]), A_post=grid(a["maps"][-1]),
-                I_A=grid(ia), image=sample.image, relevant=sample.relevant if view.spatial else None,
-                mask=None if mask is None or not view.spatial else grid(mask))
-
-
-def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer: int, *, post_prompt="auto",
-                         rho: float = 0.2, lam: float = 0.1):
+def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer: int, *, rho: float = 0.2,
+                         lam: float = 0.1, data: dict | None = None):
     """Candidate set, ρ and λ: A_pre (layer i*) / A_post / I_A (softly masked tokens hatched) and the answer with
-    the ρ share of lowest-I_A tokens scaled by λ at ``apply_layer``, against the plain answer."""
+    the ρ share of lowest-I_A tokens scaled by λ at ``apply_layer``, against the plain answer. Computed per setting by
+    `interactive.contrastive_data`; ``data`` seeds the cache with that function's result."""
     w = _widgets()
+    ds = samples
     samples = _samples(samples)
-    pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     controls = {
         "sample": _sample_picker(w, samples),
@@ -518,112 +331,82 @@ def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer:
         "lam": w.FloatSlider(value=lam, min=0.0, max=1.0, step=0.05, description="λ", continuous_update=False),
     }
 
-    def update(ex, sample, kind, rho, lam):
-        from .experiments.common import generate
-
+    def setting(ex, sample, kind, rho, lam):
+        key = (sample, kind, round(rho, 4), round(lam, 4))
+        if key in ex.cache:
+            return ex.cache[key]
         s = samples[sample]
-        c = ex.cache
-        if ("maps", sample) not in c:
-            c[("maps", sample)] = _attention_of(lm, s, pp)
-            c[("plain", sample)] = generate(lm, c[("maps", sample)]["batch"])[0]
-        a = c[("maps", sample)]
-        if ("cm", sample, kind) not in c:
-            c[("cm", sample, kind)] = _contrastive_of(lm, a, kind, fusion_layers)
-        cm = c[("cm", sample, kind)]
-        key = ("soft", sample, kind, round(rho, 4), round(lam, 4))
-        if key not in c:
-            c[key] = _soft_answer(lm, a, cm, rho, lam, apply_layer)
+        d = None
+        if data is not None and kind in data["candidate_sets"] and any(np.isclose(rho, data["rhos"])) \
+                and any(np.isclose(lam, data["lams"])):
+            d = data
+        if d is None:
+            d = interactive.contrastive_data(lm, [s], fusion_layers=fusion_layers, apply_layer=apply_layer,
+                                             candidate_sets=(kind,), rhos=(rho,), lams=(lam,), dataset=ds)
             ex.state["computed"] += 1
-        ans, mask = c[key]
-        plain = c[("plain", sample)]
-        ex.state.update(answer=ans, plain=plain, pre=cm["pre"], candidates=cm["candidates"],
-                        n_masked=int(mask.sum()))
-        v = _contrastive_view(a, cm, s, L, mask)
+        rec = d["records"]
+        row = rec[(rec["id"] == str(s.id)) & (rec["candidates"] == kind) & np.isclose(rec["rho"].astype(float), rho)
+                  & np.isclose(rec["lam"].astype(float), lam)].iloc[0]
+        qi = [x["id"] for x in d["samples"]].index(str(s.id))
+        ex.cache[key] = (row, d["views"][kind][qi])
+        return ex.cache[key]
+
+    def update(ex, sample, kind, rho, lam):
+        s = samples[sample]
+        row, v = setting(ex, sample, kind, rho, lam)
+        ia = np.asarray(v["I_A"], float)
+        mask = np.asarray(soft_mask_tokens(torch.as_tensor(ia.ravel()), rho)).astype(bool).reshape(ia.shape)
+        ans, plain = str(row["pred"]), str(row["plain_pred"])
+        n_masked = int(row["n_masked"])
+        cands = [int(j) for j in np.asarray(candidate_layers(kind, L, list(fusion_layers))).ravel()]
+        ex.state.update(answer=ans, plain=plain, pre=int(row["pre_layer"]), candidates=cands, n_masked=n_masked)
+        view = dict(v, relevant=s.relevant if v.get("spatial", True) else None,
+                    mask=mask if v.get("spatial", True) else None)
         with plots.figure_style():
             fig, axes = plt.subplots(1, 4, figsize=(plots.BOOK_WIDTH, 2.4))
-            im = plots.panel_row(axes, v)
+            im = plots.panel_row(axes, view)
             fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.03)
             fig.tight_layout()
-        text = (f"{_question_html(s)} · candidates {kind} "
-                f"{cm['candidates']} → i* = {cm['pre']}<br>plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
-                f"soft mask (ρ={rho:.2f}: {int(mask.sum())} tokens × λ={lam:.2f} at layer {apply_layer}): "
-                f"{_answer_html(ans, plain)}")
+        text = (f"{_question_html(s)} · candidates {kind} {cands} → i* = {int(row['pre_layer'])}<br>plain: "
+                f"<code>{_esc(plain)}</code> &nbsp;|&nbsp; soft mask (ρ={rho:.2f}: {n_masked} tokens × λ={lam:.2f} "
+                f"at layer {apply_layer}): {_answer_html(ans, plain)}")
         return text, fig
 
     return _explorer_class()(controls, update)
 
 
-def contrastive_static(lm, samples, fusion_layers: Sequence[int], apply_layer: int, *, kind: str = "fusion",
-                       rhos: Sequence[float] = (0.1, 0.2, 0.4), lams: Sequence[float] = (0.0, 0.1, 0.5),
-                       n_samples: int = 2, post_prompt="auto"):
-    """Static twin of `contrastive_explorer`: per sample, the four panels for candidate set ``kind`` (tokens masked at
-    the first ρ hatched) above a table of soft-masked answers over ``rhos`` x ``lams`` (* = differs from plain)."""
-    from .experiments.common import generate
+# --- one function for both ------------------------------------------------------------------------------------------
 
-    samples = _samples(samples)[:n_samples]
-    pp = _post_prompt(samples, post_prompt)
-    L = lm.num_layers
-    n = len(samples)
-    with plots.figure_style():
-        fig = plt.figure(figsize=(plots.BOOK_WIDTH, (2.3 + 0.25 * (len(rhos) + 1)) * n + 0.4))
-        gs = fig.add_gridspec(2 * n, 4, height_ratios=[2.3, 0.25 * (len(rhos) + 1) + 0.2] * n)
-        for r, s in enumerate(samples):
-            a = _attention_of(lm, s, pp)
-            plain = generate(lm, a["batch"])[0]
-            cm = _contrastive_of(lm, a, kind, fusion_layers)
-            cells, mask0 = [], None
-            for rho in rhos:
-                line = []
-                for lam in lams:
-                    ans, mask = _soft_answer(lm, a, cm, rho, lam, apply_layer)
-                    mask0 = mask if mask0 is None else mask0
-                    line.append(_txt(ans, 18) + (" *" if ans != plain else ""))
-                cells.append(line)
-            v = _contrastive_view(a, cm, s, L, mask0)
-            v["title"] = _txt(_label(r, s), 34)
-            row = [fig.add_subplot(gs[2 * r, c]) for c in range(4)]
-            im = plots.panel_row(row, v)
-            fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.03)
-            axt = fig.add_subplot(gs[2 * r + 1, :])
-            axt.axis("off")
-            tab = axt.table(cellText=cells, rowLabels=[f"ρ={x:g}" for x in rhos],
-                            colLabels=[f"λ={x:g}" for x in lams], loc="center", cellLoc="center")
-            tab.auto_set_font_size(False)
-            tab.set_fontsize(7)
-            axt.set_title(f"soft-masked answers at layer {apply_layer} (plain: “{_txt(plain, 24)}”; * = changed)",
-                          fontsize=8)
-        fig.suptitle(f"Contrastive attention ({kind} candidates; hatched = tokens masked at ρ={rhos[0]:g})",
-                     fontsize=10)
-        fig.tight_layout()
-    return fig
-
-
-# --- dispatch -------------------------------------------------------------------------------------------------------
-
-_STATIC = {"attention": attention_static, "masking": masking_static, "contrastive": contrastive_static}
+_DATA = {"attention": interactive.attention_data, "masking": interactive.masking_data,
+         "contrastive": interactive.contrastive_data}
+_FIGURE = {"attention": interactive.attention_figure, "masking": interactive.masking_figure,
+           "contrastive": interactive.contrastive_figure}
 _LIVE = {"attention": attention_explorer, "masking": masking_explorer, "contrastive": contrastive_explorer}
+_LIVE_ARGS = {"contrastive": ("fusion_layers", "apply_layer")}
 
 
-def static_grid(explorer_name: str, lm, samples, **choices):
-    """The static figure of an explorer by name ("attention", "masking", "contrastive"); ``choices`` go to its
-    ``*_static`` function (contrastive needs ``fusion_layers`` and ``apply_layer``)."""
-    try:
-        fn = _STATIC[explorer_name]
-    except KeyError:
-        raise ValueError(f"Unknown explorer {explorer_name!r}; use one of {', '.join(_STATIC)}.") from None
-    return fn(lm, samples, **choices)
+def _check_name(explorer_name: str) -> None:
+    if explorer_name not in _DATA:
+        raise ValueError(f"Unknown explorer {explorer_name!r}; use one of {', '.join(_DATA)}.")
 
 
-def explore(explorer_name: str, lm, samples, *, static: dict | None = None, live: dict | None = None, **common):
-    """Show the live explorer when `in_live_kernel()`, and always return the static figure.
+def figure(explorer_name: str, lm, samples, *, model: str = "", **params):
+    """The kernel-free figure of an explorer ("attention", "masking", "contrastive"): its data function's result
+    (``params`` go there, e.g. ``windows``, ``fusion_layers``, ``apply_layer``) turned into an `InteractiveFigure`."""
+    _check_name(explorer_name)
+    data = _DATA[explorer_name](lm, samples, **params)
+    return _FIGURE[explorer_name](data, model=model)
 
-    ``common`` goes to both (e.g. ``fusion_layers``, ``apply_layer``, ``post_prompt``); ``static`` / ``live`` hold
-    keyword arguments for one side only (e.g. ``static={"layers": [0, 8, 16, 24, 31]}``).
-    """
-    if explorer_name not in _LIVE:
-        raise ValueError(f"Unknown explorer {explorer_name!r}; use one of {', '.join(_LIVE)}.")
+
+def explore(explorer_name: str, lm, samples, *, model: str = "", **params):
+    """Compute the explorer's data once and return its kernel-free figure; in a live kernel (`in_live_kernel`) also
+    display the ipywidgets explorer, seeded with the same data (it computes only the settings the figure lacks)."""
+    _check_name(explorer_name)
+    data = _DATA[explorer_name](lm, samples, **params)
+    fig = _FIGURE[explorer_name](data, model=model)
     if in_live_kernel():
         from IPython.display import display
 
-        display(_LIVE[explorer_name](lm, samples, **common, **(live or {})))
-    return static_grid(explorer_name, lm, samples, **common, **(static or {}))
+        live = {k: params[k] for k in _LIVE_ARGS.get(explorer_name, ()) if k in params}
+        display(_LIVE[explorer_name](lm, samples, data=data, **live))
+    return fig

@@ -664,7 +664,7 @@ def _out_dir(tmp_path_factory, name):
 STUB_FIGURE = """from fusion_utils.interactive import Control, InteractiveFigure
 
 fig = InteractiveFigure("Stub: a slider", [Control("k", [1, 2, 3], kind="slider")], {"height": 250})
-for i, k in enumerate(fig.controls[0].values):
+for i, k in enumerate(fig.controls[0].choices):
     fig.traces[str(i)] = {"type": "scatter", "x": [0, 1, 2], "y": [0, k, 2 * k]}
     fig.states[str(i)] = {"data": [str(i)], "text": f"k = {k}"}
 fig"""

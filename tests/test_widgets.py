@@ -1,5 +1,6 @@
 """fusion_utils.widgets with a tiny LLaVA and two world samples: explorers build, recompute on a control change,
-use their caches; the static twins return Figures; `in_live_kernel` follows its documented rule."""
+use their caches; `explore` builds the kernel-free figure and the live explorer from the same data; `in_live_kernel`
+follows its documented rule."""
 from __future__ import annotations
 
 import matplotlib
@@ -9,13 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
 pytest.importorskip("ipywidgets")
 import ipywidgets  # noqa: E402
 
 from fusion_utils import load_model, widgets  # noqa: E402
 from fusion_utils.data import load_dataset  # noqa: E402
+from fusion_utils.interactive import InteractiveFigure  # noqa: E402
 from fusion_utils.testing import tiny_model_dir  # noqa: E402
 
 torch.set_num_threads(1)
@@ -60,10 +61,10 @@ def test_masking_explorer(lm, ds):
     assert ex.state["error"] is None and ex.state["computed"] == 1
     assert set(ex.controls) == {"sample", "mode", "layer", "window"}
     p_before = ex.state["p_mask"]
-    ex.controls["layer"].value = lm.num_layers - 1
-    assert ex.state["computed"] == 2 and f"masked at layer {lm.num_layers - 1}" in ex.text.value
+    ex.controls["layer"].value = lm.num_layers - 1  # every layer of a (sample, mode, window) is computed at once
+    assert ex.state["computed"] == 1 and f"masked at layer {lm.num_layers - 1}" in ex.text.value
     ex.controls["mode"].value = "knockout"
-    assert ex.state["mode"] == "knockout" and ex.state["computed"] == 3 and "knockout" in ex.text.value
+    assert ex.state["mode"] == "knockout" and ex.state["computed"] == 2 and "knockout" in ex.text.value
     assert 0.0 <= ex.state["p_plain"] <= 1.0 and 0.0 <= ex.state["p_mask"] <= 1.0
     ex.controls["window"].value = lm.num_layers  # a window over every layer
     assert ex.state["error"] is None and ex.state["window"] == lm.num_layers
@@ -95,28 +96,47 @@ def test_contrastive_explorer_shows_errors(lm, ds):
     assert ex.state["error"] is None
 
 
-def test_static_figures(lm, ds):
+def test_figure_returns_an_interactive_figure(lm, ds):
     L = lm.num_layers
-    fig = widgets.attention_static(lm, ds)
-    assert isinstance(fig, Figure) and len(fig.axes) == 2 * (len({0, L // 4, L // 2, 3 * L // 4, L - 1}) + 1)
-    fig = widgets.static_grid("masking", lm, ds, layers=[0, L - 1])
-    assert isinstance(fig, Figure) and len(fig.axes) == 4
-    try:
-        import fusion_utils.experiments.contrastive  # noqa: F401
-    except ImportError:  # written concurrently; its own test covers it
-        return
-    else:
-        fig = widgets.static_grid("contrastive", lm, ds, fusion_layers=[0, 1], apply_layer=L - 2, rhos=(0.2,),
-                                  lams=(0.1,), n_samples=1)
-        assert isinstance(fig, Figure) and len(fig.axes) == 4 + 1 + 1  # panels, colorbar, answer table
+    fig = widgets.figure("masking", lm, ds, windows=(1, 2))
+    assert isinstance(fig, InteractiveFigure) and [c.name for c in fig.controls] == ["question", "mask", "window",
+                                                                                    "layer"]
+    assert len(fig.states) == 2 * 2 * 2 * L
+    fig = widgets.figure("contrastive", lm, ds, fusion_layers=[0, 1], apply_layer=L - 2, candidate_sets=("fusion",),
+                         rhos=(0.0, 0.5), lams=(0.1,))
+    none, half = fig.state(ρ=0.0), fig.state(ρ=0.5)
+    assert len(none["data"][-1]["x"]) == 0 and len(half["data"][-1]["x"]) > 0  # the masked tokens follow ρ
     with pytest.raises(ValueError, match="Unknown explorer"):
-        widgets.static_grid("nope", lm, ds)
+        widgets.figure("nope", lm, ds)
 
 
-def test_explore_returns_static_when_not_live(lm, ds, monkeypatch):
+def test_explore_builds_figure_and_live_explorer_from_the_same_data(lm, ds, monkeypatch):
+    """One computation: the live explorer shown in a live kernel is seeded with the figure's data (computes 0)."""
+    shown = []
+    monkeypatch.setattr(widgets, "in_live_kernel", lambda: True)
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    fig = widgets.explore("attention", lm, ds)
+    assert isinstance(fig, InteractiveFigure) and len(shown) == 1
+    ex = shown[0]
+    assert ex.state["computed"] == 0, "the explorer must reuse the figure's data"
+    ex.controls["sample"].value = 1
+    assert ex.state["computed"] == 0 and ex.state["error"] is None
+    # the figure and the explorer report the same number at the same layer
+    ex.controls["layer"].value = 1
+    value = ex.state["rel_mass"] if ex.state["rel_mass"] is not None else ex.state["max_share"]
+    assert f"{value:.2f}" in fig.state(question=1, layer=1)["text"]
+
+
+def test_explore_is_figure_only_when_not_live(lm, ds, monkeypatch):
     monkeypatch.setattr(widgets, "in_live_kernel", lambda: False)
-    fig = widgets.explore("attention", lm, ds, static={"layers": [0], "n_samples": 1})
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    shown = []
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    fig = widgets.explore("masking", lm, ds[:1])
+    assert isinstance(fig, InteractiveFigure) and shown == []
 
 
 class _FakeKernelShell:
