@@ -12,7 +12,9 @@ BOOK_PARAMS ?= book/params/default.yml
 .PHONY: install test book bench organisms organism-llava organism-qwen2_vl organisms-eval clean-book help
 
 help:
-	@echo "make book       build the book on the embedded model organisms (book/_build/html)"
+	@echo "make book       build the book on the embedded model organisms (book/_build/default/html;"
+	@echo "                BOOK_PARAMS=book/params/<name>.yml builds book/_build/<name>/html beside it;"
+	@echo "                book/_build/index.html lists the builds)"
 	@echo "make test       run the test suite (CPU, offline)"
 	@echo "make bench      print the performance figures (ratios measured side by side)"
 	@echo "make organisms  retrain the embedded model organisms from their seeds (make -j2 organisms: both at once)"
@@ -56,5 +58,7 @@ organism-llava organism-qwen2_vl: $(STAMP)
 organisms-eval: $(STAMP)
 	$(VENV)/bin/fusion-utils organisms eval --all
 
+# every build (book/_build/<name>) and every chapter cache (.cache/book/<name>); book/chapters and book/_generated
+# are where older versions of the driver wrote
 clean-book:
 	rm -rf book/_build book/chapters book/_generated .cache/book

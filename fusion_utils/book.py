@@ -641,13 +641,56 @@ def _kernel_manager(env: Mapping[str, str]):
     return _KernelWithEnv
 
 
-def _strip_widget_state(path: Path) -> None:
-    """Drop the ipywidgets state (tqdm bars leave some) from an executed notebook: the static book has no live
-    widgets, and the state would make myst-nb add widget scripts to the page."""
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    if "widgets" in nb.get("metadata", {}):
-        del nb["metadata"]["widgets"]
-        atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+#: Cell tags that already say how a cell shows in the book; a code cell with none of them gets ``hide-input``.
+VISIBILITY_TAGS = {"remove-cell", "remove-input", "remove-output", "hide-input", "hide-output", "hide-cell",
+                   "show-input"}
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, list):
+        return ", ".join(_fmt_param(x) for x in v) or "none"
+    return "none" if v is None else str(v)
+
+
+def parameters_line(parameters: Mapping[str, Any]) -> str:
+    """One compact line of the parameters a chapter ran with (the full table is in the appendix)."""
+    p = dict(parameters)
+    parts = []
+    if "models" in p:
+        parts.append("models " + ", ".join(f"`{m}`" for m in (p.pop("models") or [])))
+    if "dataset" in p:
+        data = str(p.pop("dataset"))
+        src, n = p.pop("source", None), p.pop("samples", None)
+        parts.append("data " + data + (f" ({src})" if src else "") + (f", {n} samples" if n is not None else ""))
+    for k in ("device", "dtype"):
+        if k in p:
+            parts.append(str(p.pop(k)))
+    parts += [f"{k} = {_fmt_param(v)}" for k, v in p.items()]
+    return "**This build:** " + " · ".join(parts) + " (all values: the reproducibility appendix)."
+
+
+def _for_readers(path: Path, parameters: Mapping[str, Any]) -> None:
+    """Make an executed notebook read like a paper: the declared and injected parameter cells give way to one line of
+    the build's parameters, every code cell is folded behind a toggle (``hide-input``) unless its tags say
+    otherwise, and the ipywidgets state (tqdm bars leave some) is dropped -- the static book has no live widgets,
+    and the state would make myst-nb add widget scripts to the page."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    nb.metadata.pop("widgets", None)
+    cells, line_at = [], None
+    for cell in nb.cells:
+        tags = list(cell.metadata.get("tags", []))
+        if {"parameters", "injected-parameters"} & set(tags):
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+            line_at = len(cells) + 1
+        elif cell.cell_type == "code" and not VISIBILITY_TAGS & set(tags):
+            cell.metadata["tags"] = [*tags, "hide-input"]
+        cells.append(cell)
+    if line_at is not None:
+        cells.insert(line_at, nbformat.v4.new_markdown_cell(parameters_line(parameters)))
+    nb.cells = cells
+    atomic_write_text(path, nbformat.writes(nb))
 
 
 def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: str, kernel_log: Path,
@@ -718,7 +761,7 @@ def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = 
             raise BookError(_describe_failure(exc, nb.relative_to(layout.root) if nb.is_relative_to(layout.root)
                                               else nb, partial, kernel_log)) from exc
         secs = time.perf_counter() - t0
-        _strip_widget_state(partial)
+        _for_readers(partial, result.parameters)
         os.replace(partial, result.output)
         result.status, result.seconds = "executed", secs
         record = {"key": result.key, "seconds": round(secs, 3), "output": str(result.output),

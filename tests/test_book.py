@@ -416,6 +416,13 @@ def test_fixture_build_executes_and_renders(fixture_book):
         nb = json.loads(chapter_nb(root, name).read_text())
         assert any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
         assert "widgets" not in nb["metadata"], "widget state would make myst-nb load widget scripts"
+        tags = [c["metadata"].get("tags", []) for c in nb["cells"]]
+        assert all("remove-cell" in t for t in tags if {"parameters", "injected-parameters"} & set(t))
+        assert all("hide-input" in t for c, t in zip(nb["cells"], tags) if c["cell_type"] == "code"
+                   and "remove-cell" not in t), "the code is one click away, not in the reader's way"
+        line = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
+                    and "".join(c["source"]).startswith("**This build:**"))
+        assert "`fixture/tiny-vlm`" in line and "data world, 5 samples" in line
         rec = json.loads((cache_dir(root) / f"{name}.json").read_text())
         assert rec["key"] == next(c.key for c in report.chapters if c.name == name) and rec["seconds"] > 0
     html = built(root) / "html"
