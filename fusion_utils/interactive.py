@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "masking_data", "masking_figure", "attention_data",
+__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "default_windows", "masking_data", "masking_figure", "attention_data",
            "attention_figure", "contrastive_data", "contrastive_figure", "layers_figure", "threshold_figure",
            "MARKER_CLASS"]
 
@@ -396,7 +396,13 @@ def _with_axis_ranges(base: dict, update: dict, panels: Sequence[int], W, H) -> 
 
 # --- masking ------------------------------------------------------------------------------------------------------
 
-def masking_data(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), windows: Sequence[int] = (1,),
+def default_windows(n_layers: int) -> list[int]:
+    """Masking windows for the explorer: one layer, an eighth and a quarter of the depth (1, 2, 4 of 8; 1, 4, 8
+    of 32)."""
+    return sorted({1, max(1, n_layers // 8), max(1, n_layers // 4)})
+
+
+def masking_data(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), windows: Sequence[int] | None = None,
                  dataset=None) -> pd.DataFrame:
     """The masking experiment's per-batch records for ``samples`` at each window: one row per (sample, mode, window,
     layer) with the answer under the mask (``pred``), p of the unmasked answer's first token (``p_answer``,
@@ -404,7 +410,7 @@ def masking_data(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), wi
     ds = _as_set(samples, dataset)
     L = lm.num_layers
     parts = []
-    for w in windows:
+    for w in default_windows(L) if windows is None else windows:
         if not 1 <= int(w) <= L:
             raise ValueError(f"Masking window {w} is outside 1..{L} for this {L}-layer model; choose windows in that "
                              "range.")
@@ -492,12 +498,20 @@ def attention_data(lm, samples, *, dataset=None) -> list[dict]:
     return views
 
 
-def attention_figure(views: Sequence[Mapping], *, title: str = "Last-token attention over the image",
-                     model: str = "", layer: int | None = None) -> InteractiveFigure:
+def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None = None,
+                     title: str = "Last-token attention over the image", model: str = "",
+                     layer: int | None = None) -> InteractiveFigure:
     """Question and layer -> the heatmap of that layer over the image (relevant cells outlined), beside the mass on
-    relevant and irrelevant tokens by layer with a marker at the chosen layer."""
+    relevant and irrelevant tokens by layer with a marker at the chosen layer.
+
+    ``views``: `attention_data`'s result, or `sample_maps`'s with ``records`` the attention experiment's records
+    (a chapter's run holds the shown questions already: nothing is computed again)."""
     if not views:
         raise ValueError("attention_figure needs at least one view; pass attention_data's result.")
+    if records is not None:
+        rec = records.assign(id=records["id"].astype(str))
+        views = [dict(v, records=rec[rec["id"] == str(v["id"])].sort_values("layer").reset_index(drop=True))
+                 for v in views]
     L = int(np.asarray(views[0]["tokens"]).shape[0])
     layers = list(range(L))
     labels = [f"{i + 1}: {_short(v['question'], 56)}" for i, v in enumerate(views)]
@@ -770,3 +784,48 @@ def threshold_figure(summaries: Mapping[str, pd.DataFrame], *, thresholds: Seque
             fig.states[f"{ti}|{xi}"] = {"data": ids, "layout": upd,
                                         "text": f"threshold {t:g}<br>" + "<br>".join(lines)}
     return fig
+
+
+# --- tables -------------------------------------------------------------------------------------------------------
+
+class Table:
+    """A table as a reader reads it: no pandas index, "none found" for a missing value or an empty list, floats to
+    ``digits`` places, lists as comma-separated text."""
+
+    def __init__(self, df: pd.DataFrame, *, none: str = "none found", digits: int = 3):
+        self.df, self.none, self.digits = df, none, digits
+
+    def cell(self, v) -> str:
+        if v is None or (isinstance(v, float) and not np.isfinite(v)) or (isinstance(v, (list, tuple)) and not v):
+            return self.none
+        if isinstance(v, (list, tuple)):
+            return ", ".join(self.cell(x) for x in v)
+        if isinstance(v, (float, np.floating)):
+            return f"{float(v):.{self.digits}f}"
+        try:
+            if pd.isna(v):
+                return self.none
+        except (TypeError, ValueError):
+            pass
+        return str(v)
+
+    def text(self) -> pd.DataFrame:
+        cols = {}
+        for c in self.df.columns:
+            col = self.df[c]
+            vals = pd.to_numeric(col, errors="coerce") if col.dtype.kind == "f" else None
+            # a column of layer indices with a gap turns float in pandas (29.0): shown as the integers they are
+            whole = vals is not None and vals.notna().any() and bool((vals.dropna() % 1 == 0).all())
+            cols[c] = [self.none if whole and pd.isna(v) else str(int(v)) if whole else self.cell(v) for v in col]
+        return pd.DataFrame(cols, columns=self.df.columns)
+
+    def _repr_html_(self) -> str:
+        return self.text().to_html(index=False, escape=True, classes="fu-table")
+
+    def __repr__(self) -> str:
+        return self.text().to_string(index=False)
+
+
+def table(df: pd.DataFrame | Sequence[Mapping], *, none: str = "none found", digits: int = 3) -> Table:
+    """``df`` (or a list of row dicts) shown without the index, with ``none`` where a value is missing."""
+    return Table(df if isinstance(df, pd.DataFrame) else pd.DataFrame(list(df)), none=none, digits=digits)

@@ -3,6 +3,8 @@ use their caches; `explore` builds the kernel-free figure and the live explorer 
 follows its documented rule."""
 from __future__ import annotations
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,7 +18,7 @@ import ipywidgets  # noqa: E402
 
 from fusion_utils import load_model, widgets  # noqa: E402
 from fusion_utils.data import load_dataset  # noqa: E402
-from fusion_utils.interactive import InteractiveFigure  # noqa: E402
+from fusion_utils.interactive import Control, InteractiveFigure, table  # noqa: E402
 from fusion_utils.testing import tiny_model_dir  # noqa: E402
 
 torch.set_num_threads(1)
@@ -167,3 +169,43 @@ def test_in_live_kernel_rule(monkeypatch):
     monkeypatch.setenv(widgets.STATIC_ENV, "0")
     monkeypatch.setattr(IPython, "get_ipython", lambda: None)
     assert widgets.in_live_kernel() is True  # LIVE forces
+
+
+# --- the figure object and the table, without a model -----------------------------------------------------------
+
+def _tiny_figure():
+    fig = InteractiveFigure("t", [Control("k", [1, 2], kind="slider"), Control("s", ["a", "b"])], {"height": 200})
+    for i in range(2):
+        for j in range(2):
+            fig.traces[f"{i}{j}"] = {"type": "scatter", "y": [i, j]}
+            fig.states[f"{i}|{j}"] = {"data": [f"{i}{j}"], "text": "</script><b>x</b>"}
+    return fig
+
+
+def test_interactive_figure_html_is_self_contained_and_safe():
+    fig = _tiny_figure()
+    html = fig.to_html()
+    assert html.count("<script") == 2 and 'type="range"' in html and "<select" in html
+    assert "</script><b>" not in html, "a state's text must not end the JSON <script> early"
+    assert not re.search(r"(src|href)=\"(https?:)?//", html), "the figure loads nothing remote"
+    assert fig.state(k=2, s="b")["data"] == [{"type": "scatter", "y": [1, 1]}]
+
+
+def test_interactive_figure_names_what_is_missing():
+    fig = _tiny_figure()
+    del fig.states["1|0"]
+    with pytest.raises(ValueError, match="no state for"):
+        fig.check()
+    with pytest.raises(ValueError, match="is not a choice of 's'"):
+        _tiny_figure().state(s="c")
+    with pytest.raises(ValueError, match="has no values; give it at least one choice"):
+        Control("empty", [])
+
+
+def test_table_has_no_index_and_says_none_found():
+    t = table([{"model": "a", "fusion_layers": [], "review_layer": None, "acc": 0.51234},
+               {"model": "b", "fusion_layers": [2, 4], "review_layer": 29.0, "acc": float("nan")}])
+    html = t._repr_html_()
+    assert "none found" in html and "NaN" not in html and "2, 4" in html and "0.512" in html
+    assert "<td>29</td>" in html, "a layer index stays an integer"
+    assert "<th></th>" not in html and ">0</th>" not in html, "no pandas index column"
