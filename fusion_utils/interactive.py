@@ -130,8 +130,8 @@ class InteractiveFigure:
     def spec(self) -> dict:
         return {"controls": [{"name": c.name, "labels": c.labels} for c in self.controls], "layout": self.layout,
                 "traces": self.traces, "layouts": self.layouts, "states": self.states,
-                "config": {"responsive": True, "displaylogo": False, "typesetMath": False,
-                           "modeBarButtonsToRemove": ["lasso2d", "select2d"]}}
+                # no mode bar: it would sit on the last panel's title; zoom by dragging, double-click resets
+                "config": {"responsive": True, "displaylogo": False, "typesetMath": False, "displayModeBar": False}}
 
     def to_html(self, plotly_js: bool = False) -> str:
         """The figure as an HTML fragment; ``plotly_js=True`` inlines plotly.js (about 5 MB) so it runs anywhere."""
@@ -260,8 +260,9 @@ def _ax(i: int) -> str:
 
 def _base_layout(n_panels: int, *, widths=None, titles=(), height: int = 380, image_axes=()) -> dict:
     """Side-by-side panels; panel titles are annotations above each panel (never over another's title)."""
-    lay: dict = {"margin": {"l": 50, "r": 20, "t": 40, "b": 45}, "height": height, "showlegend": True,
-                 "legend": {"orientation": "h", "x": 0, "y": -0.18, "yanchor": "top"},  # below the axes
+    lay: dict = {"margin": {"l": 50, "r": 20, "t": 40, "b": 90}, "height": height, "showlegend": True,
+                 # below the axis titles: a legend never covers a curve or a label
+                 "legend": {"orientation": "h", "x": 0, "y": -0.3, "yanchor": "top"},
                  "annotations": [], "font": {"size": 12}, "hovermode": "closest"}
     for i, (a, b) in enumerate(_axes(n_panels, widths=widths)):
         xa, ya = f"xaxis{_ax(i)}", f"yaxis{_ax(i)}"
@@ -441,11 +442,10 @@ def masking_figure(records: pd.DataFrame, *, title: str = "Masking the image at 
                 Control("layer", layers, kind="slider")]
     if len(windows) == 1:
         controls.pop(2)
-    lay = _base_layout(1, height=360)
+    lay = _base_layout(1, height=380)
     lay["xaxis"].update(title={"text": "masked layer"}, dtick=max(1, len(layers) // 16))
     lay["yaxis"].update(title={"text": "p(first token of the unmasked answer)"}, range=[0, 1.05])
-    lay["legend"].update(y=-0.25)
-    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=380,
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=400,
                             caption="Dashed: unmasked. The ring marks the chosen layer.")
     rec = records.assign(id=records["id"].astype(str))
     for qi, q in enumerate(ids):
@@ -517,10 +517,10 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
     labels = [f"{i + 1}: {_short(v['question'], 56)}" for i, v in enumerate(views)]
     controls = [Control("question", list(range(len(views))), labels),
                 Control("layer", layers, kind="slider", value=L // 2 if layer is None else int(layer) % L)]
-    lay = _base_layout(2, widths=[1, 1.3], image_axes=(0,), height=380)
+    lay = _base_layout(2, widths=[1, 1.3], image_axes=(0,), height=400)
     lay["xaxis2"].update(title={"text": "layer"}, dtick=max(1, L // 16))
     lay["yaxis2"].update(title={"text": "attention mass"}, rangemode="tozero")
-    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=400,
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=420,
                             caption="Outlined cells hold the answer. Each layer's map is renormalised over the image.")
     for qi, v in enumerate(views):
         maps = np.asarray(v["maps2d"], float)
@@ -621,7 +621,8 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
     lay["legend"].update(y=-0.05)
     fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=360,
                             caption="Red on I_A: attention gained with depth; blue: lost. Green crosses: the image "
-                                    "tokens the soft mask scales by λ at the apply layer.")
+                                    "tokens the soft mask scales by λ at the apply layer (fainter as λ nears 1, "
+                                    "which leaves them as they are).")
     for qi, s in enumerate(samples):
         for ki, kind in enumerate(sets):
             v = data["views"][kind][qi]
@@ -657,12 +658,14 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
             for ri, rho in enumerate(rhos):
                 mask = np.asarray(soft_mask_tokens(torch.as_tensor(ia2.ravel()), rho)).astype(bool).reshape(ia2.shape)
                 rr, cc = np.nonzero(mask)
-                mid = f"mask|{qi}|{ki}|{ri}"
-                fig.traces[mid] = {"type": "scatter", "mode": "markers", "xaxis": "x3", "yaxis": "y3",
-                                   "x": _r(geo["x0"] + cc * geo["dx"], 2), "y": _r(geo["y0"] + rr * geo["dy"], 2),
-                                   "marker": {"symbol": "x-thin", "size": 7, "line": {"width": 2, "color": MASK_COLOR}},
-                                   "name": f"scaled tokens (ρ = {rho:g})", "hoverinfo": "skip"}
                 for li, lam in enumerate(lams):
+                    # the crosses fade as λ -> 1: λ = 1 leaves the chosen tokens as they are
+                    mid = f"mask|{qi}|{ki}|{ri}|{li}"
+                    fig.traces[mid] = {"type": "scatter", "mode": "markers", "xaxis": "x3", "yaxis": "y3",
+                                       "x": _r(geo["x0"] + cc * geo["dx"], 2), "y": _r(geo["y0"] + rr * geo["dy"], 2),
+                                       "marker": {"symbol": "x-thin", "size": 7, "opacity": round(max(0.15, 1 - lam), 3),
+                                                  "line": {"width": 2, "color": MASK_COLOR}},
+                                       "name": f"tokens scaled by λ = {lam:g} (ρ = {rho:g})", "hoverinfo": "skip"}
                     sel = rec[(rec["id"] == s["id"]) & (rec["candidates"] == kind) & (rec["variant"] == "soft")
                               & np.isclose(rec["rho"].astype(float), rho) & np.isclose(rec["lam"].astype(float), lam)]
                     if sel.empty:
@@ -695,7 +698,7 @@ def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFr
     layers = sorted(set(hellinger_records["layer"]) | set(early_exit_records["layer"]))
     L = len(layers)
     controls = [Control("layer", layers, kind="slider", value=layers[(3 * L) // 4] if L else None)]
-    lay = _base_layout(2, widths=[1, 1.2], height=360)
+    lay = _base_layout(2, widths=[1, 1.2], height=400)
     lay["xaxis"].update(title={"text": "Hellinger distance to the final layer"}, range=[0, 1])
     lay["yaxis"].update(title={"text": "questions"}, rangemode="tozero")
     lay["xaxis2"].update(title={"text": "answer read off the layer"}, automargin=True, tickangle=-30)
@@ -704,7 +707,7 @@ def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFr
     lay["bargap"] = 0.1
     h_max = int(hellinger_records.groupby("layer").size().max()) if len(hellinger_records) else 1
     lay["yaxis"]["range"] = [0, h_max]
-    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=400)
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=420)
     edges = np.linspace(0, 1, 21)
     for li, j in enumerate(layers):
         h = hellinger_records.loc[hellinger_records["layer"] == j, "hellinger"].astype(float).to_numpy()
@@ -747,13 +750,18 @@ def threshold_figure(summaries: Mapping[str, pd.DataFrame], *, thresholds: Seque
     controls = [Control("threshold", thresholds, [f"{t:g}" for t in thresholds], kind="slider",
                         value=0.05 if 0.05 in thresholds else thresholds[0]),
                 Control("x axis", ["relative", "layer"], ["relative depth", "layer"])]
-    lay = _base_layout(1, height=360)
+    lay = _base_layout(1, height=380)
     lay["yaxis"].update(title={"text": "accuracy drop (unmasked − masked)"})
-    fig = InteractiveFigure(title, controls, lay, height=380,
+    fig = InteractiveFigure(title, controls, lay, height=400,
                             caption="Triangles: fusion layers (drop above the threshold, before the plateau).")
     for xi, xkind in enumerate(("relative", "layer")):
         for ti, t in enumerate(thresholds):
             ids, lines = [], []
+            ids.append(f"t|{xi}|{ti}")
+            x_end = 1.0 if xkind == "relative" else max(
+                (float(s["layer"].max()) for s in summaries.values() if len(s)), default=1.0)
+            fig.traces[f"t|{xi}|{ti}"] = {"type": "scatter", "mode": "lines", "x": [0, x_end], "y": [t, t],
+                                          "line": {"dash": "dot", "color": "grey"}, "name": f"threshold {t:g}"}
             for mi, (name, s) in enumerate(summaries.items()):
                 s = s[s["mode"] == mode].sort_values("layer") if "mode" in s.columns else s.sort_values("layer")
                 L = int(s["layer"].max()) + 1 if len(s) else 1
@@ -778,9 +786,7 @@ def threshold_figure(summaries: Mapping[str, pd.DataFrame], *, thresholds: Seque
             xr = [-0.02, 1.02] if xkind == "relative" else None
             upd = {"xaxis": {**lay["xaxis"], "title": {"text": "relative depth (layer / (L − 1))" if xkind == "relative"
                                                                else "masked layer"},
-                             **({"range": xr} if xr else {})},
-                   "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": t, "y1": t,
-                               "line": {"dash": "dot", "color": "grey"}}]}
+                             **({"range": xr} if xr else {})}}
             fig.states[f"{ti}|{xi}"] = {"data": ids, "layout": upd,
                                         "text": f"threshold {t:g}<br>" + "<br>".join(lines)}
     return fig
