@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "default_windows", "masking_data", "masking_figure", "attention_data",
+__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_runs", "default_windows", "masking_data", "masking_figure", "attention_data",
            "attention_figure", "contrastive_data", "contrastive_figure", "layers_figure", "threshold_figure",
            "MARKER_CLASS"]
 
@@ -835,3 +835,34 @@ class Table:
 def table(df: pd.DataFrame | Sequence[Mapping], *, none: str = "none found", digits: int = 3) -> Table:
     """``df`` (or a list of row dicts) shown without the index, with ``none`` where a value is missing."""
     return Table(df if isinstance(df, pd.DataFrame) else pd.DataFrame(list(df)), none=none, digits=digits)
+
+
+def masking_runs(runs_dir, *, threshold: float = 0.05, mode: str = "zero") -> pd.DataFrame:
+    """One row per masking run recorded under ``runs_dir`` -- every build that shares the run records (each
+    parameters file's book writes there), whatever model and data it ran: model, data, questions, depth, fusion
+    layers, plateau and review layer at ``threshold``, and the unmasked accuracy. Runs without a summary yet are
+    left out."""
+    import json as _json
+
+    from .experiments.masking import find_layers
+
+    rows = []
+    for cfg_path in sorted(Path(runs_dir).glob("masking/*/config.json")):
+        summary = cfg_path.parent / "summary.csv"
+        if not summary.is_file():
+            continue
+        try:
+            cfg = _json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
+            s = pd.read_csv(summary)
+        except (OSError, ValueError, KeyError):
+            continue  # a run being written: listed once it is complete
+        s = s[s["mode"] == mode] if "mode" in s.columns else s
+        if s.empty:
+            continue
+        found = find_layers(s, threshold=threshold)
+        rows.append({"model": cfg["model"]["name"], "data": cfg["dataset"]["name"], "questions": cfg["dataset"]["n"],
+                     "layers": int(s["layer"].max()) + 1, "fusion_layers": found["fusion_layers"],
+                     "plateau_from": found["plateau_start"], "review_layer": found["review_layer"],
+                     "plain_accuracy": float(s["plain_accuracy"].mean())})
+    cols = ["model", "data", "questions", "layers", "fusion_layers", "plateau_from", "review_layer", "plain_accuracy"]
+    return pd.DataFrame(rows, columns=cols)

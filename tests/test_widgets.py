@@ -209,3 +209,16 @@ def test_table_has_no_index_and_says_none_found():
     assert "none found" in html and "NaN" not in html and "2, 4" in html and "0.512" in html
     assert "<td>29</td>" in html, "a layer index stays an integer"
     assert "<th></th>" not in html and ">0</th>" not in html, "no pandas index column"
+
+
+def test_masking_runs_lists_every_recorded_run(lm, ds, tmp_path):
+    from fusion_utils.experiments.masking import masking
+    from fusion_utils.interactive import masking_runs
+
+    masking(lm, ds, out=str(tmp_path), progress=False)
+    masking(lm, ds[:1], out=str(tmp_path), progress=False)  # another build's data: its own run
+    (tmp_path / "masking" / "half-written").mkdir()
+    (tmp_path / "masking" / "half-written" / "config.json").write_text("{")
+    t = masking_runs(tmp_path)
+    assert sorted(t["questions"]) == [1, 2] and set(t["layers"]) == {lm.num_layers}
+    assert list(t.columns)[:2] == ["model", "data"]
