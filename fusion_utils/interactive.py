@@ -244,7 +244,7 @@ def _png_uri(image, size: int = 256) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _axes(n: int, gap: float = 0.07, widths: Sequence[float] | None = None) -> list[tuple[float, float]]:
+def _axes(n: int, gap: float = 0.1, widths: Sequence[float] | None = None) -> list[tuple[float, float]]:
     w = np.asarray(widths if widths is not None else [1.0] * n, float)
     w = w / w.sum() * (1 - gap * (n - 1))
     out, x = [], 0.0
@@ -705,13 +705,17 @@ def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFr
     lay["yaxis2"].update(title={"text": "questions"}, rangemode="tozero")
     lay["barmode"] = "stack"
     lay["bargap"] = 0.1
-    h_max = int(hellinger_records.groupby("layer").size().max()) if len(hellinger_records) else 1
-    lay["yaxis"]["range"] = [0, h_max]
     fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=420)
     edges = np.linspace(0, 1, 21)
+    hists = {j: np.histogram(np.clip(hellinger_records.loc[hellinger_records["layer"] == j, "hellinger"]
+                                     .astype(float).to_numpy(), 0, 1), bins=edges)[0] for j in layers}
+    tallest = early_exit_records.groupby(["layer", "pred"]).size().max() if len(early_exit_records) else 1
+    # fixed ranges: moving the layer shows the distributions change, not the axes
+    lay["yaxis"]["range"] = [0, max(1, max(int(c.max()) for c in hists.values())) * 1.05]
+    lay["yaxis2"]["range"] = [0, max(1, int(tallest)) * 1.05]
     for li, j in enumerate(layers):
         h = hellinger_records.loc[hellinger_records["layer"] == j, "hellinger"].astype(float).to_numpy()
-        counts, _ = np.histogram(np.clip(h, 0, 1), bins=edges)
+        counts = hists[j]
         fig.traces[f"h|{li}"] = {"type": "bar", "x": _r((edges[:-1] + edges[1:]) / 2), "y": counts.tolist(),
                                  "width": 0.05, "name": "Hellinger", "marker": {"color": "#7f7f7f"},
                                  "showlegend": False}
