@@ -412,19 +412,9 @@ def notebook_source_hash(notebook: Path) -> str:
     return config_hash({"cells": cells})
 
 
-def package_version() -> str:
-    return str(provenance_versions().get("fusion_utils") or "0+unknown")
-
-
-def provenance_versions() -> dict:
-    """`fusion_utils.runs.provenance` (versions, platform, git), computed once per process."""
-    global _PROVENANCE
-    if _PROVENANCE is None:
-        _PROVENANCE = provenance()
-    return _PROVENANCE
-
-
-_PROVENANCE: dict | None = None
+def package_version(prov: Mapping[str, Any] | None = None) -> str:
+    """The installed fusion_utils version, from `fusion_utils.runs.provenance` (``prov``: one already taken)."""
+    return str((prov if prov is not None else provenance()).get("fusion_utils") or "0+unknown")
 
 
 def _models_in(parameters: Mapping[str, Any]) -> list[str]:
@@ -497,10 +487,12 @@ def _read_record(path: Path) -> dict | None:
         return None
 
 
-def plan(params: dict, layout: Layout, *, force: bool = False, only: Sequence[str] | None = None) -> list[ChapterResult]:
+def plan(params: dict, layout: Layout, *, force: bool = False, only: Sequence[str] | None = None,
+         prov: Mapping[str, Any] | None = None) -> list[ChapterResult]:
     """Step 2: per chapter, its parameters, model fingerprints and cache key, and its status: ``"execute"``,
-    ``"cached"`` (the cache record's key matches and the executed notebook exists) or ``"skipped"`` (``only``)."""
-    version, source_hash, memo = package_version(), package_source_hash(), {}
+    ``"cached"`` (the cache record's key matches and the executed notebook exists) or ``"skipped"`` (``only``).
+    ``prov``: the build's `fusion_utils.runs.provenance` (taken here when not given)."""
+    version, source_hash, memo = package_version(prov), package_source_hash(), {}
     out = []
     for name, over in params["chapters"].items():
         nb = layout.notebooks / f"{name}.ipynb"
@@ -776,11 +768,10 @@ def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = 
 # --------------------------------------------------------------------------- step 4: appendix
 
 
-def _versions() -> dict[str, str]:
+def _versions(prov: Mapping[str, Any]) -> dict[str, str]:
     """The versions that decide what a reader sees: `fusion_utils.runs.provenance`'s, and the book tools'."""
     from importlib.metadata import PackageNotFoundError, version
 
-    prov = provenance_versions()
     out = {k: str(prov.get(k) or "not installed") for k in ("python", "fusion_utils", "torch", "transformers",
                                                               "numpy")}
     for dist in ("jupyter-book", "sphinx", "myst-nb", "papermill", "plotly"):
@@ -791,8 +782,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git_revision() -> str | None:
-    prov = provenance_versions()
+def _git_revision(prov: Mapping[str, Any]) -> str | None:
     commit = prov.get("git_commit")
     if not commit:
         return None
@@ -865,18 +855,18 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def appendix(report: BuildReport, layout: Layout, params: dict) -> dict:
+def appendix(report: BuildReport, layout: Layout, params: dict, prov: Mapping[str, Any] | None = None) -> dict:
     """Step 4: the build information (``build_info.json``) and the reproducibility appendix page; returns the
-    information."""
-    prov = provenance_versions()
+    information. ``prov``: the build's `fusion_utils.runs.provenance` (taken here when not given)."""
+    prov = prov if prov is not None else provenance()
     common = params["common"]
     info = {
         "name": layout.name,
         "params_file": _display_path(report.params_file, layout.root),
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_revision(),
+        "git": _git_revision(prov),
         "platform": f"{platform.system()} {prov.get('machine') or platform.machine()}, Python {prov.get('python')}",
-        "versions": _versions(),
+        "versions": _versions(prov),
         "models": list(dict.fromkeys(m for c in report.chapters for m in _models_in(c.parameters))),
         "data": {k: common.get(k) for k in ("dataset", "source", "samples") if k in common},
         "chapters": [
@@ -1023,10 +1013,11 @@ def build(params_file: str | os.PathLike, force: bool = False, only: Sequence[st
     try:
         params = validate(params_file, layout, only)
         report.params_file = params["path"]
-        report.chapters = plan(params, layout, force=force, only=only)
+        prov = provenance()  # versions and git state, once per build
+        report.chapters = plan(params, layout, force=force, only=only, prov=prov)
         _stage(root_p, layout.src)
         report.execute_seconds = execute(report.chapters, layout, kernel=kernel, log=say)
-        appendix(report, layout, params)
+        appendix(report, layout, params, prov)
         if html:
             t_jb = time.perf_counter()
             say(f"jupyter-book: rendering {layout.name} ...")
