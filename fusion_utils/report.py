@@ -125,8 +125,23 @@ def _row(claim, model, *, rule, chance="", effect="", uncertainty="", n=None, ne
             "reported": reported, "split": split, "p": p, "value": value, "ci": ci, "needed_n": needed}
 
 
+# the rule of each claim in brief, for rows where the analysis did not run far enough to state it in full
+RULES = {
+    "fusion_shallow": "masking a shallow-half layer drops accuracy more than a deep-half layer, beyond shuffled layers",
+    "plateau": "late layers' masking drop below the threshold and below the earlier layers' (test split)",
+    "review": "the dev split's worst late layer drops accuracy more than the other late layers on test",
+    "early_exit": "early-exit accuracy rises after 45% of depth, beyond shuffled layers",
+    "hellinger": "the dev split's late Hellinger peak stands above its mid-depth trough on test",
+    "noise": "persistent top-k tokens irrelevant more often than 1 − relevant area",
+    "relevant_rises": "relevant attention / relevant area rises with depth, beyond shuffled layers, and ends above 1",
+    "contrastive_gain": "the dev split's best setting beats plain decoding on the test split (paired test)",
+    "fusion_candidates": "the fusion candidate set beats every other set on the test split (paired tests)",
+    "ia_relevant": "I_A's positive mass on relevant tokens above the relevant area",
+}
+
+
 def _na(claim, model, reason: str, *, rule="", reported="", n=None, chance="", split="") -> dict:
-    return _row(claim, model, rule=rule, chance=chance, effect="", n=n, verdict=f"{NA}: {reason}",
+    return _row(claim, model, rule=rule or RULES[claim], chance=chance, effect="", n=n, verdict=f"{NA}: {reason}",
                 reported=reported, split=split)
 
 
@@ -143,6 +158,16 @@ def _decide(effect: float, p: float, n_total: int, needed_total: float, directio
     if needed_total is not None and math.isfinite(needed_total) and needed_total > n_total:
         return f"{INCONCLUSIVE} (n too small: needs {_fmt_n(needed_total)})"
     return NO
+
+
+def _decide_depth(effect: float, p_samples: float, p_layers: float, n_total: int, needed_total: float) -> str:
+    """`_decide` for a claim about where in depth something happens: the samples must show the effect, and the
+    curve must place it beyond what the same curve with its layers shuffled gives. More samples cannot fix the
+    second test, so its failure alone is not "n too small"."""
+    if effect > 0 and p_samples < ALPHA <= p_layers:
+        return (f"{INCONCLUSIVE} (the effect's place in depth is within what shuffled layers give; more layers, "
+                "not more samples, could decide it)")
+    return _decide(effect, max(p_samples, p_layers), n_total, needed_total)
 
 
 def _decide_absence(mean: float, sd: float, margin: float, diffs, n_total: int, scale: float, seed: int):
@@ -267,7 +292,7 @@ def _fusion_shallow(model, D: pd.DataFrame, n_layers: int, threshold: float, rep
     if min_perm >= ALPHA:
         v = f"{INCONCLUSIVE} ({len(layers)} layers are too few for the shuffled-layer test to reach p < 0.05)"
     else:
-        v = _decide(t["mean"], p, n, _needed(t["sd"], t["mean"], 1, 1.0))
+        v = _decide_depth(t["mean"], t["p"], p_perm, n, _needed(t["sd"], t["mean"], 1, 1.0))
     fusion = [int(j) for j, c in zip(layers, curve) if c > threshold]
     return _row("fusion_shallow", model, rule=rule,
                 chance=f"shuffled layers: 0 in expectation (95% of shuffles below "
@@ -397,15 +422,17 @@ def _review(model, family, records, n_layers, threshold, mode, onward, seed) -> 
     else:
         v, p, need = _decide_absence(t["mean"], t["sd"], threshold, d, n_all, scale, seed)
     return _row("review", model, rule=rule, chance=chance, effect=effect,
-                uncertainty=f"{_fmt_ci(t['lo'], t['hi'])}; {_fmt_p(p)}", n=len(test_ids), needed=need, verdict=v,
-                reported=reported, split=split, p=p, value=t["mean"], ci=(t["lo"], t["hi"]))
+                uncertainty=f"{_fmt_ci(t['lo'], t['hi'])}; " + (f"sign-flip {_fmt_p(p)}" if expect else
+                                                                f"below {threshold:.2f}: one-sided {_fmt_p(p)}"),
+                n=len(test_ids), needed=need, verdict=v, reported=reported, split=split, p=p, value=t["mean"],
+                ci=(t["lo"], t["hi"]))
 
 
 def _early_exit(model, records, n_layers, seed) -> dict:
     reported = "jump after ~18 of 32 (56%)"
-    rule = ("by the last layer below 45% of depth (m), less than half of the gain from the first to the final layer "
-            "is made: per-sample final + first − 2·m > 0 (sign-flip) and larger than with the layers shuffled "
-            "(permutation, final layer fixed); both p < 0.05")
+    rule = ("with m the last layer below 45% of depth: per sample, mean accuracy after m minus up to m > 0 (sign-flip) "
+            "and larger than with the layers shuffled (permutation, final layer fixed), and half the first-to-final "
+            "gain not yet reached at m (final + first − 2·acc(m) > 0, sign-flip); all p < 0.05")
     if len(records) == 0:
         return _na("early_exit", model, "no early-exit records", rule=rule, reported=reported)
     _require(records, ["id", "layer", "score"], "review_verdicts (early exit)")
@@ -419,26 +446,28 @@ def _early_exit(model, records, n_layers, seed) -> dict:
     if not (rise["mean"] > 0 and rise["p"] < ALPHA):
         return _na("early_exit", model, f"the early-exit curve is flat (final minus first layer {rise['mean']:+.3f}, "
                    f"{_fmt_p(rise['p'])}): no jump to locate", rule=rule, reported=reported, n=n)
-    w = X[:, -1] + X[:, 0] - 2 * X[:, m]
-    t = stats.paired_test(w, seed)
+    t = stats.paired_test(X[:, m + 1:].mean(axis=1) - X[:, :m + 1].mean(axis=1), seed)
+    w = stats.paired_test(X[:, -1] + X[:, 0] - 2 * X[:, m], seed)
     curve = X.mean(axis=0)
 
-    def late_jump(c):
-        return c[-1] + c[0] - 2 * c[m]
+    def late_minus_early(c):
+        return c[m + 1:].mean() - c[:m + 1].mean()
 
-    p_perm = stats.layer_permutation_p(curve, late_jump, fixed=[L - 1], seed=seed)
-    p = max(t["p"], p_perm)
+    p_perm = stats.layer_permutation_p(curve, late_minus_early, fixed=[L - 1], seed=seed)
+    p = max(t["p"], w["p"], p_perm)
+    need = max(_needed(t["sd"], t["mean"], 1, 1.0), _needed(w["sd"], w["mean"], 1, 1.0))
     half = curve.min() + 0.5 * (curve[-1] - curve.min())
     jump = int(np.argmax(curve >= half))
     return _row("early_exit", model, rule=rule,
-                chance="shuffled layers: the half-way point anywhere (statistic 0 in expectation)",
-                effect=f"accuracy {curve[0]:.2f} (layer 0) → {curve[m]:.2f} (layer {m}) → {curve[-1]:.2f} (final); "
-                       f"half-way at layer {jump} of {L} ({jump / L:.0%})",
+                chance="shuffled layers: accuracy after m equals accuracy up to m (0)",
+                effect=f"accuracy {curve[:m + 1].mean():.2f} (layers 0-{m}) vs {curve[m + 1:].mean():.2f} (after); "
+                       f"{curve[0]:.2f} → {curve[m]:.2f} (layer {m}) → {curve[-1]:.2f} (final); half-way at layer "
+                       f"{jump} of {L} ({jump / L:.0%})",
                 uncertainty=f"{_fmt_ci(t['lo'], t['hi'])}; sign-flip {_fmt_p(t['p'])}; shuffled layers "
-                            f"{_fmt_p(p_perm)}",
-                n=n, needed=_needed(t["sd"], t["mean"], 1, 1.0), verdict=_decide(t["mean"], p, n, _needed(
-                    t["sd"], t["mean"], 1, 1.0)), reported=reported, split=f"all {n} samples (nothing is selected)",
-                p=p, value=t["mean"], ci=(t["lo"], t["hi"]))
+                            f"{_fmt_p(p_perm)}; half-way after m: {_fmt_p(w['p'])}",
+                n=n, needed=need, verdict=_decide_depth(min(t["mean"], w["mean"]), max(t["p"], w["p"]), p_perm, n, need),
+                reported=reported,
+                split=f"all {n} samples (nothing is selected)", p=p, value=t["mean"], ci=(t["lo"], t["hi"]))
 
 
 def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
@@ -477,7 +506,9 @@ def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
     return _row("hellinger", model, rule=rule, chance="no late rise: 0 (a dev-picked peak on a flat curve does not "
                 "replicate on test)",
                 effect=f"H(layer {hi_l}) − H(layer {lo_l}) = {t['mean']:+.3f} on test",
-                uncertainty=f"{_fmt_ci(t['lo'], t['hi'])}; {_fmt_p(p)}", n=len(test_ids), needed=need, verdict=v,
+                uncertainty=f"{_fmt_ci(t['lo'], t['hi'])}; " + (f"sign-flip {_fmt_p(p)}" if expect else
+                                                                f"below {margin}: one-sided {_fmt_p(p)}"),
+                n=len(test_ids), needed=need, verdict=v,
                 reported=reported, split=stats.describe_split(len(dev_ids), len(test_ids)), p=p, value=t["mean"],
                 ci=(t["lo"], t["hi"]))
 
@@ -571,7 +602,7 @@ def _relevant_rises(model, records, n_layers, seed) -> dict:
     p = max(t["p"], p_perm, above["p"])
     n = len(R)
     need = max(_needed(t["sd"], t["mean"], 1, 1.0), _needed(above["sd"], above["mean"], 1, 1.0))
-    v = _decide(min(t["mean"], above["mean"]), p, n, need)
+    v = _decide_depth(min(t["mean"], above["mean"]), max(t["p"], above["p"]), p_perm, n, need)
     return _row("relevant_rises", model, rule=rule, chance="ratio 1 at every layer; shuffled layers: rise 0",
                 effect=f"ratio {early.mean():.2f} (first {q} layers) → {late.mean():.2f} (last {q}), peak at layer "
                        f"{int(np.argmax(curve))}",
@@ -919,5 +950,5 @@ def latency_from_records(records: pd.DataFrame, *, method: str = "method", secon
 __all__ = ["pick_examples", "method_table", "candidate_table", "model_row", "reported_model_table", "gain_table",
            "usable_candidates", "check_params", "load_data", "iter_models", "label", "pick_layers", "dev_split",
            "fusion_verdicts", "review_verdicts", "attention_verdicts", "contrastive_verdicts", "verdict_table",
-           "latency_table", "latency_from_records", "CLAIM_TEXT", "VERDICT_COLUMNS", "REPRODUCES", "PARTLY", "NO",
+           "latency_table", "latency_from_records", "CLAIM_TEXT", "RULES", "VERDICT_COLUMNS", "REPRODUCES", "PARTLY", "NO",
            "INCONCLUSIVE", "NA"]
