@@ -319,16 +319,17 @@ def test_contrastive_gain_positive():
 
 
 def test_best_of_many_null_settings_does_not_pass():
-    # eight settings that change answers at random (as many fixed as broken): the old rule took the best on the
-    # same questions and passed at +1 point
-    settings = {("soft", "fusion", rho, lam): (0.08, 0.05) for rho in (0.1, 0.2, 0.4, 0.6) for lam in (0.0, 0.5)}
+    # 24 settings that change answers at random (as many fixed as broken): the old rule took the best on the
+    # same questions and passed at +1 point; the best of 24 on the same questions is often "significant" too
+    settings = {("soft", "fusion", rho, lam): (0.45, 0.3) for rho in (0.1, 0.2, 0.4, 0.6)
+                for lam in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)}  # 0.4 * 0.45 = 0.6 * 0.3 fixed as broken
     passed = 0
-    for seed in range(10):
+    for seed in range(20):
         recs = contrastive_records(n=120, seed=seed, settings=settings)
         best_same_questions = recs.groupby(["rho", "lam"]).apply(lambda g: (g.score - g.plain_score).mean()).max()
         assert best_same_questions > 0  # what the old rule would have reported as a gain
         passed += passes(by_key(report.contrastive_verdicts("m", recs), "contrastive_gain"))
-    assert passed <= 2
+    assert passed <= 3  # ~5% expected; choosing on the questions judged passes about a third of the time
 
 
 def test_blank_images_and_no_op_soft_mask():
