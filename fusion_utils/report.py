@@ -236,6 +236,38 @@ def _late_layers(layers, n_layers: int) -> list[int]:
     return [j for j in layers if j >= math.ceil(0.625 * n_layers)]
 
 
+def pick_layers(found: dict, n_layers: int) -> tuple[list[int], int, str]:
+    """Fusion layers and the layer the soft mask acts on, from a masking run's findings, with a note saying how
+    they were chosen (no fusion layer found -> the shallow half; no review layer -> 28/32 of depth)."""
+    from .experiments.contrastive import candidate_layers, default_apply_layer
+
+    fusion = list(found.get("fusion_layers") or [])
+    notes = []
+    if not fusion:
+        fusion = candidate_layers("shallow", n_layers)
+        notes.append("no layer passed the fusion threshold, so the shallow half stands in for the fusion set")
+    review = found.get("review_layer")
+    apply_layer = review if review is not None else default_apply_layer(n_layers)
+    notes.append(f"soft mask applied at the review layer {review}" if review is not None else
+                 f"no review layer found, so the soft mask acts at layer {apply_layer} (28/32 of depth)")
+    return fusion, apply_layer, "; ".join(notes)
+
+
+def usable_candidates(kinds, n_layers: int, fusion_layers) -> tuple[list[str], str]:
+    """The candidate sets that are non-empty for this depth, and a note naming any dropped."""
+    from .experiments.contrastive import candidate_layers
+
+    keep, dropped = [], []
+    for k in kinds:
+        try:
+            candidate_layers(k, n_layers, fusion_layers)
+            keep.append(k)
+        except ValueError:
+            dropped.append(k)
+    note = f"candidate sets {dropped} are empty at {n_layers} layers and were skipped" if dropped else ""
+    return keep, note
+
+
 # --- layer claims -------------------------------------------------------------------------------------------------
 
 def fusion_verdicts(model: str, arch: str, records: pd.DataFrame, n_layers: int, *, threshold: float = 0.05,
@@ -770,8 +802,7 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
     diffs = ", ".join(f"{k} {100 * c['mean']:+.1f}" for k, c in comps.items())
     return _row("fusion_candidates", model, rule=rule,
                 chance="every candidate set equal: 0 points between them",
-                effect=f"fusion minus {diffs} points "
-                       f"(ρ={rho}, λ={lam})",
+                effect=f"fusion minus {diffs} points" + ("" if rho == "-" else f" (ρ={rho}, λ={lam})"),
                 uncertainty="; ".join(f"vs {k}: {c['test']} {_fmt_p(c['p'])}" for k, c in comps.items()),
                 n=n_test, needed=need, verdict=v, reported=reported,
                 split=stats.describe_split(*map(len, stats.split_ids(r["id"].tolist()))) +

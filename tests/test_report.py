@@ -401,3 +401,11 @@ def test_latency_table_beside_the_papers():
     from fusion_utils.paper import LATENCY_S
 
     assert report.latency_table()["method"].tolist() == list(LATENCY_S)
+
+
+def test_every_public_name_the_chapters_call_exists():
+    for name in report.__all__:
+        assert hasattr(report, name), name
+    for name in ("pick_layers", "usable_candidates", "dev_split", "fusion_verdicts", "review_verdicts",
+                 "attention_verdicts", "contrastive_verdicts", "verdict_table", "latency_table"):
+        assert callable(getattr(report, name))
