@@ -34,6 +34,7 @@ from .stats import ALPHA
 REPRODUCES, NO, INCONCLUSIVE, NA = "reproduces", "does not reproduce", "inconclusive", "n/a"
 PARTLY = "partly"  # kept for callers that compare with it; no rule returns it any more
 LLAVA_FAMILY = ("llava", "llava_next", "vipllava", "instructblip")
+QWEN_FAMILY = ("qwen2_vl", "qwen2_5_vl")
 _DTYPES = ("float32", "bfloat16", "float16", None)
 
 
@@ -100,8 +101,10 @@ CLAIM_TEXT = {**CLAIMS,
 # --- one verdict row --------------------------------------------------------------------------------------------
 
 def _fmt_n(n) -> str:
-    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+    if n is None or (isinstance(n, float) and math.isnan(n)):
         return "—"
+    if not math.isfinite(n):
+        return "∞ (no effect in the paper's direction)"
     return f"≈ {int(math.ceil(n))}"
 
 
@@ -195,6 +198,9 @@ def _needed(sd, mean, direction: int, scale: float, paper_delta: float | None = 
 
 
 def _require(df: pd.DataFrame, columns, who: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"{who} needs a run's per-sample records as a DataFrame (result.records), got "
+                         f"{type(df).__name__}.")
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{who} needs per-sample records with columns {list(columns)}; these records lack "
@@ -403,12 +409,16 @@ def review_verdicts(model: str, arch: str, masking_records: pd.DataFrame | None,
     >>> rows[0]["verdict"].startswith("n/a")
     True
     """
-    family = "llava" if arch in LLAVA_FAMILY else "qwen"
-    rows = [_review(model, family, masking_records, n_layers, threshold, mode, onward, seed)]
+    family = "llava" if arch in LLAVA_FAMILY else "qwen" if arch in QWEN_FAMILY else None
+    if family is None:
+        rows = [_na("review", model, f"the paper makes no review-layer claim for {arch!r} models")]
+    else:
+        rows = [_review(model, family, masking_records, n_layers, threshold, mode, onward, seed)]
     if early is not None:
         rows.append(_early_exit(model, early, n_layers, seed))
     if hellinger is not None:
-        rows.append(_hellinger(model, family, hellinger, n_layers, margin, seed))
+        rows.append(_hellinger(model, family, hellinger, n_layers, margin, seed) if family is not None else
+                    _na("hellinger", model, f"the paper makes no late-Hellinger claim for {arch!r} models"))
     return rows
 
 
@@ -928,7 +938,9 @@ def verdict_table(rows: list[dict]) -> pd.DataFrame:
     >>> verdict_table([]).columns[:4].tolist()
     ['claim', 'model', 'rule', 'chance']
     """
-    return pd.DataFrame([{c: r.get(c, "") for c in VERDICT_COLUMNS} for r in rows], columns=VERDICT_COLUMNS)
+    t = pd.DataFrame([{c: r.get(c, "") for c in VERDICT_COLUMNS} for r in rows], columns=VERDICT_COLUMNS)
+    t["n"] = pd.to_numeric(t["n"], errors="coerce").astype("Int64")
+    return t
 
 
 # --- latency beside the paper's ---------------------------------------------------------------------------------

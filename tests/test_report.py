@@ -226,6 +226,10 @@ def test_review_layer_llava_positive_and_nulls():
 
 
 def test_review_na_paths():
+    other = report.review_verdicts("m", "idefics3", masking_records(REVIEW_CURVE), hellinger_records(RISE), None, L)
+    assert all(is_na(r) for r in other)
+    with pytest.raises(ValueError, match="DataFrame"):
+        report.review_verdicts("m", "llava", {"review_layer": 6}, None, None, L)
     rows = report.review_verdicts("m", "llava", masking_records(REVIEW_CURVE), None, None, L, onward=True)
     assert is_na(rows[0]) and "onward" in rows[0]["verdict"]
     blind = report.review_verdicts("m", "llava", masking_records(REVIEW_CURVE, blind=True), None, None, L)
@@ -409,3 +413,10 @@ def test_every_public_name_the_chapters_call_exists():
     for name in ("pick_layers", "usable_candidates", "dev_split", "fusion_verdicts", "review_verdicts",
                  "attention_verdicts", "contrastive_verdicts", "verdict_table", "latency_table"):
         assert callable(getattr(report, name))
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    for mod in (report, stats):
+        assert doctest.testmod(mod).failed == 0, mod.__name__
