@@ -420,3 +420,14 @@ def test_docstring_examples_hold():
 
     for mod in (report, stats):
         assert doctest.testmod(mod).failed == 0, mod.__name__
+
+
+def test_model_row_shows_the_dev_chosen_settings_test_gain():
+    from types import SimpleNamespace
+
+    lm = SimpleNamespace(name="organism:llava", spec=SimpleNamespace(label="LLaVA-1.5"), num_layers=L, fingerprint="x")
+    recs = contrastive_records(settings=CANDS)
+    masking = pd.DataFrame({"layer": range(L), "plain_accuracy": 0.6})
+    row = report.model_row(lm, {"fusion_layers": [0, 1]}, masking, recs)
+    verdict = by_key(report.contrastive_verdicts("m", recs), "contrastive_gain")
+    assert row["gain_points"] == round(100 * verdict["value"], 2) and row["best_variant"] == "soft, fusion, ρ=0.2, λ=0.1"
