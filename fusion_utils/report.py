@@ -303,7 +303,8 @@ def fusion_verdicts(model: str, arch: str, records: pd.DataFrame, n_layers: int,
 
 def _fusion_shallow(model, D: pd.DataFrame, n_layers: int, threshold: float, reported: str, seed: int) -> dict:
     rule = ("per-sample accuracy drop when masking a shallow-half layer minus a deep-half layer > 0 (sign-flip test "
-            "over samples) and larger than on the same curve with its layers shuffled (permutation test); both p < 0.05")
+            "over samples) and larger than on the same curve with its layers shuffled (permutation test); both "
+            "p < 0.05")
     layers = list(D.columns)
     shallow = [i for i, j in enumerate(layers) if j < n_layers / 2]
     deep = [i for i, j in enumerate(layers) if j >= n_layers / 2]
@@ -507,7 +508,8 @@ def _early_exit(model, records, n_layers, seed) -> dict:
                        f"{jump} of {L} ({jump / L:.0%})",
                 uncertainty=f"{_fmt_ci(t['lo'], t['hi'])}; sign-flip {_fmt_p(t['p'])}; shuffled layers "
                             f"{_fmt_p(p_perm)}; half-way after m: {_fmt_p(w['p'])}",
-                n=n, needed=need, verdict=_decide_depth(min(t["mean"], w["mean"]), max(t["p"], w["p"]), p_perm, n, need),
+                n=n, needed=need,
+                verdict=_decide_depth(min(t["mean"], w["mean"]), max(t["p"], w["p"]), p_perm, n, need),
                 reported=reported,
                 split=f"all {n} samples (nothing is selected)", p=p, value=t["mean"], ci=(t["lo"], t["hi"]))
 
@@ -719,7 +721,8 @@ def contrastive_verdicts(model: str, records: pd.DataFrame, *, fusion_from: str 
 
 def _gain(model, r: pd.DataFrame, seed) -> dict:
     reported = "+2.4 to +2.8 points"
-    rule = ("the setting (variant, candidate set, ρ, λ) with the best gain on the dev split, judged on the test split: "
+    rule = ("the setting (variant, candidate set, ρ, λ) with the best gain on the dev split, judged on the test "
+            "split: "
             "gain over plain decoding on the same questions > 0 with McNemar (0/1 scores) or sign-flip p < 0.05")
     groups = dict(tuple(r.groupby(_SETTING, sort=True)))
     noops = {k: _noop(g) for k, g in groups.items()}
@@ -1005,5 +1008,5 @@ def latency_from_records(records: pd.DataFrame, *, method: str = "method", secon
 __all__ = ["pick_examples", "method_table", "candidate_table", "model_row", "reported_model_table", "gain_table",
            "usable_candidates", "check_params", "load_data", "iter_models", "label", "pick_layers", "dev_split",
            "fusion_verdicts", "review_verdicts", "attention_verdicts", "contrastive_verdicts", "verdict_table",
-           "latency_table", "latency_from_records", "CLAIM_TEXT", "RULES", "VERDICT_COLUMNS", "REPRODUCES", "PARTLY", "NO",
-           "INCONCLUSIVE", "NA"]
+           "latency_table", "latency_from_records", "CLAIM_TEXT", "RULES", "VERDICT_COLUMNS", "REPRODUCES", "PARTLY",
+           "NO", "INCONCLUSIVE", "NA", "LLAVA_FAMILY", "QWEN_FAMILY"]

@@ -430,4 +430,5 @@ def test_model_row_shows_the_dev_chosen_settings_test_gain():
     masking = pd.DataFrame({"layer": range(L), "plain_accuracy": 0.6})
     row = report.model_row(lm, {"fusion_layers": [0, 1]}, masking, recs)
     verdict = by_key(report.contrastive_verdicts("m", recs), "contrastive_gain")
-    assert row["gain_points"] == round(100 * verdict["value"], 2) and row["best_variant"] == "soft, fusion, ρ=0.2, λ=0.1"
+    assert row["gain_points"] == round(100 * verdict["value"], 2)
+    assert row["best_variant"] == "soft, fusion, ρ=0.2, λ=0.1"
