@@ -174,17 +174,20 @@ def _decide_depth(effect: float, p_samples: float, p_layers: float, n_total: int
 
 
 def _decide_absence(mean: float, sd: float, margin: float, diffs, n_total: int, scale: float, seed: int):
-    """Verdict for a claim that an effect is absent (below ``margin``): a one-sided test against the margin."""
+    """Verdict, p-value and needed build size for a claim that an effect is absent (below ``margin``).
+
+    Absence cannot be shown by a non-significant difference (a small build would always "show" it), so the test is
+    one-sided against the margin: H0 says the effect is at least ``margin``.
+    """
     p_below = stats.below_margin_p(diffs, margin, seed)
     p_above = stats.sign_flip_p(np.asarray(diffs, float) - margin, seed, alternative="greater")
+    need = stats.n_for_mean(sd, margin - mean, two_sided=False) * scale if mean < margin else float("inf")
     if p_below < ALPHA:
         v = REPRODUCES
-    elif p_above < ALPHA:
+    elif p_above < ALPHA or not (math.isfinite(need) and need > n_total):
         v = NO
     else:
-        need = stats.n_for_mean(sd, margin - mean, two_sided=False) * scale if mean < margin else float("inf")
-        v = f"{INCONCLUSIVE} (n too small: needs {_fmt_n(need)})" if math.isfinite(need) and need > n_total else NO
-    need = stats.n_for_mean(sd, margin - mean, two_sided=False) * scale if mean < margin else float("inf")
+        v = f"{INCONCLUSIVE} (n too small: needs {_fmt_n(need)})"
     return v, p_below, need
 
 
@@ -360,7 +363,7 @@ def _plateau(model, D: pd.DataFrame, n_layers: int, threshold: float, seed: int)
     late = _late_layers(layers, n_layers)
     early = [j for j in layers if j < late_from]
     if not late or not early:
-        return _na("plateau", model, f"no masked layer on both sides of {late_from} ({62.5:.1f}% of depth)",
+        return _na("plateau", model, f"no masked layer on both sides of layer {late_from} (62.5% of depth)",
                    rule=rule, reported=reported)
     if not (D.to_numpy() != 0).any():
         return _na("plateau", model, "masking the image changes no answer at any layer (the model does not use the "
@@ -428,7 +431,7 @@ def _review(model, family, records, n_layers, threshold, mode, onward, seed) -> 
     reported = "~29 of 32 (LLaVA family)" if expect else "none (Qwen2/2.5-VL)"
     late_from = math.ceil(0.625 * n_layers)
     rule = (f"the layer >= {late_from} whose masking drops accuracy most on the dev split; on test, its drop minus the "
-            "other late layers' (sign-flip) " + (f"> 0 with p < 0.05 and the layer at >= 75% of depth" if expect else
+            "other late layers' (sign-flip) " + ("> 0 with p < 0.05 and the layer at >= 75% of depth" if expect else
                                                  f"< {threshold:.2f} (one-sided test against that margin)"))
     if onward or (records is not None and "onward" in getattr(records, "columns", ()) and records["onward"].any()):
         return _na("review", model, "a mask kept from each layer onward hides the image from every later layer, so "
