@@ -727,7 +727,8 @@ def _gain(model, r: pd.DataFrame, seed) -> dict:
     rule = ("the setting (variant, candidate set, ρ, λ) with the best gain on the dev split, judged on the test "
             "split: "
             "gain over plain decoding on the same questions > 0 with McNemar (0/1 scores) or sign-flip p < 0.05")
-    groups = dict(tuple(r.groupby(_SETTING, sort=True)))
+    # ordered by name, not by position in the records, so ties between settings break the same way every time
+    groups = dict(sorted(r.groupby(_SETTING, sort=False), key=lambda kv: tuple(map(str, kv[0]))))
     noops = {k: _noop(g) for k, g in groups.items()}
     acting = [k for k in groups if noops[k] is None]
     if not acting:

@@ -432,3 +432,16 @@ def test_model_row_shows_the_dev_chosen_settings_test_gain():
     verdict = by_key(report.contrastive_verdicts("m", recs), "contrastive_gain")
     assert row["gain_points"] == round(100 * verdict["value"], 2)
     assert row["best_variant"] == "soft, fusion, ρ=0.2, λ=0.1"
+
+
+def test_soft_and_crop_records_together():
+    settings = dict(CANDS)
+    settings.update({("crop", "fusion", None, None): (0.3, 0.05), ("crop", "all", None, None): (0.05, 0.05)})
+    recs = contrastive_records(settings=settings)
+    rows = report.contrastive_verdicts("m", recs, fusion_from="dev")
+    shuffled = report.contrastive_verdicts("m", recs.sample(frac=1.0, random_state=0), fusion_from="dev")
+    assert [(r["verdict"], r["effect"], r["uncertainty"]) for r in rows] == \
+        [(r["verdict"], r["effect"], r["uncertainty"]) for r in shuffled]  # row order does not matter
+    cands = [r for r in rows if r["key"] == "fusion_candidates"]
+    assert len(cands) == 2 and all(passes(r) for r in cands)
+    assert "ρ" not in cands[1]["effect"]  # the crop variant has no ρ or λ
