@@ -247,7 +247,13 @@ def _late_layers(layers, n_layers: int) -> list[int]:
 
 def pick_layers(found: dict, n_layers: int) -> tuple[list[int], int, str]:
     """Fusion layers and the layer the soft mask acts on, from a masking run's findings, with a note saying how
-    they were chosen (no fusion layer found -> the shallow half; no review layer -> 28/32 of depth)."""
+    they were chosen (no fusion layer found -> the shallow half; no review layer -> 28/32 of depth).
+
+    Pass the findings of the dev split (`dev_split`) when a verdict is to be judged on the test split.
+
+    >>> pick_layers({"fusion_layers": [0, 1], "review_layer": 6}, 8)[:2]
+    ([0, 1], 6)
+    """
     from .experiments.contrastive import candidate_layers, default_apply_layer
 
     fusion = list(found.get("fusion_layers") or [])
@@ -263,7 +269,11 @@ def pick_layers(found: dict, n_layers: int) -> tuple[list[int], int, str]:
 
 
 def usable_candidates(kinds, n_layers: int, fusion_layers) -> tuple[list[str], str]:
-    """The candidate sets that are non-empty for this depth, and a note naming any dropped."""
+    """The candidate sets that are non-empty for this depth, and a note naming any dropped.
+
+    >>> usable_candidates(["fusion", "deep"], 2, [0])
+    (['fusion'], "candidate sets ['deep'] are empty at 2 layers and were skipped")
+    """
     from .experiments.contrastive import candidate_layers
 
     keep, dropped = [], []
