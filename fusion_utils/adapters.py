@@ -104,6 +104,21 @@ class Batch:
         self.image_mask = self.image_mask.to(device)
         return self
 
+    def tile(self, n: int, interleave: bool = False) -> "Batch":
+        """This batch repeated ``n`` times: variant-major (rows b, B+b, ...) or, with ``interleave``, sample-major
+        (rows n·b .. n·b+n-1). Token-level inputs (ids, masks, token types) are tiled; pixel inputs are not, so the
+        result describes the rows of a replay (engine sweeps), not a batch to run the vision tower on."""
+        def rep(t):
+            return t.repeat_interleave(n, dim=0) if interleave else t.repeat(n, *([1] * (t.ndim - 1)))
+
+        def each(xs):
+            return [x for x in xs for _ in range(n)] if interleave else list(xs) * n
+
+        B = self.size
+        inputs = {k: rep(v) for k, v in self.inputs.items() if torch.is_tensor(v) and v.ndim == 2 and v.shape[0] == B}
+        return Batch(inputs, rep(self.image_mask), each(self.image_positions), each(self.grids), each(self.prompts),
+                     None if self.samples is None else each(self.samples), dict(self.meta))
+
     def image_tokens_of(self, b: int, image: int = 0) -> torch.Tensor:
         """Sequence positions of image number ``image`` of sample ``b``."""
         start = sum(g.n_tokens for g in self.grids[b][:image])

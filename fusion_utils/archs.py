@@ -20,9 +20,17 @@ class ArchSpec:
     grid: str  # image-token layout: "square" | "anyres" | "merged_thw" | "none"
     prompt: str  # "chat_template" | "instructblip" ("Question: ... Answer:"; its processor has no template)
     extra_model_inputs: tuple[str, ...] = ()  # processor outputs the model needs besides ids/mask/pixels
+    # dotted path to the module whose generate() continues from a language-model cache ("" = the model itself;
+    # InstructBLIP's language model is a separate causal LM)
+    language_model: str = ""
     hub_examples: tuple[str, ...] = ()
     paper_notes: str = ""
     fields: dict = field(default_factory=dict)
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the image tokens tile the picture (InstructBLIP's Q-Former queries do not)."""
+        return self.grid != "none"
 
 
 _SPECS = [
@@ -47,6 +55,7 @@ _SPECS = [
     ArchSpec(
         "instructblip", "InstructBLIP", "InstructBlipForConditionalGeneration", "language_model.model",
         "language_model.lm_head", ("image_token_id", "image_token_index"), "none", "instructblip",
+        language_model="language_model",
         hub_examples=("Salesforce/instructblip-vicuna-7b",),
         paper_notes="32 Q-Former query tokens stand for the image; review dip near layer 29 of 32",
     ),

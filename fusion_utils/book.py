@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .runs import canonical_json, package_source_hash
+
 __all__ = [
     "BookError",
     "BuildReport",
@@ -60,7 +62,6 @@ CACHE_SCHEMA = 1
 
 #: Files of the package that do not influence what a chapter computes; editing
 #: them does not invalidate the chapter cache.
-_DRIVER_FILES = {"book.py", "cli.py"}
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -344,7 +345,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return canonical_json(obj) if isinstance(obj, Mapping) else canonical_json({"value": obj})
 
 
 def notebook_source_hash(notebook: Path) -> str:
@@ -372,21 +373,6 @@ def package_version() -> str:
             return str(getattr(fusion_utils, "__version__", "0+unknown"))
         except Exception:
             return "0+unknown"
-
-
-def package_source_hash() -> str:
-    """Hash of the ``fusion_utils`` Python sources (the driver and CLI excluded)."""
-    pkg = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        rel = f.relative_to(pkg).as_posix()
-        if rel in _DRIVER_FILES or "__pycache__" in f.parts:
-            continue
-        h.update(rel.encode())
-        h.update(b"\0")
-        h.update(f.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _models_in(parameters: Mapping[str, Any]) -> list[str]:

@@ -30,6 +30,8 @@ comparable with published tables:
     equals the gold letter. Not reproduced: the GPT judge VLMEvalKit/lmms-eval call when nothing can be inferred
     (we score 0). This is per-row accuracy, what the paper reports; ``circular_accuracy`` gives MMBench's
     CircularEval from the same rows (the dev set already holds each question's rotated copies, index + k·10^6).
+    CircularEval is lmms-eval's default, so summaries report it as the accuracy of an ``option``-scored run
+    (``benchmark_accuracy``), with the per-row accuracy beside it.
 
 Distribution metrics (numpy or torch inputs, renormalised along ``axis``): ``hellinger`` (the paper's H(P, Q) =
 (1/sqrt 2)·||sqrt P - sqrt Q||_2), ``jensen_shannon`` (DoLa's layer-selection divergence) and ``topk_overlap``.
@@ -45,7 +47,8 @@ import numpy as np
 
 __all__ = [
     "normalize_answer", "EvalAIAnswerProcessor", "vqa_accuracy", "exact_match", "anls", "levenshtein",
-    "infer_option", "option_accuracy", "circular_accuracy", "score", "hellinger", "jensen_shannon", "topk_overlap",
+    "infer_option", "option_accuracy", "circular_accuracy", "benchmark_accuracy", "score", "hellinger",
+    "jensen_shannon", "topk_overlap",
 ]
 
 
@@ -298,6 +301,17 @@ def circular_accuracy(ids: Sequence[Any], scores: Sequence[float]) -> float:
                              "'index' column.") from None
         groups[key] = groups.get(key, True) and float(sc) >= 1.0
     return float(np.mean(list(groups.values())))
+
+
+def benchmark_accuracy(ids: Sequence[Any], scores: Sequence[float], scorer: str | None = None) -> float:
+    """The accuracy a benchmark reports for the rows of one condition: MMBench's CircularEval for the ``option``
+    scorer (lmms-eval's default), else the mean row score. ``ids``: the rows' sample ids; ``scores``: their scores."""
+    ids, scores = list(ids), [float(x) for x in scores]
+    if scorer == "option":
+        return circular_accuracy(ids, scores)
+    if not scores:
+        raise ValueError("benchmark_accuracy: no rows given.")
+    return float(np.mean(scores))
 
 
 def score(scorer: str, pred: Any, sample) -> float:

@@ -15,7 +15,7 @@ Conventions shared by all figures:
   "n_layers": 32, "label": "LLaVA-1.5 (paper)"}``) and drawn hollow;
 - empty or all-NaN inputs raise ``ValueError`` saying what is missing.
 
-The styling is applied inside each function (``_style()``), so importing this module changes no global state;
+The styling is applied inside each function (``figure_style()``), so importing this module changes no global state;
 call `use_style()` once in a notebook to give other figures the same look.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def use_style() -> None:
 
 
 @contextmanager
-def _style():
+def figure_style():
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
         yield
 
@@ -109,7 +109,7 @@ def _require(df, columns: Sequence[str], what: str) -> pd.DataFrame:
     return df
 
 
-def _integer_layers(ax, axis: str = "x") -> None:
+def integer_layers(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
@@ -175,7 +175,7 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
     if not data:
         raise ValueError("masking_curves: no masking summaries given.")
     layers_found = dict(layers_found or {})
-    with _style():
+    with figure_style():
         fig, ax = _new_axes(ax, figsize)
         handles = []
         for label, s in data.items():
@@ -241,7 +241,7 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
             ax.set_xlim(-0.02, 1.0)
         else:
             ax.set_xlabel("masked layer")
-            _integer_layers(ax)
+            integer_layers(ax)
         ax.set_ylabel(_METRIC_LABEL[metric])
         ax.set_title(title or f"Masking the image at one layer ({mode})")
         ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
@@ -266,7 +266,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
     found = _layer_found(found, mode)
     review = found.get("review_layer")
     color = model_color(label)
-    with _style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(panels), figsize=figsize or (BOOK_WIDTH, 3.0), squeeze=False)
         for ax, (name, s) in zip(axes[0], panels):
             s = s.summary if hasattr(s, "summary") and not isinstance(s, pd.DataFrame) else s
@@ -306,7 +306,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
                 ax.set_ylabel("early-exit accuracy")
                 ax.set_title("early exit")
             ax.set_xlabel("layer")
-            _integer_layers(ax)
+            integer_layers(ax)
             if review is not None:
                 ax.axvline(review, color=FUSION_COLOR, ls=":", lw=1.5, gid="review")
         if review is not None:
@@ -431,7 +431,7 @@ def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = N
     if shared_scale:
         vals = np.concatenate([maps[j].ravel() for j in layers])
         vmin, vmax = float(np.nanmin(vals)), float(np.nanmax(vals))
-    with _style():
+    with figure_style():
         fig, axes = plt.subplots(nrows, ncols, figsize=(BOOK_WIDTH, fig_h), squeeze=False)
         flat = axes.ravel()
         for ax, j in zip(flat, layers):
@@ -465,7 +465,7 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
                              "values; relevance needs a dataset with ground-truth regions (the procedural world) "
                              "and a model with a spatial image grid.")
     show_ratio = ratio and any("rel_ratio" in s.columns and s["rel_ratio"].notna().any() for s in data.values())
-    with _style():
+    with figure_style():
         if axes is None:
             fig, axs = plt.subplots(1, 2 if show_ratio else 1, figsize=figsize, squeeze=False)
             axs = list(axs[0])
@@ -497,7 +497,7 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
                 axs[1].legend(fontsize=7, loc="best")
         for ax in axs[: 2 if show_ratio else 1]:
             ax.set_xlabel("layer")
-            _integer_layers(ax)
+            integer_layers(ax)
         if marker_layer is not None:
             for ax in axs[: 2 if show_ratio else 1]:
                 ax.axvline(marker_layer, color="grey", lw=0.8, alpha=0.6)
@@ -533,7 +533,7 @@ def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_token
     persistent = np.flatnonzero(counts >= persist * L)
     persistent = persistent[np.argsort(-counts[persistent])][:max_tokens]
     layers = np.arange(L)
-    with _style():
+    with figure_style():
         fig, ax = _new_axes(ax, figsize)
         ax.plot(layers, m[:, rel].mean(1), color="#2ca02c", lw=2.5, label="mean relevant token")
         ax.plot(layers, m[:, ~rel].mean(1), color="grey", lw=2.0, label="mean irrelevant token")
@@ -548,7 +548,7 @@ def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_token
                     ha="center", fontsize=8)
         ax.set_xlabel("layer")
         ax.set_ylabel("attention share")
-        _integer_layers(ax)
+        integer_layers(ax)
         ax.set_title(title or "Persistent high-attention tokens")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
@@ -569,7 +569,7 @@ def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str |
         raise ValueError("noise_frequency: no token was persistent in any sample.")
     toks = [str(t) for t, _ in pairs]
     counts = [c for _, c in pairs]
-    with _style():
+    with figure_style():
         fig, ax = _new_axes(ax, figsize)
         ax.bar(toks, counts, color="#d62728", alpha=0.8)
         ax.set_xlabel("image token index" + (f" (of {n_tokens})" if n_tokens else ""))
@@ -586,7 +586,7 @@ def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str |
 
 # --- contrastive attention --------------------------------------------------------------------------------------
 
-def _panel_row(axes, view: Mapping, *, alpha: float = 0.6):
+def panel_row(axes, view: Mapping, *, alpha: float = 0.6):
     for key in ("A_pre", "A_post", "I_A"):
         if view.get(key) is None:
             raise ValueError(f"contrastive_panels: the view has no {key!r} map.")
@@ -640,10 +640,10 @@ def contrastive_panels(view, *, title: str | None = None, colorbar: bool = True)
     if not views:
         raise ValueError("contrastive_panels: no view given.")
     n = len(views)
-    with _style():
+    with figure_style():
         fig, axes = plt.subplots(n, 4, figsize=(BOOK_WIDTH, 2.3 * n + 0.4), squeeze=False)
         for row, v in zip(axes, views):
-            im = _panel_row(row, v)
+            im = panel_row(row, v)
             if colorbar:
                 fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.03)
         return _finish(fig, title)
@@ -665,7 +665,7 @@ def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | N
     order = list(order) if order is not None else list(dict.fromkeys(df[x]))
     if plain is not None and plain in order:
         order = [plain] + [o for o in order if o != plain]
-    with _style():
+    with figure_style():
         fig, ax = _new_axes(ax, figsize)
         if hue is not None:
             hues = list(dict.fromkeys(df[hue]))
@@ -700,7 +700,7 @@ def ablation_lines(table, *, x: str = "rho", y: str = "accuracy", hue: str | Non
     if df.empty:
         raise ValueError(f"ablation table: column {y!r} is all NaN.")
     cols = list(dict.fromkeys(df[col])) if col is not None else [None]
-    with _style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(cols), figsize=figsize or (BOOK_WIDTH, 3.2), squeeze=False, sharey=True)
         for ax, cv in zip(axes[0], cols):
             sub = df if cv is None else df[df[col] == cv]

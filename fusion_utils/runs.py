@@ -89,6 +89,26 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
+# the driver and the command line decide no number: editing them must not invalidate run records or chapter caches
+DRIVER_FILES = {"book.py", "cli.py"}
+
+
+def package_source_hash() -> str:
+    """Hash of the ``fusion_utils`` Python sources (the book driver and CLI excluded): run directories and chapter
+    caches are keyed on the code itself, so an edit without a version bump never reuses records other code made."""
+    pkg = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        rel = f.relative_to(pkg).as_posix()
+        if rel in DRIVER_FILES or "__pycache__" in f.parts:
+            continue
+        h.update(rel.encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # provenance
 # ----------------------------------------------------------------------------------------------------------------

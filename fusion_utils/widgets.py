@@ -272,7 +272,7 @@ def _attention_draw(axes, a: dict, sample, layer: int):
         ax_c.axvline(layer, color="grey", lw=0.8)
         ax_c.set_title("largest token share (no ground-truth regions)", fontsize=9)
         ax_c.set_xlabel("layer")
-        plots._integer_layers(ax_c)
+        plots.integer_layers(ax_c)
 
 
 def attention_explorer(lm, samples, *, post_prompt="auto", layer: int | None = None):
@@ -293,7 +293,7 @@ def attention_explorer(lm, samples, *, post_prompt="auto", layer: int | None = N
             ex.cache[sample] = _attention_of(lm, s, pp)
             ex.state["computed"] += 1
         a = ex.cache[sample]
-        with plots._style():
+        with plots.figure_style():
             fig, axes = plt.subplots(1, 2, figsize=(plots.BOOK_WIDTH, 3.4), gridspec_kw={"width_ratios": [1, 1.4]})
             _attention_draw(axes, a, s, layer)
             fig.tight_layout()
@@ -318,7 +318,7 @@ def attention_static(lm, samples, *, layers: Sequence[int] | None = None, n_samp
     L = lm.num_layers
     layers = _layers_grid(L) if layers is None else [int(j) % L for j in layers]
     n = len(layers)
-    with plots._style():
+    with plots.figure_style():
         fig = plt.figure(figsize=(plots.BOOK_WIDTH, 1.75 * len(samples) + 0.5))
         gs = fig.add_gridspec(len(samples), n + 1, width_ratios=[1] * n + [1.8])
         for r, s in enumerate(samples):
@@ -404,7 +404,7 @@ def masking_explorer(lm, samples, *, post_prompt="auto", layer: int = 0):
             ex.state["computed"] += 1
         ans = c[key]
         ex.state.update(answer=ans, plain=base["plain"], p_mask=float(p[layer]), p_plain=p0)
-        with plots._style():
+        with plots.figure_style():
             fig, ax = plt.subplots(figsize=(plots.BOOK_WIDTH, 2.8))
             ax.plot(np.arange(L), p, "-o", ms=3, color=plots.model_color(getattr(lm, "name", "model")),
                     label=f"image masked ({mode}, window {window})")
@@ -412,7 +412,7 @@ def masking_explorer(lm, samples, *, post_prompt="auto", layer: int = 0):
             ax.plot([layer], [p[layer]], "o", ms=10, mfc="none", mec="black", mew=1.5, gid="marker")
             ax.set_xlabel("masked layer")
             ax.set_ylabel("p(first answer token)")
-            plots._integer_layers(ax)
+            plots.integer_layers(ax)
             ax.legend(fontsize=8)
             fig.tight_layout()
         text = (f"{_question_html(s)}<br>"
@@ -433,7 +433,7 @@ def masking_static(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), 
     L = lm.num_layers
     layers = _layers_grid(L) if layers is None else [int(j) % L for j in layers]
     styles = {"zero": "-o", "knockout": "-s"}
-    with plots._style():
+    with plots.figure_style():
         fig, axes = plt.subplots(len(samples), 2, figsize=(plots.BOOK_WIDTH, 2.6 * len(samples) + 0.4),
                                  squeeze=False, gridspec_kw={"width_ratios": [1.3, 1]})
         for (ax, axt), (r, s) in zip(axes, enumerate(samples)):
@@ -446,7 +446,7 @@ def masking_static(lm, samples, *, modes: Sequence[str] = ("zero", "knockout"), 
             ax.axhline(p0, color="grey", ls="--", label="unmasked")
             ax.set_xlabel("masked layer")
             ax.set_ylabel("p(first answer token)")
-            plots._integer_layers(ax)
+            plots.integer_layers(ax)
             ax.legend(fontsize=7)
             ax.set_title(_txt(_label(r, s), 60), fontsize=9)
             axt.axis("off")
@@ -539,9 +539,9 @@ def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer:
         ex.state.update(answer=ans, plain=plain, pre=cm["pre"], candidates=cm["candidates"],
                         n_masked=int(mask.sum()))
         v = _contrastive_view(a, cm, s, L, mask)
-        with plots._style():
+        with plots.figure_style():
             fig, axes = plt.subplots(1, 4, figsize=(plots.BOOK_WIDTH, 2.4))
-            im = plots._panel_row(axes, v)
+            im = plots.panel_row(axes, v)
             fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.03)
             fig.tight_layout()
         text = (f"{_question_html(s)} · candidates {kind} "
@@ -564,7 +564,7 @@ def contrastive_static(lm, samples, fusion_layers: Sequence[int], apply_layer: i
     pp = _post_prompt(samples, post_prompt)
     L = lm.num_layers
     n = len(samples)
-    with plots._style():
+    with plots.figure_style():
         fig = plt.figure(figsize=(plots.BOOK_WIDTH, (2.3 + 0.25 * (len(rhos) + 1)) * n + 0.4))
         gs = fig.add_gridspec(2 * n, 4, height_ratios=[2.3, 0.25 * (len(rhos) + 1) + 0.2] * n)
         for r, s in enumerate(samples):
@@ -582,7 +582,7 @@ def contrastive_static(lm, samples, fusion_layers: Sequence[int], apply_layer: i
             v = _contrastive_view(a, cm, s, L, mask0)
             v["title"] = _txt(_label(r, s), 34)
             row = [fig.add_subplot(gs[2 * r, c]) for c in range(4)]
-            im = plots._panel_row(row, v)
+            im = plots.panel_row(row, v)
             fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.03)
             axt = fig.add_subplot(gs[2 * r + 1, :])
             axt.axis("off")

@@ -1,7 +1,10 @@
 """Baselines (ViCrop, VCD, DoLa) on tiny random instances of the architectures."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -9,9 +12,10 @@ from fusion_utils import load_model
 from fusion_utils.data import load_dataset
 from fusion_utils.experiments import baselines as BL
 from fusion_utils.experiments.common import Decoding, answer
+from fusion_utils.methods import diffusion_alphas_bar, vicrop_box
 from fusion_utils.metrics import jensen_shannon
-from fusion_utils.sweeps import early_exit_logits
-from fusion_utils.testing import sample_images, tiny_model_dir
+from fusion_utils.prompts import GENERIC_PROMPT
+from fusion_utils.testing import tiny_model_dir
 
 DEC = Decoding(max_new_tokens=4)
 
@@ -24,46 +28,102 @@ def test_vcd_alpha_zero_is_plain_greedy(lm, samples):
     assert a == b  # seeded sampling
 
 
-def test_diffusion_noise_deterministic():
-    img = sample_images(1)[0]
-    a, b = BL.diffusion_noise(img, 500, seed=1), BL.diffusion_noise(img, 500, seed=1)
-    assert a.size == img.size and np.array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(a), np.asarray(BL.diffusion_noise(img, 500, seed=2)))
-    assert np.array_equal(np.asarray(BL.diffusion_noise(img, 0, seed=1, beta_start=0.0, beta_end=0.0)),
-                          np.asarray(img))
+def _noise_std(clean: torch.Tensor, noised: torch.Tensor) -> float:
+    abar = float(diffusion_alphas_bar()[500])
+    return float((noised.float() - math.sqrt(abar) * clean.float()).std())
 
 
-def test_dola_contrast_matches_hand_computation(lm, samples):
+def test_vcd_noises_the_normalised_pixel_tensor(lm, samples):
+    """VCD's ``add_diffusion_noise`` acts on the processor's output: the first half of the rows is the plain batch,
+    the second half √ᾱ·x + √(1 − ᾱ)·ε with √(1 − ᾱ_500) = 0.505 (the PIL-space linear schedule left 0.96)."""
+    plain = lm.prepare(samples).inputs["pixel_values"]
+    batch = BL.vcd_batch(lm, samples, noise_step=500, seed=1)
+    pv = batch.inputs["pixel_values"]
+    n = plain.shape[0]
+    assert pv.shape[0] == 2 * n and torch.equal(pv[:n], plain)
+    assert not torch.equal(pv[n:], plain)
+    assert _noise_std(plain, pv[n:]) == pytest.approx(math.sqrt(1 - float(diffusion_alphas_bar()[500])), rel=0.1)
+    assert torch.equal(BL.vcd_batch(lm, samples, noise_step=500, seed=1).inputs["pixel_values"], pv)
+    assert not torch.equal(BL.vcd_batch(lm, samples, noise_step=500, seed=2).inputs["pixel_values"][n:], pv[n:])
+    if n == len(samples):  # one row per image: a sample's noise does not depend on the rest of its batch
+        alone = BL.vcd_batch(lm, samples[1:2], noise_step=500, seed=1).inputs["pixel_values"]
+        real = alone.shape[1] if alone.dim() == 5 else None  # LLaVA-NeXT: the batch pads its tile stacks
+        assert torch.equal(alone[1][:real], pv[len(samples) + 1][:real])
+
+
+def _hidden_states_and_logits(lm, batch):
+    out = lm.model(**batch.inputs, output_hidden_states=True, use_cache=False)
+    inner = getattr(out, "language_model_outputs", None) or out  # InstructBLIP nests its LM's outputs
+    return inner.hidden_states, out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def test_dola_follows_transformers_dola_decoding(lm, samples):
+    """First step of DoLa against transformers' definition: premature logits ``lm_head(hidden_states[j])`` (index 0
+    = the embedding output, no final norm), the model's logits as the mature ones, JS choice, relative-top filter."""
     L = lm.num_layers
-    cands = BL.dola_layers("low", L) + BL.dola_layers("high", L)
+    cands = list(range(L))  # every index, the embedding output included
     _, details = BL.dola(lm, samples, layers=cands, decoding=DEC, return_details=True)
     got = details[0].first_scores
     batch = lm.prepare(samples)
-    ee = early_exit_logits(lm, batch)  # [L, B, V]
-    final = ee[-1]
+    hs, final = _hidden_states_and_logits(lm, batch)
+    prem = torch.stack([lm.lm_head(hs[j][:, -1]).float() for j in cands])
     p = torch.softmax(final, -1)
     for b in range(batch.size):
-        js = [float(jensen_shannon(p[b], torch.softmax(ee[j, b], -1))) for j in cands]
+        js = [float(jensen_shannon(p[b], torch.softmax(prem[c, b], -1))) for c in range(len(cands))]
         j = cands[int(np.argmax(js))]
         assert details[0].premature[0][b] == j
-        want = torch.log_softmax(final[b], -1) - torch.log_softmax(ee[j, b], -1)
+        want = torch.log_softmax(final[b], -1) - torch.log_softmax(prem[j, b], -1)
         keep = p[b] >= 0.1 * p[b].max()
         assert torch.equal(torch.isfinite(got[b]), keep)
         # InstructBLIP's generate() builds its embeddings on another path than forward(): ~1e-4 apart
         torch.testing.assert_close(got[b][keep], want[keep], rtol=1e-3, atol=1e-3)
+    assert BL.dola_layers("low", L, BL.tied_embeddings(lm)) == [0]  # the tiny models: 4 layers, untied
 
 
-def test_vicrop_boxes(lm, samples):
+def test_vicrop_boxes(lm, samples, monkeypatch):
     if lm.spec.grid == "none":
         with pytest.raises(ValueError, match="no spatial grid"):
             BL.vicrop_boxes(lm, samples)
         return
     boxes = BL.vicrop_boxes(lm, samples)
     assert boxes == BL.vicrop_boxes(lm, samples)
-    for (l, t, r, b), s in zip(boxes, samples):
-        assert 0 <= l < r <= s.image.size[0] and 0 <= t < b <= s.image.size[1]
+    rel = BL.relative_attention(lm, samples)
+    grids = lm.prepare(samples).grids
+    side = BL.vicrop_resolution(lm)
+    for box, r, g, s in zip(boxes, rel, grids, samples):
+        l, t, rr, b = box
+        assert 0 <= l < rr <= s.image.size[0] and 0 <= t < b <= s.image.size[1]
+        view = g[0].primary
+        assert box == vicrop_box(view.to_map(r), s.image.size, side, extent=view.extent)
     preds = BL.vicrop(lm, samples, decoding=DEC)
     assert len(preds) == len(samples) and all(isinstance(p, str) for p in preds)
+
+    calls = []
+    prepare = lm.prepare
+    monkeypatch.setattr(lm, "prepare", lambda *a, **k: calls.append(k) or prepare(*a, **k))
+    BL.relative_attention(lm, samples, post_prompt="Answer briefly.")
+    generic = [k for k in calls if k.get("questions")]
+    assert generic and generic[0]["questions"] == [GENERIC_PROMPT] * len(samples)
+    assert generic[0]["post_prompt"] == "Answer briefly."  # ViCrop's generic prompt carries the post-prompt too
+
+
+def test_vicrop_resolution_is_the_processors_input_size(lm):
+    ip = lm.processor.image_processor
+    size = getattr(ip, "crop_size", None) or getattr(ip, "size", None)
+    want = size.get("height") if size is not None and size.get("height") else BL.DYNAMIC_RESOLUTION_WINDOW
+    assert BL.vicrop_resolution(lm) == want
+
+
+def test_summary_uses_circular_eval_on_mmbench():
+    """Question 1 is right in both rotations, question 2 in one of two: CircularEval 1/2, per row 3/4."""
+    df = pd.DataFrame({"id": ["1", "1000001", "2", "1000002"] * 2, "method": ["plain"] * 4 + ["vcd"] * 4,
+                       "score": [1, 1, 1, 0, 1, 1, 1, 1]})
+    s = BL.summarize(df, "option").set_index("method")
+    assert s.loc["plain", "accuracy"] == pytest.approx(0.5) and s.loc["plain", "row_accuracy"] == pytest.approx(0.75)
+    assert s.loc["vcd", "accuracy"] == 1.0 and s.loc["vcd", "gain"] == pytest.approx(0.5)
+    rows = BL.summarize(df, "exact").set_index("method")
+    assert rows.loc["plain", "accuracy"] == pytest.approx(0.75)  # other benchmarks: the row mean
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])

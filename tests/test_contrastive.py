@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fusion_utils.engine.replay import reusable
+
 from fusion_utils import ScaleImage, intervene, load_model
 from fusion_utils.adapters import ImageGrid, View
 from fusion_utils.data import load_dataset
@@ -94,22 +96,43 @@ def test_crop_box_maps_cells_through_the_view_extent():
 
 # --- on the six architectures ----------------------------------------------------------------------------------------
 
-def test_reuse_equals_naive(lm, samples):
+@pytest.mark.parametrize("soft_mask", C.SOFT_MASKS)
+def test_reuse_equals_naive(lm, samples, soft_mask):
     batch = lm.prepare(samples)
     a = 2
     masks = _masks(batch)
-    p1 = C._first_pass(lm, batch, record_layer=a, keep_cache=True)
-    assert C._reusable(p1.cache)  # every architecture takes the reuse path
-    reuse, logits = C._soft_generate_reuse(lm, batch, p1, a, 0.1, masks, DEC, return_logits=True)
-    naive = C.soft_generate(lm, batch, a, 0.1, masks, DEC, method="naive")
+    p1 = C.capture_first_pass(lm, batch, record_layer=a, keep_cache=True)
+    assert reusable(p1.cache)  # every architecture takes the reuse path
+    reuse, logits = C.soft_generate_reuse(lm, batch, p1, a, 0.1, masks, DEC, return_logits=True, soft_mask=soft_mask)
+    naive, naive_logits = C.soft_generate(lm, batch, a, 0.1, masks, DEC, method="naive", soft_mask=soft_mask,
+                                          return_logits=True)
     assert reuse == naive
-    with torch.no_grad(), intervene(lm, batch, ScaleImage(a, 0.1, masks)):
+    with torch.no_grad(), intervene(lm, batch, C.soft_mask_plan(a, 0.1, masks, soft_mask)):
         ref = lm.model(**batch.inputs).logits[:, -1].float()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(naive_logits, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref, p1.logits)  # the mask acts
     # the first pass is reusable: a second setting from the same cache gives the naive answers too
     masks2 = _masks(batch, seed=1)
-    assert C.soft_generate(lm, batch, a, 0.0, masks2, DEC, first_pass=p1) == \
-        C.soft_generate(lm, batch, a, 0.0, masks2, DEC, method="naive")
+    assert C.soft_generate(lm, batch, a, 0.0, masks2, DEC, first_pass=p1, soft_mask=soft_mask) == \
+        C.soft_generate(lm, batch, a, 0.0, masks2, DEC, method="naive", soft_mask=soft_mask)
+
+
+def test_attention_soft_mask_acts_at_the_last_layer(lm, samples):
+    """At the last layer the attention mask changes the answer logits; the hidden-state mask cannot there on a
+    pre-RMSNorm decoder, since the layer's norm undoes the scale (checked on the layer's own norm at a real model's
+    activation scale: tiny random models' image states are so small that the norm's ε lets some of it through)."""
+    batch = lm.prepare(samples)
+    last = lm.num_layers - 1
+    masks = _masks(batch)
+    p1 = C.capture_first_pass(lm, batch, record_layer=last, keep_cache=True)
+    _, att = C.soft_generate(lm, batch, last, 0.1, masks, DEC, first_pass=p1, return_logits=True)
+    assert (att - p1.logits).abs().max() > 1e-4
+    norm = lm.layers[last].input_layernorm
+    if type(norm).__name__.endswith("RMSNorm"):
+        h = torch.randn(2, 5, lm.text_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 5
+        with torch.no_grad():
+            torch.testing.assert_close(norm(0.1 * h), norm(h), rtol=1e-3, atol=1e-3)
 
 
 def test_lambda_one_is_plain(lm, samples):

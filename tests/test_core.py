@@ -150,7 +150,7 @@ def test_full_mask_makes_answer_independent_of_pixels(lm, images, other_images, 
     if lm.spec.grid in ("merged_thw", "anyres"):
         other_images = [im.resize(images[i].size) for i, im in enumerate(other_images)]  # same token count
     b1, b2 = _batch(lm, images), _batch(lm, other_images)
-    plans = [MaskImage(j, "knockout") for j in range(lm.num_layers)] if mode == "knockout" else [MaskImage(0, "zero")]
+    plans = [MaskImage(j, "knockout") for j in range(lm.num_layers)] if mode == "knockout" else [MaskImage(0, "zero", onward=True)]
     with intervene(lm, b1, *plans):
         l1 = _logits(lm, b1)[:, -1]
     with intervene(lm, b2, *plans):
@@ -326,10 +326,10 @@ def test_blank_image_input_types():
 
 def test_batched_knockout_fallback_equals_naive(lm, images):
     """The fallback used when a layer kwarg's batch dimension is ambiguous (e.g. M-RoPE tables with batch 3)."""
-    from fusion_utils.sweeps import _knockout_sweep_batched
+    from fusion_utils.engine.sweeps import knockout_sweep_batched
 
     b = _batch(lm, images)
     with torch.no_grad():
-        got = _knockout_sweep_batched(lm, b, list(range(lm.num_layers)), 3, False, None)
+        got = knockout_sweep_batched(lm, b, list(range(lm.num_layers)), 3, False, None)
     ref = masking_sweep(lm, b, mode="knockout", window=3, method="naive")
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-4, atol=1e-4)

@@ -48,12 +48,12 @@ def test_same_config_same_directory_and_numbers(world6, tmp_path):
 
 def test_edited_package_source_gets_a_new_run_directory(world6, tmp_path, monkeypatch):
     """Run records are keyed on the package's source, so code edited without a version bump never reuses them."""
-    from fusion_utils import book
+    from fusion_utils import runs
 
     lm = load_model(tiny_model_dir("llava"))
     a = get_experiment("hellinger")(lm, world6, out=str(tmp_path), progress=False)
-    assert a.config["versions"]["fusion_utils_source"] == book.package_source_hash()[:16]
-    monkeypatch.setattr(book, "package_source_hash", lambda: "0" * 64)
+    assert a.config["versions"]["fusion_utils_source"] == runs.package_source_hash()[:16]
+    monkeypatch.setattr(runs, "package_source_hash", lambda: "0" * 64)
     b = get_experiment("hellinger")(lm, world6, out=str(tmp_path), progress=False)
     assert b.run_dir != a.run_dir
 

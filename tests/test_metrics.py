@@ -207,3 +207,14 @@ def test_circular_accuracy_groups_rotations():
         circular_accuracy(ids, [1])
     with pytest.raises(ValueError, match="index"):
         circular_accuracy(["q1"], [1])
+
+
+def test_benchmark_accuracy_is_circular_eval_for_mmbench():
+    from fusion_utils.metrics import benchmark_accuracy
+
+    ids, scores = [7, 1_000_007, 8, 1_000_008], [1, 1, 1, 0]
+    assert benchmark_accuracy(ids, scores, "option") == pytest.approx(0.5)  # question 8 fails one rotation
+    assert benchmark_accuracy(ids, scores, "exact") == pytest.approx(0.75)  # other scorers: the row mean
+    assert benchmark_accuracy(ids, scores) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no rows"):
+        benchmark_accuracy([], [], "vqa")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..interventions import CaptureAttention, intervene
+from ..engine import CaptureAttention, intervene
 from ..metrics import topk_overlap
 from .common import base_config, finish, post_prompt_for, run_experiment
 

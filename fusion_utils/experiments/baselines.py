@@ -1,39 +1,49 @@
 """Training-free baselines the paper compares with, on the same prompts and harness as every other experiment.
 
+Each follows its official code; the math lives in `fusion_utils.methods`, whose docstrings name the function
+followed.
+
 - ``plain``: greedy answers (`common.answer`).
-- ``vicrop`` ("MLLMs know where to look", ICLR 2025, relative attention): the last prompt token's attention to the
-  image at a middle layer (round(14/32·L); LLaVA-1.5 uses 14) under the task prompt, divided by the same under the
-  generic prompt ``"Write a general description of the image."`` (head mean, renormalised, + ε); crop around its
-  peak (`contrastive.crop_box`) and answer with ``[original, crop]``.
-- ``vcd`` (visual contrastive decoding): ``(1+α)·l(v) − α·l(v′)`` with ``v′`` the image after forward diffusion
-  ``q(x_T | x_0)`` (linear β schedule over 1000 steps, T=500, on pixel values in [0, 1], seeded per sample, then
-  re-processed), restricted to tokens with ``p(v) ≥ β·max p(v)``. Runs as one ``generate`` over 2B rows (original
-  rows then noised rows) with a logits processor that combines rows b and B+b and forces the same token into both.
-- ``dola`` (Decoding by Contrasting Layers): ``log_softmax(final) − log_softmax(premature)`` at every step, the
-  premature layer chosen per step and per sample as the candidate with the largest Jensen–Shannon divergence from
-  the final layer's distribution, tokens with ``p_final < α·max p_final`` excluded (α=0.1). Early-exit logits are
-  ``lm_head(final_norm(h_j))`` of decoder layer j's output at the last position (as `sweeps.early_exit_logits`).
-  Candidate buckets: ``"low"`` = even layers in [0, L/2), ``"high"`` = even layers in [L/2, L−1) (decoder-layer
-  outputs, 0-based; the final layer is never a candidate). Greedy. ``repetition_penalty`` (default 1.0) is applied to
-  the contrasted scores as in the DoLa paper's code; DoLa recommends 1.2 for open-ended generation.
+- ``vicrop`` ("MLLMs know where to look", ICLR 2025, relative attention, ``rel_attention_llava``): the last prompt
+  token's attention to the image at a middle layer (round(14/32·L); LLaVA-1.5 uses 14) under the task prompt,
+  divided by the same under the generic prompt ``"Write a general description of the image."`` followed by the
+  same post-prompt; ViCrop's adaptive window over that map (`methods.vicrop_box`, ``bbox_from_att_image_adaptive``:
+  a square of the model's input resolution times 1, 1.2, ..., 2, `vicrop_resolution`), and the answer from
+  ``[original, crop]``. Not reproduced: its tiling of images above 1024 px (``high_res``).
+- ``vcd`` (visual contrastive decoding, DAMO-NLP-SG/VCD): ``v′`` is the processor's normalised pixel tensor after
+  ``add_diffusion_noise`` (sigmoid β schedule, T = 500, √ᾱ ≈ 0.86; seeded per sample), the scores
+  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.1).
+  Runs as one ``generate`` over 2B rows (original rows then noised rows) with a logits processor that combines
+  rows b and B+b and forces the same token into both. Greedy by default like every other method here (the
+  official evaluation samples; ``decoding.do_sample`` does that).
+- ``dola`` (transformers' ``_dola_decoding``): at every step, ``log_softmax(final) − log_softmax(premature)`` after
+  the relative-top filter (0.1), the premature layer chosen per sample as the candidate with the largest
+  Jensen–Shannon divergence from the final distribution (`methods.dola_contrast`). Candidates are hidden-state
+  indices, 0 = the embedding output (`methods.dola_layers`: ``"low"`` = 0, 2, ... below N/2, ``"high"`` = N/2, ...,
+  N−2); their logits are ``lm_head(h)`` without the final norm, as in the official code. Greedy.
+  ``repetition_penalty`` (default 1.0) is applied to the contrasted scores as in transformers; DoLa recommends 1.2
+  for open-ended generation.
+
+On MMBench (the ``option`` scorer) the summary's ``accuracy`` is CircularEval (lmms-eval's default), with the
+per-row accuracy beside it as ``row_accuracy``.
 """
 from __future__ import annotations
 
 import zlib
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..interventions import CaptureAttention, check_layer, intervene
-from ..metrics import jensen_shannon
+from ..engine import CaptureAttention, check_layer, intervene
+from ..engine.replay import head, last_logits_only, record_stream
+from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_contrast, dola_layers, vcd_logits,
+                       vicrop_box, vicrop_layer)
+from ..metrics import benchmark_accuracy
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import (Decoding, answer, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
                      score)
-from .contrastive import _crop_images, _forward_kwargs, crop_box
 
 METHODS = ("plain", "vicrop", "vcd", "dola")
 
@@ -52,15 +62,27 @@ def plain(lm, samples, *, post_prompt: str | None = POST_PROMPT, decoding: Decod
 
 # --- ViCrop ---------------------------------------------------------------------------------------------------------
 
-def vicrop_layer(n_layers: int) -> int:
-    """ViCrop's attention layer: 14 of 32 (LLaVA-1.5), scaled to the model's depth."""
-    return int(min(n_layers - 1, round(14 / 32 * n_layers)))
+# ViCrop's window for models without a fixed input resolution (its choice for Qwen2.5-VL)
+DYNAMIC_RESOLUTION_WINDOW = 224
+
+
+def vicrop_resolution(lm) -> int:
+    """ViCrop's base window side in pixels: the model's input resolution (336 for LLaVA-1.5, ViCrop's
+    ``bbox_size``), read from its image processor; `DYNAMIC_RESOLUTION_WINDOW` for processors of dynamic resolution
+    (Qwen2-VL), as ViCrop does for Qwen2.5-VL."""
+    ip = getattr(lm.processor, "image_processor", None)
+    for name in ("crop_size", "size"):
+        size = getattr(ip, name, None)
+        height = size.get("height") if hasattr(size, "get") else None
+        if height:
+            return int(height)
+    return DYNAMIC_RESOLUTION_WINDOW
 
 
 @torch.no_grad()
 def _last_token_map(lm, batch, layer: int) -> list[torch.Tensor]:
     with intervene(lm, batch, CaptureAttention(layers=[layer])) as run:
-        lm.model(**batch.inputs, use_cache=False, **_forward_kwargs(lm))
+        lm.model(**batch.inputs, use_cache=False, **last_logits_only(lm))
     maps = run.attention
     return [maps.sample(b)[0] for b in range(batch.size)]
 
@@ -68,36 +90,41 @@ def _last_token_map(lm, batch, layer: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def relative_attention(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
                        eps: float = 1e-6) -> list[torch.Tensor]:
-    """Per sample, float32 [image tokens]: task-prompt attention / generic-prompt attention at ``layer``."""
+    """Per sample, float32 [image tokens]: task-prompt attention / generic-prompt attention at ``layer``; both
+    prompts end with ``post_prompt``, as in ViCrop's ``rel_attention_llava`` and its run script."""
     samples = list(samples)
     layer = check_layer(vicrop_layer(lm.num_layers) if layer is None else layer, lm.num_layers)
     task = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt), layer)
-    generic = _last_token_map(lm, lm.prepare(samples, post_prompt=None, questions=[GENERIC_PROMPT] * len(samples)),
-                              layer)
-    return [t / (g + eps) for t, g in zip(task, generic)]
+    generic = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt,
+                                             questions=[GENERIC_PROMPT] * len(samples)), layer)
+    return [attention_ratio(t, g, eps) for t, g in zip(task, generic)]
 
 
 def vicrop_boxes(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
-                 eps: float = 1e-6, frac: float = 0.1, min_side: float = 0.25) -> list[tuple]:
-    """ViCrop's crop box per sample (pixels), from the relative attention map."""
+                 eps: float = 1e-6, bbox_size: int | None = None) -> list[tuple]:
+    """ViCrop's crop box per sample (pixels): its adaptive window (`methods.vicrop_box`) on the relative attention
+    over the image's primary token grid, windows of ``bbox_size`` (default `vicrop_resolution`) times its ratios."""
     samples = list(samples)
     b = lm.prepare(samples, post_prompt=post_prompt)
     for i in range(len(samples)):
         if not b.grids[i][0].spatial:
             raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop.")
     rel = relative_attention(lm, samples, layer=layer, post_prompt=post_prompt, eps=eps)
-    return [crop_box(r, b.grids[i][0], s.image.size, frac=frac, min_side=min_side)
-            for i, (r, s) in enumerate(zip(rel, samples))]
+    side = vicrop_resolution(lm) if bbox_size is None else int(bbox_size)
+    views = [b.grids[i][0].primary for i in range(len(samples))]
+    return [vicrop_box(v.to_map(r), s.image.size, side, extent=v.extent) for v, r, s in zip(views, rel, samples)]
 
 
 def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
-           decoding: Decoding | None = None, eps: float = 1e-6, frac: float = 0.1, min_side: float = 0.25,
+           decoding: Decoding | None = None, eps: float = 1e-6, bbox_size: int | None = None,
            batch_size: int = 8, return_boxes: bool = False):
+    """ViCrop's answers (its ``vicrop_qa`` with relative attention): the answer to ``[original, crop]``, the crop
+    from `vicrop_boxes`. ``return_boxes``: also the boxes."""
     samples = list(samples)
     preds, boxes = [], []
     for chunk in _chunks(samples, batch_size):
-        bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, frac=frac, min_side=min_side)
-        b = lm.prepare(chunk, post_prompt=post_prompt, images=_crop_images(chunk, bx))
+        bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, bbox_size=bbox_size)
+        b = lm.prepare(chunk, post_prompt=post_prompt, images=crop_images([s.image for s in chunk], bx))
         preds += generate(lm, b, (), decoding)
         boxes += bx
     return (preds, boxes) if return_boxes else preds
@@ -105,21 +132,46 @@ def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = P
 
 # --- VCD ------------------------------------------------------------------------------------------------------------
 
-def diffusion_noise(image: Image.Image, step: int = 500, n_steps: int = 1000, seed: int = 0,
-                    beta_start: float = 1e-4, beta_end: float = 0.02) -> Image.Image:
-    """``x_T ~ q(x_T | x_0) = N(√ᾱ_T·x_0, (1−ᾱ_T)·I)`` on the pixels in [0, 1] (linear β schedule), clipped."""
-    if not 0 <= step < n_steps:
-        raise ValueError(f"noise step must be in [0, {n_steps}).")
-    betas = np.linspace(beta_start, beta_end, n_steps, dtype=np.float64)
-    abar = np.cumprod(1.0 - betas)[step]
-    x0 = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-    eps = np.random.default_rng(seed).standard_normal(x0.shape)
-    xt = np.sqrt(abar) * x0 + np.sqrt(1.0 - abar) * eps
-    return Image.fromarray(np.clip(np.round(xt * 255.0), 0, 255).astype(np.uint8))
-
-
 def _sample_seed(seed: int, sample) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(str(sample.id).encode())) % (2 ** 32)
+
+
+def _pixel_rows(inputs, n_images: int) -> list[slice]:
+    """Each image's rows of ``pixel_values``: one row (or tile stack) per image, or Qwen2-VL's t·h·w patch rows."""
+    pv = inputs["pixel_values"]
+    thw = inputs.get("image_grid_thw")
+    if thw is not None:
+        counts = [int(t) * int(h) * int(w) for t, h, w in thw.tolist()]
+    elif pv.shape[0] == n_images:
+        counts = [1] * n_images
+    else:
+        raise ValueError(f"VCD cannot tell which pixel rows belong to which image: pixel_values has {pv.shape[0]} "
+                         f"rows for {n_images} images and no image_grid_thw; extend _pixel_rows for this processor.")
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [slice(e - c, e) for c, e in zip(counts, ends)]
+
+
+def vcd_batch(lm, samples, *, noise_step: int = 500, seed: int = 0, post_prompt: str | None = POST_PROMPT):
+    """The 2B-row batch VCD decodes from: rows [0, B) see each sample's image, rows [B, 2B) the same pixel tensor
+    after `methods.add_diffusion_noise` at ``noise_step``, seeded per sample (so a sample's noise does not depend
+    on its batch)."""
+    samples = list(samples)
+    B = len(samples)
+    batch = lm.prepare(samples + samples, post_prompt=post_prompt)
+    pv = batch.inputs["pixel_values"]
+    rows = _pixel_rows(batch.inputs, 2 * B)
+    for b, s in enumerate(samples):
+        clean, noisy = rows[b], rows[B + b]
+        if not torch.equal(pv[clean], pv[noisy]):
+            raise RuntimeError("VCD: the second copy of a sample's image was processed differently from the first; "
+                               "its pixel rows cannot be noised in place.")
+        gen = torch.Generator().manual_seed(_sample_seed(seed, s))
+        x = pv[noisy]
+        # tile by tile ([3, H, W] each), so the noise of a sample's real tiles does not depend on how many padding
+        # tiles its batch adds (LLaVA-NeXT)
+        tiles = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 4 else x[None]
+        pv[noisy] = torch.stack([add_diffusion_noise(t, noise_step, generator=gen) for t in tiles]).reshape(x.shape)
+    return batch
 
 
 class _VCDProcessor(LogitsProcessor):
@@ -134,19 +186,14 @@ class _VCDProcessor(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         B = self.B
-        s = scores.float()
-        v, vn = s[:B], s[B:2 * B]
-        cd = v if self.alpha == 0 else (1.0 + self.alpha) * v - self.alpha * vn
-        p = torch.softmax(v, dim=-1)
-        keep = p >= self.beta * p.max(dim=-1, keepdim=True).values
-        cd = cd.masked_fill(~keep, float("-inf"))
+        cd = vcd_logits(scores[:B], scores[B:2 * B], self.alpha, self.beta)
         if self.do_sample:
             probs = torch.softmax(cd / self.temperature, dim=-1)
             if self.top_p < 1.0:
                 sp, si = probs.sort(dim=-1, descending=True)
                 drop = sp.cumsum(-1) - sp > self.top_p
                 probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
-            tok = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(s.device).squeeze(-1)
+            tok = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(scores.device).squeeze(-1)
         else:
             tok = cd.argmax(dim=-1)
         self.steps.append(tok)
@@ -161,16 +208,16 @@ class _VCDProcessor(LogitsProcessor):
 def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.1, noise_step: int = 500,
         post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, seed: int = 0,
         batch_size: int = 8) -> list[str]:
-    """Visual contrastive decoding; greedy, or sampled (``decoding.do_sample``; seeded by ``seed``)."""
+    """Visual contrastive decoding as DAMO-NLP-SG/VCD's ``vcd_sample.sample`` with ``add_diffusion_noise``
+    (`vcd_batch`, `methods.vcd_logits`); greedy, or sampled (``decoding.do_sample``; seeded by ``seed``, which also
+    seeds each sample's noise)."""
     decoding = decoding or Decoding()
     samples = list(samples)
     gen = torch.Generator().manual_seed(int(seed))
     out: list[str] = []
     for chunk in _chunks(samples, batch_size):
         B = len(chunk)
-        noised = [diffusion_noise(s.image, noise_step, seed=_sample_seed(seed, s)) for s in chunk]
-        batch = lm.prepare(list(chunk) + list(chunk), post_prompt=post_prompt,
-                           images=[s.image for s in chunk] + noised)
+        batch = vcd_batch(lm, chunk, noise_step=noise_step, seed=seed, post_prompt=post_prompt)
         proc = _VCDProcessor(B, alpha, beta, decoding.do_sample, gen, decoding.temperature, decoding.top_p)
         greedy = Decoding(max_new_tokens=decoding.max_new_tokens)  # the processor decides; generate takes argmax
         ids = lm.model.generate(**batch.inputs, **greedy.kwargs(lm.processor.tokenizer),
@@ -181,45 +228,15 @@ def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.1, noise_step: int =
 
 # --- DoLa -----------------------------------------------------------------------------------------------------------
 
-def dola_layers(kind, n_layers: int) -> list[int]:
-    """DoLa's premature-layer candidates (decoder-layer outputs, 0-based): ``"low"`` = even layers in [0, L/2),
-    ``"high"`` = even layers in [L/2, L−1), or an explicit list; the final layer is never a candidate."""
-    L = int(n_layers)
-    if isinstance(kind, str):
-        if kind == "low":
-            layers = list(range(0, L // 2, 2))
-        elif kind == "high":
-            layers = list(range(L // 2 + (L // 2) % 2, L - 1, 2))
-        else:
-            raise ValueError("DoLa candidate layers: 'low', 'high' or a list of layer indices.")
-    else:
-        layers = [check_layer(int(j), L) for j in kind]
-    layers = [j for j in layers if j != L - 1]
-    if not layers:
-        raise ValueError(f"No DoLa candidate layer for a {L}-layer model with {kind!r}.")
-    return layers
-
-
-def dola_contrast(final_logits: torch.Tensor, layer_logits: torch.Tensor, candidates: Sequence[int],
-                  alpha: float = 0.1) -> tuple[torch.Tensor, list[int]]:
-    """DoLa's scores for one step. ``final_logits`` [B, V]; ``layer_logits`` [C, B, V] early-exit logits of the
-    ``candidates`` (same order). Returns (scores [B, V] float32 with −inf outside the plausible set, the premature
-    layer chosen for each row)."""
-    final = final_logits.float()
-    prem = layer_logits.float()
-    p = torch.softmax(final, dim=-1)
-    q = torch.softmax(prem, dim=-1)  # [C, B, V]
-    js = jensen_shannon(p[None].expand_as(q), q, axis=-1)  # [C, B]
-    idx = js.argmax(dim=0)  # [B]
-    rows = torch.arange(final.shape[0], device=final.device)
-    chosen = prem[idx, rows]  # [B, V]
-    scores = torch.log_softmax(final, dim=-1) - torch.log_softmax(chosen, dim=-1)
-    plausible = p >= alpha * p.max(dim=-1, keepdim=True).values
-    scores = scores.masked_fill(~plausible, float("-inf"))
-    return scores, [int(candidates[int(i)]) for i in idx.tolist()]
+def tied_embeddings(lm) -> bool:
+    """Whether the language model ties its LM head to its input embeddings (DoLa then skips the embedding output)."""
+    return bool(getattr(lm.model.config.get_text_config(), "tie_word_embeddings", False))
 
 
 class _DoLaProcessor(LogitsProcessor):
+    """``captured[j]``: the last position's hidden state of index j (0 = embedding output); ``captured[L]`` the last
+    decoder layer's output, whose normed head is the model's own logits."""
+
     def __init__(self, lm, captured: dict, candidates: list[int], alpha: float, repetition_penalty: float):
         self.lm, self.captured, self.candidates = lm, captured, candidates
         self.alpha, self.penalty = float(alpha), float(repetition_penalty)
@@ -227,11 +244,9 @@ class _DoLaProcessor(LogitsProcessor):
         self.first_scores: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores):
-        from ..sweeps import _head
-
         L = self.lm.num_layers
-        final = _head(self.lm, self.captured[L - 1])
-        prem = torch.stack([_head(self.lm, self.captured[j]) for j in self.candidates])
+        final = head(self.lm, self.captured[L])
+        prem = torch.stack([self.lm.lm_head(self.captured[j]).float() for j in self.candidates])
         out, chosen = dola_contrast(final, prem, self.candidates, self.alpha)
         if self.penalty != 1.0:
             prev = out.gather(1, input_ids)
@@ -247,33 +262,23 @@ class _DoLaProcessor(LogitsProcessor):
 def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: float = 1.0,
          post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8,
          return_details: bool = False):
-    """DoLa answers (greedy). ``return_details``: also the per-batch processors (premature layers per step, the
-    first step's scores)."""
+    """DoLa answers (greedy), as transformers' ``_dola_decoding`` (`methods.dola_contrast`). ``layers``: ``"low"``,
+    ``"high"`` or hidden-state indices (0 = the embedding output); ``alpha``: the relative-top filter. ``return_details``: also the per-batch processors (premature layers per
+    step, the first step's scores)."""
     decoding = decoding or Decoding()
     if decoding.do_sample:
         raise ValueError("DoLa is implemented for greedy decoding (do_sample=False).")
-    cands = dola_layers(layers, lm.num_layers)
+    cands = dola_layers(layers, lm.num_layers, tied_embeddings(lm))
     L = lm.num_layers
     samples = list(samples)
     out, details = [], []
     for chunk in _chunks(samples, batch_size):
         batch = lm.prepare(chunk, post_prompt=post_prompt)
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook(j):
-            def h(module, args, output):
-                hs = output[0] if isinstance(output, tuple) else output
-                captured[j] = hs[:, -1]
-            return h
-
-        handles = [lm.layers[j].register_forward_hook(hook(j)) for j in sorted(set(cands) | {L - 1})]
-        proc = _DoLaProcessor(lm, captured, cands, alpha, repetition_penalty)
-        try:
+        # hidden-state index j >= 1 is decoder layer j-1's output; index 0 the embedding output (DoLa's layer 0)
+        with record_stream(lm, set(cands) | {L}) as captured:
+            proc = _DoLaProcessor(lm, captured, cands, alpha, repetition_penalty)
             ids = lm.model.generate(**batch.inputs, **decoding.kwargs(lm.processor.tokenizer),
                                     logits_processor=LogitsProcessorList([proc]))
-        finally:
-            for h in handles:
-                h.remove()
         out += decode_new(lm, batch, ids)
         details.append(proc)
     return (out, details) if return_details else out
@@ -283,10 +288,12 @@ def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: f
 
 def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None = None, batch_size: int = 8,
               seed: int = 0, decoding: Decoding | None = None, vicrop_attn_layer: int | None = None,
-              vcd_alpha: float = 1.0, vcd_beta: float = 0.1, vcd_noise_step: int = 500, dola_candidates="low",
-              dola_alpha: float = 0.1, dola_repetition_penalty: float = 1.0, progress: bool = True):
-    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: accuracy per
-    method (n, accuracy, gain over plain when plain is among the methods)."""
+              vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1,
+              vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
+              dola_repetition_penalty: float = 1.0, progress: bool = True):
+    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: `summarize`
+    (CircularEval as the accuracy on MMBench). ``vicrop_window``: ViCrop's base window side in pixels (default
+    `vicrop_resolution`)."""
     methods = list(methods)
     for m in methods:
         if m not in METHODS:
@@ -296,11 +303,12 @@ def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None 
                          "'vicrop' from methods.")
     decoding = decoding or Decoding()
     post_prompt = post_prompt_for(dataset)
+    vicrop_window = vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window)
     params = {"methods": methods, "vicrop_layer": vicrop_attn_layer if vicrop_attn_layer is not None
-              else vicrop_layer(lm.num_layers), "vcd": {"alpha": vcd_alpha, "beta": vcd_beta,
-                                                         "noise_step": vcd_noise_step},
-              "dola": {"layers": dola_layers(dola_candidates, lm.num_layers), "alpha": dola_alpha,
-                       "repetition_penalty": dola_repetition_penalty}}
+              else vicrop_layer(lm.num_layers), "vicrop_window": vicrop_window,
+              "vcd": {"alpha": vcd_alpha, "beta": vcd_beta, "noise_step": vcd_noise_step},
+              "dola": {"layers": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
+                       "alpha": dola_alpha, "repetition_penalty": dola_repetition_penalty}}
     config = base_config(lm, dataset, experiment="baselines", seed=seed, decoding=decoding, post_prompt=post_prompt,
                          params=params)
 
@@ -312,7 +320,7 @@ def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None 
                 preds[m] = plain(lm, samples, post_prompt=post_prompt, decoding=decoding, batch_size=n)
             elif m == "vicrop":
                 preds[m] = vicrop(lm, samples, layer=vicrop_attn_layer, post_prompt=post_prompt, decoding=decoding,
-                                  batch_size=n)
+                                  bbox_size=vicrop_window, batch_size=n)
             elif m == "vcd":
                 preds[m] = vcd(lm, samples, alpha=vcd_alpha, beta=vcd_beta, noise_step=vcd_noise_step,
                                post_prompt=post_prompt, decoding=decoding, seed=seed, batch_size=n)
@@ -320,22 +328,29 @@ def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None 
                 preds[m] = dola(lm, samples, layers=dola_candidates, alpha=dola_alpha,
                                 repetition_penalty=dola_repetition_penalty, post_prompt=post_prompt,
                                 decoding=decoding, batch_size=n)
-        return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i], "score": score(dataset, preds[m][i], s)}
-                for m in methods for i, s in enumerate(samples)]
+        return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i],
+                 "score": score(dataset, preds[m][i], s)} for m in methods for i, s in enumerate(samples)]
 
     df = run_experiment("baselines", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
                         seed=seed, progress=progress)
-    return finish("baselines", df, summarize(df), config)
+    return finish("baselines", df, summarize(df, dataset.scorer), config)
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, scorer: str | None = None) -> pd.DataFrame:
+    """Per method: n (rows), accuracy (`metrics.benchmark_accuracy`: CircularEval for the ``option`` scorer, else
+    the row mean), row_accuracy (the row mean), and the gain over plain when plain is among the methods."""
     if df.empty:
-        return pd.DataFrame(columns=["method", "n", "accuracy"])
-    s = df.groupby("method", sort=False).agg(n=("score", "size"), accuracy=("score", "mean")).reset_index()
+        return pd.DataFrame(columns=["method", "n", "accuracy", "row_accuracy"])
+    rows = []
+    for method, g in df.groupby("method", sort=False):
+        rows.append({"method": method, "n": len(g), "accuracy": benchmark_accuracy(g["id"], g["score"], scorer),
+                     "row_accuracy": float(g["score"].mean())})
+    s = pd.DataFrame(rows)
     if "plain" in set(s["method"]):
         s["gain"] = s["accuracy"] - float(s.loc[s["method"] == "plain", "accuracy"].iloc[0])
     return s
 
 
-__all__ = ["plain", "vicrop", "vicrop_boxes", "vicrop_layer", "relative_attention", "diffusion_noise", "vcd",
-           "dola", "dola_layers", "dola_contrast", "baselines", "summarize", "METHODS"]
+__all__ = ["plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
+           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "summarize",
+           "METHODS"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import SampleSet
-from ..interventions import intervene
+from ..engine import intervene
 from ..metrics import score as score_answer
 from ..prompts import POST_PROMPT
 
@@ -128,7 +128,7 @@ def base_config(lm, dataset: SampleSet, *, experiment: str, seed: int, decoding:
     """Everything that decides the numbers of a run (hashed into its directory name)."""
     import transformers
 
-    from ..book import package_source_hash
+    from ..runs import package_source_hash
 
     return {
         "experiment": experiment,
@@ -142,8 +142,6 @@ def base_config(lm, dataset: SampleSet, *, experiment: str, seed: int, decoding:
         "decoding": None if decoding is None else vars(decoding),
         "seed": seed,
         "params": params,
-        # the source hash keys run directories on the code itself, so an edit without a version bump never reuses
-        # records made by other code
         "versions": {"fusion_utils": __version__, "fusion_utils_source": package_source_hash()[:16],
                      "torch": torch.__version__, "transformers": transformers.__version__},
     }

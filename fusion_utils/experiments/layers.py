@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..interventions import CaptureAttention, intervene
+from ..engine import CaptureAttention, early_exit_logits, intervene
 from ..metrics import hellinger as hellinger_distance
-from ..sweeps import early_exit_logits
 from .common import base_config, finish, post_prompt_for, run_experiment, score
 
 

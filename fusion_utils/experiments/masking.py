@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..interventions import MaskImage
-from ..sweeps import masking_sweep
+from ..engine import MaskImage, masking_sweep
 from .common import (Decoding, base_config, finish, first_token_ids, generate, post_prompt_for, run_experiment,
                      score)
 

@@ -1,0 +1,296 @@
+"""Replay: reuse one plain pass instead of running the model again.
+
+The only code that reads or edits a KV cache. It records what each decoder layer received, runs layers k..L from a
+recorded input, forks a cache below a layer, finds the prompt prefix every variant shares, reads per-layer outputs
+(early exit, DoLa), and lets ``generate`` continue from a cache whose first-step logits were computed elsewhere.
+
+>>> with record_inputs(lm) as rec:
+...     out = lm.model(**batch.inputs, use_cache=True)
+>>> cache = language_model_cache(out)
+>>> hidden = run_layers(lm, rec, start=5, hidden=rec.hidden(5) * 0.5, cache=fork_cache(cache, 5))
+>>> logits = head(lm, hidden[:, -1])
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+from ..archs import resolve
+
+
+class LayerInputs:
+    """What each decoder layer received in one forward pass: ``args`` and ``kwargs`` per layer."""
+
+    def __init__(self, n_layers: int):
+        self.inputs: list = [None] * n_layers
+
+    def hidden(self, j: int) -> torch.Tensor:
+        args, kwargs = self.inputs[j]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def rest(self, j: int) -> tuple[tuple, dict]:
+        """Layer j's other positional arguments and its keyword arguments, without the hidden states."""
+        args, kwargs = self.inputs[j]
+        return tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+@contextmanager
+def record_inputs(lm, layers: Sequence[int] | None = None):
+    """Record the inputs of decoder ``layers`` (default all) during the forward passes inside the block."""
+    rec = LayerInputs(lm.num_layers)
+
+    def hook(j):
+        def h(module, args, kwargs):
+            rec.inputs[j] = (args, dict(kwargs))
+        return h
+
+    chosen = range(lm.num_layers) if layers is None else layers
+    handles = [lm.layers[j].register_forward_pre_hook(hook(j), with_kwargs=True) for j in chosen]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_outputs(lm, layers: Sequence[int], position: int = -1):
+    """``{layer: hidden state at ``position`` of that layer's output}``, refreshed at every forward call inside the
+    block (so a logits processor sees the current generation step's values)."""
+    out: dict[int, torch.Tensor] = {}
+
+    def hook(j):
+        def h(module, args, output):
+            hs = output[0] if isinstance(output, tuple) else output
+            out[j] = hs[:, position]
+        return h
+
+    handles = [lm.layers[j].register_forward_hook(hook(j)) for j in sorted(set(layers))]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_stream(lm, indices: Sequence[int], position: int = -1):
+    """``{index: residual stream at ``position``}`` by hidden-state index, as transformers' ``hidden_states``
+    counts them: 0 is the embedding output (the input of layer 0), j >= 1 the output of decoder layer j-1. Refreshed
+    at every forward call inside the block."""
+    out: dict[int, torch.Tensor] = {}
+
+    def after(j):
+        def h(module, args, output):
+            out[j] = (output[0] if isinstance(output, tuple) else output)[:, position]
+        return h
+
+    def before(module, args, kwargs):
+        out[0] = (args[0] if args else kwargs["hidden_states"])[:, position]
+
+    indices = sorted(set(indices))
+    handles = [lm.layers[j - 1].register_forward_hook(after(j)) for j in indices if j > 0]
+    if 0 in indices:
+        handles.append(lm.layers[0].register_forward_pre_hook(before, with_kwargs=True))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_decoder_call(lm):
+    """The keyword arguments the decoder (the language model's layer stack) receives in the passes inside the block."""
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs)
+        if args:
+            captured["positional"] = args
+
+    h = lm.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        h.remove()
+
+
+def head(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of hidden states: the final norm, then the LM head."""
+    return lm.lm_head(lm.final_norm(hidden)).float()
+
+
+def last_logits_only(lm) -> dict:
+    """Forward kwargs that compute logits for the last position only, where the model supports it."""
+    try:
+        params = inspect.signature(lm.model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def language_model_cache(out):
+    """The language model's KV cache from a model output (InstructBLIP nests it in ``language_model_outputs``)."""
+    cache = getattr(out, "past_key_values", None)
+    if cache is None and getattr(out, "language_model_outputs", None) is not None:
+        cache = out.language_model_outputs.past_key_values
+    return cache
+
+
+def reusable(cache) -> bool:
+    """Whether the cache is one this module can fork and extend (dynamic layers that grow by concatenation)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def fork_cache(cache, keep_below: int):
+    """A cache sharing ``cache``'s tensors for layers < ``keep_below`` and empty above (the original is untouched:
+    dynamic layers grow by concatenation, never in place)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for j in range(keep_below, len(new.layers)):
+        new.layers[j].reset()
+    return new
+
+
+def layer_kv(cache, j: int, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of layer ``j`` for positions [0, stop)."""
+    layer = cache.layers[j]
+    return layer.keys[..., :stop, :], layer.values[..., :stop, :]
+
+
+def set_layer_kv(cache, j: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace layer ``j``'s keys and values (a variant batch's own prefix)."""
+    cache.layers[j].keys, cache.layers[j].values = keys, values
+
+
+def shared_prefix_length(image_mask: torch.Tensor) -> int:
+    """Positions [0, P) lie at or before every row's last image token: nothing there attends to a later token, so
+    an edit that only changes what text after the image reads leaves them as the plain pass computed them."""
+    S = image_mask.shape[1]
+    positions = torch.arange(S, device=image_mask.device)
+    last_img = torch.where(image_mask, positions, -1).max(dim=1).values
+    return int(last_img.min().item()) + 1
+
+
+def run_layers(lm, rec: LayerInputs, start: int, hidden: torch.Tensor, cache=None, stop: int | None = None,
+               rows: int = 1, **overrides) -> torch.Tensor:
+    """Run decoder layers ``start`` .. ``stop - 1`` (default: to the end) from ``hidden``, with each layer's other
+    inputs as recorded (tiled ``rows`` times along the batch when ``hidden`` stacks several variants)."""
+    stop = lm.num_layers if stop is None else stop
+    for j in range(start, stop):
+        args, kw = rec.rest(j)
+        B = rec.hidden(j).shape[0]
+        kw = {k: tile(v, B, rows) for k, v in kw.items()}
+        kw.update(overrides)
+        kw["past_key_values"] = cache  # never the recorded pass's own cache
+        out = lm.layers[j](hidden, *(tile(a, B, rows) for a in args), **kw)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+class Ambiguous(Exception):
+    """A recorded input whose batch dimension cannot be told apart (e.g. M-RoPE positions [3, B, ...] with B = 3)."""
+
+
+def batch_dim(t: torch.Tensor, B: int) -> int | None:
+    """Where the batch dimension of a recorded layer kwarg is; -1 if absent, None if ambiguous."""
+    dims = [d for d in range(min(t.ndim, 2)) if t.shape[d] == B]
+    if t.ndim >= 3 and len(dims) == 2:
+        return None if B != 1 else -1
+    return dims[0] if dims else -1
+
+
+def tile(obj, B: int, n: int):
+    """Repeat batch-carrying tensors n times along their batch dimension (variant-major)."""
+    if n == 1:
+        return obj
+    if torch.is_tensor(obj):
+        d = batch_dim(obj, B)
+        if d is None:
+            raise Ambiguous
+        if d == -1:
+            return obj
+        reps = [1] * obj.ndim
+        reps[d] = n
+        return obj.repeat(*reps)
+    if isinstance(obj, tuple):
+        return tuple(tile(o, B, n) for o in obj)
+    if isinstance(obj, list):
+        return [tile(o, B, n) for o in obj]
+    if isinstance(obj, dict):
+        return {k: tile(v, B, n) for k, v in obj.items()}
+    return obj
+
+
+# --- generation that continues from a replayed prompt -----------------------------------------------------------
+
+def generator_model(lm):
+    """The module whose ``generate`` continues decoding from a language-model cache (`ArchSpec.language_model`)."""
+    return resolve(lm.model, lm.spec.language_model) if lm.spec.language_model else lm.model
+
+
+def rope_state(lm) -> list:
+    """Position offsets some models keep between calls (Qwen2-VL's M-RoPE ``rope_deltas``), to restore later."""
+    return [(m, m.rope_deltas) for m in lm.model.modules() if hasattr(m, "rope_deltas")]
+
+
+def restore_rope(state) -> None:
+    for m, v in state:
+        m.rope_deltas = v
+
+
+def continue_generate(lm, batch, cache, first_logits: torch.Tensor, generate_kwargs: dict, rope=None):
+    """``generate`` from a prompt whose KV ``cache`` (all prompt positions) and last-position logits
+    (``first_logits`` [B, 1, V]) were computed elsewhere, e.g. by `run_layers` with an edit.
+
+    ``generate`` must produce the first token itself (its logits processors, sampling, stopping): it gets the cache
+    without the last prompt position, recomputes that one position, and a hook on the LM head puts back the given
+    logits and the cache entries they came with.
+    """
+    S = batch.seq_len
+    last = []
+    for layer in cache.layers:
+        last.append((layer.keys[..., -1:, :], layer.values[..., -1:, :]))
+        layer.crop(-1)
+    pending = {"first": True}
+
+    def head_hook(module, inp, output):
+        if not pending["first"]:
+            return None
+        pending["first"] = False
+        for layer, (k, v) in zip(cache.layers, last):
+            if layer.keys.shape[-2] != S:
+                raise RuntimeError("Cache reuse: unexpected cache length after the first decoding step.")
+            layer.keys[..., S - 1:S, :] = k
+            layer.values[..., S - 1:S, :] = v
+        new = output.clone()
+        new[:, -1:, :] = first_logits.to(new.dtype)
+        return new
+
+    inputs = {"input_ids": batch.inputs["input_ids"]}
+    if batch.inputs.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch.inputs["attention_mask"]
+    if rope is not None:
+        restore_rope(rope)
+    h = lm.lm_head.register_forward_hook(head_hook)
+    try:
+        out = generator_model(lm).generate(**inputs, past_key_values=cache, **generate_kwargs)
+    finally:
+        h.remove()
+    if pending["first"]:
+        raise RuntimeError("Cache reuse: generate() never called the LM head.")
+    return out
+
+
+__all__ = ["LayerInputs", "record_inputs", "record_outputs", "record_stream", "record_decoder_call", "head", "last_logits_only",
+           "language_model_cache", "reusable", "fork_cache", "layer_kv", "set_layer_kv", "shared_prefix_length",
+           "run_layers", "Ambiguous", "batch_dim", "tile", "generator_model", "rope_state", "restore_rope",
+           "continue_generate"]

@@ -1,0 +1,294 @@
+"""Layer sweeps that share the work common to all variants (Sec. 3's masking curves, early exit).
+
+`masking_sweep` returns, for every masked layer ℓ, the logits at the last prompt position -- the same numbers as
+running one masked forward per layer (``method="naive"``), computed with less work:
+
+- ``knockout`` and one-layer ``zero``: both only change what the question tokens read at the masked layers, and
+  nothing before the end of the image attends to a question token, so the keys and values of the prompt up to the
+  image's end are computed once and shared by every variant (for zero, the masked layer's own image keys and values
+  are computed once from zeroed inputs); only the question tokens are recomputed, all variants in one growing batch.
+  (A prompt that puts text before its last image token gets a shorter shared prefix; nothing else changes.)
+- persistent ``zero`` (``onward=True``): layers below the first masked layer do not depend on the mask, so one
+  plain pass records every layer's input; each variant starts from the recorded input of its first masked layer,
+  and the variants run together as one growing batch through the layers above.
+
+`early_exit_logits` applies the final norm and LM head to every layer's output.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .intervene import intervene
+from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
+from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, record_decoder_call, record_inputs,
+                     record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
+
+
+@dataclass(frozen=True)
+class RowKnockout(Plan):
+    """Image -> text knockout at each of ``layers``, in the rows of the batch that ``rows[layer]`` ([batch] bool)
+    selects: the variants of a sweep, stacked along the batch, each with its own masked layers."""
+
+    rows: dict
+
+    def compile(self, site):
+        img, text = site.groups["image"], site.groups["text"]
+        return [AttentionEdit(j, block_edges(img, text, True, r)) for j, r in self.rows.items()]
+
+
+def plain_forward(lm, batch, **extra):
+    return lm.model(**batch.inputs, use_cache=False, **extra)
+
+
+@torch.no_grad()
+def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str = "zero", window: int = 1,
+                  onward: bool = False, method: str = "reuse", chunk: int | None = None) -> dict:
+    """Last-position logits with the image masked at each layer.
+
+    Returns ``{"layers": [...], "logits": float32 [n_layers_swept, batch, vocab], "plain": float32 [batch, vocab]}``.
+    ``method="naive"`` runs one masked forward per layer (the reference the fast path is tested against).
+    ``chunk`` bounds how many variants run in one batch (memory); default all.
+
+    >>> sweep = masking_sweep(lm, batch, mode="knockout")
+    >>> sweep["logits"].shape  # [layers, batch, vocab]
+    """
+    L = lm.num_layers
+    layers = list(range(L)) if layers is None else [check_layer(j, L) for j in layers]
+    MaskImage(0, mode, window)  # validates mode / window
+    if method not in ("reuse", "naive"):
+        raise ValueError("method must be 'reuse' or 'naive'.")
+    if method == "naive":
+        plain = plain_forward(lm, batch).logits[:, -1].float()
+        out = []
+        for j in layers:
+            with intervene(lm, batch, MaskImage(j, mode, window, onward)):
+                out.append(plain_forward(lm, batch).logits[:, -1].float())
+        return {"layers": layers, "logits": torch.stack(out), "plain": plain}
+    if mode == "zero" and onward:
+        return zero_sweep(lm, batch, layers, window, onward, chunk)
+    if mode == "zero":
+        try:
+            return one_layer_zero_sweep(lm, batch, layers, window)
+        except Ambiguous:  # batch dimension of a recorded input unclear: one variant at a time (never tiled)
+            res = [one_layer_zero_sweep(lm, batch, [v], window) for v in layers]
+            return {"layers": layers, "logits": torch.cat([r["logits"] for r in res]), "plain": res[0]["plain"]}
+    try:
+        return knockout_sweep(lm, batch, layers, window, onward)
+    except Ambiguous:
+        return knockout_sweep_batched(lm, batch, layers, window, onward, chunk)
+
+
+def zero_sweep(lm, batch, layers, window, onward, chunk):
+    L = lm.num_layers
+    with record_inputs(lm) as rec:
+        plain = plain_forward(lm, batch).logits[:, -1].float()
+    B = batch.size
+    img = batch.image_mask
+    windows = {v: set(layer_window(v, window, L, onward)) for v in layers}
+    chunk = chunk or len(layers)
+    results = {}
+    for c in range(0, len(layers), chunk):
+        variants = layers[c:c + chunk]
+        try:
+            results.update(run_growing(lm, rec, variants, windows, img, B, batched=True))
+        except Ambiguous:
+            for v in variants:
+                results.update(run_growing(lm, rec, [v], windows, img, B, batched=False))
+    return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def run_growing(lm, rec, variants, windows, img, B, batched):
+    """Run variants through the decoder from their first masked layer, stacked as one growing batch."""
+    start = {v: min(windows[v]) for v in variants}
+    active: list[int] = []
+    hidden = None
+    for j in range(min(start.values()), lm.num_layers):
+        args, kwargs = rec.rest(j)
+        new = [v for v in variants if start[v] == j]
+        if new:
+            h0 = rec.hidden(j)
+            hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
+            active += new
+        n = len(active)
+        zero_rows = torch.tensor([j in windows[v] for v in active], device=img.device).repeat_interleave(B)
+        if zero_rows.any():
+            m = img.repeat(n, 1) & zero_rows[:, None]
+            hidden = hidden.masked_fill(m[..., None], 0.0)
+        kw = {k: tile(v, B, n) for k, v in kwargs.items()}
+        out = lm.layers[j](hidden, *(tile(a, B, n) for a in args), **kw)
+        hidden = out[0] if isinstance(out, tuple) else out
+    last = head(lm, hidden[:, -1])
+    return {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
+
+
+def decoder_inputs(lm, batch):
+    """One plain pass with a KV cache; returns (plain last logits, the kwargs the decoder received, the cache)."""
+    with record_decoder_call(lm) as captured:
+        out = lm.model(**batch.inputs, use_cache=True)
+    if "positional" in captured or captured.get("inputs_embeds") is None:
+        raise RuntimeError(f"{lm.spec.label}: the decoder was not called with inputs_embeds; use method='naive'.")
+    return out.logits[:, -1].float(), captured, language_model_cache(out)
+
+
+def knockout_sweep_batched(lm, batch, layers, window, onward, chunk):
+    """Fallback: every variant's question suffix through every layer, all variants in one batch."""
+    L, B, S = lm.num_layers, batch.size, batch.seq_len
+    plain, kw, cache = decoder_inputs(lm, batch)
+    embeds = kw.pop("inputs_embeds")
+    mask2d = kw.pop("attention_mask", None)
+    pos = kw.pop("position_ids", None)
+    for k in ("past_key_values", "use_cache", "input_ids", "return_dict", "output_hidden_states",
+              "output_attentions", "cache_position"):
+        kw.pop(k, None)
+    if mask2d is not None and (not torch.is_tensor(mask2d) or mask2d.ndim != 2):
+        raise RuntimeError("knockout sweep expects a 2-D padding mask; use method='naive'.")
+    P = shared_prefix_length(batch.image_mask)
+    cache.crop(P - S)  # keep the plain pass's keys and values of the shared prefix (negative = tokens removed)
+    windows = {v: layer_window(v, window, L, onward) for v in layers}
+    chunk = chunk or len(layers)
+    results = {}
+    for c in range(0, len(layers), chunk):
+        variants = layers[c:c + chunk]
+        n = len(variants)
+        cc = copy.deepcopy(cache) if c + chunk < len(layers) else cache
+        cc.batch_repeat_interleave(n)  # rows: sample-major, variant-minor
+        suffix = embeds[:, P:].repeat_interleave(n, dim=0)
+        m2 = None if mask2d is None else mask2d.repeat_interleave(n, dim=0)
+        p2 = None if pos is None else pos[..., P:].repeat_interleave(n, dim=-2)
+        vbatch = batch.tile(n, interleave=True)
+        # each row knocks out at its own variant's layers
+        owner = {j: torch.tensor([j in windows[v] for v in variants], device=batch.image_mask.device).repeat(B)
+                 for j in sorted(set().union(*(windows[v] for v in variants)))}
+        with intervene(lm, vbatch, RowKnockout(owner)):
+            out = lm.decoder(inputs_embeds=suffix, attention_mask=m2, position_ids=p2, past_key_values=cc,
+                             use_cache=True, **kw)
+        last = lm.lm_head(out.last_hidden_state[:, -1]).float().view(B, n, -1)
+        for i, v in enumerate(variants):
+            results[v] = last[:, i]
+    return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def knockout_sweep(lm, batch, layers, window, onward):
+    """Shared prefix + growing batch over the question suffix, for knockout and one-layer zero masks.
+
+    Nothing before the image's end depends on either mask, and below its first masked layer a variant's question
+    tokens are the plain run's. So one plain pass (with a KV cache, recording each layer's input) serves every
+    variant: at layer j, the variants whose window has started run their question tokens through layer j, attending
+    to the prefix keys and values of that layer plus their own. For knockout the prefix keys and values are the
+    plain ones (the edit is on the attention of the question rows); for one-layer zero they are the plain ones except
+    at the variant's masked layers, where they are computed once from zeroed image inputs.
+    """
+    return suffix_sweep(lm, batch, layers, window, onward, "knockout")
+
+
+def one_layer_zero_sweep(lm, batch, layers, window):
+    return suffix_sweep(lm, batch, layers, window, False, "zero")
+
+
+def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int, device) -> dict:
+    """A layer's recorded kwargs for queries [lo, hi) and keys [0, keys_to) of a length-S prompt."""
+    kw = {}
+    for k, val in kwargs.items():
+        if k == "past_key_values":
+            continue
+        if k == "attention_mask":
+            if val is None:
+                q = torch.arange(lo, hi, device=device)
+                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi - lo,
+                                                                                                     keys_to)
+            elif not torch.is_tensor(val) or val.ndim != 4:
+                raise Ambiguous
+            kw[k] = val[:, :, lo:hi, :keys_to]
+        elif k == "position_embeddings":
+            kw[k] = tuple(t[..., lo:hi, :] for t in val)
+        elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
+            kw[k] = val[..., lo:hi]
+        else:
+            kw[k] = val
+    return kw
+
+
+def suffix_sweep(lm, batch, layers, window, onward, mode):
+    L, B, S = lm.num_layers, batch.size, batch.seq_len
+    with record_inputs(lm) as rec:
+        out = lm.model(**batch.inputs, use_cache=True)
+    plain = out.logits[:, -1].float()
+    cache = language_model_cache(out)
+    if not reusable(cache):
+        raise Ambiguous
+    P = shared_prefix_length(batch.image_mask)
+    device = batch.image_mask.device
+    img = batch.image_mask
+    prefix_kv = [layer_kv(cache, j, P) for j in range(L)]
+    windows = {v: set(layer_window(v, window, L, onward)) for v in layers}
+    start = {v: min(windows[v]) for v in layers}
+    zero_kv = {}
+    if mode == "zero":  # each masked layer's prefix keys and values, computed once from zeroed image inputs
+        for j in sorted(set().union(*windows.values())):
+            args, kwargs = rec.rest(j)
+            h = rec.hidden(j)[:, :P].masked_fill(img[:, :P, None], 0.0)
+            scratch = fork_cache(cache, j)
+            lm.layers[j](h, *args, past_key_values=scratch, **position_slice(kwargs, 0, P, S, P, B, device))
+            zero_kv[j] = layer_kv(scratch, j)
+    suffix_img = img[:, P:]
+    active: list[int] = []
+    hidden = None
+    for j in range(min(start.values()), L):
+        args, kwargs = rec.rest(j)
+        new = [v for v in layers if start[v] == j]
+        if new:
+            h0 = rec.hidden(j)[:, P:]
+            hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
+            active += new
+        n = len(active)
+        kw = {k: tile(v, B, n) for k, v in position_slice(kwargs, P, S, S, S, B, device).items()}
+        masked = torch.tensor([j in windows[v] for v in active], device=device).repeat_interleave(B)  # rows
+        k0, v0 = prefix_kv[j]
+        if mode == "zero" and masked.any():
+            kz, vz = zero_kv[j]
+            pick = masked[:, None, None, None]
+            set_layer_kv(cache, j, torch.where(pick, kz.repeat(n, 1, 1, 1), k0.repeat(n, 1, 1, 1)),
+                         torch.where(pick, vz.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1)))
+        else:
+            set_layer_kv(cache, j, k0.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1))
+        rest = tuple(tile(a, B, n) for a in args)
+        if mode == "knockout":
+            with intervene(lm, batch.tile(n), RowKnockout({j: masked})):
+                res = lm.layers[j](hidden, *rest, past_key_values=cache, **kw)
+            hidden = res[0] if isinstance(res, tuple) else res
+            continue
+        zero_here = suffix_img.repeat(n, 1) & masked[:, None]  # image positions past P of the masked rows
+        res = lm.layers[j](hidden.masked_fill(zero_here[..., None], 0.0), *rest, past_key_values=cache, **kw)
+        out_j = res[0] if isinstance(res, tuple) else res
+        if zero_here.any() and j + 1 < L:  # those positions' own outputs stay unmasked: the plain pass's
+            out_j = torch.where(zero_here[..., None], rec.hidden(j + 1)[:, P:].repeat(n, 1, 1), out_j)
+        hidden = out_j
+    last = head(lm, hidden[:, -1])
+    results = {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
+    return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def suffix_mask(mask, B, P, S, device):
+    """The attention-mask rows of the question suffix ([B, 1, S - P, S], True = may attend)."""
+    if mask is None:
+        q = torch.arange(P, S, device=device)
+        return (torch.arange(S, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, S - P, S)
+    if not torch.is_tensor(mask) or mask.ndim != 4:
+        raise Ambiguous
+    return mask[:, :, P:, :]
+
+
+@torch.no_grad()
+def early_exit_logits(lm, batch) -> torch.Tensor:
+    """float32 [layers, batch, vocab]: final norm + LM head applied to each layer's output at the last position
+    (the last entry equals the model's own logits)."""
+    with record_outputs(lm, range(lm.num_layers)) as outs:
+        plain_forward(lm, batch)
+    return torch.stack([head(lm, outs[j]) for j in range(lm.num_layers)])
+
+
+__all__ = ["masking_sweep", "early_exit_logits", "RowKnockout", "plain_forward"]

@@ -1,0 +1,31 @@
+"""The paper's methods and the baselines' as pure tensor math: no model, no hooks (layer 2 of the package).
+
+Each function takes tensors or arrays (attention maps, logits, pixel tensors, token-grid maps) and returns tensors,
+indices or boxes; the experiments run the models and call these.
+
+- `contrastive`: candidate sets, the pre-layer choice by Hellinger distance, the contrast ``I_A``;
+- `softmask`: which image tokens the soft mask damps, and its default layer;
+- `crop`: the paper-variant crop box, ViCrop's adaptive window and relative attention, the two-image prompt;
+- `vcd`: VCD's diffusion noise and its contrast with the plausibility cutoff;
+- `dola`: DoLa's candidate buckets, premature-layer choice and relative-top contrast;
+- `layers`: layer indices and depth scaling.
+"""
+from __future__ import annotations
+
+from .contrastive import CANDIDATE_SETS, candidate_layers, contrastive_map, pre_layer
+from .crop import (FULL_EXTENT, VICROP_LAYER_OF_32, VICROP_RATIOS, attention_ratio, crop_images, peak_crop_box,
+                   vicrop_box, vicrop_layer)
+from .dola import DOLA_BUCKETS, dola_contrast, dola_layers, premature_choice, relative_top_filter
+from .layers import layer_index, scaled_layer
+from .softmask import REVIEW_LAYER_OF_32, default_apply_layer, soft_mask_tokens
+from .vcd import add_diffusion_noise, diffusion_alphas_bar, vcd_logits
+
+__all__ = [
+    "CANDIDATE_SETS", "candidate_layers", "pre_layer", "contrastive_map",
+    "REVIEW_LAYER_OF_32", "soft_mask_tokens", "default_apply_layer",
+    "FULL_EXTENT", "VICROP_RATIOS", "VICROP_LAYER_OF_32", "peak_crop_box", "vicrop_box", "attention_ratio",
+    "vicrop_layer", "crop_images",
+    "diffusion_alphas_bar", "add_diffusion_noise", "vcd_logits",
+    "DOLA_BUCKETS", "dola_layers", "relative_top_filter", "premature_choice", "dola_contrast",
+    "layer_index", "scaled_layer",
+]

@@ -1,0 +1,146 @@
+"""The engine's plan protocol and the one-layer probes, on tiny random instances of all six architectures.
+
+- one-layer zero at ℓ changes only layer ℓ: hidden states entering layers ≤ ℓ are the plain ones, and the image
+  positions' states leaving every layer ≥ ℓ are the plain ones, while the answer position's are not;
+- `ScaleAttention(ℓ, 1)` is the plain model, `ScaleAttention(ℓ, 0)` the knockout of the same keys;
+- a plan written outside the package (mean-ablation of the image) installs, acts, and is removed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fusion_utils import MaskImage, Plan, ScaleAttention, ScaleImage, intervene, load_model
+from fusion_utils.engine import AttentionEdit, HiddenEdit
+from fusion_utils.engine.plans import block_edges
+from fusion_utils.testing import ARCHS, sample_images, tiny_model_dir
+
+QUESTIONS = ["what is the color of the object ?", "what shape is it ?"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request):
+    torch.manual_seed(0)
+    return load_model(tiny_model_dir(request.param))
+
+
+@pytest.fixture(scope="module")
+def batch(lm):
+    return lm.prepare(list(zip(sample_images(2, seed=0), QUESTIONS)))
+
+
+def hidden_states(lm, batch, *plans):
+    """Per decoder layer, the hidden states entering it, then the final layer's output: [L + 1] of [B, S, D]."""
+    states: list = [None] * (lm.num_layers + 1)
+
+    def pre(j):
+        def h(module, args, kwargs):
+            states[j] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return h
+
+    def post(module, args, output):
+        states[-1] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    handles = [layer.register_forward_pre_hook(pre(j), with_kwargs=True) for j, layer in enumerate(lm.layers)]
+    handles.append(lm.layers[-1].register_forward_hook(post))
+    try:
+        with torch.no_grad(), intervene(lm, batch, *plans):
+            logits = lm.model(**batch.inputs).logits[:, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return states, logits
+
+
+@pytest.mark.parametrize("at", ["first", "middle"])
+def test_one_layer_zero_changes_only_its_layer(lm, batch, at):
+    L = lm.num_layers
+    ell = 0 if at == "first" else L // 2
+    plain, plain_logits = hidden_states(lm, batch)
+    masked, masked_logits = hidden_states(lm, batch, MaskImage(ell, "zero"))
+    img = batch.image_mask
+    for j in range(ell + 1):  # entering layers 0..ℓ: hooks see the states before the mask is applied at ℓ
+        torch.testing.assert_close(masked[j], plain[j], rtol=0, atol=0)
+    for j in range(ell + 1, L + 1):  # leaving layers ℓ..L-1: the image positions carry the unmasked stream
+        torch.testing.assert_close(masked[j][img], plain[j][img], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(masked[ell + 1][:, -1], plain[ell + 1][:, -1])  # the answer position read zeros at ℓ
+    assert not torch.allclose(masked_logits, plain_logits)
+    # persistent: the image positions never come back
+    persistent, _ = hidden_states(lm, batch, MaskImage(ell, "zero", onward=True))
+    assert not torch.allclose(persistent[ell + 1][img], plain[ell + 1][img])
+
+
+def test_one_layer_zero_at_the_last_layer_equals_persistent(lm, batch):
+    """At the last layer nothing comes after, so both modes (and ScaleImage(λ=0)) give the same logits."""
+    L = lm.num_layers
+    _, one = hidden_states(lm, batch, MaskImage(L - 1, "zero"))
+    _, persistent = hidden_states(lm, batch, MaskImage(L - 1, "zero", onward=True))
+    _, scaled = hidden_states(lm, batch, ScaleImage(L - 1, 0.0))
+    torch.testing.assert_close(one, persistent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled, persistent, rtol=1e-5, atol=1e-5)
+
+
+def test_one_layer_zero_acts_during_generate(lm, batch):
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.no_grad(), intervene(lm, batch, MaskImage(0, "zero")):
+        out = lm.model.generate(**batch.inputs, **gen)
+        first = lm.model(**batch.inputs).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, batch.seq_len], first)
+
+
+def test_scale_attention_one_is_plain_and_zero_is_knockout(lm, batch):
+    ell = lm.num_layers // 2
+    _, plain = hidden_states(lm, batch)
+    _, one = hidden_states(lm, batch, ScaleAttention(ell, 1.0))
+    torch.testing.assert_close(one, plain, rtol=0, atol=0)
+    _, near = hidden_states(lm, batch, ScaleAttention(ell, 1.0 + 1e-6))
+    torch.testing.assert_close(near, plain, rtol=1e-4, atol=1e-4)
+    # all image keys: the mask's own knockout
+    _, zero = hidden_states(lm, batch, ScaleAttention(ell, 0.0))
+    _, knock = hidden_states(lm, batch, MaskImage(ell, "knockout"))
+    torch.testing.assert_close(zero, knock, rtol=1e-5, atol=1e-5)
+    # some image keys: a knockout of exactly those keys
+    tokens = [torch.arange(n) % 3 == 0 for n in batch.n_image_tokens]
+
+    @dataclass(frozen=True)
+    class BlockChosen(Plan):
+        def compile(self, site):
+            return [AttentionEdit(ell, block_edges(site.image_tokens(tokens), site.groups["text"]))]
+
+    _, some = hidden_states(lm, batch, ScaleAttention(ell, 0.0, tokens))
+    _, blocked = hidden_states(lm, batch, BlockChosen())
+    torch.testing.assert_close(some, blocked, rtol=1e-5, atol=1e-5)
+    _, tenth = hidden_states(lm, batch, ScaleAttention(ell, 0.1, tokens))
+    assert not torch.allclose(tenth, plain) and not torch.allclose(tenth, some)
+
+
+@dataclass(frozen=True)
+class MeanAblateImage(Plan):
+    """The README's user-defined plan: every image position gets the mean image hidden state at one layer."""
+
+    layer: int
+
+    def compile(self, site):
+        img = site.groups["image"]
+
+        def edit(hidden, step):
+            m = step.queries(img)[..., None]
+            if not m.any():
+                return hidden
+            mean = (hidden * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+            return torch.where(m, mean.to(hidden.dtype), hidden)
+
+        return [HiddenEdit(site.layer(self.layer), edit)]
+
+
+def test_user_defined_plan(lm, batch):
+    plain_states, plain = hidden_states(lm, batch)
+    states, ablated = hidden_states(lm, batch, MeanAblateImage(1))
+    assert not torch.allclose(ablated, plain)
+    torch.testing.assert_close(states[1], plain_states[1], rtol=0, atol=0)  # layers below are untouched
+    assert all(not layer._forward_pre_hooks for layer in lm.layers)  # removed after the block
+    with pytest.raises(TypeError, match="is not a plan"):
+        with intervene(lm, batch, "mask layer 3"):
+            pass
