@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fusion_utils import report, stats
+from fusion_utils import report
+from fusion_utils.report import stats
 
 L = 8
 
@@ -123,7 +124,8 @@ def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevanc
             if changed:
                 row["pred"] = "changed"
             if with_dlogit:
-                row["max_abs_dlogit"] = 0.0 if (p_fix == 0 and p_break == 0) else 0.5
+                row["dlogit"] = 0.0 if (p_fix == 0 and p_break == 0) else 0.5
+                row["n_masked"] = 3
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -340,8 +342,10 @@ def test_blank_images_and_no_op_soft_mask():
     blank = contrastive_records(settings={("soft", "fusion", 0.2, 0.1): (0.0, 0.0)})
     g = by_key(report.contrastive_verdicts("m", blank), "contrastive_gain")
     assert g["verdict"] == "n/a: the soft mask changed no logit"
-    no_field = by_key(report.contrastive_verdicts("m", blank.drop(columns="max_abs_dlogit")), "contrastive_gain")
-    assert is_na(no_field) and "max_abs_dlogit" in no_field["verdict"]
+    no_field = by_key(report.contrastive_verdicts("m", blank.drop(columns=["dlogit", "n_masked"])), "contrastive_gain")
+    assert is_na(no_field) and "dlogit" in no_field["verdict"]
+    nothing_masked = contrastive_records().assign(n_masked=0)
+    assert "n_masked = 0" in by_key(report.contrastive_verdicts("m", nothing_masked), "contrastive_gain")["verdict"]
     # a no-op setting is skipped, the acting one is judged
     mixed = contrastive_records(settings={("soft", "fusion", 0.2, 0.1): (0.0, 0.0),
                                           ("soft", "fusion", 0.4, 0.1): (0.35, 0.02)})
@@ -445,3 +449,37 @@ def test_soft_and_crop_records_together():
     cands = [r for r in rows if r["key"] == "fusion_candidates"]
     assert len(cands) == 2 and all(passes(r) for r in cands)
     assert "ρ" not in cands[1]["effect"]  # the crop variant has no ρ or λ
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_rules_run_on_the_pinned_records_of_real_runs(arch):
+    """The experiments' own record format (tests/fixtures/pinned_records: tiny models, 3 questions): every rule gives
+    a row, none raises, and three questions are too few for anything to reproduce."""
+    import json
+    from pathlib import Path
+
+    pins = Path(__file__).parent / "fixtures" / "pinned_records"
+
+    def load(name):
+        return pd.DataFrame(json.loads((pins / f"{arch}_{name}.json").read_text()))
+
+    masking = load("masking")
+    n_layers = int(masking["layer"].max()) + 1
+    rows = (report.fusion_verdicts("m", arch, masking, n_layers)
+            + report.review_verdicts("m", arch, masking, load("hellinger"), load("early_exit"), n_layers)
+            + report.attention_verdicts("m", load("attention"), n_layers)
+            + report.contrastive_verdicts("m", load("contrastive"), fusion_from="dev"))
+    keys = {r["key"] for r in rows}
+    assert {"fusion_shallow", "plateau", "review", "early_exit", "hellinger", "noise", "relevant_rises",
+            "contrastive_gain", "ia_relevant"} <= keys
+    allowed = (report.NO, report.INCONCLUSIVE, report.NA + ":")
+    assert all(r["verdict"].startswith(allowed) for r in rows), [r["verdict"] for r in rows]
+    table = report.verdict_table(rows)
+    assert len(table) == len(rows) and table["rule"].str.len().min() > 0
+
+
+def test_too_few_questions_are_inconclusive_whatever_the_data():
+    # five questions: a sign-flip test cannot reach p < 0.05 however large the effect, so no "does not reproduce"
+    recs = contrastive_records(n=5, relevance="permuted")
+    row = by_key(report.contrastive_verdicts("m", recs), "ia_relevant")
+    assert row["verdict"].startswith(report.INCONCLUSIVE)

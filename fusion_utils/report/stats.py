@@ -3,7 +3,7 @@
 Everything here is seeded: the same input gives the same numbers on every run. Only numpy and the standard library
 are used (no scipy), so the rules run wherever the package does.
 
->>> from fusion_utils import stats
+>>> from fusion_utils.report import stats
 >>> r = stats.paired_test([1, 1, 1, 1, 1, 1, 1, 0])
 >>> round(r["mean"], 3), r["p"] < 0.05
 (0.875, True)
