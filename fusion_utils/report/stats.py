@@ -29,7 +29,11 @@ _Z = NormalDist()
 
 
 def z(q: float) -> float:
-    """The standard normal quantile (``z(0.975) ≈ 1.96``)."""
+    """The standard normal quantile.
+
+    >>> round(z(0.975), 2)
+    1.96
+    """
     return _Z.inv_cdf(q)
 
 
@@ -62,7 +66,11 @@ def split_ids(ids: Iterable, dev_fraction: float = 0.5) -> tuple[list, list]:
 
 
 def describe_split(n_dev: int, n_test: int) -> str:
-    """One sentence naming the split, for a verdict row."""
+    """One sentence naming the split, for a verdict row.
+
+    >>> describe_split(60, 58).startswith("dev 60 / test 58")
+    True
+    """
     return f"dev {n_dev} / test {n_test} (sha256 of the sample id, salt {SPLIT_SALT!r})"
 
 
@@ -168,7 +176,11 @@ def mcnemar(a, b) -> dict:
 
 
 def is_binary(*xs) -> bool:
-    """True when every value is 0 or 1 (exact-match scores), so McNemar applies."""
+    """True when every value is 0 or 1 (exact-match scores), so McNemar applies.
+
+    >>> is_binary([0, 1, 1], [1.0, 0.0, 1.0]), is_binary([0.3, 1.0])
+    (True, False)
+    """
     return all(np.isin(np.asarray(x, dtype=float), (0.0, 1.0)).all() for x in xs)
 
 
@@ -197,7 +209,11 @@ def compare_paired(a, b, seed: int = 0) -> dict:
 # --- power ------------------------------------------------------------------------------------------------------
 
 def min_n_sign_test(alpha: float = ALPHA, two_sided: bool = True) -> int:
-    """The fewest samples at which a sign-flip (or McNemar) test can reach ``alpha`` at all."""
+    """The fewest samples at which a sign-flip (or McNemar) test can reach ``alpha`` at all.
+
+    >>> min_n_sign_test(), min_n_sign_test(two_sided=False)
+    (6, 5)
+    """
     n = 1
     while (2 if two_sided else 1) * 0.5 ** n >= alpha:
         n += 1
