@@ -100,6 +100,9 @@ def attention_records(n=120, seed=0, n_tokens=64, persistent_irrelevant="all", n
     return pd.DataFrame(rows)
 
 
+PRE_LAYER = {"fusion": 1, "shallow": 2, "deep": 6, "all": 3}  # the pre layer each candidate set picks
+
+
 def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevance="concentrated"):
     """Contrastive records for several settings. ``settings``: {(variant, candidates, rho, lam): (p_fix, p_break)}:
     the chance that the method fixes a wrong plain answer, and that it breaks a right one."""
@@ -118,7 +121,7 @@ def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevanc
             else:  # labels permuted: I_A's mass falls on "relevant" tokens at the rate of their area
                 ia = float(np.clip(area[i] + 0.05 * rng.standard_normal(), 0, 1))
             row = dict(id=f"q{i:04d}", family="f", variant=variant, candidates=cands, rho=rho, lam=lam,
-                       pre_layer=1, score=float(right), plain_score=float(plain[i]),
+                       pre_layer=PRE_LAYER.get(cands, 1), score=float(right), plain_score=float(plain[i]),
                        pred="yes" if right else "no", plain_pred="yes" if plain[i] else "no",
                        ia_relevant_mass=ia, post_relevant_mass=area[i] + 0.1, relevant_area=area[i])
             if changed:
@@ -373,6 +376,13 @@ def test_fusion_candidates_positive_and_nulls():
     assert not passes(_cand(contrastive_records(settings=worse), fusion_from="dev"))
     noop = {k: (0.0, 0.0) for k in CANDS}
     assert is_na(_cand(contrastive_records(settings=noop), fusion_from="dev"))
+    # no fusion layer found: the shallow half stands in for it, so fusion and shallow are the same set
+    stand_in = contrastive_records(settings=CANDS)
+    stand_in.loc[stand_in.candidates == "shallow", "pre_layer"] = PRE_LAYER["fusion"]
+    row = _cand(stand_in, fusion_from="dev")
+    assert passes(row) and "not compared: ['shallow']" in row["effect"]
+    only = stand_in[stand_in.candidates.isin(["fusion", "shallow"])]
+    assert "same pre layer" in _cand(only, fusion_from="dev")["verdict"]
 
 
 def test_ia_relevant_positive_null_and_na():

@@ -832,16 +832,22 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
         return _na("fusion_candidates", model, why, rule=rule, reported=reported)
     _, test_ids = stats.split_ids(r["id"].tolist())
     test = set(map(str, test_ids))
-    f = fusion[fusion["id"].astype(str).isin(test)].set_index("id")["score"]
-    comps = {}
+    f = fusion[fusion["id"].astype(str).isin(test)].set_index("id")
+    comps, same = {}, []
     for other in sorted(s for s in r["candidates"].unique() if s != "fusion"):
-        o = r[(r["candidates"] == other) & r["id"].astype(str).isin(test)].set_index("id")["score"]
+        o = r[(r["candidates"] == other) & r["id"].astype(str).isin(test)].set_index("id")
         ids = f.index.intersection(o.index)
-        if len(ids) >= 2:
-            comps[other] = stats.compare_paired(f.loc[ids].to_numpy(float), o.loc[ids].to_numpy(float), seed)
+        # a set that picks the same pre layer as the fusion set on every question gives the same I_A, so the same
+        # answers: comparing them says nothing (e.g. the shallow half standing in when no fusion layer was found)
+        if "pre_layer" in f.columns and len(ids) and (f.loc[ids, "pre_layer"] == o.loc[ids, "pre_layer"]).all():
+            same.append(other)
+        elif len(ids) >= 2:
+            comps[other] = stats.compare_paired(f.loc[ids, "score"].to_numpy(float),
+                                                o.loc[ids, "score"].to_numpy(float), seed)
     if not comps:
-        return _na("fusion_candidates", model, "too few test samples shared by the candidate sets", rule=rule,
-                   reported=reported)
+        why = (f"the fusion set picks the same pre layer as {same} on every test question" if same else
+               "too few test samples shared by the candidate sets")
+        return _na("fusion_candidates", model, why, rule=rule, reported=reported)
     n_all = r["id"].nunique()
     worst = min(comps, key=lambda k: comps[k]["mean"])
     p = max(c["p"] for c in comps.values())
@@ -853,7 +859,8 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
     diffs = ", ".join(f"{k} {100 * c['mean']:+.1f}" for k, c in comps.items())
     return _row("fusion_candidates", model, rule=rule,
                 chance="every candidate set equal: 0 points between them",
-                effect=f"fusion minus {diffs} points" + ("" if rho == "-" else f" (ρ={rho}, λ={lam})"),
+                effect=f"fusion minus {diffs} points" + ("" if rho == "-" else f" (ρ={rho}, λ={lam})")
+                       + (f"; not compared: {same} (same pre layer as fusion on every question)" if same else ""),
                 uncertainty="; ".join(f"vs {k}: {c['test']} {_fmt_p(c['p'])}" for k, c in comps.items()),
                 n=n_test, needed=need, verdict=v, reported=reported,
                 split=stats.describe_split(*map(len, stats.split_ids(r["id"].tolist()))) +
