@@ -144,3 +144,38 @@ def test_user_defined_plan(lm, batch):
     with pytest.raises(TypeError, match="is not a plan"):
         with intervene(lm, batch, "mask layer 3"):
             pass
+
+
+def test_exit_at_gives_the_early_exit_logits_and_generates_from_the_layer(lm, batch):
+    from fusion_utils import early_exit_logits
+    from fusion_utils.engine import ExitAt
+
+    ee = early_exit_logits(lm, batch)
+    for j in (0, lm.num_layers // 2):
+        _, logits = hidden_states(lm, batch, ExitAt(j))
+        torch.testing.assert_close(logits, ee[j], rtol=1e-4, atol=1e-4)
+    _, last = hidden_states(lm, batch, ExitAt(-1))
+    torch.testing.assert_close(last, ee[-1], rtol=1e-4, atol=1e-4)
+    # generated tokens come from the layer too: step 2's token is the argmax of the layer's logits after step 1
+    with torch.no_grad(), intervene(lm, batch, ExitAt(0)):
+        out = lm.model.generate(**batch.inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    ext = lm.prepare(list(zip(sample_images(2, seed=0), QUESTIONS)))
+    ids = torch.cat([ext.inputs["input_ids"], out[:, batch.seq_len:batch.seq_len + 1]], dim=1)
+    inputs = dict(ext.inputs, input_ids=ids,
+                  attention_mask=torch.cat([ext.inputs["attention_mask"], torch.ones_like(ids[:, :1])], dim=1))
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids[:, :1])], dim=1)
+    with torch.no_grad(), intervene(lm, ext, ExitAt(0)):
+        step2 = lm.model(**inputs).logits[:, -1].argmax(-1)
+    assert torch.equal(step2, out[:, batch.seq_len + 1])
+
+
+@pytest.mark.parametrize("mode", ["zero", "knockout"])
+def test_fast_sweep_equals_naive_for_one_unpadded_sample(lm, mode):
+    """Batch of one: no padding mask is recorded (the kernel is causal by itself), so the sweep spells it out."""
+    from fusion_utils import masking_sweep
+
+    one = lm.prepare(list(zip(sample_images(1, seed=3), QUESTIONS[:1])))
+    fast = masking_sweep(lm, one, mode=mode)
+    naive = masking_sweep(lm, one, mode=mode, method="naive")
+    torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from .capture import AttentionMaps
 from .intervene import Intervention, intervene
-from .plans import (GROUPS, AttentionCall, AttentionEdit, AttentionRead, CaptureAttention, HiddenEdit, Knockout,
+from .plans import (GROUPS, AttentionCall, AttentionEdit, AttentionRead, CaptureAttention, ExitAt, HiddenEdit,
+                    Knockout,
                     MaskImage, Plan, ScaleAttention, ScaleImage, Site, Step, check_layer, layer_window)
 from .sweeps import early_exit_logits, masking_sweep
 
 __all__ = ["AttentionMaps", "Intervention", "intervene", "GROUPS", "AttentionCall", "AttentionEdit", "AttentionRead",
-           "CaptureAttention", "HiddenEdit", "Knockout", "MaskImage", "Plan", "ScaleAttention", "ScaleImage", "Site",
+           "CaptureAttention", "ExitAt", "HiddenEdit", "Knockout", "MaskImage", "Plan", "ScaleAttention", "ScaleImage", "Site",
            "Step", "check_layer", "layer_window", "early_exit_logits", "masking_sweep"]

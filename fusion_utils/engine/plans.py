@@ -348,6 +348,30 @@ class ScaleAttention(Plan):
 
 
 @dataclass(frozen=True)
+class ExitAt(Plan):
+    """Answer from decoder layer ``layer`` (early exit): the last layer's output is replaced by that layer's, so the
+    final norm and LM head read it -- in prefill and in every generated step, so ``generate`` gives the layer's own
+    greedy answer. ``ExitAt(-1)`` is the plain model."""
+
+    layer: int
+
+    def compile(self, site):
+        j, last = site.layer(self.layer), site.n_layers - 1
+        if j == last:
+            return []
+        held: dict = {}
+
+        def keep(hidden, step):
+            held["h"] = hidden
+            return hidden
+
+        def swap(hidden, step):
+            return held.pop("h")
+
+        return [HiddenEdit(j, keep, at="output"), HiddenEdit(last, swap, at="output")]
+
+
+@dataclass(frozen=True)
 class CaptureAttention(Plan):
     """Per layer and head, the attention of the last prompt token (and, with ``steps="all"``, of every generated
     token) to each image token, in float32, computed for those rows only. Read it as ``run.attention``."""
@@ -371,5 +395,5 @@ class CaptureAttention(Plan):
 
 
 __all__ = ["Plan", "Site", "Step", "HiddenEdit", "AttentionEdit", "AttentionRead", "AttentionCall", "MaskImage",
-           "Knockout", "ScaleImage", "ScaleAttention", "CaptureAttention", "GROUPS", "check_layer", "layer_window",
+           "Knockout", "ScaleImage", "ScaleAttention", "ExitAt", "CaptureAttention", "GROUPS", "check_layer", "layer_window",
            "token_groups", "zero_positions", "block_edges"]

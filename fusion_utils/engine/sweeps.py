@@ -196,9 +196,9 @@ def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int,
         if k == "past_key_values":
             continue
         if k == "attention_mask":
-            if val is None:
-                q = torch.arange(lo, hi, device=device)
-                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi - lo,
+            if val is None:  # the model relied on a causal kernel: spell the causal mask out for these rows
+                q = torch.arange(hi, device=device)
+                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi,
                                                                                                      keys_to)
             elif not torch.is_tensor(val) or val.ndim != 4:
                 raise Ambiguous

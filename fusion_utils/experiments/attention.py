@@ -16,7 +16,7 @@ import torch
 
 from ..engine import CaptureAttention, intervene
 from ..metrics import topk_overlap
-from .common import base_config, finish, post_prompt_for, run_experiment
+from .harness import Context, Spec, register, run
 
 RELEVANT_AT = 0.5  # a token is relevant when at least half its cell is covered by relevant regions
 
@@ -54,53 +54,59 @@ def token_relevance(grid_list, sample) -> np.ndarray | None:
 
 
 @torch.no_grad()
+def attention_batch(lm, samples, ctx: Context, *, k: int = 5, persist: float = 0.75) -> list[dict]:
+    """Per sample and layer: relevant / irrelevant mass (where the sample has relevance), top-k overlap with the
+    final layer, entropy, the largest share; on the last layer's row the sample's persistent top-k tokens."""
+    L = lm.num_layers
+    maps, b = capture_maps(lm, samples, post_prompt=ctx.post_prompt)
+    rows = []
+    for i, s in enumerate(samples):
+        m = maps.sample(i).cpu().numpy()  # [L, n]
+        n = m.shape[1]
+        kk = min(k, n)
+        rel = token_relevance(b.grids[i], s)
+        relevant = None if rel is None else np.nan_to_num(rel) >= RELEVANT_AT
+        top = np.argsort(-m, axis=1)[:, :kk]
+        counts = np.bincount(top.ravel(), minlength=n)
+        persistent = np.flatnonzero(counts >= persist * L)
+        for j in range(L):
+            row = dict(id=s.id, family=s.family, layer=j, topk_overlap=float(topk_overlap(m[j], m[-1], kk)),
+                       entropy=float(-(m[j] * np.log(np.clip(m[j], 1e-12, None))).sum() / np.log(n)),
+                       max_share=float(m[j].max()))
+            if relevant is not None and relevant.any() and (~relevant).any():
+                area = relevant.mean()
+                row.update(rel_mass=float(m[j][relevant].sum()), irr_mass=float(m[j][~relevant].sum()),
+                           rel_ratio=float(m[j][relevant].sum() / area),
+                           irr_top_share=float((~relevant[top[j]]).mean()))
+            if j == L - 1:  # per-sample facts, stored once on the last layer's row
+                row.update(persistent=persistent.tolist(), n_tokens=n,
+                           persistent_irrelevant=None if relevant is None else
+                           int((~relevant[persistent]).sum()) if len(persistent) else 0)
+            rows.append(row)
+    return rows
+
+
+def attention_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
+    agg = dict(topk_overlap=("topk_overlap", "mean"), entropy=("entropy", "mean"), max_share=("max_share", "mean"))
+    for c in ("rel_mass", "irr_mass", "rel_ratio", "irr_top_share"):
+        if c in records.columns:
+            agg[c] = (c, "mean")
+    return records.groupby("layer").agg(**agg).reset_index()
+
+
+SPEC = register(Spec("attention", attention_batch, attention_summary,
+                     resolve=lambda lm, dataset, k=5, persist=0.75: dict(k=k, persist=persist,
+                                                                        relevant_at=RELEVANT_AT),
+                     extras=lambda records, summary: {"noise": persistent_noise(records)}, decodes=False))
+
+
 def attention(lm, dataset, *, k: int = 5, persist: float = 0.75, out: str | None = None, batch_size: int = 8,
               seed: int = 0, progress: bool = True):
     """Relevant vs irrelevant attention mass by layer, top-k overlap with the final layer, persistent tokens.
 
     ``k``: size of the top-k sets; ``persist``: share of layers a token must be in the top-k to count as persistent.
     """
-    L = lm.num_layers
-    pp = post_prompt_for(dataset)
-    config = base_config(lm, dataset, experiment="attention", seed=seed, decoding=None, post_prompt=pp,
-                         params=dict(k=k, persist=persist, relevant_at=RELEVANT_AT))
-
-    def per_batch(lm, samples):
-        maps, b = capture_maps(lm, samples, post_prompt=pp)
-        rows = []
-        for i, s in enumerate(samples):
-            m = maps.sample(i).cpu().numpy()  # [L, n]
-            n = m.shape[1]
-            kk = min(k, n)
-            rel = token_relevance(b.grids[i], s)
-            relevant = None if rel is None else np.nan_to_num(rel) >= RELEVANT_AT
-            top = np.argsort(-m, axis=1)[:, :kk]
-            counts = np.bincount(top.ravel(), minlength=n)
-            persistent = np.flatnonzero(counts >= persist * L)
-            for j in range(L):
-                row = dict(id=s.id, family=s.family, layer=j, topk_overlap=float(topk_overlap(m[j], m[-1], kk)),
-                           entropy=float(-(m[j] * np.log(np.clip(m[j], 1e-12, None))).sum() / np.log(n)),
-                           max_share=float(m[j].max()))
-                if relevant is not None and relevant.any() and (~relevant).any():
-                    area = relevant.mean()
-                    row.update(rel_mass=float(m[j][relevant].sum()), irr_mass=float(m[j][~relevant].sum()),
-                               rel_ratio=float(m[j][relevant].sum() / area),
-                               irr_top_share=float((~relevant[top[j]]).mean()))
-                if j == L - 1:  # per-sample facts, stored once on the last layer's row
-                    row.update(persistent=persistent.tolist(), n_tokens=n,
-                               persistent_irrelevant=None if relevant is None else
-                               int((~relevant[persistent]).sum()) if len(persistent) else 0)
-                rows.append(row)
-        return rows
-
-    records = run_experiment("attention", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                             seed=seed, progress=progress)
-    agg = dict(topk_overlap=("topk_overlap", "mean"), entropy=("entropy", "mean"), max_share=("max_share", "mean"))
-    for c in ("rel_mass", "irr_mass", "rel_ratio", "irr_top_share"):
-        if c in records.columns:
-            agg[c] = (c, "mean")
-    summary = records.groupby("layer").agg(**agg).reset_index()
-    return finish("attention", records, summary, config, noise=persistent_noise(records))
+    return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, progress=progress, k=k, persist=persist)
 
 
 def persistent_noise(records: pd.DataFrame) -> dict:
@@ -122,4 +128,4 @@ def persistent_noise(records: pd.DataFrame) -> dict:
     return out
 
 
-__all__ = ["attention", "capture_maps", "sample_maps", "token_relevance", "persistent_noise"]
+__all__ = ["attention", "attention_batch", "attention_summary", "capture_maps", "sample_maps", "token_relevance", "persistent_noise"]

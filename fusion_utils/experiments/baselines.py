@@ -42,8 +42,8 @@ from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_c
                        vicrop_box, vicrop_layer)
 from ..metrics import benchmark_accuracy
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
-from .common import (Decoding, answer, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
-                     score)
+from .common import Decoding, answer, decode_new, generate
+from .harness import Context, Spec, register, run
 
 METHODS = ("plain", "vicrop", "vcd", "dola")
 
@@ -286,6 +286,48 @@ def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: f
 
 # --- the experiment -------------------------------------------------------------------------------------------------
 
+def resolve(lm, dataset, *, methods: Sequence[str] = METHODS, vicrop_attn_layer: int | None = None,
+            vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1, vcd_noise_step: int = 500,
+            dola_candidates="low", dola_alpha: float = 0.1, dola_repetition_penalty: float = 1.0) -> dict:
+    methods = list(methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"Unknown baseline {m!r}; use some of {', '.join(METHODS)}.")
+    if "vicrop" in methods and not lm.spec.spatial:
+        raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop -- drop "
+                         "'vicrop' from methods.")
+    return {"methods": methods,
+            "vicrop_attn_layer": vicrop_attn_layer if vicrop_attn_layer is not None else vicrop_layer(lm.num_layers),
+            "vicrop_window": vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window),
+            "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step,
+            "dola_candidates": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
+            "dola_alpha": dola_alpha, "dola_repetition_penalty": dola_repetition_penalty}
+
+
+def baselines_batch(lm, samples, ctx: Context, *, methods: Sequence[str] = METHODS,
+                    vicrop_attn_layer: int | None = None, vicrop_window: int | None = None, vcd_alpha: float = 1.0,
+                    vcd_beta: float = 0.1, vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
+                    dola_repetition_penalty: float = 1.0) -> list[dict]:
+    """Per sample and baseline: the answer and its score."""
+    decoding, n, pp = ctx.decoding or Decoding(), len(samples), ctx.post_prompt
+    preds = {}
+    for m in methods:
+        if m == "plain":
+            preds[m] = plain(lm, samples, post_prompt=pp, decoding=decoding, batch_size=n)
+        elif m == "vicrop":
+            preds[m] = vicrop(lm, samples, layer=vicrop_attn_layer, post_prompt=pp, decoding=decoding,
+                              bbox_size=vicrop_window, batch_size=n)
+        elif m == "vcd":
+            preds[m] = vcd(lm, samples, alpha=vcd_alpha, beta=vcd_beta, noise_step=vcd_noise_step, post_prompt=pp,
+                           decoding=decoding, seed=ctx.seed, batch_size=n)
+        else:
+            preds[m] = dola(lm, samples, layers=dola_candidates, alpha=dola_alpha,
+                            repetition_penalty=dola_repetition_penalty, post_prompt=pp, decoding=decoding,
+                            batch_size=n)
+    return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i], "score": ctx.score(preds[m][i], s)}
+            for m in methods for i, s in enumerate(samples)]
+
+
 def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None = None, batch_size: int = 8,
               seed: int = 0, decoding: Decoding | None = None, vicrop_attn_layer: int | None = None,
               vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1,
@@ -294,51 +336,18 @@ def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None 
     """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: `summarize`
     (CircularEval as the accuracy on MMBench). ``vicrop_window``: ViCrop's base window side in pixels (default
     `vicrop_resolution`)."""
-    methods = list(methods)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"Unknown baseline {m!r}; use some of {', '.join(METHODS)}.")
-    if "vicrop" in methods and lm.spec.grid == "none":
-        raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop -- drop "
-                         "'vicrop' from methods.")
-    decoding = decoding or Decoding()
-    post_prompt = post_prompt_for(dataset)
-    vicrop_window = vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window)
-    params = {"methods": methods, "vicrop_layer": vicrop_attn_layer if vicrop_attn_layer is not None
-              else vicrop_layer(lm.num_layers), "vicrop_window": vicrop_window,
-              "vcd": {"alpha": vcd_alpha, "beta": vcd_beta, "noise_step": vcd_noise_step},
-              "dola": {"layers": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
-                       "alpha": dola_alpha, "repetition_penalty": dola_repetition_penalty}}
-    config = base_config(lm, dataset, experiment="baselines", seed=seed, decoding=decoding, post_prompt=post_prompt,
-                         params=params)
-
-    def per_batch(lm, samples):
-        n = len(samples)
-        preds = {}
-        for m in methods:
-            if m == "plain":
-                preds[m] = plain(lm, samples, post_prompt=post_prompt, decoding=decoding, batch_size=n)
-            elif m == "vicrop":
-                preds[m] = vicrop(lm, samples, layer=vicrop_attn_layer, post_prompt=post_prompt, decoding=decoding,
-                                  bbox_size=vicrop_window, batch_size=n)
-            elif m == "vcd":
-                preds[m] = vcd(lm, samples, alpha=vcd_alpha, beta=vcd_beta, noise_step=vcd_noise_step,
-                               post_prompt=post_prompt, decoding=decoding, seed=seed, batch_size=n)
-            else:
-                preds[m] = dola(lm, samples, layers=dola_candidates, alpha=dola_alpha,
-                                repetition_penalty=dola_repetition_penalty, post_prompt=post_prompt,
-                                decoding=decoding, batch_size=n)
-        return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i],
-                 "score": score(dataset, preds[m][i], s)} for m in methods for i, s in enumerate(samples)]
-
-    df = run_experiment("baselines", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                        seed=seed, progress=progress)
-    return finish("baselines", df, summarize(df, dataset.scorer), config)
+    return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
+               methods=methods, vicrop_attn_layer=vicrop_attn_layer, vicrop_window=vicrop_window,
+               vcd_alpha=vcd_alpha, vcd_beta=vcd_beta, vcd_noise_step=vcd_noise_step,
+               dola_candidates=dola_candidates, dola_alpha=dola_alpha,
+               dola_repetition_penalty=dola_repetition_penalty)
 
 
-def summarize(df: pd.DataFrame, scorer: str | None = None) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> pd.DataFrame:
     """Per method: n (rows), accuracy (`metrics.benchmark_accuracy`: CircularEval for the ``option`` scorer, else
     the row mean), row_accuracy (the row mean), and the gain over plain when plain is among the methods."""
+    if scorer is None and ctx is not None:
+        scorer = ctx.dataset.scorer
     if df.empty:
         return pd.DataFrame(columns=["method", "n", "accuracy", "row_accuracy"])
     rows = []
@@ -352,5 +361,8 @@ def summarize(df: pd.DataFrame, scorer: str | None = None) -> pd.DataFrame:
 
 
 __all__ = ["plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
-           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "summarize",
+           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch", "summarize",
            "METHODS"]
+
+
+SPEC = register(Spec("baselines", baselines_batch, summarize, resolve))

@@ -37,8 +37,8 @@ from ..engine.replay import (continue_generate, fork_cache, head, language_model
 from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
                        peak_crop_box, soft_mask_tokens)
 from ..prompts import POST_PROMPT
-from .common import (Decoding, base_config, decode_new, finish, generate, post_prompt_for, run_experiment,
-                     score)
+from .common import Decoding, decode_new, generate
+from .harness import Context, Spec, register, run
 
 VARIANTS = ("soft", "crop")
 
@@ -226,6 +226,75 @@ def _relevance_masses(grid, relevant, I_A: torch.Tensor, a_post: torch.Tensor) -
             "relevant_area": float(r[on].mean()) if on.any() else float("nan")}
 
 
+def resolve(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer: int | None,
+            variants: Sequence[str] = VARIANTS, candidates: Sequence = ("fusion",), rhos: Sequence[float] = (0.2,),
+            lams: Sequence[float] = (0.1,), post: int = -1, method: str = "reuse", frac: float = 0.1,
+            min_side: float = 0.25, soft_mask: str = "attention") -> dict:
+    """The run's parameters with the model's defaults filled in (apply layer, candidate layers), validated."""
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"Unknown variant {v!r}; use 'soft' and/or 'crop'.")
+    if method not in ("reuse", "naive"):
+        raise ValueError("method must be 'reuse' or 'naive'.")
+    L = lm.num_layers
+    apply_layer = check_layer(default_apply_layer(L) if apply_layer is None else apply_layer, L)
+    cand_sets = {(c if isinstance(c, str) else ",".join(map(str, c))): candidate_layers(c, L, fusion_layers, post)
+                 for c in candidates}
+    if "crop" in variants and not lm.spec.spatial:
+        raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; the crop variant needs one -- use "
+                         "variants=('soft',).")
+    soft_mask_plan(apply_layer, 1.0, None, soft_mask)  # validates soft_mask before any work
+    return {"fusion_layers": None if fusion_layers is None else [int(j) for j in fusion_layers],
+            "apply_layer": apply_layer, "variants": list(variants), "candidates": cand_sets,
+            "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams], "post": post,
+            "frac": frac, "min_side": min_side, "soft_mask": soft_mask, "method": method}
+
+
+@torch.no_grad()
+def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates: dict, variants=VARIANTS,
+                      rhos=(0.2,), lams=(0.1,), post: int = -1, method: str = "reuse", frac: float = 0.1,
+                      min_side: float = 0.25, soft_mask: str = "attention") -> list[dict]:
+    """Records of one batch: per sample and setting (candidate set x ρ x λ for soft; candidate set for crop), the
+    answer with contrastive attention and without. ``candidates``: ``{name: candidate layers}``."""
+    decoding = ctx.decoding or Decoding()
+    batch = lm.prepare(samples, post_prompt=ctx.post_prompt)
+    plain = generate(lm, batch, (), decoding)
+    soft = "soft" in variants
+    p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
+                            keep_cache=soft and method == "reuse")
+    records = []
+    for cname, cands in candidates.items():
+        cons = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
+        extra = []
+        for b, (s, c) in enumerate(zip(samples, cons)):
+            a_post = p1.maps.sample(b)[c["post"]]
+            extra.append(_relevance_masses(batch.grids[b][0], s.relevant, c["I_A"], a_post))
+        settings = []
+        if soft:
+            for rho in rhos:
+                masks = [soft_mask_tokens(c["I_A"], rho) for c in cons]
+                n_masked = [int(m.sum()) for m in masks]
+                for lam in lams:
+                    preds, logits = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method,
+                                                  first_pass=p1, soft_mask=soft_mask, return_logits=True)
+                    dlogit = (logits - p1.logits).abs().amax(-1).tolist()
+                    settings.append(("soft", float(rho), float(lam), preds,
+                                     [{"dlogit": d, "n_masked": k} for d, k in zip(dlogit, n_masked)]))
+        if "crop" in variants:
+            boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
+                     for b, (c, s) in enumerate(zip(cons, samples))]
+            cb = lm.prepare(samples, post_prompt=ctx.post_prompt,
+                            images=crop_images([s.image for s in samples], boxes))
+            settings.append(("crop", None, None, generate(lm, cb, (), decoding), [{}] * len(samples)))
+        for variant, rho, lam, preds, acted in settings:
+            for b, s in enumerate(samples):
+                records.append({"id": s.id, "family": s.family, "variant": variant, "candidates": cname,
+                                "rho": rho, "lam": lam, "pre_layer": cons[b]["pre"], "pred": preds[b],
+                                "score": ctx.score(preds[b], s), "plain_pred": plain[b],
+                                "plain_score": ctx.score(plain[b], s), **acted[b], **extra[b]})
+    return records
+
+
 def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer: int | None,
                 variants: Sequence[str] = VARIANTS, candidates: Sequence = ("fusion",), rhos: Sequence[float] = (0.2,),
                 lams: Sequence[float] = (0.1,), out: str | None = None, batch_size: int = 8, seed: int = 0,
@@ -237,72 +306,16 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
     per sample per setting): id, family, variant, candidates, rho, lam, pre_layer, pred, score, plain_pred,
     plain_score; for soft, ``dlogit`` (largest change of a last-position logit the mask caused: 0 means the mask
     did nothing) and ``n_masked`` (image tokens masked); plus, where the sample has a ``relevant`` mask, the share of
-    I_A's positive mass and of A_post's mass on relevant tokens (``ia_relevant_mass``, ``post_relevant_mass``; ``relevant_area`` is the chance level).
+    I_A's positive mass and of A_post's mass on relevant tokens (``ia_relevant_mass``, ``post_relevant_mass``;
+    ``relevant_area`` is the chance level).
     Summary: accuracy per setting, the plain accuracy on the same samples and the gain.
     """
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"Unknown variant {v!r}; use 'soft' and/or 'crop'.")
-    decoding = decoding or Decoding()
-    post_prompt = post_prompt_for(dataset)
-    L = lm.num_layers
-    apply_layer = check_layer(default_apply_layer(L) if apply_layer is None else apply_layer, L)
-    cand_sets = {(c if isinstance(c, str) else ",".join(map(str, c))): candidate_layers(c, L, fusion_layers, post)
-                 for c in candidates}
-    if "crop" in variants and lm.spec.grid == "none":
-        raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; the crop variant needs one -- use "
-                         "variants=('soft',).")
-    params = {"fusion_layers": None if fusion_layers is None else [int(j) for j in fusion_layers],
-              "apply_layer": apply_layer, "variants": list(variants), "candidates": cand_sets,
-              "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams], "post": post,
-              "frac": frac, "min_side": min_side, "soft_mask": soft_mask}
-    soft_mask_plan(apply_layer, 1.0, None, soft_mask)  # validates soft_mask before any work
-    config = base_config(lm, dataset, experiment="contrastive", seed=seed, decoding=decoding,
-                         post_prompt=post_prompt, params=params)
-
-    def per_batch(lm, samples):
-        batch = lm.prepare(samples, post_prompt=post_prompt)
-        plain = generate(lm, batch, (), decoding)
-        soft = "soft" in variants
-        p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
-                                 keep_cache=soft and method == "reuse")
-        records = []
-        for cname, cands in cand_sets.items():
-            cons = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
-            extra = []
-            for b, (s, c) in enumerate(zip(samples, cons)):
-                a_post = p1.maps.sample(b)[c["post"]]
-                extra.append(_relevance_masses(batch.grids[b][0], s.relevant, c["I_A"], a_post))
-            settings = []
-            if soft:
-                for rho in rhos:
-                    masks = [soft_mask_tokens(c["I_A"], rho) for c in cons]
-                    n_masked = [int(m.sum()) for m in masks]
-                    for lam in lams:
-                        preds, logits = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method,
-                                                      first_pass=p1, soft_mask=soft_mask, return_logits=True)
-                        dlogit = (logits - p1.logits).abs().amax(-1).tolist()
-                        settings.append(("soft", float(rho), float(lam), preds,
-                                         [{"dlogit": d, "n_masked": k} for d, k in zip(dlogit, n_masked)]))
-            if "crop" in variants:
-                boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
-                         for b, (c, s) in enumerate(zip(cons, samples))]
-                cb = lm.prepare(samples, post_prompt=post_prompt, images=crop_images([s.image for s in samples], boxes))
-                settings.append(("crop", None, None, generate(lm, cb, (), decoding), [{}] * len(samples)))
-            for variant, rho, lam, preds, acted in settings:
-                for b, s in enumerate(samples):
-                    records.append({"id": s.id, "family": s.family, "variant": variant, "candidates": cname,
-                                    "rho": rho, "lam": lam, "pre_layer": cons[b]["pre"], "pred": preds[b],
-                                    "score": score(dataset, preds[b], s), "plain_pred": plain[b],
-                                    "plain_score": score(dataset, plain[b], s), **acted[b], **extra[b]})
-        return records
-
-    df = run_experiment("contrastive", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                        seed=seed, progress=progress)
-    return finish("contrastive", df, summarize(df), config)
+    return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
+               fusion_layers=fusion_layers, apply_layer=apply_layer, variants=variants, candidates=candidates,
+               rhos=rhos, lams=lams, post=post, method=method, frac=frac, min_side=min_side, soft_mask=soft_mask)
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, ctx=None) -> pd.DataFrame:
     """Accuracy per (variant, candidates, ρ, λ), with the plain accuracy on the same samples and the gain."""
     if df.empty:
         return pd.DataFrame(columns=["variant", "candidates", "rho", "lam", "n", "accuracy", "plain_accuracy", "gain"])
@@ -323,4 +336,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = ["CANDIDATE_SETS", "SOFT_MASKS", "candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box",
            "default_apply_layer", "soft_mask_plan", "capture_first_pass", "FirstPass", "soft_generate_reuse",
-           "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "summarize"]
+           "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "contrastive_batch", "summarize"]
+
+
+SPEC = register(Spec("contrastive", contrastive_batch, summarize, resolve))

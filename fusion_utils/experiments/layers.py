@@ -3,77 +3,109 @@
 - `hellinger`: for each layer, the Hellinger distance between its last-token -> image attention (head mean,
   renormalised over the image tokens) and the final layer's. A rise late in depth marks a layer that looks at the
   image differently again (the review layer in LLaVA-style models).
-- `early_exit`: the answer read off each layer (final norm + LM head on that layer's last-position hidden state).
-  Its first token is scored against the gold answers, and compared with the final layer's first token.
+- `early_exit`: the answer read off each layer (final norm + LM head on that layer's hidden state). Where a gold
+  answer is longer than one token, each layer's full greedy answer is generated from that layer (`ExitAt`) and
+  scored; otherwise its first token is. Both record the first token's agreement with the final layer's.
 """
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
-from ..engine import CaptureAttention, early_exit_logits, intervene
+from ..engine import CaptureAttention, ExitAt, early_exit_logits, intervene
 from ..metrics import hellinger as hellinger_distance
-from .common import base_config, finish, post_prompt_for, run_experiment, score
+from .common import Decoding, ExperimentResult, generate
+from .harness import Context, Spec, register, run
 
 
 @torch.no_grad()
-def hellinger(lm, dataset, *, reference: int = -1, out: str | None = None, batch_size: int = 8, seed: int = 0,
-              progress: bool = True):
-    """Per-layer Hellinger distance of last-token -> image attention to the ``reference`` layer's (default final)."""
+def hellinger_batch(lm, samples, ctx: Context, *, reference: int = -1) -> list[dict]:
+    """Per sample and layer: H(A_layer, A_reference) and the attention mass on the image before renormalisation."""
     L = lm.num_layers
     ref = reference % L
-    pp = post_prompt_for(dataset)
-    config = base_config(lm, dataset, experiment="hellinger", seed=seed, decoding=None, post_prompt=pp,
-                         params=dict(reference=ref))
+    b = lm.prepare(samples, post_prompt=ctx.post_prompt)
+    with intervene(lm, b, CaptureAttention()) as run_:
+        lm.model(**b.inputs)
+    maps = run_.attention
+    rows = []
+    for i, s in enumerate(samples):
+        m = maps.sample(i)  # [L, n]
+        h = hellinger_distance(m, m[ref][None].expand_as(m))
+        mass = maps.image_mass()[i].mean(-1)  # [L]
+        for j in range(L):
+            rows.append(dict(id=s.id, family=s.family, layer=j, hellinger=float(h[j]), image_mass=float(mass[j])))
+    return rows
 
-    def per_batch(lm, samples):
-        b = lm.prepare(samples, post_prompt=pp)
-        with intervene(lm, b, CaptureAttention()) as run:
-            lm.model(**b.inputs)
-        maps = run.attention
-        rows = []
-        for i, s in enumerate(samples):
-            m = maps.sample(i)  # [L, n]
-            h = hellinger_distance(m, m[ref][None].expand_as(m))
-            mass = maps.image_mass()[i].mean(-1)  # [L] attention to the image before renormalisation
-            for j in range(L):
-                rows.append(dict(id=s.id, family=s.family, layer=j, hellinger=float(h[j]), image_mass=float(mass[j])))
-        return rows
 
-    records = run_experiment("hellinger", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                             seed=seed, progress=progress)
-    summary = records.groupby("layer").agg(hellinger=("hellinger", "mean"), hellinger_sd=("hellinger", "std"),
-                                           image_mass=("image_mass", "mean")).reset_index()
-    return finish("hellinger", records, summary, config, reference=ref)
+def hellinger_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
+    return records.groupby("layer").agg(hellinger=("hellinger", "mean"), hellinger_sd=("hellinger", "std"),
+                                        image_mass=("image_mass", "mean")).reset_index()
+
+
+HELLINGER = register(Spec("hellinger", hellinger_batch, hellinger_summary,
+                          resolve=lambda lm, dataset, reference=-1: {"reference": reference % lm.num_layers},
+                          extras=lambda records, summary, reference: {"reference": reference}, decodes=False))
+
+
+def hellinger(lm, dataset, *, reference: int = -1, out: str | None = None, batch_size: int = 8, seed: int = 0,
+              progress: bool = True) -> ExperimentResult:
+    """Per-layer Hellinger distance of last-token -> image attention to the ``reference`` layer's (default final)."""
+    return run(HELLINGER, lm, dataset, out=out, batch_size=batch_size, seed=seed, progress=progress,
+               reference=reference)
+
+
+def multi_token(lm, samples) -> bool:
+    """Whether any gold answer of ``samples`` is longer than one token for this model's tokenizer."""
+    tok = lm.processor.tokenizer
+    return any(len(tok(a, add_special_tokens=False)["input_ids"]) > 1 for s in samples for a in s.answers)
 
 
 @torch.no_grad()
-def early_exit(lm, dataset, *, out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True):
-    """Accuracy of each layer's early-exit first token, and its agreement with the final layer's."""
+def early_exit_batch(lm, samples, ctx: Context, *, decode: str = "auto") -> list[dict]:
+    """Per sample and layer: the layer's answer (``pred``, scored), its first token and whether that agrees with
+    the final layer's, and the probability the layer gives the final layer's first token.
+
+    ``decode``: ``"first_token"`` scores the first token; ``"generate"`` each layer's full greedy answer (`ExitAt`);
+    ``"auto"`` generates where a gold answer of the batch is longer than one token."""
     L = lm.num_layers
-    pp = post_prompt_for(dataset)
-    config = base_config(lm, dataset, experiment="early_exit", seed=seed, decoding=None, post_prompt=pp, params={})
     tok = lm.processor.tokenizer
-
-    def per_batch(lm, samples):
-        b = lm.prepare(samples, post_prompt=pp)
-        logits = early_exit_logits(lm, b)  # [L, B, V]
-        ids = logits.argmax(-1)
-        probs = torch.softmax(logits, -1)
-        final = ids[-1]
-        rows = []
-        for j in range(L):
-            words = [t.strip() for t in tok.batch_decode(ids[j][:, None], skip_special_tokens=True)]
-            for i, s in enumerate(samples):
-                rows.append(dict(id=s.id, family=s.family, layer=j, pred=words[i], score=score(dataset, words[i], s),
-                                 agrees_final=bool(ids[j, i] == final[i]),
-                                 p_final_token=float(probs[j, i, final[i]])))
-        return rows
-
-    records = run_experiment("early_exit", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                             seed=seed, progress=progress)
-    summary = records.groupby("layer").agg(accuracy=("score", "mean"), agreement=("agrees_final", "mean"),
-                                           p_final_token=("p_final_token", "mean")).reset_index()
-    return finish("early_exit", records, summary, config)
+    b = lm.prepare(samples, post_prompt=ctx.post_prompt)
+    logits = early_exit_logits(lm, b)  # [L, B, V]
+    ids = logits.argmax(-1)
+    probs = torch.softmax(logits, -1)
+    final = ids[-1]
+    full = decode == "generate" or (decode == "auto" and multi_token(lm, samples))
+    rows = []
+    for j in range(L):
+        first = [t.strip() for t in tok.batch_decode(ids[j][:, None], skip_special_tokens=True)]
+        preds = generate(lm, b, [ExitAt(j)], ctx.decoding or Decoding()) if full else first
+        for i, s in enumerate(samples):
+            rows.append(dict(id=s.id, family=s.family, layer=j, pred=preds[i], first_token=first[i],
+                             decode="generate" if full else "first_token", score=ctx.score(preds[i], s),
+                             agrees_final=bool(ids[j, i] == final[i]), p_final_token=float(probs[j, i, final[i]])))
+    return rows
 
 
-__all__ = ["hellinger", "early_exit"]
+def early_exit_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
+    return records.groupby("layer").agg(accuracy=("score", "mean"), agreement=("agrees_final", "mean"),
+                                        p_final_token=("p_final_token", "mean")).reset_index()
+
+
+def resolve_early_exit(lm, dataset, decode: str = "auto") -> dict:
+    if decode not in ("auto", "first_token", "generate"):
+        raise ValueError("decode must be 'auto', 'first_token' or 'generate'.")
+    return {"decode": decode}
+
+
+EARLY_EXIT = register(Spec("early_exit", early_exit_batch, early_exit_summary, resolve=resolve_early_exit))
+
+
+def early_exit(lm, dataset, *, decode: str = "auto", decoding: Decoding | None = None, out: str | None = None,
+               batch_size: int = 8, seed: int = 0, progress: bool = True) -> ExperimentResult:
+    """Accuracy of each layer's early-exit answer, and its first token's agreement with the final layer's."""
+    return run(EARLY_EXIT, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding,
+               progress=progress, decode=decode)
+
+
+__all__ = ["hellinger", "early_exit", "hellinger_batch", "early_exit_batch", "hellinger_summary",
+           "early_exit_summary", "multi_token"]

@@ -14,8 +14,63 @@ import pandas as pd
 import torch
 
 from ..engine import MaskImage, masking_sweep
-from .common import (Decoding, base_config, finish, first_token_ids, generate, post_prompt_for, run_experiment,
-                     score)
+from .common import Decoding, first_token_ids, generate
+from .harness import Context, Spec, register, run
+
+
+@torch.no_grad()
+def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None,
+                  window: int = 1, onward: bool = False, decode: str = "generate") -> list[dict]:
+    """Per sample, masking mode and masked layer: the answer under the mask, its score, and the probability of the
+    model's own unmasked first answer token (``p_answer``; ``plain_p`` unmasked)."""
+    decoding = ctx.decoding or Decoding()
+    layers = list(range(lm.num_layers)) if layers is None else list(layers)
+    b = lm.prepare(samples, post_prompt=ctx.post_prompt)
+    plain = generate(lm, b, (), decoding)
+    target = torch.tensor(first_token_ids(lm, plain), device=lm.device)
+    tok = lm.processor.tokenizer
+    rows = []
+    for mode in modes:
+        sweep = masking_sweep(lm, b, layers, mode=mode, window=window, onward=onward)
+        p_plain = torch.softmax(sweep["plain"], -1).gather(-1, target[:, None])[:, 0]
+        probs = torch.softmax(sweep["logits"], -1)  # [V, B, vocab]
+        p_mask = probs.gather(-1, target[None, :, None].expand(len(layers), -1, 1))[..., 0]
+        if decode == "generate":
+            preds = [generate(lm, b, [MaskImage(j, mode, window, onward)], decoding) for j in layers]
+        else:
+            ids = sweep["logits"].argmax(-1)
+            preds = [[t.strip() for t in tok.batch_decode(ids[v][:, None], skip_special_tokens=True)]
+                     for v in range(len(layers))]
+        for i, s in enumerate(samples):
+            plain_score = ctx.score(plain[i], s)
+            for v, j in enumerate(layers):
+                rows.append(dict(id=s.id, family=s.family, mode=mode, layer=j, pred=preds[v][i],
+                                 score=ctx.score(preds[v][i], s), p_answer=float(p_mask[v, i]),
+                                 plain_pred=plain[i], plain_score=plain_score, plain_p=float(p_plain[i])))
+    return rows
+
+
+def resolve(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None, window: int = 1,
+            onward: bool = False, decode: str = "generate", threshold: float = 0.05) -> dict:
+    if decode not in ("generate", "first_token"):
+        raise ValueError("decode must be 'generate' or 'first_token'.")
+    for m in modes:
+        MaskImage(0, m, window)  # validates the mode and window before any work
+    L = lm.num_layers
+    layers = list(range(L)) if layers is None else [int(j) % L if j < 0 else int(j) for j in layers]
+    return dict(modes=list(modes), layers=layers, window=window, onward=onward, decode=decode, threshold=threshold)
+
+
+def summarize(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
+    return masking_summary(records)
+
+
+def extras(records, summary, *, modes, threshold: float = 0.05) -> dict:
+    return {"layers": {m: find_layers(summary[summary["mode"] == m], threshold=threshold) for m in modes},
+            "threshold": threshold}
+
+
+SPEC = register(Spec("masking", masking_batch, summarize, resolve, extras, summary_params=("threshold",)))
 
 
 def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None, window: int = 1,
@@ -23,50 +78,14 @@ def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[i
             out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True):
     """Accuracy and answer-probability change vs masked layer, for each masking mode.
 
+    ``modes``: ``"zero"`` (one-layer: only the masked layer reads zeros at the image positions) and/or
+    ``"knockout"``; ``onward=True`` masks every layer from ℓ on (persistent; a curve that can only fall).
     ``decode="generate"`` answers under the mask with the full greedy decoding (exact accuracy);
     ``decode="first_token"`` reads the answer's first token off the fast sweep (cheaper; exact for one-token answers).
     ``threshold``: accuracy drop (absolute, 0-1) that makes a layer a fusion layer.
     """
-    if decode not in ("generate", "first_token"):
-        raise ValueError("decode must be 'generate' or 'first_token'.")
-    decoding = decoding or Decoding()
-    L = lm.num_layers
-    layers = list(range(L)) if layers is None else [int(j) % L if j < 0 else int(j) for j in layers]
-    pp = post_prompt_for(dataset)
-    params = dict(modes=list(modes), layers=layers, window=window, onward=onward, decode=decode)
-    config = base_config(lm, dataset, experiment="masking", seed=seed, decoding=decoding, post_prompt=pp,
-                         params=params)
-    tok = lm.processor.tokenizer
-
-    def per_batch(lm, samples):
-        b = lm.prepare(samples, post_prompt=pp)
-        plain = generate(lm, b, (), decoding)
-        target = torch.tensor(first_token_ids(lm, plain), device=lm.device)
-        rows = []
-        for mode in modes:
-            sweep = masking_sweep(lm, b, layers, mode=mode, window=window, onward=onward)
-            p_plain = torch.softmax(sweep["plain"], -1).gather(-1, target[:, None])[:, 0]
-            probs = torch.softmax(sweep["logits"], -1)  # [V, B, vocab]
-            p_mask = probs.gather(-1, target[None, :, None].expand(len(layers), -1, 1))[..., 0]
-            if decode == "generate":
-                preds = [generate(lm, b, [MaskImage(j, mode, window, onward)], decoding) for j in layers]
-            else:
-                ids = sweep["logits"].argmax(-1)
-                preds = [[t.strip() for t in tok.batch_decode(ids[v][:, None], skip_special_tokens=True)]
-                         for v in range(len(layers))]
-            for i, s in enumerate(samples):
-                plain_score = score(dataset, plain[i], s)
-                for v, j in enumerate(layers):
-                    rows.append(dict(id=s.id, family=s.family, mode=mode, layer=j, pred=preds[v][i],
-                                     score=score(dataset, preds[v][i], s), p_answer=float(p_mask[v, i]),
-                                     plain_pred=plain[i], plain_score=plain_score, plain_p=float(p_plain[i])))
-        return rows
-
-    records = run_experiment("masking", lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                             seed=seed, progress=progress)
-    summary = masking_summary(records)
-    layers_found = {m: find_layers(summary[summary["mode"] == m], threshold=threshold) for m in modes}
-    return finish("masking", records, summary, config, layers=layers_found, threshold=threshold)
+    return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
+               modes=modes, layers=layers, window=window, onward=onward, decode=decode, threshold=threshold)
 
 
 def masking_summary(records: pd.DataFrame) -> pd.DataFrame:
