@@ -3,7 +3,7 @@
 All figures are ratios measured side by side in one run, on a shrunk-width model with realistic depth (32 decoder
 layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
 
-- sweep_speedup_vs_naive            full 32-layer zero-masking sweep: naive (one forward per layer) / prefix-reusing
+- zero_sweep_speedup_vs_naive       full 32-layer one-layer-zero sweep: naive (one forward per layer) / shared prefix
 - knockout_sweep_speedup_vs_naive   same for knockout (shared prefix cache, batched question suffixes)
 - capture_time_vs_plain             forward with CaptureAttention / plain forward (sdpa)
 - capture_peak_mem_vs_plain         memory a forward adds on top of the loaded model, capture / plain
@@ -66,7 +66,7 @@ def timing_figures(reps: int) -> dict:
     out = {}
     with torch.no_grad():
         lm.model(**b.inputs)  # warm-up
-        for mode, key in (("zero", "sweep_speedup_vs_naive"), ("knockout", "knockout_sweep_speedup_vs_naive")):
+        for mode, key in (("zero", "zero_sweep_speedup_vs_naive"), ("knockout", "knockout_sweep_speedup_vs_naive")):
             fast = masking_sweep(lm, b, mode=mode)
             naive = masking_sweep(lm, b, mode=mode, method="naive")
             err = (fast["logits"] - naive["logits"]).abs().max().item()

@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 from .archs import ARCHS, ArchSpec, get_spec
 from .engine import (AttentionMaps, CaptureAttention, Knockout, MaskImage, Plan, ScaleAttention, ScaleImage,
                      early_exit_logits, intervene, masking_sweep)
-from .models import LoadedModel, fingerprint, load_model
+from .models import LoadedModel, checkpoint_fingerprint, load_model
 
 __all__ = [
-    "__version__", "ARCHS", "ArchSpec", "get_spec", "load_model", "LoadedModel", "fingerprint", "intervene",
+    "__version__", "ARCHS", "ArchSpec", "get_spec", "load_model", "LoadedModel", "checkpoint_fingerprint", "intervene",
     "MaskImage", "Knockout", "ScaleImage", "ScaleAttention", "CaptureAttention", "AttentionMaps", "Plan",
     "masking_sweep", "early_exit_logits",
 ]

@@ -431,7 +431,7 @@ def _models_in(parameters: Mapping[str, Any]) -> list[str]:
 
 
 def _fingerprint_function():
-    """``fusion_utils.models.fingerprint`` if it exists, else None."""
+    """``fusion_utils.models.checkpoint_fingerprint`` if it exists, else None."""
     try:
         from fusion_utils import models as _models
     except ModuleNotFoundError as exc:
@@ -440,11 +440,11 @@ def _fingerprint_function():
         raise
     except ImportError:
         return None
-    return getattr(_models, "fingerprint", None)
+    return getattr(_models, "checkpoint_fingerprint", None)
 
 
 def model_fingerprints(names: Iterable[str], _memo: dict | None = None) -> dict[str, str]:
-    """``{name: fingerprint}`` using ``fusion_utils.models.fingerprint`` when it
+    """``{name: fingerprint}`` using ``fusion_utils.models.checkpoint_fingerprint`` when it
     exists; otherwise (or for a model it cannot find) the name itself."""
     fp = _fingerprint_function()
     out = {}

@@ -188,7 +188,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(name_or_path: str | os.PathLike) -> str:
+def checkpoint_fingerprint(name_or_path: str | os.PathLike) -> str:
     """Fingerprint of a model *without loading it*: config + safetensors headers + sampled bytes of local weights.
     For a hub id that is not on disk, the id itself (the build cache then keys on the name)."""
     name = str(name_or_path)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = ("llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl")
+# every supported architecture, as a tiny random model (the names of `fusion_utils.archs.ARCHS`)
+TINY_ARCHS = ("llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl")
 
 BUILD_VERSION = 1  # bump when the construction changes, so persistent `root` caches are not reused
 
@@ -354,7 +355,7 @@ def _build(arch: str, num_layers: int, hidden: int, image_size: int):
         processor = proc_cls(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_CHAT_TEMPLATE)
         return config, processor, model_cls
 
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,8 +383,8 @@ def tiny_model_dir(arch: str, *, num_layers: int | None = None, hidden_size: int
     width (default 64, multiple of 16); `image_size`: vision tower input side (default 32; Qwen: max image side,
     default 64; a multiple of 14 switches to patch 14). Same arguments and seed => identical weights.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
     num_layers = TEXT_LAYERS if num_layers is None else int(num_layers)
     hidden = TEXT_HIDDEN if hidden_size is None else int(hidden_size)
     image_size = DEFAULT_IMAGE_SIZE[arch] if image_size is None else int(image_size)
@@ -458,4 +459,4 @@ def sample_images(n: int = 2, seed: int = 0):
     return images
 
 
-__all__ = ["ARCHS", "tiny_model_dir", "sample_images"]
+__all__ = ["TINY_ARCHS", "tiny_model_dir", "sample_images"]

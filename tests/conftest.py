@@ -6,12 +6,12 @@ import torch
 
 from fusion_utils import load_model
 from fusion_utils.data.sample import Sample
-from fusion_utils.testing import ARCHS, sample_images, tiny_model_dir
+from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir
 
 QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how many red objects are there ?"]
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=TINY_ARCHS)
 def lm(request):
     """Each of the six architectures in turn (module scope: built and loaded once per test file)."""
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PIN_DIR = Path(__file__).parent / "fixtures" / "pinned_records"
-ARCHS = ("llava", "qwen2_vl")
+PINNED_ARCHS = ("llava", "qwen2_vl")
 N_SAMPLES = 3
 
 
@@ -72,7 +72,7 @@ def assert_same(a, b, path="", rtol=1e-4, atol=1e-5):
 
 if __name__ == "__main__":
     PIN_DIR.mkdir(parents=True, exist_ok=True)
-    for arch in sys.argv[1:] or ARCHS:
+    for arch in sys.argv[1:] or PINNED_ARCHS:
         for name, rows in run_all(arch).items():
             (PIN_DIR / f"{arch}_{name}.json").write_text(json.dumps(rows, indent=0, sort_keys=True) + "\n")
             print(arch, name, len(rows), "rows")

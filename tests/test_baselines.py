@@ -119,10 +119,10 @@ def test_summary_uses_circular_eval_on_mmbench():
     """Question 1 is right in both rotations, question 2 in one of two: CircularEval 1/2, per row 3/4."""
     df = pd.DataFrame({"id": ["1", "1000001", "2", "1000002"] * 2, "method": ["plain"] * 4 + ["vcd"] * 4,
                        "score": [1, 1, 1, 0, 1, 1, 1, 1]})
-    s = BL.summarize(df, "option").set_index("method")
+    s = BL.baselines_summary(df, "option").set_index("method")
     assert s.loc["plain", "accuracy"] == pytest.approx(0.5) and s.loc["plain", "row_accuracy"] == pytest.approx(0.75)
     assert s.loc["vcd", "accuracy"] == 1.0 and s.loc["vcd", "gain"] == pytest.approx(0.5)
-    rows = BL.summarize(df, "exact").set_index("method")
+    rows = BL.baselines_summary(df, "exact").set_index("method")
     assert rows.loc["plain", "accuracy"] == pytest.approx(0.75)  # other benchmarks: the row mean
 
 

@@ -15,12 +15,12 @@ import torch
 from fusion_utils import MaskImage, Plan, ScaleAttention, ScaleImage, intervene, load_model
 from fusion_utils.engine import AttentionEdit, HiddenEdit
 from fusion_utils.engine.plans import block_edges
-from fusion_utils.testing import ARCHS, sample_images, tiny_model_dir
+from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir
 
 QUESTIONS = ["what is the color of the object ?", "what shape is it ?"]
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=TINY_ARCHS)
 def lm(request):
     torch.manual_seed(0)
     return load_model(tiny_model_dir(request.param))

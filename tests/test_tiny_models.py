@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fusion_utils.prompts import render_prompt, user_text  # noqa: E402
-from fusion_utils.testing import ARCHS, sample_images, tiny_model_dir  # noqa: E402
+from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir  # noqa: E402
 
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
@@ -56,7 +56,7 @@ def _consumed_per_image(arch, model, inputs):
     return [int(f.shape[0]) for f in out.pooler_output]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_model_roundtrip_forward_generate(arch):
     path = tiny_model_dir(arch)
     assert (path / "model.safetensors").exists()
@@ -109,7 +109,7 @@ def test_tiny_model_roundtrip_forward_generate(arch):
     assert torch.equal(gen[:, : ids.shape[1]], ids)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_model_same_seed_same_weights(arch, tmp_path):
     from safetensors.torch import load_file
 

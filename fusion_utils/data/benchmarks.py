@@ -61,20 +61,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..prompts import POST_PROMPT
+
 from PIL import Image
 
 from .sample import Sample, SampleSet
 
-DEFAULT_POST_PROMPT = "Answer the question using a single word or phrase."
-_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + DEFAULT_POST_PROMPT
+_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + POST_PROMPT
 
 POST_PROMPTS: dict[str, str] = {
-    "gqa": DEFAULT_POST_PROMPT,
-    "vqav2": DEFAULT_POST_PROMPT,
+    "gqa": POST_PROMPT,
+    "vqav2": POST_PROMPT,
     "okvqa": _UNANSWERABLE,
     "vizwiz": _UNANSWERABLE,
-    "textvqa": DEFAULT_POST_PROMPT,
-    "docvqa": DEFAULT_POST_PROMPT,
+    "textvqa": POST_PROMPT,
+    "docvqa": POST_PROMPT,
     "mmbench": "Answer with the option's letter from the given choices directly.",
 }
 
@@ -556,5 +557,5 @@ def _to_sample(spec: BenchmarkSpec, row: dict, split: str, ctx: _Ctx) -> Sample:
                   else str(family), choices=choices, meta=meta)
 
 
-__all__ = ["load_benchmark", "POST_PROMPTS", "DEFAULT_POST_PROMPT", "HUB_IDS", "SPECS", "SCORER_OF",
+__all__ = ["load_benchmark", "POST_PROMPTS", "POST_PROMPT", "HUB_IDS", "SPECS", "SCORER_OF",
            "BenchmarkSpec", "mmbench_question"]

@@ -333,7 +333,7 @@ def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None 
               vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1,
               vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
               dola_repetition_penalty: float = 1.0, progress: bool = True):
-    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: `summarize`
+    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: `baselines_summary`
     (CircularEval as the accuracy on MMBench). ``vicrop_window``: ViCrop's base window side in pixels (default
     `vicrop_resolution`)."""
     return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
@@ -343,7 +343,7 @@ def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None 
                dola_repetition_penalty=dola_repetition_penalty)
 
 
-def summarize(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> pd.DataFrame:
+def baselines_summary(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> pd.DataFrame:
     """Per method: n (rows), accuracy (`metrics.benchmark_accuracy`: CircularEval for the ``option`` scorer, else
     the row mean), row_accuracy (the row mean), and the gain over plain when plain is among the methods."""
     if scorer is None and ctx is not None:
@@ -361,8 +361,8 @@ def summarize(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> pd.DataF
 
 
 __all__ = ["plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
-           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch", "summarize",
+           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch", "baselines_summary",
            "METHODS"]
 
 
-SPEC = register(Spec("baselines", baselines_batch, summarize, resolve))
+SPEC = register(Spec("baselines", baselines_batch, baselines_summary, resolve))

@@ -315,7 +315,7 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
                rhos=rhos, lams=lams, post=post, method=method, frac=frac, min_side=min_side, soft_mask=soft_mask)
 
 
-def summarize(df: pd.DataFrame, ctx=None) -> pd.DataFrame:
+def contrastive_summary(df: pd.DataFrame, ctx=None) -> pd.DataFrame:
     """Accuracy per (variant, candidates, ρ, λ), with the plain accuracy on the same samples and the gain."""
     if df.empty:
         return pd.DataFrame(columns=["variant", "candidates", "rho", "lam", "n", "accuracy", "plain_accuracy", "gain"])
@@ -336,7 +336,7 @@ def summarize(df: pd.DataFrame, ctx=None) -> pd.DataFrame:
 
 __all__ = ["CANDIDATE_SETS", "SOFT_MASKS", "candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box",
            "default_apply_layer", "soft_mask_plan", "capture_first_pass", "FirstPass", "soft_generate_reuse",
-           "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "contrastive_batch", "summarize"]
+           "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "contrastive_batch", "contrastive_summary"]
 
 
-SPEC = register(Spec("contrastive", contrastive_batch, summarize, resolve))
+SPEC = register(Spec("contrastive", contrastive_batch, contrastive_summary, resolve))

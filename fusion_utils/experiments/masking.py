@@ -61,16 +61,9 @@ def resolve(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[i
     return dict(modes=list(modes), layers=layers, window=window, onward=onward, decode=decode, threshold=threshold)
 
 
-def summarize(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
-    return masking_summary(records)
-
-
 def extras(records, summary, *, modes, threshold: float = 0.05) -> dict:
     return {"layers": {m: find_layers(summary[summary["mode"] == m], threshold=threshold) for m in modes},
             "threshold": threshold}
-
-
-SPEC = register(Spec("masking", masking_batch, summarize, resolve, extras, summary_params=("threshold",)))
 
 
 def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None, window: int = 1,
@@ -88,7 +81,7 @@ def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[i
                modes=modes, layers=layers, window=window, onward=onward, decode=decode, threshold=threshold)
 
 
-def masking_summary(records: pd.DataFrame) -> pd.DataFrame:
+def masking_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
     """Per (mode, layer): accuracy, plain accuracy, drop, mean answer-probability change, n."""
     g = records.groupby(["mode", "layer"], sort=True)
     out = g.agg(accuracy=("score", "mean"), plain_accuracy=("plain_score", "mean"), p_answer=("p_answer", "mean"),
@@ -125,3 +118,6 @@ def find_layers(summary: pd.DataFrame, *, threshold: float = 0.05, plateau_len: 
     return {"fusion_layers": [j for j in fusion if plateau is None or j < layers[plateau]] if plateau is not None else fusion,
             "plateau_start": None if plateau is None else int(layers[plateau]), "review_layer": review,
             "threshold": threshold}
+
+
+SPEC = register(Spec("masking", masking_batch, masking_summary, resolve, extras, summary_params=("threshold",)))

@@ -1,0 +1,281 @@
+"""Small, dependency-free statistics for the verdict rules: a stable dev/test split, paired tests, CIs, power.
+
+Everything here is seeded: the same input gives the same numbers on every run. Only numpy and the standard library
+are used (no scipy), so the rules run wherever the package does.
+
+>>> from fusion_utils.report import stats
+>>> r = stats.paired_test([1, 1, 1, 1, 1, 1, 1, 0])
+>>> round(r["mean"], 3), r["p"] < 0.05
+(0.875, True)
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from statistics import NormalDist
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+ALPHA = 0.05
+POWER = 0.8
+N_BOOT = 2000
+N_FLIPS = 10000
+N_PERMS = 2000
+SPLIT_SALT = "fusion_utils/verdicts/v1"
+
+_Z = NormalDist()
+
+
+def z(q: float) -> float:
+    """The standard normal quantile.
+
+    >>> round(z(0.975), 2)
+    1.96
+    """
+    return _Z.inv_cdf(q)
+
+
+# --- the dev/test split ---------------------------------------------------------------------------------------------
+
+def split_of(sample_id, dev_fraction: float = 0.5, salt: str = SPLIT_SALT) -> str:
+    """``"dev"`` or ``"test"`` for one sample id, from a hash of the id alone.
+
+    A hash (not the sample's position or the run's seed) keeps a sample on the same side whatever else is in the
+    build, so a setting chosen on dev is never judged on a question it was chosen on, in this build or a bigger one.
+
+    >>> split_of("world-000001") in ("dev", "test")
+    True
+    """
+    h = hashlib.sha256(f"{salt}:{sample_id}".encode()).digest()
+    return "dev" if int.from_bytes(h[:8], "big") / 2 ** 64 < dev_fraction else "test"
+
+
+def split_ids(ids: Iterable, dev_fraction: float = 0.5) -> tuple[list, list]:
+    """The distinct ids, in first-seen order, as ``(dev, test)``.
+
+    >>> dev, test = split_ids(range(100))
+    >>> len(dev) + len(test), set(dev) & set(test)
+    (100, set())
+    """
+    seen = list(dict.fromkeys(ids))
+    dev = [i for i in seen if split_of(i, dev_fraction) == "dev"]
+    test = [i for i in seen if split_of(i, dev_fraction) == "test"]
+    return dev, test
+
+
+def describe_split(n_dev: int, n_test: int) -> str:
+    """One sentence naming the split, for a verdict row.
+
+    >>> describe_split(60, 58).startswith("dev 60 / test 58")
+    True
+    """
+    return f"dev {n_dev} / test {n_test} (sha256 of the sample id, salt {SPLIT_SALT!r})"
+
+
+# --- tests on paired per-sample differences ---------------------------------------------------------------------
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(int(seed)))
+
+
+def bootstrap_ci(x, seed: int = 0, n_boot: int = N_BOOT, level: float = 0.95, stat: Callable = np.mean):
+    """Percentile bootstrap CI of ``stat`` over the rows of ``x`` (seeded).
+
+    >>> lo, hi = bootstrap_ci([0.0, 1.0] * 20)
+    >>> lo < 0.5 < hi
+    True
+    """
+    x = np.asarray(x, dtype=float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    idx = _rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    vals = np.array([stat(x[i]) for i in idx]) if stat is not np.mean else x[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def sign_flip_p(x, seed: int = 0, alternative: str = "two-sided", n_flips: int = N_FLIPS) -> float:
+    """p-value of the paired sign-flip (randomisation) test that the mean of ``x`` is 0.
+
+    Exact for up to 16 values, Monte Carlo (seeded) beyond. Unlike a bootstrap p-value it stays honest at tiny n:
+    three positive differences give p = 0.25, never 0. ``alternative``: ``"two-sided"``, ``"greater"`` or ``"less"``.
+
+    >>> sign_flip_p([1, 1, 1])
+    0.25
+    """
+    x = np.asarray(x, dtype=float)
+    n = len(x)
+    if n == 0:
+        return float("nan")
+    obs = x.mean()
+    if n <= 16:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+        exact = True
+    else:
+        signs = _rng(seed).choice((1.0, -1.0), size=(n_flips, n))
+        exact = False
+    means = signs @ x / n
+    tol = 1e-12 * max(1.0, abs(obs))
+    if alternative == "two-sided":
+        hits = np.sum(np.abs(means) >= abs(obs) - tol)
+    elif alternative == "greater":
+        hits = np.sum(means >= obs - tol)
+    elif alternative == "less":
+        hits = np.sum(means <= obs + tol)
+    else:
+        raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}.")
+    if exact:
+        return float(min(1.0, hits / len(means)))
+    return float(min(1.0, (hits + 1) / (len(means) + 1)))
+
+
+def paired_test(diff, seed: int = 0) -> dict:
+    """Mean, bootstrap 95% CI, two-sided sign-flip p and SD of paired per-sample differences.
+
+    >>> paired_test([0.0] * 10)["p"]
+    1.0
+    """
+    d = np.asarray(diff, dtype=float)
+    d = d[np.isfinite(d)]
+    lo, hi = bootstrap_ci(d, seed)
+    return dict(mean=float(d.mean()) if len(d) else float("nan"), lo=lo, hi=hi,
+                p=sign_flip_p(d, seed) if len(d) else float("nan"),
+                sd=float(d.std(ddof=1)) if len(d) > 1 else float("nan"), n=int(len(d)))
+
+
+def below_margin_p(diff, margin: float, seed: int = 0) -> float:
+    """One-sided p that the mean of ``diff`` is below ``margin`` (H0: mean ≥ margin), for claims of absence.
+
+    >>> below_margin_p([0.0] * 8, 0.05) < 0.05
+    True
+    """
+    d = np.asarray(diff, dtype=float)
+    d = d[np.isfinite(d)]
+    return sign_flip_p(d - margin, seed, alternative="less")
+
+
+def mcnemar(a, b) -> dict:
+    """Exact McNemar test for two paired binary outcomes (``a`` vs ``b``: 1 right, 0 wrong).
+
+    Returns ``b10`` (a right, b wrong), ``b01`` and the exact two-sided binomial p-value on the discordant pairs.
+
+    >>> mcnemar([1] * 8 + [0] * 2, [0] * 8 + [0] * 2)["p"] < 0.01
+    True
+    """
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    b10 = int(np.sum((a == 1) & (b == 0)))
+    b01 = int(np.sum((a == 0) & (b == 1)))
+    k, m = min(b10, b01), b10 + b01
+    if m == 0:
+        return dict(b10=0, b01=0, p=1.0)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+    return dict(b10=b10, b01=b01, p=float(min(1.0, 2 * tail)))
+
+
+def is_binary(*xs) -> bool:
+    """True when every value is 0 or 1 (exact-match scores), so McNemar applies.
+
+    >>> is_binary([0, 1, 1], [1.0, 0.0, 1.0]), is_binary([0.3, 1.0])
+    (True, False)
+    """
+    return all(np.isin(np.asarray(x, dtype=float), (0.0, 1.0)).all() for x in xs)
+
+
+def compare_paired(a, b, seed: int = 0) -> dict:
+    """``a`` vs ``b`` per sample (scores of two methods on the same questions): McNemar for 0/1 scores, the
+    sign-flip test otherwise; always a bootstrap CI of the mean difference.
+
+    >>> r = compare_paired([1] * 9 + [0], [0] * 9 + [0])
+    >>> r["test"], round(r["mean"], 2)
+    ('McNemar (exact)', 0.9)
+    """
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    out = paired_test(a - b, seed)
+    if is_binary(a, b):
+        m = mcnemar(a, b)
+        out.update(p=m["p"], b10=m["b10"], b01=m["b01"], test="McNemar (exact)")
+        n = max(1, len(a))
+        out["needed"] = mcnemar_n(m["b10"] / n, m["b01"] / n)
+    else:
+        out.update(test="sign-flip")
+        out["needed"] = n_for_mean(out["sd"], out["mean"])
+    return out
+
+
+# --- power ------------------------------------------------------------------------------------------------------
+
+def min_n_sign_test(alpha: float = ALPHA, two_sided: bool = True) -> int:
+    """The fewest samples at which a sign-flip (or McNemar) test can reach ``alpha`` at all.
+
+    >>> min_n_sign_test(), min_n_sign_test(two_sided=False)
+    (6, 5)
+    """
+    n = 1
+    while (2 if two_sided else 1) * 0.5 ** n >= alpha:
+        n += 1
+    return n
+
+
+def n_for_mean(sd: float, delta: float, alpha: float = ALPHA, power: float = POWER, two_sided: bool = True) -> float:
+    """Samples for a paired test of a mean difference ``delta`` with per-sample SD ``sd`` (normal approximation).
+
+    >>> round(n_for_mean(1.0, 0.5))
+    32
+    """
+    if delta is None or not np.isfinite(delta) or delta == 0:
+        return float("inf")
+    floor = min_n_sign_test(alpha, two_sided)
+    if sd is None or not np.isfinite(sd) or sd == 0:
+        return float(floor)
+    za = z(1 - alpha / 2) if two_sided else z(1 - alpha)
+    return float(max(floor, math.ceil(((za + z(power)) * sd / abs(delta)) ** 2)))
+
+
+def mcnemar_n(p10: float, p01: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Samples for McNemar's test to detect discordant rates ``p10`` vs ``p01`` (Connor 1987).
+
+    >>> mcnemar_n(0.06, 0.02) > 100
+    True
+    """
+    delta, pd_ = abs(p10 - p01), p10 + p01
+    if delta == 0:
+        return float("inf")
+    za, zb = z(1 - alpha / 2), z(power)
+    n = ((za * math.sqrt(pd_) + zb * math.sqrt(max(pd_ - delta ** 2, 0.0))) / delta) ** 2
+    # a McNemar test needs a handful of discordant pairs before any p can fall below alpha
+    return float(max(math.ceil(n), math.ceil(min_n_sign_test(alpha) / pd_)))
+
+
+# --- the shuffled-layer null --------------------------------------------------------------------------------------
+
+def layer_permutation_p(curve: Sequence[float], statistic: Callable[[np.ndarray], float], *, fixed: Sequence[int] = (),
+                        seed: int = 0, n_perms: int = N_PERMS) -> float:
+    """One-sided p that ``statistic(curve)`` is as large as on the same values with the layers shuffled.
+
+    ``fixed``: layer positions that stay put (e.g. the final layer, which is the reference of an early-exit curve).
+    This is the chance level of a claim about *where in depth* something happens: a curve whose layers were put in
+    random order has the same values, so only their placement can make the statistic large.
+
+    >>> layer_permutation_p([1, 1, 0, 0, 0, 0, 0, 0], lambda c: c[:4].mean() - c[4:].mean()) < 0.05
+    False
+    """
+    c = np.asarray(curve, dtype=float)
+    obs = statistic(c)
+    free = [i for i in range(len(c)) if i not in set(fixed)]
+    rng = _rng(seed)
+    hits = 0
+    tol = 1e-12 * max(1.0, abs(obs))
+    for _ in range(n_perms):
+        perm = c.copy()
+        perm[free] = c[rng.permutation(free)]
+        hits += statistic(perm) >= obs - tol
+    return float((hits + 1) / (n_perms + 1))
+
+
+__all__ = ["ALPHA", "POWER", "SPLIT_SALT", "z", "split_of", "split_ids", "describe_split", "bootstrap_ci",
+           "sign_flip_p", "paired_test", "below_margin_p", "mcnemar", "is_binary", "compare_paired",
+           "min_n_sign_test", "n_for_mean", "mcnemar_n", "layer_permutation_p"]
