@@ -810,8 +810,8 @@ class Table:
             return self.none
         if isinstance(v, (list, tuple)):
             return ", ".join(self.cell(x) for x in v)
-        if isinstance(v, (float, np.floating)):
-            return f"{float(v):.{self.digits}f}"
+        if isinstance(v, (float, np.floating)):  # 56.34, not 56.340; 0.875; 1
+            return f"{float(v):.{self.digits}f}".rstrip("0").rstrip(".")
         try:
             if pd.isna(v):
                 return self.none
@@ -869,4 +869,5 @@ def masking_runs(runs_dir, *, threshold: float = 0.05, mode: str = "zero") -> pd
                      "plateau_from": found["plateau_start"], "review_layer": found["review_layer"],
                      "plain_accuracy": float(s["plain_accuracy"].mean())})
     cols = ["model", "data", "questions", "layers", "fusion_layers", "plateau_from", "review_layer", "plain_accuracy"]
-    return pd.DataFrame(rows, columns=cols)
+    # chapters that mask in one mode or in two record two runs of the same model and data: one row each
+    return pd.DataFrame(rows, columns=cols).drop_duplicates(["model", "data", "questions"]).reset_index(drop=True)

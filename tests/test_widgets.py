@@ -216,6 +216,7 @@ def test_masking_runs_lists_every_recorded_run(lm, ds, tmp_path):
     from fusion_utils.interactive import masking_runs
 
     masking(lm, ds, out=str(tmp_path), progress=False)
+    masking(lm, ds, modes=("zero", "knockout"), out=str(tmp_path), progress=False)  # same model and data: one row
     masking(lm, ds[:1], out=str(tmp_path), progress=False)  # another build's data: its own run
     (tmp_path / "masking" / "half-written").mkdir()
     (tmp_path / "masking" / "half-written" / "config.json").write_text("{")
