@@ -58,39 +58,19 @@ def record_inputs(lm, layers: Sequence[int] | None = None):
 
 
 @contextmanager
-def record_outputs(lm, layers: Sequence[int], position: int = -1):
-    """``{layer: hidden state at ``position`` of that layer's output}``, refreshed at every forward call inside the
-    block (so a logits processor sees the current generation step's values)."""
-    out: dict[int, torch.Tensor] = {}
-
-    def hook(j):
-        def h(module, args, output):
-            hs = output[0] if isinstance(output, tuple) else output
-            out[j] = hs[:, position]
-        return h
-
-    handles = [lm.layers[j].register_forward_hook(hook(j)) for j in sorted(set(layers))]
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def record_stream(lm, indices: Sequence[int], position: int = -1):
-    """``{index: residual stream at ``position``}`` by hidden-state index, as transformers' ``hidden_states``
+def record_stream(lm, indices: Sequence[int], position: int = -1, *, offset: int = 0):
+    """``{index - offset: residual stream at ``position``}`` by hidden-state index, as transformers' ``hidden_states``
     counts them: 0 is the embedding output (the input of layer 0), j >= 1 the output of decoder layer j-1. Refreshed
-    at every forward call inside the block."""
+    at every forward call inside the block (so a logits processor sees the current generation step's values)."""
     out: dict[int, torch.Tensor] = {}
 
     def after(j):
         def h(module, args, output):
-            out[j] = (output[0] if isinstance(output, tuple) else output)[:, position]
+            out[j - offset] = (output[0] if isinstance(output, tuple) else output)[:, position]
         return h
 
     def before(module, args, kwargs):
-        out[0] = (args[0] if args else kwargs["hidden_states"])[:, position]
+        out[-offset] = (args[0] if args else kwargs["hidden_states"])[:, position]
 
     indices = sorted(set(indices))
     handles = [lm.layers[j - 1].register_forward_hook(after(j)) for j in indices if j > 0]
@@ -101,6 +81,11 @@ def record_stream(lm, indices: Sequence[int], position: int = -1):
     finally:
         for h in handles:
             h.remove()
+
+
+def record_outputs(lm, layers: Sequence[int], position: int = -1):
+    """``{layer: hidden state at ``position`` of that decoder layer's output}`` (`record_stream` keyed by layer)."""
+    return record_stream(lm, [j + 1 for j in layers], position, offset=1)
 
 
 @contextmanager

@@ -80,6 +80,7 @@ def attention_batch(lm, samples, ctx: Context, *, k: int = 5, persist: float = 0
                            irr_top_share=float((~relevant[top[j]]).mean()))
             if j == L - 1:  # per-sample facts, stored once on the last layer's row
                 row.update(persistent=persistent.tolist(), n_tokens=n,
+                           relevant_area=None if relevant is None else float(relevant.mean()),
                            persistent_irrelevant=None if relevant is None else
                            int((~relevant[persistent]).sum()) if len(persistent) else 0)
             rows.append(row)

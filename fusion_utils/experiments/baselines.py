@@ -29,6 +29,7 @@ per-row accuracy beside it as ``row_accuracy``.
 """
 from __future__ import annotations
 
+import time
 import zlib
 from typing import Sequence
 
@@ -310,8 +311,9 @@ def baselines_batch(lm, samples, ctx: Context, *, methods: Sequence[str] = METHO
                     dola_repetition_penalty: float = 1.0) -> list[dict]:
     """Per sample and baseline: the answer and its score."""
     decoding, n, pp = ctx.decoding or Decoding(), len(samples), ctx.post_prompt
-    preds = {}
+    preds, seconds = {}, {}
     for m in methods:
+        clock = time.perf_counter()
         if m == "plain":
             preds[m] = plain(lm, samples, post_prompt=pp, decoding=decoding, batch_size=n)
         elif m == "vicrop":
@@ -324,8 +326,9 @@ def baselines_batch(lm, samples, ctx: Context, *, methods: Sequence[str] = METHO
             preds[m] = dola(lm, samples, layers=dola_candidates, alpha=dola_alpha,
                             repetition_penalty=dola_repetition_penalty, post_prompt=pp, decoding=decoding,
                             batch_size=n)
-    return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i], "score": ctx.score(preds[m][i], s)}
-            for m in methods for i, s in enumerate(samples)]
+        seconds[m] = (time.perf_counter() - clock) / n
+    return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i], "score": ctx.score(preds[m][i], s),
+             "seconds": seconds[m]} for m in methods for i, s in enumerate(samples)]
 
 
 def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None = None, batch_size: int = 8,

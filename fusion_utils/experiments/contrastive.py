@@ -25,6 +25,7 @@ architectures).
 from __future__ import annotations
 
 import copy
+import time
 from typing import Sequence
 
 import numpy as np
@@ -258,10 +259,14 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
     answer with contrastive attention and without. ``candidates``: ``{name: candidate layers}``."""
     decoding = ctx.decoding or Decoding()
     batch = lm.prepare(samples, post_prompt=ctx.post_prompt)
+    clock = time.perf_counter()
     plain = generate(lm, batch, (), decoding)
+    plain_seconds = (time.perf_counter() - clock) / len(samples)
     soft = "soft" in variants
+    clock = time.perf_counter()
     p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
                             keep_cache=soft and method == "reuse")
+    first_seconds = (time.perf_counter() - clock) / len(samples)  # shared by every setting of this batch
     records = []
     for cname, cands in candidates.items():
         cons = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
@@ -275,23 +280,30 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
                 masks = [soft_mask_tokens(c["I_A"], rho) for c in cons]
                 n_masked = [int(m.sum()) for m in masks]
                 for lam in lams:
+                    clock = time.perf_counter()
                     preds, logits = soft_generate(lm, batch, apply_layer, lam, masks, decoding, method=method,
                                                   first_pass=p1, soft_mask=soft_mask, return_logits=True)
+                    seconds = first_seconds + (time.perf_counter() - clock) / len(samples)
                     dlogit = (logits - p1.logits).abs().amax(-1).tolist()
                     settings.append(("soft", float(rho), float(lam), preds,
-                                     [{"dlogit": d, "n_masked": k} for d, k in zip(dlogit, n_masked)]))
+                                     [{"dlogit": d, "n_masked": k, "seconds": seconds}
+                                      for d, k in zip(dlogit, n_masked)]))
         if "crop" in variants:
+            clock = time.perf_counter()
             boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                      for b, (c, s) in enumerate(zip(cons, samples))]
             cb = lm.prepare(samples, post_prompt=ctx.post_prompt,
                             images=crop_images([s.image for s in samples], boxes))
-            settings.append(("crop", None, None, generate(lm, cb, (), decoding), [{}] * len(samples)))
+            preds = generate(lm, cb, (), decoding)
+            seconds = first_seconds + (time.perf_counter() - clock) / len(samples)
+            settings.append(("crop", None, None, preds, [{"seconds": seconds}] * len(samples)))
         for variant, rho, lam, preds, acted in settings:
             for b, s in enumerate(samples):
                 records.append({"id": s.id, "family": s.family, "variant": variant, "candidates": cname,
                                 "rho": rho, "lam": lam, "pre_layer": cons[b]["pre"], "pred": preds[b],
                                 "score": ctx.score(preds[b], s), "plain_pred": plain[b],
-                                "plain_score": ctx.score(plain[b], s), **acted[b], **extra[b]})
+                                "plain_score": ctx.score(plain[b], s), "plain_seconds": plain_seconds, **acted[b],
+                                **extra[b]})
     return records
 
 

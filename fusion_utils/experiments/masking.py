@@ -44,7 +44,7 @@ def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str] = ("zero",)
         for i, s in enumerate(samples):
             plain_score = ctx.score(plain[i], s)
             for v, j in enumerate(layers):
-                rows.append(dict(id=s.id, family=s.family, mode=mode, layer=j, pred=preds[v][i],
+                rows.append(dict(id=s.id, family=s.family, mode=mode, onward=onward, layer=j, pred=preds[v][i],
                                  score=ctx.score(preds[v][i], s), p_answer=float(p_mask[v, i]),
                                  plain_pred=plain[i], plain_score=plain_score, plain_p=float(p_plain[i])))
     return rows
