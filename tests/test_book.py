@@ -364,7 +364,8 @@ def drive_page(site: Site, page: str, tmp: Path) -> int:
         n = b.js(f"{FIGURES}.length")
         assert n, f"{page}: no interactive figure"
         b.wait_for(f"Array.from({FIGURES}).every(f => f.hasAttribute('data-state') && "
-                   "f.querySelector('.fu-plot').data)", f"{page}'s figures to draw")
+                   "f.querySelector('.fu-plot').data && f.querySelector('.fu-plot svg.main-svg'))",
+                   f"{page}'s figures to draw")
         moved = 0
         for i in range(n):
             fig = f"{FIGURES}[{i}]"
