@@ -196,11 +196,12 @@ def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int,
         if k == "past_key_values":
             continue
         if k == "attention_mask":
-            if val is None:
+            if val is None:  # no padding (e.g. one sample): the causal rows of queries [lo, hi), already sliced
                 q = torch.arange(lo, hi, device=device)
-                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi - lo,
-                                                                                                     keys_to)
-            elif not torch.is_tensor(val) or val.ndim != 4:
+                kw[k] = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(
+                    B, 1, hi - lo, keys_to)
+                continue
+            if not torch.is_tensor(val) or val.ndim != 4:
                 raise Ambiguous
             kw[k] = val[:, :, lo:hi, :keys_to]
         elif k == "position_embeddings":
