@@ -164,3 +164,20 @@ def test_a_genuine_error_still_stops_the_build_with_one_sentence(tiny_models, tm
     msg = str(err.value)
     assert "\n" not in msg and "notebooks/fusion.ipynb" in msg
     assert not (out / "book" / "_build" / "html").exists()
+
+
+@pytest.mark.parametrize("arch", ["llava", "instructblip", "qwen2_5_vl"])
+def test_masking_sweep_on_one_question_equals_the_naive_one(tiny_models, arch):
+    """The fusion chapter's explorer sweeps one question at a time: a batch without padding, where the fast one-layer
+    zero sweep must build its causal mask itself (it used to slice it twice and fail on every model)."""
+    import torch
+
+    from fusion_utils.data import load_dataset
+    from fusion_utils.engine import masking_sweep
+    from fusion_utils.models import load_model
+
+    lm = load_model(tiny_models[arch])
+    batch = lm.prepare(list(load_dataset("world", n=1, seed=0)))
+    fast, naive = masking_sweep(lm, batch), masking_sweep(lm, batch, method="naive")
+    assert fast["logits"].shape == (lm.num_layers, 1, naive["logits"].shape[-1])
+    torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-5)
