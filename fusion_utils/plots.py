@@ -13,7 +13,11 @@ Conventions shared by all figures:
   of different depth, and the paper's reported layers, can share one axis;
 - reported numbers are passed in, never looked up (``reported={"fusion_layers": [...], "review_layer": 29,
   "n_layers": 32, "label": "LLaVA-1.5 (paper)"}``) and drawn hollow;
-- empty or all-NaN inputs raise ``ValueError`` saying what is missing.
+- nothing to draw (no table, an empty table, an all-NaN measurement, no relevance, no persistent token) is not an
+  error: the function returns an *empty panel*, a figure whose text says why (`empty_panel`; `empty_reason(fig)`
+  reads it back), so a chapter keeps going on a model or dataset where an analysis finds nothing or does not apply.
+  Bad arguments (an unknown metric or mode, a missing column, a wrong type or shape) still raise ``ValueError`` /
+  ``TypeError`` saying what to fix.
 
 The styling is applied inside each function (``figure_style()``), so importing this module changes no global state;
 call `use_style()` once in a notebook to give other figures the same look.
@@ -51,7 +55,7 @@ _FAMILY_COLORS = [  # (substring of the normalised label, colour index); first m
 __all__ = [
     "BOOK_WIDTH", "use_style", "model_color", "masking_curves", "review_evidence", "attention_heatmaps",
     "relevance_curves", "noise_tokens", "noise_frequency", "contrastive_panels", "accuracy_bars",
-    "ablation_lines", "draw_heatmap",
+    "ablation_lines", "draw_heatmap", "empty_panel", "empty_reason",
 ]
 
 
@@ -91,22 +95,54 @@ def _as_dict(obj, default_label: str = "model") -> dict:
     raise TypeError(f"Expected a DataFrame or a dict label -> DataFrame, got {type(obj).__name__}.")
 
 
-def _require(df, columns: Sequence[str], what: str) -> pd.DataFrame:
-    """Check ``df`` is a non-empty table with ``columns`` holding at least one number; say what is missing."""
+def _nothing_in(df, columns: Sequence[str], what: str) -> str | None:
+    """Why ``df`` has nothing to draw (no table, no rows, a column of ``columns`` all NaN), or None when it has.
+    A table of the wrong type or without one of ``columns`` is a bad argument, not an empty result: that raises."""
     if df is None:
-        raise ValueError(f"{what}: no table given.")
+        return f"{what}: no table given"
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}.")
     if df.empty:
-        raise ValueError(f"{what}: the table is empty (did the experiment run on any sample?).")
+        return f"{what}: the table is empty (no sample was run)"
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{what}: missing column(s) {', '.join(map(repr, missing))}; "
                          f"it has {', '.join(map(repr, df.columns))}.")
     for c in columns:
         if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().sum() == 0:
-            raise ValueError(f"{what}: column {c!r} is all NaN.")
-    return df
+            return f"{what}: column {c!r} is all NaN"
+    return None
+
+
+EMPTY_GID = "empty"
+
+
+def _say_empty(ax, reason: str, *, y: float = 0.5, fontsize: float = 10, width: int = 80) -> None:
+    """Write ``reason`` across ``ax`` (gid ``"empty"``, which `empty_reason` reads back), wrapped at ``width``."""
+    import textwrap
+
+    ax.text(0.5, y, textwrap.fill(str(reason), width), ha="center", va="center", transform=ax.transAxes,
+            fontsize=fontsize, color="dimgray", gid=EMPTY_GID)
+
+
+def empty_panel(reason: str, *, ax=None, title: str | None = None, figsize=(BOOK_WIDTH, 1.6)):
+    """A figure with no data and ``reason`` written across it: what a plot function returns when its input holds
+    nothing to draw (an analysis that found nothing, or does not apply to this model or dataset)."""
+    with figure_style():
+        fig, ax = _new_axes(ax, figsize)
+        ax.set_axis_off()
+        _say_empty(ax, reason)
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+    return fig
+
+
+def empty_reason(fig) -> str | None:
+    """The text of an empty panel in ``fig`` (joined when several panels are empty), or None if every panel has
+    data."""
+    texts = [t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.texts if t.get_gid() == EMPTY_GID]
+    return "; ".join(texts) if texts else None
 
 
 def integer_layers(ax, axis: str = "x") -> None:
@@ -172,22 +208,31 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
     if metric not in _METRIC_LABEL:
         raise ValueError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}.")
     data = _as_dict(summaries)
+    title = title or f"Masking the image at one layer ({mode})"
     if not data:
-        raise ValueError("masking_curves: no masking summaries given.")
+        return empty_panel("no masking summaries given", ax=ax, title=title)
     layers_found = dict(layers_found or {})
+    drawable, skipped = {}, []
+    for label, s in data.items():
+        why = _nothing_in(s, ["layer", metric], f"masking summary of {label}")
+        if why is None and "mode" in s.columns:
+            if mode not in set(s["mode"]):
+                raise ValueError(f"masking summary of {label} has no mode {mode!r}; it has "
+                                 f"{', '.join(map(repr, sorted(set(s['mode']))))}.")
+            s = s[s["mode"] == mode]
+            if s[metric].notna().sum() == 0:
+                why = f"masking summary of {label}: {metric!r} is all NaN for mode {mode!r}"
+        if why is None:
+            drawable[label] = s
+        else:
+            skipped.append(why)
+    if not drawable:
+        return empty_panel("; ".join(skipped), ax=ax, title=title)
     with figure_style():
         fig, ax = _new_axes(ax, figsize)
         handles = []
-        for label, s in data.items():
-            _require(s, ["layer", metric], f"masking summary of {label}")
-            if "mode" in s.columns:
-                if mode not in set(s["mode"]):
-                    raise ValueError(f"masking summary of {label} has no mode {mode!r}; it has "
-                                     f"{', '.join(map(repr, sorted(set(s['mode']))))}.")
-                s = s[s["mode"] == mode]
+        for label, s in drawable.items():
             s = s.sort_values("layer")
-            if s[metric].notna().sum() == 0:
-                raise ValueError(f"masking summary of {label}: {metric!r} is all NaN for mode {mode!r}.")
             n_layers = int(s["layer"].max()) + 1
             x = s["layer"].to_numpy(float) / (n_layers if relative else 1)
             y = s[metric].to_numpy(float)
@@ -243,7 +288,9 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
             ax.set_xlabel("masked layer")
             integer_layers(ax)
         ax.set_ylabel(_METRIC_LABEL[metric])
-        ax.set_title(title or f"Masking the image at one layer ({mode})")
+        ax.set_title(title)
+        if skipped:  # the other models still drawn; say which are missing and why
+            _say_empty(ax, "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7)
         ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
         fig.tight_layout()
     return fig
@@ -261,8 +308,8 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
     panels = [(n, s) for n, s in (("masking", masking_summary), ("hellinger", hellinger_summary),
                                   ("early_exit", early_exit_summary)) if s is not None]
     if not panels:
-        raise ValueError("review_evidence: give at least one of masking_summary, hellinger_summary, "
-                         "early_exit_summary.")
+        return empty_panel(f"{label}: no masking, Hellinger or early-exit summary given",
+                           title=f"{label}: evidence for a review layer")
     found = _layer_found(found, mode)
     review = found.get("review_layer")
     color = model_color(label)
@@ -270,12 +317,21 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
         fig, axes = plt.subplots(1, len(panels), figsize=figsize or (BOOK_WIDTH, 3.0), squeeze=False)
         for ax, (name, s) in zip(axes[0], panels):
             s = s.summary if hasattr(s, "summary") and not isinstance(s, pd.DataFrame) else s
+            why = _nothing_in(s, {"masking": ["layer", "drop"], "hellinger": ["layer", "hellinger"],
+                                  "early_exit": ["layer", "accuracy"]}[name],
+                              {"masking": "masking summary", "hellinger": "hellinger summary",
+                               "early_exit": "early-exit summary"}[name])
+            if why is None and name == "masking" and "mode" in s.columns:
+                if mode not in set(s["mode"]):
+                    raise ValueError(f"masking summary has no mode {mode!r}.")
+                s = s[s["mode"] == mode]
+            if why is not None:  # this line of evidence is missing; the other panels still show theirs
+                ax.set_axis_off()
+                _say_empty(ax, why, fontsize=8, width=28)
+                ax.set_title({"masking": f"masking ({mode})", "hellinger": "attention vs final layer",
+                              "early_exit": "early exit"}[name])
+                continue
             if name == "masking":
-                _require(s, ["layer", "drop"], "masking summary")
-                if "mode" in s.columns:
-                    if mode not in set(s["mode"]):
-                        raise ValueError(f"masking summary has no mode {mode!r}.")
-                    s = s[s["mode"] == mode]
                 s = s.sort_values("layer")
                 ax.plot(s["layer"], s["drop"], "-o", color=color, ms=3)
                 ax.axhline(0, color="black", lw=0.8, alpha=0.6)
@@ -288,7 +344,6 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
                 ax.set_ylabel("accuracy drop")
                 ax.set_title(f"masking ({mode})")
             elif name == "hellinger":
-                _require(s, ["layer", "hellinger"], "hellinger summary")
                 s = s.sort_values("layer")
                 ax.plot(s["layer"], s["hellinger"], "-o", color=color, ms=3)
                 if "hellinger_sd" in s.columns and s["hellinger_sd"].notna().any():
@@ -297,7 +352,6 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
                 ax.set_ylabel("Hellinger distance")
                 ax.set_title("attention vs final layer")
             else:
-                _require(s, ["layer", "accuracy"], "early-exit summary")
                 s = s.sort_values("layer")
                 ax.plot(s["layer"], s["accuracy"], "-o", color=color, ms=3, label="accuracy")
                 if "agreement" in s.columns and s["agreement"].notna().any():
@@ -356,8 +410,12 @@ def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, c
     v = np.asarray(values, dtype=float)
     if v.ndim == 1:
         v = v[None, :]
-    if v.ndim != 2 or v.size == 0:
+    if v.ndim != 2:
         raise ValueError(f"draw_heatmap: expected a 2-D [rows, cols] map, got shape {v.shape}.")
+    if v.size == 0:
+        ax.set_axis_off()
+        _say_empty(ax, "no image tokens", fontsize=8, width=20)
+        return None
     if spatial is None:
         spatial = v.shape[0] > 1
     kw = dict(cmap=cmap, norm=norm) if norm is not None else dict(cmap=cmap, vmin=vmin, vmax=vmax)
@@ -400,14 +458,12 @@ def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = N
     image, outlined. One-row maps (no spatial grid) are drawn as strips. ``extent``: the view's part of the image
     (see `draw_heatmap`).
     """
+    if maps_layers is None or len(maps_layers) == 0:
+        return empty_panel("attention_heatmaps: no attention maps given", title=title)
     if isinstance(maps_layers, Mapping):
         maps = {int(k): np.asarray(v, float) for k, v in maps_layers.items()}
     else:
-        if maps_layers is None or len(maps_layers) == 0:
-            raise ValueError("attention_heatmaps: no attention maps given.")
         maps = {j: np.asarray(m, float) for j, m in enumerate(maps_layers)}
-    if not maps:
-        raise ValueError("attention_heatmaps: no attention maps given.")
     L = max(maps) + 1
     if layers is None:
         keys = sorted(maps)
@@ -419,7 +475,7 @@ def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = N
     if not layers:
         raise ValueError("attention_heatmaps: no layers to show.")
     if all(not np.isfinite(maps[j]).any() for j in layers):
-        raise ValueError("attention_heatmaps: the maps of the requested layers are all NaN.")
+        return empty_panel("attention_heatmaps: the maps of the requested layers are all NaN", title=title)
     first = maps[layers[0]]
     strip = spatial is False or (spatial is None and (first.ndim == 1 or first.shape[0] == 1))
     n = len(layers)
@@ -456,14 +512,21 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
     """
     data = _as_dict(summaries)
     if not data:
-        raise ValueError("relevance_curves: no attention summaries given.")
-    for label, s in data.items():
+        return empty_panel("relevance_curves: no attention summaries given", title=title)
+    skipped = []
+    for label, s in list(data.items()):
         if s is None or s.empty:
-            raise ValueError(f"relevance_curves: the attention summary of {label} is empty.")
-        if "rel_mass" not in s.columns or "irr_mass" not in s.columns or s["rel_mass"].notna().sum() == 0:
-            raise ValueError(f"relevance_curves: the attention summary of {label} has no 'rel_mass'/'irr_mass' "
-                             "values; relevance needs a dataset with ground-truth regions (the procedural world) "
-                             "and a model with a spatial image grid.")
+            skipped.append(f"the attention summary of {label} is empty")
+        elif "rel_mass" not in s.columns or "irr_mass" not in s.columns or s["rel_mass"].notna().sum() == 0:
+            skipped.append(f"{label} has no relevant/irrelevant attention mass")
+        else:
+            continue
+        del data[label]
+    if not data:  # relevance does not apply: say why once, for every model
+        return empty_panel("; ".join(skipped) + ". Relevance needs a dataset with ground-truth regions (the "
+                           "procedural world), a model with a spatial image grid, and tokens at least half covered "
+                           "by a relevant region.", ax=None if axes is None else np.atleast_1d(axes)[0],
+                           title=title, figsize=(figsize[0], 1.8))
     show_ratio = ratio and any("rel_ratio" in s.columns and s["rel_ratio"].notna().any() for s in data.values())
     with figure_style():
         if axes is None:
@@ -488,6 +551,8 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
                     axs[1].plot([marker_layer], [row["rel_ratio"]], "o", color=c, ms=8, gid="marker")
         axs[0].set_ylabel("attention mass")
         axs[0].set_title("relevant vs irrelevant image tokens")
+        if skipped:
+            _say_empty(axs[0], "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7, width=60)
         axs[0].legend(fontsize=7, loc="best")
         if show_ratio:
             axs[1].axhline(1.0, color="grey", ls="--", lw=1)
@@ -516,16 +581,21 @@ def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_token
     covered fraction (≥ 0.5 counts as relevant; NaN = off-grid), e.g. `attention.token_relevance(...)`.
     """
     m = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps, dtype=float)
-    if m.ndim != 2 or m.size == 0:
+    if m.ndim != 2:
         raise ValueError(f"noise_tokens: expected a [layers, tokens] map, got shape {m.shape}.")
+    if m.size == 0:
+        return empty_panel("noise_tokens: the attention map has no image tokens", ax=ax, title=title)
     if relevant is None:
-        raise ValueError("noise_tokens: no token relevance given (needs ground-truth regions and a spatial grid).")
+        return empty_panel("noise_tokens: no token relevance (it needs ground-truth regions and a spatial image "
+                           "grid)", ax=ax, title=title)
     rel_raw = np.asarray(relevant, dtype=float)
     if rel_raw.shape != (m.shape[1],):
         raise ValueError(f"noise_tokens: relevance has shape {rel_raw.shape}, expected ({m.shape[1]},).")
     rel = np.nan_to_num(rel_raw) >= 0.5
     if not rel.any() or rel.all():
-        raise ValueError("noise_tokens: need both relevant and irrelevant tokens.")
+        return empty_panel(f"noise_tokens: {'every' if rel.all() else 'no'} image token is at least half covered by "
+                           "a relevant region, so relevant and irrelevant tokens cannot be told apart",
+                           ax=ax, title=title)
     L, N = m.shape
     kk = min(k, N)
     top = np.argsort(-m, axis=1)[:, :kk]
@@ -560,13 +630,15 @@ def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str |
     """How often each image token is persistent across samples (``attention(...).extra["noise"]``, or a mapping
     token -> count), with the share of persistent tokens that are irrelevant in the title."""
     if not noise:
-        raise ValueError("noise_frequency: no persistent-noise statistics given (run the attention experiment).")
+        return empty_panel("noise_frequency: no persistent-noise statistics given (no sample was run)", ax=ax,
+                           title=title)
     if "most_common_tokens" in noise:
         pairs = list(noise["most_common_tokens"])
     else:
         pairs = [(int(k), int(v)) for k, v in noise.items()]
     if not pairs:
-        raise ValueError("noise_frequency: no token was persistent in any sample.")
+        return empty_panel("no token was persistent (in the top-k at most layers) in any sample", ax=ax,
+                           title=title)
     toks = [str(t) for t, _ in pairs]
     counts = [c for _, c in pairs]
     with figure_style():
@@ -638,13 +710,13 @@ def contrastive_panels(view, *, title: str | None = None, colorbar: bool = True)
     """
     views = [view] if isinstance(view, Mapping) else list(view or [])
     if not views:
-        raise ValueError("contrastive_panels: no view given.")
+        return empty_panel("contrastive_panels: no view given", title=title)
     n = len(views)
     with figure_style():
         fig, axes = plt.subplots(n, 4, figsize=(BOOK_WIDTH, 2.3 * n + 0.4), squeeze=False)
         for row, v in zip(axes, views):
             im = panel_row(row, v)
-            if colorbar:
+            if colorbar and im is not None:
                 fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.03)
         return _finish(fig, title)
 
@@ -656,10 +728,10 @@ def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | N
                   figsize=(BOOK_WIDTH, 3.6)):
     """Accuracy per method (plain vs contrastive variants vs baselines), bars grouped by ``hue`` (model) when the
     table has that column. The bar of method ``plain`` is hatched and each bar is labelled with its value."""
-    _require(table, [x, y], "accuracy table")
+    why = _nothing_in(table, [x, y], "accuracy table")
+    if why is not None:
+        return empty_panel(why, ax=ax, title=title)
     df = table.dropna(subset=[y])
-    if df.empty:
-        raise ValueError(f"accuracy table: column {y!r} is all NaN.")
     if hue is not None and hue not in df.columns:
         hue = None
     order = list(order) if order is not None else list(dict.fromkeys(df[x]))
@@ -695,10 +767,10 @@ def ablation_lines(table, *, x: str = "rho", y: str = "accuracy", hue: str | Non
     """``y`` vs ``x`` (e.g. ρ or λ), one line per value of ``hue``, one panel per value of ``col`` (e.g. candidate
     set). ``baseline``: a number, or a column of the table (e.g. "plain_accuracy"), drawn as a dashed line."""
     need = [x, y] + [c for c in (hue, col) if c is not None]
-    _require(table, need, "ablation table")
+    why = _nothing_in(table, need, "ablation table")
+    if why is not None:
+        return empty_panel(why, title=title)
     df = table.dropna(subset=[y])
-    if df.empty:
-        raise ValueError(f"ablation table: column {y!r} is all NaN.")
     cols = list(dict.fromkeys(df[col])) if col is not None else [None]
     with figure_style():
         fig, axes = plt.subplots(1, len(cols), figsize=figsize or (BOOK_WIDTH, 3.2), squeeze=False, sharey=True)

@@ -459,4 +459,46 @@ def sample_images(n: int = 2, seed: int = 0):
     return images
 
 
-__all__ = ["TINY_ARCHS", "tiny_model_dir", "sample_images"]
+DEFAULT_SAVE_DIR = Path(tempfile.gettempdir()) / "fusion-utils-tiny"
+
+
+def save_tiny_models(dest: str | Path = DEFAULT_SAVE_DIR, archs=TINY_ARCHS, **sizes) -> dict[str, Path]:
+    """Save the tiny model of each of ``archs`` as ``dest/<arch>`` (a `save_pretrained` directory, as a user's own
+    checkpoint would be), and return ``{arch: path}``. A parameters file can then list ``dest/<arch>`` under
+    ``models`` (book/params/tiny-archs.yml does). ``sizes``: `tiny_model_dir`'s num_layers, hidden_size,
+    image_size. Existing complete directories are kept, so rerunning is cheap."""
+    dest = Path(dest).resolve()
+    out = {}
+    for arch in archs:
+        built = tiny_model_dir(arch, root=dest / ".builds", **sizes)
+        link = dest / arch
+        if link.is_symlink() and link.resolve() != built.resolve():
+            link.unlink()  # built with other sizes before: point at this build
+        if not link.exists():
+            # a relative link, so the directory can be moved as a whole
+            link.symlink_to(os.path.relpath(built, dest), target_is_directory=True)
+        out[arch] = link
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m fusion_utils.testing [DEST] [ARCH ...]``: save tiny models for a book build (see `save_tiny_models`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fusion_utils.testing", description=main.__doc__)
+    parser.add_argument("dest", nargs="?", default=str(DEFAULT_SAVE_DIR), help=f"default {DEFAULT_SAVE_DIR}")
+    parser.add_argument("archs", nargs="*", metavar="ARCH", help=f"architectures (default all: {', '.join(TINY_ARCHS)})")
+    args = parser.parse_args(argv)
+    bad = [a for a in args.archs if a not in TINY_ARCHS]
+    if bad:
+        parser.error(f"unknown architecture(s) {', '.join(bad)}; choose from {', '.join(TINY_ARCHS)}.")
+    for arch, path in save_tiny_models(args.dest, args.archs or TINY_ARCHS).items():
+        print(f"{arch:12s} {path}")
+    return 0
+
+
+__all__ = ["TINY_ARCHS", "tiny_model_dir", "sample_images", "save_tiny_models", "DEFAULT_SAVE_DIR"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

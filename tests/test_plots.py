@@ -88,19 +88,33 @@ def test_masking_curves_accepts_single_found_dict_and_absolute_reported():
     assert sorted(lines_with_gid(fig, "reported")[0].get_xdata()) == REPORTED["fusion_layers"]
 
 
+def assert_empty(fig, *words):
+    """``fig`` is an empty panel (no data drawn) whose text contains every one of ``words``."""
+    reason = plots.empty_reason(fig)
+    assert reason is not None, "expected an empty panel saying why, got a figure with data"
+    assert not any(ax.lines or ax.images or ax.patches for ax in fig.axes)
+    for w in words:
+        assert w in reason, (w, reason)
+
+
+def test_masking_curves_empty_input_gives_an_annotated_panel():
+    assert_empty(plots.masking_curves({}), "no masking summaries")
+    assert_empty(plots.masking_curves({"m": pd.DataFrame()}), "m", "empty")
+    s = masking_summary()
+    s["accuracy"] = np.nan
+    assert_empty(plots.masking_curves({"m": s}), "all NaN")
+    # one model with nothing, one with a curve: the curve is drawn and the other is named in a note
+    fig = plots.masking_curves({"empty one": pd.DataFrame(), "m": masking_summary()}, FOUND)
+    assert len(lines_with_gid(fig, "curve:m")) == 1 and "empty one" in plots.empty_reason(fig)
+
+
 def test_masking_curves_errors():
-    with pytest.raises(ValueError, match="no masking summaries"):
-        plots.masking_curves({})
-    with pytest.raises(ValueError, match="empty"):
-        plots.masking_curves({"m": pd.DataFrame()})
     with pytest.raises(ValueError, match="no mode 'knockout'"):
         plots.masking_curves({"m": masking_summary(modes=("zero",))}, mode="knockout")
     with pytest.raises(ValueError, match="metric"):
         plots.masking_curves({"m": masking_summary()}, metric="f1")
-    s = masking_summary()
-    s["accuracy"] = np.nan
-    with pytest.raises(ValueError, match="all NaN"):
-        plots.masking_curves({"m": s})
+    with pytest.raises(ValueError, match="'accuracy'"):
+        plots.masking_curves({"m": masking_summary().drop(columns="accuracy")})
     with pytest.raises(ValueError, match="n_layers"):
         plots.masking_curves({"m": masking_summary()}, reported={"fusion_layers": [1]}, relative=True)
 
@@ -127,10 +141,10 @@ def test_review_evidence_partial_and_errors():
     h, e = layer_tables()
     fig = plots.review_evidence(None, h, e, {"zero": dict(FOUND["zero"], review_layer=None)})
     assert len(fig.axes) == 2 and not lines_with_gid(fig, "review")
-    with pytest.raises(ValueError, match="at least one"):
-        plots.review_evidence(None, None, None)
-    with pytest.raises(ValueError, match="hellinger summary.*empty"):
-        plots.review_evidence(masking_summary(), pd.DataFrame(), e)
+    assert_empty(plots.review_evidence(None, None, None, label="m"), "no masking, Hellinger or early-exit")
+    fig = plots.review_evidence(masking_summary(), pd.DataFrame(), e)  # the empty panel says so, the others draw
+    assert len(fig.axes) == 3 and "hellinger summary" in plots.empty_reason(fig)
+    assert fig.axes[0].lines and not fig.axes[1].lines and fig.axes[2].lines
     with pytest.raises(ValueError, match="'hellinger'"):
         plots.review_evidence(None, h.drop(columns="hellinger"), None)
 
@@ -161,13 +175,11 @@ def test_attention_heatmaps_defaults_list_dict_and_strip():
     assert len(fig.axes) == 2 and all("no spatial grid" in ax.get_title() for ax in fig.axes)
 
 
-def test_attention_heatmaps_errors():
-    with pytest.raises(ValueError, match="no attention maps"):
-        plots.attention_heatmaps([])
+def test_attention_heatmaps_errors_and_empty():
+    assert_empty(plots.attention_heatmaps([]), "no attention maps")
+    assert_empty(plots.attention_heatmaps(np.full((2, 3, 3), np.nan)), "all NaN")
     with pytest.raises(ValueError, match="no map for layer"):
         plots.attention_heatmaps({0: np.ones((2, 2))}, layers=[5])
-    with pytest.raises(ValueError, match="all NaN"):
-        plots.attention_heatmaps(np.full((2, 3, 3), np.nan))
 
 
 # --- relevance and noise -----------------------------------------------------------------------------------------------
@@ -187,13 +199,14 @@ def test_relevance_curves():
     assert len(fig.axes) == 1 and len(lines_with_gid(fig, "marker")) == 2
 
 
-def test_relevance_curves_errors():
-    with pytest.raises(ValueError, match="ground-truth regions"):
-        plots.relevance_curves(attention_summary().drop(columns=["rel_mass", "irr_mass"]))
-    with pytest.raises(ValueError, match="empty"):
-        plots.relevance_curves({"m": pd.DataFrame()})
-    with pytest.raises(ValueError, match="no attention summaries"):
-        plots.relevance_curves({})
+def test_relevance_curves_without_relevance_give_an_annotated_panel():
+    no_rel = attention_summary().drop(columns=["rel_mass", "irr_mass", "rel_ratio"])
+    assert_empty(plots.relevance_curves({"InstructBLIP": no_rel}), "InstructBLIP", "ground-truth regions",
+                 "spatial image grid")
+    assert_empty(plots.relevance_curves({"m": pd.DataFrame()}), "empty")
+    assert_empty(plots.relevance_curves({}), "no attention summaries")
+    fig = plots.relevance_curves({"LLaVA-1.5": attention_summary(), "InstructBLIP": no_rel})
+    assert len(fig.axes[0].lines) == 2 and "InstructBLIP" in plots.empty_reason(fig)
 
 
 def test_noise_tokens_and_frequency():
@@ -209,13 +222,14 @@ def test_noise_tokens_and_frequency():
     assert len(lines_with_gid(fig, "persistent_relevant")) == 1
     with pytest.raises(ValueError, match="shape"):
         plots.noise_tokens(m, rel[:10])
-    with pytest.raises(ValueError, match="both relevant and irrelevant"):
-        plots.noise_tokens(m, np.zeros(36, bool))
+    assert_empty(plots.noise_tokens(m, np.zeros(36, bool)), "no image token", "relevant")
+    assert_empty(plots.noise_tokens(m, None), "no token relevance")
     fig = plots.noise_frequency({"most_common_tokens": [(5, 9), (0, 4), (7, 1)],
                                  "irrelevant_share_of_persistent": 0.8})
     assert len(fig.axes[0].patches) == 3 and "80%" in fig.axes[0].get_title()
-    with pytest.raises(ValueError, match="persistent"):
-        plots.noise_frequency({})
+    assert_empty(plots.noise_frequency({}), "no persistent-noise statistics")
+    assert_empty(plots.noise_frequency({"samples": 3, "mean_persistent_tokens": 0.0, "most_common_tokens": []}),
+                 "no token was persistent")
 
 
 # --- contrastive -------------------------------------------------------------------------------------------------------
@@ -254,8 +268,7 @@ def test_contrastive_panels():
     assert "no spatial grid" in plots.contrastive_panels(strip).axes[1].get_title()
     with pytest.raises(ValueError, match="'I_A'"):
         plots.contrastive_panels(dict(A_pre=a, A_post=b))
-    with pytest.raises(ValueError, match="no view"):
-        plots.contrastive_panels([])
+    assert_empty(plots.contrastive_panels([]), "no view")
 
 
 # --- accuracy tables ---------------------------------------------------------------------------------------------------
@@ -270,8 +283,8 @@ def test_accuracy_bars():
     assert [tk.get_text() for tk in ax.get_xticklabels()][0] == "plain"  # plain first
     assert sum(bool(p.get_hatch()) for p in bars) == 2  # plain hatched, per model
     assert len(plots.accuracy_bars(t[t.model == "LLaVA-1.5"].drop(columns="model")).axes[0].patches) == 3
-    with pytest.raises(ValueError, match="empty"):
-        plots.accuracy_bars(t.iloc[0:0])
+    assert_empty(plots.accuracy_bars(t.iloc[0:0]), "empty")
+    assert_empty(plots.accuracy_bars(t.assign(accuracy=np.nan)), "all NaN")
     with pytest.raises(ValueError, match="'accuracy'"):
         plots.accuracy_bars(t.drop(columns="accuracy"))
 
@@ -287,6 +300,7 @@ def test_ablation_lines():
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 4
     with pytest.raises(ValueError, match="'lam'"):
         plots.ablation_lines(t.drop(columns="lam"))
+    assert_empty(plots.ablation_lines(t.iloc[0:0]), "ablation table", "empty")
 
 
 def test_model_colors_stable():

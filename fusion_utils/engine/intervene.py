@@ -107,30 +107,42 @@ class Installed:
 
     # attention
     def edit_attention(self, j, query, key, mask, scaling, boolean):
-        """The layer's mask with its edits applied (None: unchanged), and the reads run on the final mask."""
+        """The layer's mask with its edits applied (None: unchanged), and the reads run on the final mask.
+
+        Edits that only block edges stay boolean (cheap, and sdpa keeps its boolean-mask path); additive biases
+        (``log λ``) turn the mask into floats."""
         q_len, k_len = query.shape[2], key.shape[2]
         step = self.step(j, k_len - q_len, q_len, k_len)
-        bias = None
+        B = self.site.batch_size
+        blocked = bias = None
         for e in self.attention.get(j, ()):
             b = e.fn(step)
-            if b is not None:
+            if b is None:
+                continue
+            if b.dtype == torch.bool:
+                blocked = b if blocked is None else blocked | b
+            else:
                 bias = b if bias is None else bias + b
         new = None
-        if bias is not None:
-            base = additive(mask, self.site.batch_size, q_len, k_len, step.offset, query.device)
-            total = base + bias.to(base.device)
-            # never leave a row with nothing to attend (padding rows): such rows keep their mask
-            dead = torch.isneginf(total).all(dim=-1, keepdim=True)
-            total = torch.where(dead, base, total)
-            if boolean and not (torch.isfinite(bias) & (bias != 0)).any():
-                new = ~torch.isneginf(total)  # only blocked edges: sdpa keeps its boolean-mask path
+        if blocked is not None or bias is not None:
+            allowed = allowed_bool(mask, B, q_len, k_len, step.offset, query.device)
+            if blocked is not None:
+                cut = allowed & ~blocked.to(allowed.device)
+                # never leave a row with nothing to attend (padding rows): such rows keep their mask
+                allowed = torch.where(cut.any(dim=-1, keepdim=True), cut, allowed)
+            dtype = query.dtype if boolean or mask is None else mask.dtype
+            if bias is None:
+                new = allowed if boolean else torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                    ~allowed, torch.finfo(dtype).min)
             else:
-                dtype = query.dtype if boolean or mask is None else mask.dtype
+                base = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
+                    ~allowed, float("-inf"))
+                total = base + bias.to(base.device)
+                total = torch.where(torch.isneginf(total).all(dim=-1, keepdim=True), base, total)
                 new = total.clamp_min(torch.finfo(dtype).min).to(dtype)
         for r in self.reads.get(j, ()):
             final = new if new is not None else mask
-            r.fn(AttentionCall(step, query, key, additive(final, self.site.batch_size, q_len, k_len, step.offset,
-                                                          query.device), scaling))
+            r.fn(AttentionCall(step, query, key, additive(final, B, q_len, k_len, step.offset, query.device), scaling))
         return new
 
 
@@ -141,16 +153,23 @@ def cache_offset(kwargs, j, after: int = 0) -> int:
     return cache.get_seq_length(j) - after if cache is not None else 0
 
 
-def additive(mask, B, q_len, k_len, start, device) -> torch.Tensor:
-    """The layer's attention mask as a float32 additive mask [B, 1, q, k] (0 = may attend, -inf = may not),
-    building the causal one if absent."""
+def allowed_bool(mask, B, q_len, k_len, start, device) -> torch.Tensor:
+    """The layer's attention mask as booleans [B, 1, q, k] (True = may attend), building the causal one if absent."""
     if mask is None:
         qpos = torch.arange(start, start + q_len, device=device)
-        allowed = (torch.arange(k_len, device=device)[None, :] <= qpos[:, None])[None, None].expand(B, 1, q_len, k_len)
-    else:
-        mask = mask[..., -q_len:, :k_len]
-        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        allowed = allowed.expand(B, 1, q_len, k_len)
+        return (torch.arange(k_len, device=device)[None, :] <= qpos[:, None])[None, None].expand(B, 1, q_len, k_len)
+    mask = mask[..., -q_len:, :k_len]
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return allowed.expand(B, 1, q_len, k_len)
+
+
+def additive(mask, B, q_len, k_len, start, device) -> torch.Tensor:
+    """The layer's attention mask as a float32 additive mask [B, 1, q, k] (0 = may attend, -inf = may not); a float
+    mask keeps its values (biases included), building the causal one if absent."""
+    if mask is not None and mask.dtype != torch.bool:
+        m = mask[..., -q_len:, :k_len].float().expand(B, 1, q_len, k_len)
+        return m.masked_fill(m <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    allowed = allowed_bool(mask, B, q_len, k_len, start, device)
     return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
@@ -250,4 +269,4 @@ def intervene(lm, batch, *plans):
         cfg._attn_implementation = old_impl
 
 
-__all__ = ["intervene", "Intervention", "Installed", "additive", "cache_offset", "ensure_registered"]
+__all__ = ["intervene", "Intervention", "Installed", "additive", "allowed_bool", "cache_offset", "ensure_registered"]

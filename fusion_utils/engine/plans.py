@@ -7,8 +7,9 @@ edit and nothing else:
   decoder layer by ``fn(hidden, step)``. ``restore`` ([batch, seq] bool) names positions whose *output* of that layer
   stays the unedited one: the edit then changes only what other positions read from them at that layer (a
   one-layer probe).
-- `AttentionEdit(layer, fn)` -- ``fn(step)`` returns an additive bias on that layer's attention logits
-  ([batch, 1, queries, keys], float; ``-inf`` blocks an edge, ``log λ`` scales its weight by λ) or None.
+- `AttentionEdit(layer, fn)` -- ``fn(step)`` returns the edges to block (bool [batch, 1, queries, keys], True =
+  blocked), an additive bias on that layer's attention logits (float, same shape; ``log λ`` scales an edge's weight
+  by λ), or None.
 - `AttentionRead(layer, fn)` -- ``fn(call)`` sees the layer's queries, keys and final mask (capture).
 
 `Site` is what a plan compiles against: the model's depth and the batch's token groups. A user-defined plan needs
@@ -178,7 +179,7 @@ class HiddenEdit:
 @dataclass(frozen=True)
 class AttentionEdit:
     layer: int
-    fn: Callable  # Step -> float bias [batch, 1, q, k] (or broadcastable) or None
+    fn: Callable  # Step -> bool blocked edges or float bias [batch, 1, q, k] (or broadcastable), or None
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,7 @@ def block_edges(src: torch.Tensor, dst: torch.Tensor, dst_generated: bool = True
         block = step.queries(dst, generated=dst_generated)[:, :, None] & step.keys(src)[:, None, :]
         if rows is not None:
             block &= rows[:, None, None]
-        if not block.any():
-            return None
-        return torch.zeros(block.shape, dtype=torch.float32, device=block.device).masked_fill(
-            block, float("-inf"))[:, None]
+        return block[:, None] if block.any() else None
     return edit
 
 
@@ -342,6 +340,8 @@ class ScaleAttention(Plan):
             hit = step.queries(text, generated=True)[:, :, None] & step.keys(chosen)[:, None, :]
             if not hit.any():
                 return None
+            if self.factor == 0:
+                return hit[:, None]  # blocked edges: the knockout of those keys, exactly
             return torch.zeros(hit.shape, dtype=torch.float32, device=hit.device).masked_fill(hit, bias)[:, None]
 
         return [AttentionEdit(j, edit)]

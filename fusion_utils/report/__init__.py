@@ -148,6 +148,16 @@ def _na(claim, model, reason: str, *, rule="", reported="", n=None, chance="", s
                 reported=reported, split=split)
 
 
+def _split(claim, model, ids, *, rule, reported, n=None):
+    """(dev ids, test ids, None), or (None, None, an n/a row) when the samples are too few for a dev/test split."""
+    ids = list(ids)
+    dev_ids, test_ids = stats.split_ids(ids)
+    if len(test_ids) < 2 or not dev_ids:
+        return None, None, _na(claim, model, f"{len(set(map(str, ids)))} samples are too few for a dev/test split",
+                               rule=rule, reported=reported, n=n)
+    return dev_ids, test_ids, None
+
+
 def _decide(effect: float, p: float, n_total: int, needed_total: float, direction: int = 1,
             n_judged: int | None = None) -> str:
     """The verdict from an effect, its p-value and the sample size the test would need.
@@ -392,10 +402,9 @@ def _plateau(model, D: pd.DataFrame, n_layers: int, threshold: float, seed: int)
         return _na("plateau", model, "masking the image changes no answer at any layer (the model does not use the "
                    "image here), so a plateau says nothing", rule=rule, reported=reported, n=len(D))
     ids = list(D.index)
-    dev_ids, test_ids = stats.split_ids(ids)
-    if len(test_ids) < 2 or len(dev_ids) < 1:
-        return _na("plateau", model, f"{len(ids)} samples are too few for a dev/test split", rule=rule,
-                   reported=reported, n=len(ids))
+    dev_ids, test_ids, na = _split("plateau", model, ids, rule=rule, reported=reported, n=len(ids))
+    if na:
+        return na
     dev_curve = D.loc[dev_ids, late].mean(axis=0)
     review = int(dev_curve.idxmax()) if dev_curve.max() > threshold and len(late) > 1 else None
     keep = [j for j in late if j != review]
@@ -469,10 +478,9 @@ def _review(model, family, records, n_layers, threshold, mode, onward, seed) -> 
     if not (D.to_numpy() != 0).any():
         return _na("review", model, "masking the image changes no answer at any layer (the model does not use the "
                    "image here)", rule=rule, reported=reported, n=len(D))
-    dev_ids, test_ids = stats.split_ids(list(D.index))
-    if len(test_ids) < 2 or not dev_ids:
-        return _na("review", model, f"{len(D)} samples are too few for a dev/test split", rule=rule,
-                   reported=reported, n=len(D))
+    dev_ids, test_ids, na = _split("review", model, D.index, rule=rule, reported=reported, n=len(D))
+    if na:
+        return na
     r = int(D.loc[dev_ids, late].mean(axis=0).idxmax())
     others = [j for j in late if j != r]
     T = D.loc[test_ids]
@@ -559,10 +567,9 @@ def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
     if float(np.nanmax(np.abs(H[mid + late].to_numpy() - H[mid + late].to_numpy().mean()))) < 1e-9:
         return _na("hellinger", model, "the Hellinger curve is flat: every layer's attention is the same distance "
                    "from the final layer's", rule=rule, reported=reported, n=len(H))
-    dev_ids, test_ids = stats.split_ids(list(H.index))
-    if len(test_ids) < 2 or not dev_ids:
-        return _na("hellinger", model, f"{len(H)} samples are too few for a dev/test split", rule=rule,
-                   reported=reported, n=len(H))
+    dev_ids, test_ids, na = _split("hellinger", model, H.index, rule=rule, reported=reported, n=len(H))
+    if na:
+        return na
     lo_l = int(H.loc[dev_ids, mid].mean(axis=0).idxmin())
     hi_l = int(H.loc[dev_ids, late].mean(axis=0).idxmax())
     d = (H.loc[test_ids, hi_l] - H.loc[test_ids, lo_l]).to_numpy()
@@ -765,10 +772,9 @@ def _gain(model, r: pd.DataFrame, seed) -> dict:
     if not acting:
         reasons = sorted(set(noops.values()))
         return _na("contrastive_gain", model, "; ".join(reasons), rule=rule, reported=reported)
-    dev_ids, test_ids = stats.split_ids(r["id"].tolist())
-    if len(test_ids) < 2 or not dev_ids:
-        return _na("contrastive_gain", model, f"{r['id'].nunique()} samples are too few for a dev/test split",
-                   rule=rule, reported=reported)
+    dev_ids, test_ids, na = _split("contrastive_gain", model, r["id"].tolist(), rule=rule, reported=reported)
+    if na:
+        return na
     dev, test = set(map(str, dev_ids)), set(map(str, test_ids))
 
     def gain_on(k, ids):
