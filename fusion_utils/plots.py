@@ -291,7 +291,8 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
         ax.set_title(title)
         if skipped:  # the other models still drawn; say which are missing and why
             _say_empty(ax, "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7)
-        ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
+        # beside the axes, not on them: "best" still covered the curves of several models
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
     return fig
 

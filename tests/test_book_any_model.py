@@ -117,7 +117,7 @@ def check_chapters(out: Path, report, expect: dict, models: list[str], tmp_path:
     assert report.ok and [c.name for c in report.chapters] == CHAPTERS
     assert set(expect) == set(CHAPTERS), "every chapter of _toc.yml has its expectations here"
     require_chromium()
-    site = Site(out / "book" / "_build" / "html")
+    site = Site(report.html_dir)  # book/_build/<params name>/html
     try:
         for chapter in CHAPTERS:
             dom = check_page(site, f"book/chapters/{chapter}.html", tmp_path, need_figure=True)
@@ -163,7 +163,7 @@ def test_a_genuine_error_still_stops_the_build_with_one_sentence(tiny_models, tm
         book.build(params, root=REPO, out=out, only=["fusion"], html=False)
     msg = str(err.value)
     assert "\n" not in msg and "notebooks/fusion.ipynb" in msg
-    assert not (out / "book" / "_build" / "html").exists()
+    assert not (out / "book" / "_build" / params.stem / "html").exists()
 
 
 @pytest.mark.parametrize("arch", ["llava", "instructblip", "qwen2_5_vl"])
