@@ -595,18 +595,6 @@ def _placeholder(path: Path, name: str) -> None:
         f"# {name}\n\nThis chapter was not executed in this build (it was left out with `--only`). "
         "Run `fusion-utils book build` without `--only` to include it."))
     path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(path))
-
-
-def _placeholder(path: Path, name: str) -> None:
-    """A notebook standing in for a chapter not executed in this build (``only``)."""
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_markdown_cell(
-        f"# {name}\n\nThis chapter was not executed in this build (it was left out with `--only`). "
-        "Run `fusion-utils book build` without `--only` to include it."))
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, nbformat.writes(nb))
 
 
@@ -711,13 +699,12 @@ def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path, kernel: 
         os.close(saved)
 
 
-def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = "python3", log=None) -> float:
+def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = "python3") -> float:
     """Step 3: run every chapter planned ``"execute"`` (write a placeholder for a skipped one never built), keep a
     cache record per chapter, and return the seconds spent. A failing chapter raises `BookError` naming the cell
     and keeps the partial notebook in ``.cache/book/<build>/failed``; the last good notebook is left alone."""
     from tqdm.auto import tqdm
 
-    say = log or (lambda msg: print(msg, flush=True))
     t_exec = time.perf_counter()
     env = child_env(KERNEL_ENV)
     kernel_ready = False
@@ -1016,7 +1003,7 @@ def build(params_file: str | os.PathLike, force: bool = False, only: Sequence[st
         prov = provenance()  # versions and git state, once per build
         report.chapters = plan(params, layout, force=force, only=only, prov=prov)
         _stage(root_p, layout.src)
-        report.execute_seconds = execute(report.chapters, layout, kernel=kernel, log=say)
+        report.execute_seconds = execute(report.chapters, layout, kernel=kernel)
         appendix(report, layout, params, prov)
         if html:
             t_jb = time.perf_counter()

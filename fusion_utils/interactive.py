@@ -282,7 +282,7 @@ def _panel_title(text: str, a: float, b: float) -> dict:
             "xanchor": "center", "yanchor": "bottom", "showarrow": False, "font": {"size": 12}}
 
 
-def _titles(layout: dict, titles: Sequence[str], widths=None) -> list:
+def _titles(layout: dict, titles: Sequence[str]) -> list:
     doms = [layout[f"xaxis{_ax(i)}"]["domain"] for i in range(len(titles))]
     return [_panel_title(t, a, b) for t, (a, b) in zip(titles, doms)]
 
