@@ -30,7 +30,7 @@ def _train(args) -> int:
             out = Path(args.out) / name if len(names) > 1 else Path(args.out)
         ckpt = Path(args.ckpt_dir) / name if args.ckpt_dir and len(names) > 1 else args.ckpt_dir
         train(name, out_dir=out, seed=args.seed, threads=args.threads, ckpt_dir=ckpt, resume=not args.no_resume,
-              stop_after=args.stop_after, ckpt_every=args.ckpt_every)
+              stop_after=args.stop_after, ckpt_every=args.ckpt_every, evaluate_after=not args.no_eval)
     return 0
 
 
@@ -54,6 +54,21 @@ def _eval(args) -> int:
     return 0
 
 
+def _card(args) -> int:
+    from pathlib import Path
+
+    from . import weights_dir
+    from .evaluate import bar_status, evaluate, format_table, trained_with_two_images, write_model_card
+
+    name = resolve_name(args.name)
+    path = Path(args.dir) if args.dir else weights_dir(name)
+    table = evaluate(path, n=500, split="test", two_image=True)
+    print(f"\n## {name} (test, n=500)\n{format_table(table)}")
+    print(bar_status(table, two_image=trained_with_two_images(path)))
+    print(f"model card: {write_model_card(name, path, table)}")
+    return 0
+
+
 def add_cli(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("organisms", help="train / evaluate the model organisms (llava, qwen2_vl; 8-layer and deep)")
     sub = p.add_subparsers(dest="organisms_cmd", required=True)
@@ -70,6 +85,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--stop-after", choices=("text", "vision", "joint", "two"),
                    help="end after this stage's checkpoint (resume later with the same --ckpt-dir)")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.add_argument("--no-eval", action="store_true",
+                   help="save the weights without evaluating them or writing the model card (`organisms card` does later)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="accuracy per family, on blank images and with two images")
     e.add_argument("name", nargs="?", choices=NAMES)
@@ -82,6 +99,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--no-two-image", action="store_true",
                    help="skip the two-image controls (same image twice, relevant crop, irrelevant crop)")
     e.set_defaults(func=_eval)
+    c = sub.add_parser("card", help="evaluate saved weights on the 500 test questions and (re)write their model card")
+    c.add_argument("name", choices=NAMES)
+    c.add_argument("--dir", help="the weights directory (default: the shipped one of NAME)")
+    c.set_defaults(func=_card)
     return p
 
 

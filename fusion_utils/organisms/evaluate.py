@@ -313,7 +313,7 @@ Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get(
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during
 training on `val` (base 1,000,000); evaluation on `test` (base 2,000,000) -- disjoint streams.
-Measured wall time ({log.get('threads') or 1} torch thread{'s' if (log.get('threads') or 1) > 1 else ''}; the other organism trained at the same time on the other core): {mins or 'n/a'}.
+Measured wall time ({log.get('threads') or 1} torch thread{'s' if (log.get('threads') or 1) > 1 else ''}; the 2-core machine's other core busy with other work): {mins or 'n/a'}.
 
 Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organisms.cli train {name}`).
 
