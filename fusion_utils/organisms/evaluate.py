@@ -182,10 +182,13 @@ def _two_text(recipe: dict) -> str:
             f"steps of batch {recipe.get('two_batch')} at lr {recipe.get('two_lr')}.")
 
 
-def _two_image_note(table: pd.DataFrame) -> str:
+def _two_image_note(table: pd.DataFrame, trained_two: bool = True) -> str:
     """The two-image controls beside the table: what each column is and what it says about crop methods."""
     if "same_twice" not in table:
         return ("Two-image controls: not measured for this card (`fusion-utils organisms eval` measures them).\n")
+    untrained = ("" if trained_two else " This organism saw one image per prompt in training (no stage (e)), so "
+                 "issue 16's two-image parts of the bar do not apply to it, and a crop method run on it measures mostly "
+                 "what a second image costs.")
     o = table.loc["overall"]
     pts = lambda c: 100 * (o[c] - o["accuracy"])  # noqa: E731
     return (f"Two-image controls (same questions; prompts with two image placeholders): `same_twice` = [original, "
@@ -193,7 +196,7 @@ def _two_image_note(table: pd.DataFrame) -> str:
             f"question's relevant cells, padded by one cell] ({pts('relevant_crop'):+.1f}); `irrelevant_crop` = "
             f"[original, same-size crop holding the fewest relevant cells] ({pts('irrelevant_crop'):+.1f}). A crop method "
             "(the contrastive crop variant, ViCrop) can help only if `relevant_crop` is above one image; "
-            "`same_twice` near one image says a second image by itself costs nothing.\n")
+            "`same_twice` near one image says a second image by itself costs nothing." + untrained + "\n")
 
 
 def _a_extras(recipe: dict) -> str:
@@ -320,7 +323,7 @@ Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organ
 ## Evaluation (held-out `test` split, n={int(table.loc['overall', 'n'])}, greedy, exact match; blank = same questions on a uniform grey image)
 {format_table(table)}
 
-{_two_image_note(table)}
+{_two_image_note(table, trained_with_two_images(out))}
 {bar_status(table, two_image=trained_with_two_images(out))} (`fusion-utils organisms eval {name}` prints this table.)
 
 ## Reproducibility
