@@ -157,6 +157,7 @@ SIZES = {
     "qwen2_vl-8l": {},
     "llava-32l": dict(text_layers=32, width=32, heads=2, ffn=96),
     "qwen2_vl-28l": dict(text_layers=28, width=32, heads=2, ffn=96),
+    "llava-16l": dict(text_layers=16, width=48, heads=3, ffn=144),
 }
 
 

@@ -86,12 +86,25 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 # (the vision tower already maps each cell onto its scene token, and the Qwen organism lost accuracy whenever stage (d)
 # moved its tower) on a mix of one-image prompts, which keep the one-image accuracy, and the four two-image kinds
 # the crop methods and their controls produce.
+# Measured (seed 0, one torch thread, this 2-core machine shared with three other engineers' jobs, 2026-11-30):
+# - llava-32l, stages (a)-(d) of the llava recipe: 60.5 min ((a) 3600 steps in 52.5 min, 0.87 s/step against 0.47 in
+#   the timing probe: the machine's load average was 5-9). Text-scene val accuracy (200 questions) every 250 steps:
+#   0.40 0.49 0.57 0.65 0.68 0.76 0.69 0.76 0.78 0.76 0.78 0.79 0.80 0.80; it ended at 0.795 (spatial 0.55, identity
+#   0.70), a plateau from step ~1500, where the 8-layer llava reached 0.935 by step 2750. On 500 test questions after
+#   (d): 73.6% (attribute 77, identity 73, existence 82, count 91, spatial 45), blank 16.4%; same image twice 44.6%,
+#   [original, relevant crop] 24.6%, [original, irrelevant crop] 20.2%. The 32 x 32 decoder misses the bar before any
+#   two-image training: depth at this width is the bottleneck, not stage (e).
+# - then stage (e), 400 steps (8.2 min): 71.2% with one image (-2.4), same image twice 69.4% (-1.8 against one image:
+#   inside the bar's 3 points, from -29.0), relevant crop 65.4% (-5.8, from -49.0), irrelevant crop 59.4% (-11.8);
+#   but blank rose to 32.6% (attribute, identity and spatial answered above chance without the image), so the
+#   blank-image gap fell from 57 to 39 points. `fusion-utils organisms card llava-32l --dir DIR` prints these tables.
 _TWO = {"two_steps": 400}
 ORGANISM_RECIPE = {
     "llava-8l": {},
     "qwen2_vl-8l": _QWEN_8L,
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
+    "llava-16l": {**_TWO},
 }
 
 
