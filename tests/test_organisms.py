@@ -399,3 +399,20 @@ def test_deep_organisms_meet_the_bar(deep_table):
     from fusion_utils.organisms.evaluate import bar_check
 
     assert all(bar_check(deep_table, two_image=True).values()), deep_table
+
+
+def test_names_resolve_to_variants():
+    """`llava` / `qwen2_vl` name the default variant of each architecture; every variant builds at its own depth; an
+    unknown name is one sentence listing the known ones."""
+    from fusion_utils.models import organism_dir
+    from fusion_utils.organisms import DEFAULT_VARIANT, VARIANTS, arch_of, resolve_name
+    from fusion_utils.organisms.build import SIZES, build_config, build_tokenizer
+
+    assert resolve_name("organism:llava") == DEFAULT_VARIANT["llava"] and arch_of("qwen2_vl-28l") == "qwen2_vl"
+    assert organism_dir("organism:llava") == weights_dir(DEFAULT_VARIANT["llava"])
+    for name, arch in VARIANTS.items():
+        cfg = build_config(name, build_tokenizer(arch))
+        assert cfg.model_type == arch
+        assert cfg.text_config.num_hidden_layers == SIZES[name].get("text_layers", 8)
+    with pytest.raises(ValueError, match="Unknown organism 'llava-7b'; use one of"):
+        resolve_name("llava-7b")
