@@ -27,7 +27,8 @@ def organism_dir(name: str) -> Path:
 
     name = name[len(ORGANISM_PREFIX):] if name.startswith(ORGANISM_PREFIX) else name
     # `llava` / `qwen2_vl` name the default variant of each architecture (`llava-8l`, `llava-32l`, ...)
-    path = weights_dir(name) if name in DEFAULT_VARIANT or name in VARIANTS else Path(__file__).parent / "organisms" / "weights" / name
+    known = name in DEFAULT_VARIANT or name in VARIANTS
+    path = weights_dir(name) if known else Path(__file__).parent / "organisms" / "weights" / name
     if not (path / "config.json").is_file():
         shipped = sorted(p.name for p in path.parent.glob("*") if (p / "config.json").is_file()) if path.parent.is_dir() else []
         raise ValueError(

@@ -190,7 +190,10 @@ def _two_image_note(table: pd.DataFrame, trained_two: bool = True) -> str:
                  "issue 16's two-image parts of the bar do not apply to it, and a crop method run on it measures mostly "
                  "what a second image costs.")
     o = table.loc["overall"]
-    pts = lambda c: 100 * (o[c] - o["accuracy"])  # noqa: E731
+
+    def pts(col):  # points against one image
+        return 100 * (o[col] - o["accuracy"])
+
     return (f"Two-image controls (same questions; prompts with two image placeholders): `same_twice` = [original, "
             f"original] ({pts('same_twice'):+.1f} points against one image); `relevant_crop` = [original, crop of the "
             f"question's relevant cells, padded by one cell] ({pts('relevant_crop'):+.1f}); `irrelevant_crop` = "
