@@ -22,9 +22,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def organism_dir(name: str) -> Path:
-    """Directory of a shipped model organism (``organism:llava`` or ``llava``)."""
+    """Directory of a shipped model organism (``organism:llava``, ``llava`` or a variant such as ``llava-8l``)."""
+    from .organisms import DEFAULT_VARIANT, VARIANTS, weights_dir
+
     name = name[len(ORGANISM_PREFIX):] if name.startswith(ORGANISM_PREFIX) else name
-    path = Path(__file__).parent / "organisms" / "weights" / name
+    # `llava` / `qwen2_vl` name the default variant of each architecture (`llava-8l`, `llava-32l`, ...)
+    known = name in DEFAULT_VARIANT or name in VARIANTS
+    path = weights_dir(name) if known else Path(__file__).parent / "organisms" / "weights" / name
     if not (path / "config.json").is_file():
         shipped = sorted(p.name for p in path.parent.glob("*") if (p / "config.json").is_file()) if path.parent.is_dir() else []
         raise ValueError(
