@@ -15,7 +15,7 @@ from ..data import world
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from . import arch_of, resolve_name
 
-ORGANISMS = ("llava", "qwen2_vl")
+ARCHITECTURES = ("llava", "qwen2_vl")  # the architectures an organism can have (names: organisms.VARIANTS)
 IMAGE_SIZE = world.IMAGE_SIZE
 N_IMAGE_TOKENS = world.GRID * world.GRID
 
@@ -120,7 +120,7 @@ def build_processor(name: str):
             vp = None
         return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp,
                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ORGANISMS)}.")
+    raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ARCHITECTURES)}.")
 
 
 # default sizes (see README / model cards). rope_theta is scaled to the organisms' short contexts and 16-dim heads:
