@@ -3,7 +3,7 @@ process). It runs `harness.run` as `fusion-utils run` does, and can stand in a p
 sample ids this process computed, kills this process, or raises on a chosen sample (to test resume and failures).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py --out DIR --model organism:llava \
-        --experiment masking --samples 8 [--log FILE] [--die-on ID --die-rank 1] [--raise-on ID]
+        --experiment masking --samples 8 [--computed-log FILE] [--die-on ID --die-rank 1] [--raise-on ID]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--param", action="append", default=[], help="EXPERIMENT:NAME=JSON")
-    p.add_argument("--log", help="append 'rank id' for every sample this process computes")
+    p.add_argument("--computed-log", help="append 'rank id' for every sample this process computes")
     p.add_argument("--die-on", help="os._exit(9) on this rank before computing the batch holding this sample id")
     p.add_argument("--die-rank", type=int, default=1)
     p.add_argument("--raise-on", help="raise ValueError when computing this sample id")
@@ -54,10 +54,11 @@ def main() -> int:
                 os._exit(9)  # a killed rank: no cleanup, no message
             if args.raise_on in ids:
                 raise ValueError(f"injected failure on {args.raise_on}")
-            if args.log:
-                with open(args.log, "a") as f:
+            records = spec.per_batch(lm, samples, ctx, **harness.accepted(spec.per_batch, kw))
+            if args.computed_log:
+                with open(args.computed_log, "a") as f:
                     f.write("".join(f"{rank} {i}\n" for i in ids))
-            return spec.per_batch(lm, samples, ctx, **harness.accepted(spec.per_batch, kw))
+            return records
         # the same name and parameters as the registered experiment: the same run directory and configuration
         return dataclasses.replace(spec, per_batch=per_batch)
 
@@ -67,7 +68,7 @@ def main() -> int:
     for lm in models:
         for exp in args.experiment:
             spec = harness.get_spec(exp)
-            if args.log or args.die_on or args.raise_on:
+            if args.computed_log or args.die_on or args.raise_on:
                 spec = wrap(spec)
             harness.run(spec, lm, dataset, out=args.out, batch_size=args.batch_size, progress=rank == 0,
                         **params.get(exp, {}))

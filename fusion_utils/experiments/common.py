@@ -183,6 +183,7 @@ def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, co
         bar.update(len(chunk))
     bar.close()
     if run is not None:
+        run.merge_shards()  # a data-parallel run resumed here in one process: its shards join records.jsonl
         df = run.records()
         if "empty" in df.columns:
             df = df[df["empty"].isna()].drop(columns=["empty"])
