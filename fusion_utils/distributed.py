@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["launched", "setup", "active", "rank", "world_size", "is_main", "barrier", "shard", "step",
+__all__ = ["launched", "setup", "teardown", "active", "rank", "world_size", "is_main", "barrier", "shard", "step",
            "device_for", "timeout", "RankFailed", "gather_objects", "Status", "failure"]
 
 
@@ -73,6 +73,14 @@ def setup(backend: str | None = None, init_method: str | None = None, *, rank_: 
         kwargs.update(init_method=init_method, rank=rank_, world_size=world_size_)
     dist.init_process_group(**kwargs)
     return dist.get_world_size() > 1
+
+
+def teardown() -> None:
+    """Leave the process group (if this process joined one), so the job exits cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .archs import ArchSpec, get_spec, resolve, supported
 
 ORGANISM_PREFIX = "organism:"
@@ -143,6 +144,7 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     import transformers
 
     name = str(name_or_path)
+    device = distributed.device_for(device)  # under a launcher, a bare "cuda" is this rank's GPU
     source = str(organism_dir(name)) if name.startswith(ORGANISM_PREFIX) else name
     local = Path(source).is_dir()
     if local:

@@ -164,3 +164,33 @@ def test_bad_timeout_setting_names_the_fix(monkeypatch):
     monkeypatch.setenv("FUSION_UTILS_DIST_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="FUSION_UTILS_DIST_TIMEOUT"):
         distributed.timeout()
+
+
+# -- the book: precompute under 2 ranks, then the chapters find their records complete ----------------------------
+
+def test_book_precompute_on_two_ranks_leaves_nothing_for_the_chapters_to_compute(tmp_path):
+    import shutil
+
+    from fusion_utils.precompute import compute_cells, precompute
+
+    root = tmp_path / "book"
+    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    for f in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / f, root / f)
+    params = root / "params.yml"
+    params.write_text("common: {models: ['organism:llava'], dataset: world, samples: 6, device: cpu, dtype: float32, "
+                      "seed: 0}\nchapters: {fusion: {}, contrastive: {}}\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fusion_utils",
+           "book", "precompute", "--params", str(params), "--root", str(root)]
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "contrastive: records complete" in res.stderr and "2 rank(s)" in res.stderr
+    files = sorted((root / "runs").rglob("records*.jsonl"))
+    assert {p.parent.parent.name for p in files} >= {"masking", "contrastive", "baselines"}
+    assert all(p.name == "records.jsonl" for p in files)  # every shard merged
+    before = {p: p.read_bytes() for p in files}
+    # what `make book` then executes: the same computing cells, in one process; they find every record there
+    precompute(params, root=root)
+    assert sorted((root / "runs").rglob("records*.jsonl")) == files
+    assert all(p.read_bytes() == before[p] for p in files)
+    assert "runs_dir" in compute_cells(root / "notebooks" / "fusion.ipynb")[-1]

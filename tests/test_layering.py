@@ -19,6 +19,7 @@ LAYERS = {
     "experiments": 3,
     "report": 4, "plots": 4, "widgets": 4,
     "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "__main__": 5,
+    "precompute": 5,
 }
 
 
