@@ -96,7 +96,7 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 # the driver and the command line decide no number: editing them must not invalidate run records or chapter caches
-DRIVER_FILES = {"book.py", "cli.py"}
+DRIVER_FILES = {"book.py", "cli.py", "precompute.py", "__main__.py"}
 
 
 def package_source_hash() -> str:
