@@ -31,6 +31,8 @@ def main() -> int:
     p.add_argument("--raise-on", help="raise ValueError when computing this sample id")
     p.add_argument("--timing", help="rank 0 writes {'seconds': ...} of the runs (after a start barrier) here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--in-memory", help="also run the first experiment on the first model without a run directory; "
+                                       "rank 0 writes its records (clocks left out) here as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,6 +75,13 @@ def main() -> int:
             harness.run(spec, lm, dataset, out=args.out, batch_size=args.batch_size, progress=rank == 0,
                         **params.get(exp, {}))
     seconds = time.perf_counter() - t0
+    if args.in_memory:
+        exp = args.experiment[0]
+        res = harness.run(exp, models[0], dataset, batch_size=args.batch_size, progress=False, **params.get(exp, {}))
+        if rank == 0:
+            df = res.records.drop(columns=[c for c in ("seconds", "plain_seconds") if c in res.records.columns])
+            with open(args.in_memory, "w") as f:
+                f.write(df.to_json(orient="records", double_precision=15))
     if args.timing and rank == 0:
         with open(args.timing, "w") as f:
             json.dump({"seconds": seconds, "world_size": distributed.world_size()}, f)

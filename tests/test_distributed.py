@@ -67,15 +67,20 @@ def reference(tmp_path_factory, tiny):
     """One process, no launcher: masking and contrastive on a tiny model and on the LLaVA organism."""
     out = tmp_path_factory.mktemp("single")
     res = launch(["--out", str(out), "--model", tiny, "--model", "organism:llava", "--experiment", "masking",
-                  "--experiment", "contrastive", *CONTRASTIVE, "--samples", str(N), "--batch-size", str(BATCH)], 1)
+                  "--experiment", "contrastive", *CONTRASTIVE, "--samples", str(N), "--batch-size", str(BATCH),
+                  "--in-memory", str(out / "in_memory.json")], 1)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
 def test_two_gloo_ranks_record_what_one_process_records(reference, tiny, tmp_path):
     res = launch(["--out", str(tmp_path), "--model", tiny, "--model", "organism:llava", "--experiment", "masking",
-                  "--experiment", "contrastive", *CONTRASTIVE, "--samples", str(N), "--batch-size", str(BATCH)], 2)
+                  "--experiment", "contrastive", *CONTRASTIVE, "--samples", str(N), "--batch-size", str(BATCH),
+                  "--in-memory", str(tmp_path / "in_memory.json")], 2)
     assert res.returncode == 0, res.stderr[-3000:]
+    # without a run directory the ranks' records are gathered, in the single process's order
+    in_memory = (tmp_path / "in_memory.json").read_text()
+    assert in_memory == (reference / "in_memory.json").read_text() and len(json.loads(in_memory)) >= N
     for exp in ("masking", "contrastive"):
         dirs = sorted(p.name for p in (tmp_path / exp).iterdir())
         assert dirs == sorted(p.name for p in (reference / exp).iterdir())  # same configurations, same keys
