@@ -8,9 +8,10 @@ exactly as in one process.
 How an experiment splits (see `fusion_utils.experiments.common.run_experiment`): the samples not yet recorded are cut
 into batches exactly as one process would cut them, and batch k goes to rank k mod world size. So a fresh
 distributed run computes every sample in the same batch as a single-process run, and its records hold the same
-values. All ranks step through the batches in lockstep (`step` exchanges how many samples each rank finished and
-whether it failed), which gives rank 0 a progress bar over every rank's samples and lets a failure on one rank stop
-all of them with that rank's message instead of leaving the others waiting.
+values. The ranks do not wait for each other between batches; progress and failures pass through small notes in
+the run directory (rank 0's bar counts every rank's samples; a failed rank's error stops the others after their
+current batch), and at the end every rank, failed or not, meets in one exchange (`step`), so a failure on one rank
+stops all of them with that rank's message instead of leaving the others waiting.
 
 Environment: ``FUSION_UTILS_DIST_TIMEOUT`` (seconds, default 1800) bounds every barrier and exchange.
 """
@@ -149,15 +150,15 @@ def shard(n_batches: int, rank_: int | None = None, world: int | None = None) ->
 
 @dataclass
 class Status:
-    """What a rank reports after each lockstep batch."""
+    """What a rank reports at the final exchange of a run."""
 
     rank: int
-    done: int  # samples finished in this step
+    done: int  # samples finished
     error: str | None = None  # "rank r failed on sample ID: Type: message"
 
 
 def step(done: int, error: str | None = None) -> list[Status]:
-    """Exchange this step's progress and failure with every rank (collective: every rank must call it)."""
+    """Exchange each rank's count of finished samples and its error, if any (collective: every rank calls it)."""
     return gather_objects(Status(rank(), done, error))
 
 

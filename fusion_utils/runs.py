@@ -7,6 +7,8 @@ Layout::
         records.jsonl                 one JSON object per line, each with a string "id"
         records.rank<r>.jsonl         rank r's shard in a data-parallel run (r >= 1; rank 0 writes records.jsonl),
                                       appended to records.jsonl by ``merge_shards`` once every rank has finished
+        progress.rank<r> / failed.rank<r>   while a data-parallel run is on: rank r's count of finished samples,
+                                      and its error if it failed (``note_progress`` / ``note_failure``)
         sessions.jsonl                provenance of every open_run (creation and each resume)
         summary.json / summary.csv    written atomically (``write_summary``)
 
@@ -286,6 +288,37 @@ class Run:
     def _iter_records(self) -> Iterable[dict]:
         for r, _ in self._iter_lines():
             yield r
+
+    # -- notes between the ranks of a data-parallel run (progress for rank 0's bar, failures to stop early) --------
+    def note_progress(self, rank: int, done: int) -> None:
+        """Record that ``rank`` has finished ``done`` samples of this session (read by rank 0 for its bar)."""
+        path = self.dir / f"progress.rank{int(rank)}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(str(int(done)))
+        os.replace(tmp, path)  # a reader sees the old or the new count, never half of one
+
+    def progress(self) -> dict[int, int]:
+        """Each rank's last noted count of finished samples."""
+        out = {}
+        for p in self.dir.glob("progress.rank*"):
+            try:
+                out[int(p.name[len("progress.rank"):])] = int(p.read_text() or 0)
+            except (ValueError, OSError):
+                continue  # replaced or removed meanwhile: the next read has it
+        return out
+
+    def note_failure(self, rank: int, message: str) -> None:
+        """Record ``rank``'s error, so the other ranks stop after their current batch."""
+        atomic_write_text(self.dir / f"failed.rank{int(rank)}", message)
+
+    def failures(self) -> list[str]:
+        """The errors noted by failed ranks of this session."""
+        return [p.read_text(encoding="utf-8") for p in sorted(self.dir.glob("failed.rank*"))]
+
+    def clear_notes(self) -> None:
+        """Remove the progress and failure notes (before a session starts, and after it ends)."""
+        for p in [*self.dir.glob("progress.rank*"), *self.dir.glob("failed.rank*")]:
+            p.unlink(missing_ok=True)
 
     def merge_shards(self) -> int:
         """Append the rank shards' records to records.jsonl (one durable write) and delete the shards; returns the

@@ -184,6 +184,7 @@ def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, co
     bar.close()
     if run is not None:
         run.merge_shards()  # a data-parallel run resumed here in one process: its shards join records.jsonl
+        run.clear_notes()  # and its progress and failure notes go
         df = run.records()
         if "empty" in df.columns:
             df = df[df["empty"].isna()].drop(columns=["empty"])
@@ -215,11 +216,13 @@ def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, c
     - Write: rank 0 appends to records.jsonl, rank r to records.rank<r>.jsonl; before starting, rank 0 merges any
       shards an earlier, killed run left, and only then (after a barrier) do the ranks read what is done, so a run
       resumes with any number of ranks and recomputes nothing.
-    - Progress and failure: after each batch the ranks exchange how many samples they finished and whether they
-      failed (bounded by the group's timeout); rank 0's bar counts every rank's samples, and a failure stops every
-      rank with the failing rank's message and sample id.
-    - Merge: after a barrier rank 0 appends the shards to records.jsonl; after a second barrier every rank reads
-      the merged records (in dataset order), so each returns the same table.
+    - Progress and failure: the ranks do not wait for each other between batches (a slow batch on one rank holds
+      up no other). Each notes its count of finished samples in the run directory, and rank 0's bar counts them
+      all. A rank that raises notes its error there and stops; the others stop after their current batch. Then all
+      ranks exchange their counts and errors (bounded by the group's timeout), and every rank raises `RankFailed`
+      with the failing rank's message and sample id. Without a run directory a failure surfaces at that exchange.
+    - Merge: after the exchange rank 0 appends the shards to records.jsonl; after a barrier every rank reads the
+      merged records (in dataset order), so each returns the same table.
     """
     r, world = distributed.rank(), distributed.world_size()
     run = None
@@ -230,6 +233,7 @@ def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, c
         if r == 0:
             run = open_run(out, name, config)
             run.merge_shards()  # an earlier run killed before its merge
+            run.clear_notes()  # an earlier session's progress and failures are not this one's
         distributed.barrier()
         if r != 0:
             run = open_run(out, name, config, shard=r)
@@ -240,36 +244,46 @@ def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, c
     seed_everything(seed)
     bar = tqdm(total=len(todo), desc=f"{name} [{lm.spec.model_type}] x{world} ranks",
                disable=not progress or r != 0, unit="sample")
-    for k in range(0, len(batches), world):  # lockstep: step k/W, every rank on its own batch (or none)
-        index = k + r
-        chunk = batches[index] if index < len(batches) else []
-        error, cause = None, None
-        if chunk:
-            try:
-                records = per_batch(lm, chunk)
-                by_id: dict[str, list[dict]] = {}
-                for rec in records:
-                    by_id.setdefault(str(rec["id"]), []).append(rec)
-                if run is not None:
-                    for s in chunk:  # one write per sample: a sample is recorded whole or not at all
-                        run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
-                mine.append((index, records))
-            except Exception as err:  # noqa: BLE001 - reported to every rank below, then raised
-                where, cause = failed_sample(lm, per_batch, chunk, err)
-                error = f"rank {r} failed on {where} of {name}: {type(cause).__name__}: {cause}"
-        statuses = distributed.step(0 if error else len(chunk), error)
-        message = distributed.failure(statuses)
-        if message is not None:
-            bar.close()
-            raise distributed.RankFailed(message) from cause
-        bar.update(sum(s.done for s in statuses))
+    finished, error, cause = 0, None, None
+    for index in distributed.shard(len(batches)):
+        if run is not None and run.failures():
+            break  # another rank failed: stop here, the exchange below reports its error
+        chunk = batches[index]
+        try:
+            records = per_batch(lm, chunk)
+            by_id: dict[str, list[dict]] = {}
+            for rec in records:
+                by_id.setdefault(str(rec["id"]), []).append(rec)
+            if run is not None:
+                for s in chunk:  # one write per sample: a sample is recorded whole or not at all
+                    run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
+            mine.append((index, records))
+        except Exception as err:  # noqa: BLE001 - reported to every rank below, then raised
+            where, cause = failed_sample(lm, per_batch, chunk, err)
+            error = f"rank {r} failed on {where} of {name}: {type(cause).__name__}: {cause}"
+            if run is not None:
+                run.note_failure(r, error)
+            break
+        finished += len(chunk)
+        if run is None:
+            bar.update(len(chunk))
+        elif r == 0:
+            bar.update(finished + sum(n for k, n in run.progress().items() if k != 0) - bar.n)
+        else:
+            run.note_progress(r, finished)
+    statuses = distributed.step(finished, error)  # every rank, failed or not, meets here: nobody waits forever
+    message = distributed.failure(statuses)
+    if message is not None:
+        bar.close()
+        raise distributed.RankFailed(message) from cause
+    bar.update(sum(s.done for s in statuses) - bar.n)
     bar.close()
-    distributed.barrier()
     if run is None:
         parts = [p for rank_parts in distributed.gather_objects(mine) for p in rank_parts]
         return pd.DataFrame([rec for _, records in sorted(parts, key=lambda p: p[0]) for rec in records])
     if r == 0:
         run.merge_shards()
+        run.clear_notes()
     distributed.barrier()
     df = run.records()
     if "empty" in df.columns:
