@@ -9,10 +9,14 @@ layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
 - capture_peak_mem_vs_plain         memory a forward adds on top of the loaded model, capture / plain
 - capture_peak_mem_vs_eager_attentions   capture / (eager attention with output_attentions=True)
 - contrastive_latency_vs_plain      soft contrastive answer (both passes) / plain greedy answer
-- dp2_speedup_vs_single             one organism run (masking + contrastive on organism:llava, 32 samples): wall time
+- dp2_speedup_vs_single             one organism run (masking + contrastive on organism:llava, 64 samples): wall time
                                     of 1 process x 1 thread / 2 gloo processes (torchrun) x 1 thread each; the
                                     clock runs from a barrier after the model is loaded to the merged records and
                                     summary, so process start-up and loading are left out. Must be >= 1.6.
+- dp2_cpu_seconds_vs_single         CPU seconds of both ranks together / the single process's: what data
+                                    parallelism costs in work (near 1: no work lost to merging or barriers)
+- dp2_balanced_speedup              single CPU seconds / the busier rank's: the speedup if each rank had a core
+                                    to itself (on a shared machine the wall-clock figure falls below it)
 
 Timings alternate A and B and report the median of the per-pair ratios. Memory: each variant runs in its own
 process; after a warm-up the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the figure is the
@@ -151,11 +155,12 @@ def memory_figures() -> dict:
 
 DP_RUN = ["--model", "organism:llava", "--experiment", "masking", "--experiment", "contrastive",
           "--param", "contrastive:fusion_layers=[0,1]", "--param", "contrastive:apply_layer=2",
-          "--samples", "32", "--batch-size", "4", "--threads", "1"]
+          "--samples", "64", "--batch-size", "4", "--threads", "1"]
 
 
-def dp_seconds(nproc: int, scratch: Path) -> float:
-    """Wall time of the organism run (`DP_RUN`) in ``nproc`` processes with one thread each, in a fresh directory."""
+def dp_seconds(nproc: int, scratch: Path) -> dict:
+    """Wall time and each rank's CPU time of the organism run (`DP_RUN`) in ``nproc`` processes with one thread each,
+    in a fresh directory."""
     import shutil
     import tempfile
 
@@ -172,9 +177,9 @@ def dp_seconds(nproc: int, scratch: Path) -> float:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-    seconds = json.loads(timing.read_text())["seconds"]
+    timing = json.loads(timing.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return seconds
+    return timing
 
 
 def dp_figures(reps: int) -> dict:
@@ -182,12 +187,15 @@ def dp_figures(reps: int) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fusion_utils_dp_") as scratch:
-        ratios = []
+        wall, cpu, balanced = [], [], []
         for _ in range(reps):
             single = dp_seconds(1, Path(scratch))
             double = dp_seconds(2, Path(scratch))
-            ratios.append(single / double)
-    return {"dp2_speedup_vs_single": statistics.median(ratios)}
+            wall.append(single["seconds"] / double["seconds"])
+            cpu.append(sum(double["cpu_seconds"]) / single["cpu_seconds"][0])
+            balanced.append(single["cpu_seconds"][0] / max(double["cpu_seconds"]))
+    return {"dp2_speedup_vs_single": statistics.median(wall), "dp2_cpu_seconds_vs_single": statistics.median(cpu),
+            "dp2_balanced_speedup": statistics.median(balanced)}
 
 
 def main() -> int:
@@ -203,7 +211,7 @@ def main() -> int:
         return 0
     figures = {}
     if args.only == "dp":
-        figures.update(dp_figures(max(3, args.reps // 2)))
+        figures.update(dp_figures(max(5, args.reps // 2)))
         for k, v in figures.items():
             print(f"{k} {v:.4g}")
         return 0
@@ -213,7 +221,7 @@ def main() -> int:
     from bench_contrastive import contrastive_latency_vs_plain
 
     figures["contrastive_latency_vs_plain"] = contrastive_latency_vs_plain()
-    figures.update(dp_figures(max(3, args.reps // 2)))
+    figures.update(dp_figures(max(5, args.reps // 2)))
     for k, v in figures.items():
         print(f"{k} {v:.4g}")
     return 0
