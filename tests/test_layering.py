@@ -13,12 +13,13 @@ PKG = Path(__file__).resolve().parents[1] / "fusion_utils"
 # top-level module or package of fusion_utils -> layer (bottom 0 .. top 5)
 LAYERS = {
     "archs": 0, "models": 0, "adapters": 0, "prompts": 0, "data": 0, "metrics": 0, "runs": 0, "paper": 0,
-    "testing": 0,
+    "testing": 0, "distributed": 0,
     "engine": 1, "interventions": 1, "sweeps": 1, "": 1,  # "": the package facade (fusion_utils/__init__.py)
     "methods": 2,
     "experiments": 3,
     "report": 4, "plots": 4, "widgets": 4,
     "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "__main__": 5,
+    "precompute": 5,
 }
 
 
