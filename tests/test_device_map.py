@@ -120,3 +120,10 @@ def test_device_map_arguments_are_checked():
     with pytest.raises(ValueError, match="offload_folder"):
         load_model(path, device_map=split_map(lm, "disk"))
     assert resolve(lm.model, lm.spec.decoder) is lm.decoder
+
+
+def test_cli_device_map_option_names_its_fix(capsys):
+    from fusion_utils.cli import main
+
+    code = main(["run", "masking", "--model", str(tiny_model_dir("llava")), "--samples", "1", "--device-map", "nowhere"])
+    assert code == 2 and "--device-map 'nowhere'" in capsys.readouterr().err
