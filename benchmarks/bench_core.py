@@ -9,6 +9,14 @@ layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
 - capture_peak_mem_vs_plain         memory a forward adds on top of the loaded model, capture / plain
 - capture_peak_mem_vs_eager_attentions   capture / (eager attention with output_attentions=True)
 - contrastive_latency_vs_plain      soft contrastive answer (both passes) / plain greedy answer
+- dp2_speedup_vs_single             one organism run (masking + contrastive on organism:llava, 64 samples): wall time
+                                    of 1 process x 1 thread / 2 gloo processes (torchrun) x 1 thread each; the
+                                    clock runs from a barrier after the model is loaded to the merged records and
+                                    summary, so process start-up and loading are left out. Must be >= 1.6.
+- dp2_cpu_seconds_vs_single         CPU seconds of both ranks together / the single process's: what data
+                                    parallelism costs in work (near 1: no work lost to merging or barriers)
+- dp2_balanced_speedup              single CPU seconds / the busier rank's: the speedup if each rank had a core
+                                    to itself (on a shared machine the wall-clock figure falls below it)
 
 Timings alternate A and B and report the median of the per-pair ratios. Memory: each variant runs in its own
 process; after a warm-up the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the figure is the
@@ -145,23 +153,75 @@ def memory_figures() -> dict:
             "forward_added_mib_eager_attentions": kib["eager"] / 1024}
 
 
+DP_RUN = ["--model", "organism:llava", "--experiment", "masking", "--experiment", "contrastive",
+          "--param", "contrastive:fusion_layers=[0,1]", "--param", "contrastive:apply_layer=2",
+          "--samples", "64", "--batch-size", "4", "--threads", "1"]
+
+
+def dp_seconds(nproc: int, scratch: Path) -> dict:
+    """Wall time and each rank's CPU time of the organism run (`DP_RUN`) in ``nproc`` processes with one thread each,
+    in a fresh directory."""
+    import shutil
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    timing = out / "timing.json"
+    worker = [str(HERE.parent / "tests" / "dist_worker.py"), "--out", str(out / "runs"), "--timing", str(timing),
+              *DP_RUN]
+    cmd = ([sys.executable, *worker] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker])
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    timing = json.loads(timing.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return timing
+
+
+def dp_figures(reps: int) -> dict:
+    """dp2_speedup_vs_single: median over ``reps`` alternating pairs of (1 process) / (2 gloo processes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fusion_utils_dp_") as scratch:
+        wall, cpu, balanced = [], [], []
+        for _ in range(reps):
+            single = dp_seconds(1, Path(scratch))
+            double = dp_seconds(2, Path(scratch))
+            wall.append(single["seconds"] / double["seconds"])
+            cpu.append(sum(double["cpu_seconds"]) / single["cpu_seconds"][0])
+            balanced.append(single["cpu_seconds"][0] / max(double["cpu_seconds"]))
+    return {"dp2_speedup_vs_single": statistics.median(wall), "dp2_cpu_seconds_vs_single": statistics.median(cpu),
+            "dp2_balanced_speedup": statistics.median(balanced)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-variant", help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["dp"], help="print only these figures (dp: dp2_speedup_vs_single)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_variant:
         print(json.dumps({"kib": memory_variant(args.memory_variant)}))
         return 0
     figures = {}
+    if args.only == "dp":
+        figures.update(dp_figures(max(5, args.reps // 2)))
+        for k, v in figures.items():
+            print(f"{k} {v:.4g}")
+        return 0
     figures.update(timing_figures(args.reps))
     figures.update(memory_figures())
     sys.path.insert(0, str(HERE))
     from bench_contrastive import contrastive_latency_vs_plain
 
     figures["contrastive_latency_vs_plain"] = contrastive_latency_vs_plain()
+    figures.update(dp_figures(max(5, args.reps // 2)))
     for k, v in figures.items():
         print(f"{k} {v:.4g}")
     return 0

@@ -1084,7 +1084,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     sub-parsers object. Each leaf sets ``func``; call ``args.func(args)``
     (it returns 0, or raises ``SystemExit(1)`` on failure)."""
     p = subparsers.add_parser("book", help="build the companion book", description="Build or clean the companion book.")
-    sub = p.add_subparsers(dest="book_command", metavar="{build,clean}")
+    sub = p.add_subparsers(dest="book_command", metavar="{build,clean,precompute}")
     sub.required = True
     b = sub.add_parser("build", help="execute the chapters (cached) and render the HTML book")
     b.add_argument("--params", default="book/params/default.yml", metavar="FILE",
@@ -1101,6 +1101,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--keep-cache", action="store_true", help="keep .cache/book")
     c.add_argument("--root", default=None, help="book root (default: found from the working directory)")
     c.set_defaults(func=_cmd_clean)
+    from .precompute import add_cli as add_precompute  # the chapters' experiments only, under a launcher
+
+    add_precompute(sub)
     return p
 
 

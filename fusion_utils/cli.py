@@ -6,6 +6,12 @@
     fusion-utils archs
     fusion-utils organisms train --all | organisms eval --all
     fusion-utils book build [--params book/params/default.yml]
+    fusion-utils book precompute --params book/params/llava-1.5-7b.yml   # the chapters' experiments only
+
+Data-parallel: start the same command under a launcher, e.g.
+``torchrun --nproc_per_node 8 -m fusion_utils run masking ...`` or ``accelerate launch -m fusion_utils run ...``;
+each rank takes a share of the samples and rank 0 prints the summary. A model larger than one GPU:
+``--device-map auto [--max-memory '{"0": "70GiB", "1": "70GiB"}']``.
 """
 from __future__ import annotations
 
@@ -25,17 +31,50 @@ def _parse_param(text: str):
         return key.strip(), value
 
 
+def _device_map(text: str | None):
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"--device-map {text!r}: give auto, balanced, sequential, or a JSON object of module -> "
+                         "device.")
+    return value
+
+
+def _max_memory(text: str | None):
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"--max-memory {text!r}: give a JSON object such as '{{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}}'.")
+    return {int(k) if str(k).isdigit() else k: v for k, v in value.items()}  # GPU indices as ints (accelerate)
+
+
 def _run(args) -> int:
+    from . import distributed
     from .data import load_dataset
     from .experiments import get_experiment
     from .models import load_model
 
     fn = get_experiment(args.experiment)
     params = dict(_parse_param(p) for p in args.param or [])
+    device_map, max_memory = _device_map(args.device_map), _max_memory(args.max_memory)
+    distributed.setup()  # under a launcher: join the job before loading, so each rank takes its own GPU
     dataset = load_dataset(args.dataset, split=args.split, n=args.samples, source=args.source, seed=args.data_seed)
     for name in args.model:
-        lm = load_model(name, device=args.device, dtype=args.dtype)
+        if device_map is not None:
+            lm = load_model(name, dtype=args.dtype, device_map=device_map, max_memory=max_memory)
+        else:
+            lm = load_model(name, device=args.device, dtype=args.dtype)
         result = fn(lm, dataset, out=args.out, batch_size=args.batch_size, seed=args.seed, **params)
+        if not distributed.is_main():
+            continue  # rank 0 reports for the job
         print(f"\n# {args.experiment} on {name} ({lm.fingerprint}), {dataset.name} n={len(dataset)}")
         print(result.summary.to_string(index=False))
         for key, value in result.extra.items():
@@ -68,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, default=None, help="number of samples (default: the dataset's size)")
     r.add_argument("--data-seed", type=int, default=None)
     r.add_argument("--out", default="runs", help="run records directory (resumable; default runs/)")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (under a launcher: each rank's own GPU)")
+    r.add_argument("--device-map", help="spread a model over devices: auto, balanced, or a JSON module -> device map")
+    r.add_argument("--max-memory", help="with --device-map: JSON memory per device, e.g. '{\"0\": \"70GiB\"}'")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--seed", type=int, default=0)
@@ -87,11 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"fusion-utils: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":  # pragma: no cover

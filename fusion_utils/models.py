@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .archs import ArchSpec, get_spec, resolve, supported
 
 ORGANISM_PREFIX = "organism:"
@@ -22,9 +23,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def organism_dir(name: str) -> Path:
-    """Directory of a shipped model organism (``organism:llava`` or ``llava``)."""
+    """Directory of a shipped model organism (``organism:llava``, ``llava`` or a variant such as ``llava-8l``)."""
+    from .organisms import DEFAULT_VARIANT, VARIANTS, weights_dir
+
     name = name[len(ORGANISM_PREFIX):] if name.startswith(ORGANISM_PREFIX) else name
-    path = Path(__file__).parent / "organisms" / "weights" / name
+    # `llava` / `qwen2_vl` name the default variant of each architecture (`llava-8l`, `llava-32l`, ...)
+    known = name in DEFAULT_VARIANT or name in VARIANTS
+    path = weights_dir(name) if known else Path(__file__).parent / "organisms" / "weights" / name
     if not (path / "config.json").is_file():
         shipped = sorted(p.name for p in path.parent.glob("*") if (p / "config.json").is_file()) if path.parent.is_dir() else []
         raise ValueError(
@@ -88,7 +93,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device, or with a ``device_map`` the device of its first (embedding) entry."""
+        first = self.meta.get("input_device")
+        return torch.device(first) if first is not None else next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,17 +130,25 @@ def _read_local_config(path: Path) -> dict:
 
 def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=None,
                attn_implementation: str = "sdpa", trust_remote_code: bool = False, allow_pickle: bool = False,
-               revision: str | None = None) -> LoadedModel:
+               revision: str | None = None, device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | os.PathLike | None = None) -> LoadedModel:
     """Load a supported MLLM and its processor.
 
     ``name_or_path``: a hub id (``llava-hf/llava-1.5-7b-hf``), a local ``save_pretrained`` directory, or
     ``organism:llava`` / ``organism:qwen2_vl``. ``dtype`` defaults to the checkpoint's own (fp32 for organisms);
     pass ``"bfloat16"`` on a GPU. Captured attention is always computed in float32 whatever the model dtype.
+
+    A model larger than one GPU: ``device_map="auto"`` (or ``"balanced"``, or a dict module name -> device, as in
+    transformers) spreads its layers over the visible GPUs through accelerate, within ``max_memory`` (e.g.
+    ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``); entries mapped to ``"disk"`` are offloaded to
+    ``offload_folder``. ``device`` is then left to the map. Every plan, capture and sweep works with the decoder's
+    layers on different devices (masks move to each layer's device; captured rows gather on the input device).
     """
     from transformers import AutoConfig, AutoProcessor
     import transformers
 
     name = str(name_or_path)
+    device = distributed.device_for(device)  # under a launcher, a bare "cuda" is this rank's GPU
     source = str(organism_dir(name)) if name.startswith(ORGANISM_PREFIX) else name
     local = Path(source).is_dir()
     if local:
@@ -158,28 +173,65 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder only apply with a device_map; pass device_map=\"auto\" "
+                         "(or a dict) as well.")
+    if device_map is not None:
+        if str(device) != "cpu":
+            raise ValueError(f"Pass either device={device!r} or device_map, not both: the map places every module.")
+        try:
+            import accelerate  # noqa: F401  (transformers dispatches a device_map through it)
+        except ImportError:
+            raise ValueError("device_map needs the accelerate package; pip install accelerate.") from None
+        if any(v == "disk" for v in (device_map.values() if isinstance(device_map, dict) else ())) \
+                and offload_folder is None:
+            raise ValueError("device_map sends modules to \"disk\"; pass offload_folder=DIR for their weights.")
+        kwargs.update(device_map=device_map, max_memory=max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     model = cls.from_pretrained(source, **kwargs)
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
         tok.padding_side = "left"  # batched generation needs left padding
-    lm = LoadedModel(model, processor, spec, name, model_fingerprint(model),
-                     meta={"source": source, "attn_implementation": attn_implementation})
+    meta = {"source": source, "attn_implementation": attn_implementation}
+    # transformers keeps the map only when it dispatched (an all-"cpu" dict places nothing): record what was asked
+    placed = getattr(model, "hf_device_map", None) or (device_map if isinstance(device_map, dict) else None)
+    if device_map is not None and placed:
+        meta["device_map"] = {k: str(v) for k, v in placed.items()}
+        meta["input_device"] = str(map_device(next(iter(placed.values()))))
+    lm = LoadedModel(model, processor, spec, name, model_fingerprint(model), meta=meta)
     lm.image_token_id  # fail early when the id is missing
     return lm
 
 
+def map_device(value) -> torch.device:
+    """The torch device of a ``hf_device_map`` value: a GPU index, a device name, or "disk" (computed on CPU)."""
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    return torch.device("cpu" if str(value) == "disk" else str(value))
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap content hash of a loaded model: its config plus, for every parameter, name, shape, dtype and a
-    strided sample of its values. Equal weights give equal fingerprints, whatever file or hub they came from."""
+    strided sample of its values. Equal weights give equal fingerprints, whatever file or hub they came from, and
+    however a device_map placed them (offloaded weights are read back from their offload)."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    state = model.state_dict()
+    if any(p.device.type == "meta" for p in state.values()):
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        loaded = get_state_dict_offloaded_model(model)
+        state = {k: loaded[k] for k in state}  # the model's own order: the hash must not depend on placement
     with torch.no_grad():
-        for pname, p in model.state_dict().items():
+        for pname, p in state.items():
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 512)
             sample = flat[::step][:512].float().cpu().numpy().tobytes()

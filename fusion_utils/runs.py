@@ -5,6 +5,10 @@ Layout::
     root/experiment/<key>/            key = config_hash(config)[:12]
         config.json                   {"key", "hash", "experiment", "config", "provenance"} (atomic write)
         records.jsonl                 one JSON object per line, each with a string "id"
+        records.rank<r>.jsonl         rank r's shard in a data-parallel run (r >= 1; rank 0 writes records.jsonl),
+                                      appended to records.jsonl by ``merge_shards`` once every rank has finished
+        progress.rank<r> / failed.rank<r>   while a data-parallel run is on: rank r's count of finished samples,
+                                      and its error if it failed (``note_progress`` / ``note_failure``)
         sessions.jsonl                provenance of every open_run (creation and each resume)
         summary.json / summary.csv    written atomically (``write_summary``)
 
@@ -22,7 +26,11 @@ directory (if ``config.json`` in the target holds another configuration, ``open_
 writes its lines with a single ``write`` call followed by flush + fsync, so a killed process leaves at most a
 truncated final line; ``records()`` ignores it and the next ``open_run`` cuts it off before appending. Summaries are
 written to a temporary file in the same directory and moved into place with ``os.replace``, so readers never see
-a partial file. One writer per run directory at a time (no locking).
+a partial file. One writer per file at a time (no locking): in a data-parallel run each rank appends to its own
+shard (``open_run(..., shard=rank)``) and only rank 0, after a barrier, merges the shards into ``records.jsonl``.
+Readers see every complete line of every file, and a sample's rows come from the first file holding its id
+(``records.jsonl``, then the shards by rank), so a merge killed between its append and its unlinking of the shards
+counts nothing twice.
 """
 from __future__ import annotations
 
@@ -90,7 +98,7 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 # the driver and the command line decide no number: editing them must not invalidate run records or chapter caches
-DRIVER_FILES = {"book.py", "cli.py"}
+DRIVER_FILES = {"book.py", "cli.py", "precompute.py", "__main__.py"}
 
 
 def package_source_hash() -> str:
@@ -215,23 +223,35 @@ def _json_default(o: Any) -> Any:
 class Run:
     """A run directory (see the module docstring). Create it with ``open_run``."""
 
-    def __init__(self, dir: Path, experiment: str, config: dict, key: str, hash: str):
+    def __init__(self, dir: Path, experiment: str, config: dict, key: str, hash: str, shard: int | None = None):
         self.dir = Path(dir)
         self.experiment = experiment
         self.config = config
         self.key = key
         self.hash = hash
         self.records_path = self.dir / "records.jsonl"
+        # where `append` writes: records.jsonl, or this rank's shard in a data-parallel run
+        self.write_path = self.records_path if not shard else self.dir / f"records.rank{int(shard)}.jsonl"
         self._done: set[str] | None = None
 
     def __repr__(self) -> str:
         return f"Run({self.experiment!r}, key={self.key!r}, dir={str(self.dir)!r})"
 
     # -- reading ---------------------------------------------------------------------------------------------------
-    def _iter_records(self) -> Iterable[dict]:
-        if not self.records_path.exists():
+    def shard_paths(self) -> list[Path]:
+        """The rank shards present in the directory, by rank."""
+        def rank_of(p: Path) -> int:
+            try:
+                return int(p.name[len("records.rank"):-len(".jsonl")])
+            except ValueError:
+                return -1
+        return sorted((p for p in self.dir.glob("records.rank*.jsonl") if rank_of(p) >= 0), key=rank_of)
+
+    def _iter_file(self, path: Path) -> Iterable[tuple[dict, bytes]]:
+        """(record, its line) for every complete record of one file."""
+        if not path.exists():
             return
-        with open(self.records_path, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read()
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]  # tail is b"" when the file ends with a newline
@@ -239,15 +259,83 @@ class Run:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield json.loads(line), line
             except json.JSONDecodeError:
-                raise ValueError(f"{self.records_path} line {i} is corrupt (not a truncated last line); repair or "
+                raise ValueError(f"{path} line {i} is corrupt (not a truncated last line); repair or "
                                  f"delete that line to continue this run.") from None
         if tail.strip():
             try:  # a complete record that only lacks its newline still counts
-                yield json.loads(tail)
+                yield json.loads(tail), tail
             except json.JSONDecodeError:
                 pass  # truncated by a kill: ignored
+
+    def _iter_lines(self) -> Iterable[tuple[dict, bytes]]:
+        shards = self.shard_paths()
+        if not shards:  # one writer: records.jsonl as it is
+            yield from self._iter_file(self.records_path)
+            return
+        seen: set[str] = set()  # ids of earlier files: a sample's rows come from the first file that holds it
+        for path in [self.records_path, *shards]:
+            here: set[str] = set()
+            for r, line in self._iter_file(path):
+                rid = str(r.get("id"))
+                if rid in seen:
+                    continue
+                here.add(rid)
+                yield r, line
+            seen |= here
+
+    def _iter_records(self) -> Iterable[dict]:
+        for r, _ in self._iter_lines():
+            yield r
+
+    # -- notes between the ranks of a data-parallel run (progress for rank 0's bar, failures to stop early) --------
+    def note_progress(self, rank: int, done: int) -> None:
+        """Record that ``rank`` has finished ``done`` samples of this session (read by rank 0 for its bar)."""
+        path = self.dir / f"progress.rank{int(rank)}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(str(int(done)))
+        os.replace(tmp, path)  # a reader sees the old or the new count, never half of one
+
+    def progress(self) -> dict[int, int]:
+        """Each rank's last noted count of finished samples."""
+        out = {}
+        for p in self.dir.glob("progress.rank*"):
+            try:
+                out[int(p.name[len("progress.rank"):])] = int(p.read_text() or 0)
+            except (ValueError, OSError):
+                continue  # replaced or removed meanwhile: the next read has it
+        return out
+
+    def note_failure(self, rank: int, message: str) -> None:
+        """Record ``rank``'s error, so the other ranks stop after their current batch."""
+        atomic_write_text(self.dir / f"failed.rank{int(rank)}", message)
+
+    def failures(self) -> list[str]:
+        """The errors noted by failed ranks of this session."""
+        return [p.read_text(encoding="utf-8") for p in sorted(self.dir.glob("failed.rank*"))]
+
+    def clear_notes(self) -> None:
+        """Remove the progress and failure notes (before a session starts, and after it ends)."""
+        for p in [*self.dir.glob("progress.rank*"), *self.dir.glob("failed.rank*")]:
+            p.unlink(missing_ok=True)
+
+    def merge_shards(self) -> int:
+        """Append the rank shards' records to records.jsonl (one durable write) and delete the shards; returns the
+        number of lines moved. Call it from one process only, when no rank is writing."""
+        shards = self.shard_paths()
+        if not shards:
+            return 0
+        have = {str(r["id"]) for r, _ in self._iter_file(self.records_path) if "id" in r}
+        moved = [line for r, line in self._iter_lines() if str(r.get("id")) not in have]
+        if moved:
+            self._repair_tail(self.records_path)
+            write_lines(self.records_path, b"\n".join(moved) + b"\n")
+        for p in shards:
+            p.unlink()
+        _fsync_dir(self.dir)
+        self._done = None
+        return len(moved)
 
     def records(self):
         """All records as a pandas DataFrame (a truncated last line left by a kill is ignored)."""
@@ -285,16 +373,7 @@ class Run:
             lines.append(json.dumps(r, default=_json_default, ensure_ascii=False))
         if not lines:
             return
-        payload = ("\n".join(lines) + "\n").encode("utf-8")
-        fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(payload)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_lines(self.write_path, ("\n".join(lines) + "\n").encode("utf-8"))
         if self._done is not None:
             self._done.update(ids)
 
@@ -314,9 +393,9 @@ class Run:
         atomic_write_text(path, text)
         return path
 
-    def _repair_tail(self) -> None:
+    def _repair_tail(self, path: Path | None = None) -> None:
         """Cut off a truncated final line (left by a kill) so that new appends start on a fresh line."""
-        p = self.records_path
+        p = self.write_path if path is None else path
         if not p.exists() or p.stat().st_size == 0:
             return
         with open(p, "rb+") as f:
@@ -339,6 +418,19 @@ class Run:
             os.fsync(f.fileno())
 
 
+def write_lines(path: Path, payload: bytes) -> None:
+    """Append ``payload`` to ``path`` with one write call, then fsync (a kill leaves at most a truncated last line)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _default_index(obj) -> bool:
     import pandas as pd
 
@@ -359,9 +451,10 @@ def _check_name(experiment: str) -> None:
         raise ValueError(f"Experiment name {experiment!r} must be a non-empty plain folder name (no slashes).")
 
 
-def open_run(root: str | os.PathLike, experiment: str, config: Mapping[str, Any]) -> Run:
+def open_run(root: str | os.PathLike, experiment: str, config: Mapping[str, Any], *, shard: int | None = None) -> Run:
     """Open (create or resume) the run of ``experiment`` with ``config`` under ``root/experiment/<hash12>/``.
 
+    ``shard=r`` (r >= 1) makes `Run.append` write rank r's shard ``records.rank<r>.jsonl`` instead of records.jsonl.
     Raises ValueError if that directory already holds a different configuration.
     """
     _check_name(experiment)
@@ -385,7 +478,7 @@ def open_run(root: str | os.PathLike, experiment: str, config: Mapping[str, Any]
     else:
         doc = {"key": key, "hash": digest, "experiment": experiment, "config": canon, "provenance": prov}
         atomic_write_text(cfg_path, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    run = Run(d, experiment, canon, key, digest)
+    run = Run(d, experiment, canon, key, digest, shard=shard)
     run._repair_tail()
     with open(d / "sessions.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({**prov, "ids_done_before": len(run.done_ids())}, default=_json_default) + "\n")

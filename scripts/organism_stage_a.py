@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
         (model if k.startswith("m.") else recipe)[k[2:] if k.startswith("m.") else k] = value
 
     class StopEarly(Trainer):
-        def _begin(self, part, lr, steps, desc):
-            params, opt, sched, bar, t0 = super()._begin(part, lr, steps, desc)
+        def _begin(self, part, lr, steps, desc, stage=None):
+            params, opt, sched, bar, t0 = super()._begin(part, lr, steps, desc, stage)
             return params, opt, sched, tqdm(range(min(stop, steps)), desc=desc, mininterval=30), t0
 
     tr = StopEarly(name, seed=0, threads=threads, recipe=recipe, **model)

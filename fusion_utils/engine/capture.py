@@ -73,7 +73,8 @@ class Collector:
         n_max = idx.shape[1]
         img = probs.gather(-1, idx[:, None, None, :].expand(B, H, r, n_max))
         img = img.masked_fill(pad[:, None, None, :], float("nan"))
-        self.captured.setdefault(step.layer, []).append(img.permute(2, 0, 1, 3).detach())  # [r, B, H, N]
+        # gathered on the batch's device: layers on other devices (device_map) stack into one tensor
+        self.captured.setdefault(step.layer, []).append(img.permute(2, 0, 1, 3).detach().to(self.index.device))
 
     def maps(self) -> AttentionMaps:
         if not self.captured:

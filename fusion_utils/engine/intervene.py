@@ -51,8 +51,8 @@ class Installed:
     def needs_attention(self) -> bool:
         return bool(self.attention) or bool(self.reads)
 
-    def step(self, j: int, offset: int, q_len: int, k_len: int | None = None) -> Step:
-        return Step(j, offset, q_len, offset + q_len if k_len is None else k_len, self.site.seq_len)
+    def step(self, j: int, offset: int, q_len: int, k_len: int | None = None, device=None) -> Step:
+        return Step(j, offset, q_len, offset + q_len if k_len is None else k_len, self.site.seq_len, device)
 
     # hidden states
     def pre_hook(self, j: int):
@@ -60,7 +60,7 @@ class Installed:
             if self.replaying:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            step = self.step(j, cache_offset(kwargs, j), hidden.shape[1])
+            step = self.step(j, cache_offset(kwargs, j), hidden.shape[1], device=hidden.device)
             restore = [e.restore for e in self.inputs[j] if e.restore is not None]
             if restore:
                 self.save_unedited(module, j, args, kwargs, step, restore)
@@ -97,9 +97,10 @@ class Installed:
             saved = self.saved.pop(j, None)
             if saved is not None:
                 plain, keep = saved
-                hidden = torch.where(keep[..., None], plain, hidden)
+                hidden = torch.where(keep[..., None].to(hidden.device), plain.to(hidden.device), hidden)
             if j in self.outputs:
-                step = self.step(j, cache_offset(kwargs, j, after=hidden.shape[1]), hidden.shape[1])
+                step = self.step(j, cache_offset(kwargs, j, after=hidden.shape[1]), hidden.shape[1],
+                                 device=hidden.device)
                 for e in self.outputs[j]:
                     hidden = e.fn(hidden, step)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -112,7 +113,7 @@ class Installed:
         Edits that only block edges stay boolean (cheap, and sdpa keeps its boolean-mask path); additive biases
         (``log λ``) turn the mask into floats."""
         q_len, k_len = query.shape[2], key.shape[2]
-        step = self.step(j, k_len - q_len, q_len, k_len)
+        step = self.step(j, k_len - q_len, q_len, k_len, device=query.device)
         B = self.site.batch_size
         blocked = bias = None
         for e in self.attention.get(j, ()):

@@ -141,23 +141,26 @@ class Step:
     q_len: int
     k_len: int
     seq_len: int  # the prompt's length; positions >= seq_len are generated tokens
+    # the device of this layer's hidden states / queries: with the decoder split across devices (device_map),
+    # masks built on the batch's device are moved here, so every edit combines tensors of one device
+    device: torch.device | None = None
 
     def queries(self, member: torch.Tensor, generated: bool = False) -> torch.Tensor:
         """bool [batch, q_len]: which of this call's queries are in ``member`` ([batch, seq]); generated tokens
         count as ``generated``."""
-        return _window(member, self.offset, self.offset + self.q_len, self.seq_len, generated)
+        return _window(member, self.offset, self.offset + self.q_len, self.seq_len, generated, self.device)
 
     def keys(self, member: torch.Tensor, generated: bool = False) -> torch.Tensor:
         """bool [batch, k_len]: which keys are in ``member``."""
-        return _window(member, 0, self.k_len, self.seq_len, generated)
+        return _window(member, 0, self.k_len, self.seq_len, generated, self.device)
 
 
-def _window(member, start, stop, S, generated):
+def _window(member, start, stop, S, generated, device=None):
     inside = member[:, start:min(stop, S)]
     if stop > S:
         gen = torch.full((member.shape[0], stop - max(start, S)), generated, dtype=torch.bool, device=member.device)
         inside = torch.cat([inside, gen], dim=1)
-    return inside
+    return inside if device is None else inside.to(device)
 
 
 # --- edits --------------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def run_growing(lm, rec, variants, windows, img, B, batched):
         zero_rows = torch.tensor([j in windows[v] for v in active], device=img.device).repeat_interleave(B)
         if zero_rows.any():
             m = img.repeat(n, 1) & zero_rows[:, None]
-            hidden = hidden.masked_fill(m[..., None], 0.0)
+            hidden = hidden.masked_fill(m[..., None].to(hidden.device), 0.0)  # layer j's device (device_map)
         kw = {k: tile(v, B, n) for k, v in kwargs.items()}
         out = lm.layers[j](hidden, *(tile(a, B, n) for a in args), **kw)
         hidden = out[0] if isinstance(out, tuple) else out
@@ -230,7 +230,8 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
     if mode == "zero":  # each masked layer's prefix keys and values, computed once from zeroed image inputs
         for j in sorted(set().union(*windows.values())):
             args, kwargs = rec.rest(j)
-            h = rec.hidden(j)[:, :P].masked_fill(img[:, :P, None], 0.0)
+            h = rec.hidden(j)[:, :P]
+            h = h.masked_fill(img[:, :P, None].to(h.device), 0.0)
             scratch = fork_cache(cache, j)
             lm.layers[j](h, *args, past_key_values=scratch, **position_slice(kwargs, 0, P, S, P, B, device))
             zero_kv[j] = layer_kv(scratch, j)
@@ -250,7 +251,7 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
         k0, v0 = prefix_kv[j]
         if mode == "zero" and masked.any():
             kz, vz = zero_kv[j]
-            pick = masked[:, None, None, None]
+            pick = masked[:, None, None, None].to(kz.device)
             set_layer_kv(cache, j, torch.where(pick, kz.repeat(n, 1, 1, 1), k0.repeat(n, 1, 1, 1)),
                          torch.where(pick, vz.repeat(n, 1, 1, 1), v0.repeat(n, 1, 1, 1)))
         else:
@@ -262,10 +263,12 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
             hidden = res[0] if isinstance(res, tuple) else res
             continue
         zero_here = suffix_img.repeat(n, 1) & masked[:, None]  # image positions past P of the masked rows
-        res = lm.layers[j](hidden.masked_fill(zero_here[..., None], 0.0), *rest, past_key_values=cache, **kw)
+        res = lm.layers[j](hidden.masked_fill(zero_here[..., None].to(hidden.device), 0.0), *rest,
+                           past_key_values=cache, **kw)
         out_j = res[0] if isinstance(res, tuple) else res
         if zero_here.any() and j + 1 < L:  # those positions' own outputs stay unmasked: the plain pass's
-            out_j = torch.where(zero_here[..., None], rec.hidden(j + 1)[:, P:].repeat(n, 1, 1), out_j)
+            out_j = torch.where(zero_here[..., None].to(out_j.device),
+                                rec.hidden(j + 1)[:, P:].repeat(n, 1, 1).to(out_j.device), out_j)
         hidden = out_j
     last = head(lm, hidden[:, -1])
     results = {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, distributed
 from ..data import SampleSet
 from ..engine import intervene
 from ..metrics import score as score_answer
@@ -153,7 +153,12 @@ def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, co
 
     With ``out`` set, records go to ``out/<name>/<config hash>/records.jsonl`` as each batch completes, and a run
     killed midway resumes where it stopped. Without it, records stay in memory.
+
+    Under a launcher (torchrun, accelerate launch) the ranks share the work: see `run_distributed`.
     """
+    if distributed.setup():
+        return run_distributed(name, lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
+                               seed=seed, progress=progress)
     run = None
     done: set[str] = set()
     if out is not None:
@@ -178,6 +183,8 @@ def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, co
         bar.update(len(chunk))
     bar.close()
     if run is not None:
+        run.merge_shards()  # a data-parallel run resumed here in one process: its shards join records.jsonl
+        run.clear_notes()  # and its progress and failure notes go
         df = run.records()
         if "empty" in df.columns:
             df = df[df["empty"].isna()].drop(columns=["empty"])
@@ -186,9 +193,110 @@ def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, co
     return pd.DataFrame(rows)
 
 
+def failed_sample(lm, per_batch: Callable, chunk, err: BaseException) -> tuple[str, BaseException]:
+    """Which sample of a failed batch raised, and its error: the batch's samples are retried one at a time (a
+    failure path only), so the message names one sample id rather than a whole batch."""
+    if len(chunk) > 1:
+        for s in chunk:
+            try:
+                per_batch(lm, [s])
+            except Exception as e:  # noqa: BLE001 - any error is the one to report
+                return f"sample {s.id!r}", e
+    if len(chunk) == 1:
+        return f"sample {chunk[0].id!r}", err
+    return f"the batch of samples {[s.id for s in chunk]!r}", err
+
+
+def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, config: dict, out: str | None,
+                    batch_size: int, seed: int, progress: bool) -> pd.DataFrame:
+    """`run_experiment` on one rank of a data-parallel job (every rank calls it with the same arguments).
+
+    - Split: the samples not yet recorded are cut into batches exactly as one process would cut them; batch k goes
+      to rank k mod W. A fresh run thus computes every sample in the same batch as one process does (equal values).
+    - Write: rank 0 appends to records.jsonl, rank r to records.rank<r>.jsonl; before starting, rank 0 merges any
+      shards an earlier, killed run left, and only then (after a barrier) do the ranks read what is done, so a run
+      resumes with any number of ranks and recomputes nothing.
+    - Progress and failure: the ranks do not wait for each other between batches (a slow batch on one rank holds
+      up no other). Each notes its count of finished samples in the run directory, and rank 0's bar counts them
+      all. A rank that raises notes its error there and stops; the others stop after their current batch. Then all
+      ranks exchange their counts and errors (bounded by the group's timeout), and every rank raises `RankFailed`
+      with the failing rank's message and sample id. Without a run directory a failure surfaces at that exchange.
+    - Merge: after the exchange rank 0 appends the shards to records.jsonl; after a barrier every rank reads the
+      merged records (in dataset order), so each returns the same table.
+    """
+    r, world = distributed.rank(), distributed.world_size()
+    run = None
+    done: set[str] = set()
+    if out is not None:
+        from ..runs import open_run
+
+        if r == 0:
+            run = open_run(out, name, config)
+            run.merge_shards()  # an earlier run killed before its merge
+            run.clear_notes()  # an earlier session's progress and failures are not this one's
+        distributed.barrier()
+        if r != 0:
+            run = open_run(out, name, config, shard=r)
+        done = run.done_ids()
+    todo = [s for s in dataset if str(s.id) not in done]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    mine: list[tuple[int, list[dict]]] = []
+    seed_everything(seed)
+    bar = tqdm(total=len(todo), desc=f"{name} [{lm.spec.model_type}] x{world} ranks",
+               disable=not progress or r != 0, unit="sample")
+    finished, error, cause = 0, None, None
+    for index in distributed.shard(len(batches)):
+        if run is not None and run.failures():
+            break  # another rank failed: stop here, the exchange below reports its error
+        chunk = batches[index]
+        try:
+            records = per_batch(lm, chunk)
+            by_id: dict[str, list[dict]] = {}
+            for rec in records:
+                by_id.setdefault(str(rec["id"]), []).append(rec)
+            if run is not None:
+                for s in chunk:  # one write per sample: a sample is recorded whole or not at all
+                    run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
+            mine.append((index, records))
+        except Exception as err:  # noqa: BLE001 - reported to every rank below, then raised
+            where, cause = failed_sample(lm, per_batch, chunk, err)
+            error = f"rank {r} failed on {where} of {name}: {type(cause).__name__}: {cause}"
+            if run is not None:
+                run.note_failure(r, error)
+            break
+        finished += len(chunk)
+        if run is None:
+            bar.update(len(chunk))
+        elif r == 0:
+            bar.update(finished + sum(n for k, n in run.progress().items() if k != 0) - bar.n)
+        else:
+            run.note_progress(r, finished)
+    statuses = distributed.step(finished, error)  # every rank, failed or not, meets here: nobody waits forever
+    message = distributed.failure(statuses)
+    if message is not None:
+        bar.close()
+        raise distributed.RankFailed(message) from cause
+    bar.update(sum(s.done for s in statuses) - bar.n)
+    bar.close()
+    if run is None:
+        parts = [p for rank_parts in distributed.gather_objects(mine) for p in rank_parts]
+        return pd.DataFrame([rec for _, records in sorted(parts, key=lambda p: p[0]) for rec in records])
+    if r == 0:
+        run.merge_shards()
+        run.clear_notes()
+    distributed.barrier()
+    df = run.records()
+    if "empty" in df.columns:
+        df = df[df["empty"].isna()].drop(columns=["empty"])
+    order = {str(i): n for n, i in enumerate(dataset.ids)}  # dataset order, as a fresh single-process run has it
+    df = df.iloc[np.argsort([order.get(str(i), len(order)) for i in df["id"]], kind="stable")]
+    df.attrs["run_dir"] = str(run.dir)
+    return df.reset_index(drop=True)
+
+
 def finish(name: str, records: pd.DataFrame, summary: pd.DataFrame, config: dict, **extra) -> ExperimentResult:
     run_dir = records.attrs.get("run_dir")
-    if run_dir is not None:
+    if run_dir is not None and distributed.is_main():  # one writer: rank 0 under a launcher
         from ..runs import atomic_write_text  # noqa: F401  (summary written atomically below)
         from pathlib import Path
 
@@ -199,4 +307,5 @@ def finish(name: str, records: pd.DataFrame, summary: pd.DataFrame, config: dict
 
 
 __all__ = ["Decoding", "answer", "generate", "decode_new", "score", "first_token_ids", "run_experiment",
-           "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything"]
+           "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything", "run_distributed",
+           "failed_sample"]

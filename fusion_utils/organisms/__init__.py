@@ -1,22 +1,48 @@
-"""Two tiny real-architecture MLLMs ("model organisms") trained on the procedural world.
+"""Tiny real-architecture MLLMs ("model organisms") trained on the procedural world.
 
-``llava`` (LlavaForConditionalGeneration) and ``qwen2_vl`` (Qwen2VLForConditionalGeneration); weights, processor
-and model card live in ``weights/<name>/`` and load offline with ``<ModelClass>.from_pretrained(dir)`` +
-``AutoProcessor.from_pretrained(dir)``.
+Two architectures, ``llava`` (LlavaForConditionalGeneration) and ``qwen2_vl`` (Qwen2VLForConditionalGeneration), each
+at two depths: the fast 8-layer organisms (``llava-8l``, ``qwen2_vl-8l``) and the deep ones at the depths of
+LLaVA-1.5-7B and Qwen2.5-VL-7B (``llava-32l``, ``qwen2_vl-28l``, issue 16). ``llava`` / ``qwen2_vl`` name the default
+of each architecture (``DEFAULT_VARIANT``). Weights, processor and model card live in ``weights/<variant>/`` and load offline
+with ``<ModelClass>.from_pretrained(dir)`` + ``AutoProcessor.from_pretrained(dir)``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-ORGANISMS = ("llava", "qwen2_vl")
+# variant -> architecture (its model sizes are build.SIZES, its recipe departures train.ORGANISM_RECIPE)
+VARIANTS = {"llava-8l": "llava", "qwen2_vl-8l": "qwen2_vl", "llava-32l": "llava", "qwen2_vl-28l": "qwen2_vl",
+            "llava-16l": "llava"}  # llava-16l: issue 16's fallback depth, measured against llava-32l (build.SIZES)
+# what `organism:llava` / `organism:qwen2_vl` load. The deep organisms become the default only once their weights are
+# trained, committed and meet issue 16's bar (`fusion-utils organisms eval --all` says whether they do); until then
+# the 8-layer ones stay the default, so the book and the tests do not change under anyone's feet.
+DEFAULT_VARIANT = {"llava": "llava-8l", "qwen2_vl": "qwen2_vl-8l"}
+ORGANISMS = tuple(DEFAULT_VARIANT)  # the default pair (the book's models, the tests' fixtures)
+DEEP = ("llava-32l", "qwen2_vl-28l")
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 
 
-def weights_dir(name: str) -> Path:
+def resolve_name(name: str) -> str:
+    """The variant an organism name means (``organism:llava`` -> ``llava-8l`` while that is the default)."""
     name = name.split(":", 1)[1] if name.startswith("organism:") else name
-    if name not in ORGANISMS:
-        raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ORGANISMS)}.")
-    return WEIGHTS_ROOT / name
+    name = DEFAULT_VARIANT.get(name, name)
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(list(DEFAULT_VARIANT) + list(VARIANTS))}.")
+    return name
+
+
+def arch_of(name: str) -> str:
+    """The architecture (``llava`` or ``qwen2_vl``) of an organism name or variant."""
+    return VARIANTS[resolve_name(name)]
+
+
+def weights_dir(name: str) -> Path:
+    return WEIGHTS_ROOT / resolve_name(name)
+
+
+def shipped(names=None) -> list[str]:
+    """The variants whose weights are in the package."""
+    return [n for n in (names or VARIANTS) if (weights_dir(n) / "model.safetensors").exists()]
 
 
 def load(name_or_dir, dtype=None):
@@ -33,4 +59,5 @@ def load(name_or_dir, dtype=None):
     return model, AutoProcessor.from_pretrained(path)
 
 
-__all__ = ["ORGANISMS", "WEIGHTS_ROOT", "weights_dir", "load"]
+__all__ = ["ORGANISMS", "VARIANTS", "DEFAULT_VARIANT", "DEEP", "WEIGHTS_ROOT", "resolve_name", "arch_of", "weights_dir",
+           "shipped", "load"]

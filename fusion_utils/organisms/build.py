@@ -13,8 +13,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from ..data import world
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
+from . import arch_of, resolve_name
 
-ORGANISMS = ("llava", "qwen2_vl")
+ARCHITECTURES = ("llava", "qwen2_vl")  # the architectures an organism can have (names: organisms.VARIANTS)
 IMAGE_SIZE = world.IMAGE_SIZE
 N_IMAGE_TOKENS = world.GRID * world.GRID
 
@@ -64,7 +65,7 @@ def build_tokenizer(name: str):
     """A word-level PreTrainedTokenizerFast (lowercasing, whitespace + punctuation split), left padding."""
     from transformers import PreTrainedTokenizerFast
 
-    sp = SPECIALS[name]
+    sp = SPECIALS[arch_of(name)]
     specials = [t for t in (sp["pad"], sp["bos"], sp["eos"], sp["unk"]) if t] + sp["extra"]
     scene = list(world.SCENE_TOKENS)
     vocab = {t: i for i, t in enumerate(specials + scene + words())}
@@ -85,7 +86,7 @@ def build_tokenizer(name: str):
               padding_side="left", model_max_length=512, clean_up_tokenization_spaces=True)
     if sp["bos"]:
         kw["bos_token"] = sp["bos"]
-    if name == "llava":
+    if arch_of(name) == "llava":
         kw["extra_special_tokens"] = {"image_token": "<image>"}
     else:
         kw["extra_special_tokens"] = {"image_token": "<|image_pad|>", "vision_start_token": "<|vision_start|>",
@@ -94,6 +95,7 @@ def build_tokenizer(name: str):
 
 
 def build_processor(name: str):
+    name = arch_of(name)
     tokenizer = build_tokenizer(name)
     if name == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
@@ -118,7 +120,7 @@ def build_processor(name: str):
             vp = None
         return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp,
                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ORGANISMS)}.")
+    raise ValueError(f"Unknown organism {name!r}; use one of {', '.join(ARCHITECTURES)}.")
 
 
 # default sizes (see README / model cards). rope_theta is scaled to the organisms' short contexts and 16-dim heads:
@@ -138,8 +140,31 @@ DEFAULTS = {
 }
 
 
+# per-variant departures from DEFAULTS (issue 16: the deep organisms, at the decoder depths of LLaVA-1.5-7B and
+# Qwen2.5-VL-7B). Depth costs compute, so the width is halved (head size kept at 16, so rope_theta and M-RoPE's
+# sections still resolve the grid, see above). Stage (a) seconds/step, one torch thread, batch 64, the other core busy
+# (`python scripts/organism_timing.py`, 2026-11-30):
+#   llava  8 layers x 64 (shipped 8l)        0.29 s/step   829k params
+#   llava 32 layers x 32, FFN 96             0.47 s/step   816k params   <- llava-32l
+#   llava 32 layers x 32, FFN 64             0.43 s/step   718k params
+#   llava 32 layers x 48, 3 heads, FFN 144   0.76 s/step   1.36M params
+#   llava 32 layers x 64, 4 heads, FFN 192   1.09 s/step   2.11M params
+# 3600 steps of stage (a) at 0.47 s/step are 28 min, at 0.76 s/step 46 min: with the vision, joint and two-image
+# stages after it, only width 32 leaves room in issue 16's 60 min per organism when the machine is shared (the
+# 8-layer llava ran at 0.47 s/step in `make -j2 organisms`, 1.6x its unloaded 0.29).
+SIZES = {
+    "llava-8l": {},
+    "qwen2_vl-8l": {},
+    "llava-32l": dict(text_layers=32, width=32, heads=2, ffn=96),
+    "qwen2_vl-28l": dict(text_layers=28, width=32, heads=2, ffn=96),
+    "llava-16l": dict(text_layers=16, width=48, heads=3, ffn=144),
+}
+
+
 def build_config(name: str, tokenizer, **overrides):
-    d = {**DEFAULTS[name], **overrides}
+    """The model config of organism `name` (an architecture or a variant: `llava`, `llava-32l`, ...)."""
+    d = {**DEFAULTS[arch_of(name)], **SIZES[resolve_name(name)], **overrides}
+    name = arch_of(name)
     vocab = len(tokenizer)
     if name == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -190,6 +215,7 @@ def build_config(name: str, tokenizer, **overrides):
 def model_class(name: str):
     import transformers
 
+    name = arch_of(name)
     return getattr(transformers, {"llava": "LlavaForConditionalGeneration",
                                   "qwen2_vl": "Qwen2VLForConditionalGeneration"}[name])
 

@@ -3,61 +3,106 @@ from __future__ import annotations
 
 import argparse
 
-from . import ORGANISMS
+from . import DEEP, DEFAULT_VARIANT, VARIANTS, resolve_name, shipped
+
+NAMES = tuple(DEFAULT_VARIANT) + tuple(VARIANTS)
 
 
-def _names(args) -> list[str]:
-    if args.all or not args.name:
-        return list(ORGANISMS)
-    if args.name not in ORGANISMS:
-        raise SystemExit(f"Unknown organism {args.name!r}; use one of {', '.join(ORGANISMS)} or --all.")
-    return [args.name]
+def _names(args, for_eval: bool) -> list[str]:
+    if args.name and args.all:
+        raise SystemExit("Give an organism name or --all, not both.")
+    if args.name:
+        return [resolve_name(args.name)]
+    if for_eval:  # every variant whose weights ship
+        return shipped()
+    return list(DEEP)  # `train --all`: the organisms issue 16 asks `make organisms` to retrain
 
 
 def _train(args) -> int:
+    from pathlib import Path
+
     from .train import train
 
-    for name in _names(args):
+    names = _names(args, for_eval=False)
+    for name in names:
         out = None
         if args.out:
-            from pathlib import Path
-
-            out = Path(args.out) / name if (args.all or not args.name) else Path(args.out)
-        train(name, out_dir=out, seed=args.seed, threads=args.threads)
+            out = Path(args.out) / name if len(names) > 1 else Path(args.out)
+        ckpt = Path(args.ckpt_dir) / name if args.ckpt_dir and len(names) > 1 else args.ckpt_dir
+        train(name, out_dir=out, seed=args.seed, threads=args.threads, ckpt_dir=ckpt, resume=not args.no_resume,
+              stop_after=args.stop_after, ckpt_every=args.ckpt_every, evaluate_after=not args.no_eval)
     return 0
 
 
 def _eval(args) -> int:
     from .evaluate import bar_status, evaluate, format_table
 
-    for name in _names(args):
-        target = args.dir if args.dir else name
-        table = evaluate(target, n=args.n, split=args.split, seed=args.seed, blank=not args.no_blank)
+    from pathlib import Path
+
+    from . import weights_dir
+    from .evaluate import trained_with_two_images
+
+    targets = [(args.name or args.dir, Path(args.dir))] if args.dir else \
+        [(n, weights_dir(n)) for n in _names(args, for_eval=True)]
+    for name, path in targets:
+        two = not args.no_two_image
+        table = evaluate(path, n=args.n, split=args.split, seed=args.seed, blank=not args.no_blank, two_image=two)
         print(f"\n## {name} ({args.split}, n={args.n})\n{format_table(table)}")
         if "gap" in table:
-            print(bar_status(table))
+            # the two-image parts of the bar are issue 16's, for organisms trained with stage (e)
+            print(bar_status(table, two_image=two and trained_with_two_images(path)))
+    return 0
+
+
+def _card(args) -> int:
+    from pathlib import Path
+
+    from . import weights_dir
+    from .evaluate import bar_status, evaluate, format_table, trained_with_two_images, write_model_card
+
+    name = resolve_name(args.name)
+    path = Path(args.dir) if args.dir else weights_dir(name)
+    table = evaluate(path, n=500, split="test", two_image=True)
+    print(f"\n## {name} (test, n=500)\n{format_table(table)}")
+    print(bar_status(table, two_image=trained_with_two_images(path)))
+    print(f"model card: {write_model_card(name, path, table)}")
     return 0
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("organisms", help="train / evaluate the two model organisms (llava, qwen2_vl)")
+    p = subparsers.add_parser("organisms", help="train / evaluate the model organisms (llava, qwen2_vl; 8-layer and deep)")
     sub = p.add_subparsers(dest="organisms_cmd", required=True)
     t = sub.add_parser("train", help="run the staged training recipe and save weights + processor + model card")
-    t.add_argument("name", nargs="?", choices=ORGANISMS)
-    t.add_argument("--all", action="store_true", help="train every organism")
-    t.add_argument("--out", help="output directory (default: the shipped fusion_utils/organisms/weights/<name>)")
+    t.add_argument("name", nargs="?", choices=NAMES,
+                   help=f"an organism (llava / qwen2_vl: the default variant, now {', '.join(DEFAULT_VARIANT.values())})")
+    t.add_argument("--all", action="store_true", help=f"train the deep organisms ({', '.join(DEEP)})")
+    t.add_argument("--out", help="output directory (default: the shipped fusion_utils/organisms/weights/<variant>)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    t.add_argument("--ckpt-dir", help="stage and mid-stage checkpoints (default: a directory under the system temp "
+                                      "dir named by the recipe's hash); a rerun with the same one resumes")
+    t.add_argument("--ckpt-every", type=int, default=100, help="steps between mid-stage checkpoints (0: none)")
+    t.add_argument("--stop-after", choices=("text", "vision", "joint", "two"),
+                   help="end after this stage's checkpoint (resume later with the same --ckpt-dir)")
+    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.add_argument("--no-eval", action="store_true",
+                   help="save the weights without evaluating them or writing the model card (`organisms card` does later)")
     t.set_defaults(func=_train)
-    e = sub.add_parser("eval", help="accuracy per family and on blank images")
-    e.add_argument("name", nargs="?", choices=ORGANISMS)
-    e.add_argument("--all", action="store_true")
+    e = sub.add_parser("eval", help="accuracy per family, on blank images and with two images")
+    e.add_argument("name", nargs="?", choices=NAMES)
+    e.add_argument("--all", action="store_true", help="every organism whose weights ship (the default)")
     e.add_argument("--dir", help="evaluate weights in this directory instead of the shipped ones")
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--no-blank", action="store_true", help="skip the blank-image control")
+    e.add_argument("--no-two-image", action="store_true",
+                   help="skip the two-image controls (same image twice, relevant crop, irrelevant crop)")
     e.set_defaults(func=_eval)
+    c = sub.add_parser("card", help="evaluate saved weights on the 500 test questions and (re)write their model card")
+    c.add_argument("name", choices=NAMES)
+    c.add_argument("--dir", help="the weights directory (default: the shipped one of NAME)")
+    c.set_defaults(func=_card)
     return p
 
 

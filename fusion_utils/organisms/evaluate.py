@@ -20,64 +20,108 @@ def _normalise(s: str) -> str:
 
 @torch.no_grad()
 def predict(model, processor, samples, images=None, batch_size: int = 50, desc: str = "eval") -> list[str]:
-    """Greedy answers (new tokens only) for `samples`, optionally replacing their images."""
+    """Greedy answers (new tokens only) for `samples`, optionally replacing their images (an image, or a list of
+    images per sample: [original, crop] is a prompt with two image placeholders, as hub LLaVA / Qwen2-VL take it)."""
     preds: list[str] = []
     model.eval()
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, mininterval=5, leave=False):
         batch = list(samples[i:i + batch_size])
         imgs = images[i:i + batch_size] if images is not None else [s.image for s in batch]
-        texts = [render_prompt(processor, user_text(s.question)) for s in batch]
-        enc = processor(images=imgs, text=texts, padding=True, return_tensors="pt")
+        imgs = [list(im) if isinstance(im, (list, tuple)) else [im] for im in imgs]  # one placeholder per image
+        texts = [render_prompt(processor, user_text(s.question), n_images=len(im)) for s, im in zip(batch, imgs)]
+        enc = processor(images=[x for im in imgs for x in im], text=texts, padding=True, return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=4, do_sample=False)
         preds += [_normalise(t) for t in processor.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                 skip_special_tokens=True)]
     return preds
 
 
+# the two-image controls (issue 16): column -> second-image kind of `two_images.images_for`
+TWO_IMAGE = {"same_twice": "same", "relevant_crop": "relevant", "irrelevant_crop": "irrelevant"}
+
+
+def two_image_sets(ds, seed: int = 0) -> dict[str, list]:
+    """The controls' image lists for `ds`: [original, original], [original, crop of the relevant cells],
+    [original, same-size crop of the fewest relevant cells] (its place drawn from a generator seeded per question)."""
+    from .two_images import images_for
+
+    return {col: [images_for(s, kind, np.random.default_rng([seed, 23, i])) for i, s in enumerate(ds)]
+            for col, kind in TWO_IMAGE.items()}
+
+
 def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | None = None,
-             blank: bool = True, batch_size: int = 50) -> pd.DataFrame:
-    """Accuracy per family (rows) and overall: columns n, accuracy, blank_accuracy, gap (all in [0, 1])."""
+             blank: bool = True, batch_size: int = 50, two_image: bool = False) -> pd.DataFrame:
+    """Accuracy per family (rows) and overall: columns n, accuracy, blank_accuracy, gap, and with `two_image` the
+    accuracy with [original, original], [original, relevant crop] and [original, irrelevant crop] (all in [0, 1])."""
     from . import load
 
     model, processor = (model_dir_or_name if isinstance(model_dir_or_name, tuple) else load(model_dir_or_name))
     ds = world.world_dataset(split, n, seed=seed)
-    preds = predict(model, processor, ds, batch_size=batch_size, desc="eval images")
-    correct = np.array([p == _normalise(s.answers[0]) for p, s in zip(preds, ds)])
+
+    def correct(images=None, desc="eval images"):
+        preds = predict(model, processor, ds, images=images, batch_size=batch_size, desc=desc)
+        return np.array([p == _normalise(s.answers[0]) for p, s in zip(preds, ds)])
+
+    cols = {"accuracy": correct()}
     if blank:
-        bpreds = predict(model, processor, ds, images=[world.blank_image()] * len(ds), batch_size=batch_size,
-                         desc="eval blank")
-        bcorrect = np.array([p == _normalise(s.answers[0]) for p, s in zip(bpreds, ds)])
+        cols["blank_accuracy"] = correct([world.blank_image()] * len(ds), "eval blank")
+    if two_image:
+        for col, images in two_image_sets(ds).items():
+            cols[col] = correct(images, f"eval {col}")
     fams = np.array([s.family for s in ds])
     rows = []
     for fam in [f for f in world.FAMILIES if f in set(fams)] + ["overall"]:
         m = np.ones(len(ds), bool) if fam == "overall" else fams == fam
-        row = {"family": fam, "n": int(m.sum()), "accuracy": float(correct[m].mean())}
+        row = {"family": fam, "n": int(m.sum()), **{c: float(v[m].mean()) for c, v in cols.items()}}
         if blank:
-            row["blank_accuracy"] = float(bcorrect[m].mean())
             row["gap"] = row["accuracy"] - row["blank_accuracy"]
         rows.append(row)
-    return pd.DataFrame(rows).set_index("family")
+    t = pd.DataFrame(rows).set_index("family")
+    order = [c for c in ("n", "accuracy", "blank_accuracy", "gap", *TWO_IMAGE) if c in t]
+    return t[order]
 
 
-# issue 3's bar for an organism (held-out test split)
-BAR = {"overall": 0.90, "per_family": 0.80, "gap": 0.30}
+# issue 3's bar for an organism (held-out test split); issue 16 adds the two-image parts for the deep organisms:
+# the same image twice within `twice` of one image, [original, relevant crop] no lower than one image
+BAR = {"overall": 0.90, "per_family": 0.80, "gap": 0.30, "twice": 0.03}
 
 
-def bar_check(table: pd.DataFrame) -> dict[str, bool]:
-    """Which parts of the bar a table meets: overall accuracy, every family's accuracy, the blank-image gap."""
+def trained_with_two_images(model_dir) -> bool:
+    """Whether the organism in `model_dir` was trained with stage (e) (its training log's recipe has two_steps > 0)."""
+    import json
+
+    f = Path(model_dir) / "training_log.json"
+    return f.exists() and bool(json.loads(f.read_text()).get("recipe", {}).get("two_steps"))
+
+
+def bar_check(table: pd.DataFrame, two_image: bool | None = None) -> dict[str, bool]:
+    """Which parts of the bar a table meets: overall accuracy, every family's accuracy, the blank-image gap, and
+    (`two_image`; default: when the table has the columns) the two-image parts."""
     fam = table.drop(index="overall")
     out = {"overall": bool(table.loc["overall", "accuracy"] >= BAR["overall"]),
            "per_family": bool((fam["accuracy"] >= BAR["per_family"]).all())}
     if "gap" in table:
         out["gap"] = bool(table.loc["overall", "gap"] >= BAR["gap"])
+    if two_image is None:
+        two_image = "same_twice" in table
+    if two_image:
+        if "same_twice" not in table:
+            raise ValueError("This table has no two-image columns; evaluate it with two_image=True "
+                             "(`fusion-utils organisms eval` does unless --no-two-image).")
+        one = table.loc["overall", "accuracy"]
+        # compared on whole questions: 1e-9 keeps float noise in a mean from deciding a tie
+        out["twice"] = bool(abs(table.loc["overall", "same_twice"] - one) <= BAR["twice"] + 1e-9)
+        out["relevant_crop"] = bool(table.loc["overall", "relevant_crop"] >= one - 1e-9)
     return out
 
 
-def bar_status(table: pd.DataFrame) -> str:
+def bar_status(table: pd.DataFrame, two_image: bool | None = None) -> str:
     """One sentence: meets the bar, or which parts it misses (with the numbers)."""
-    chk = bar_check(table)
+    chk = bar_check(table, two_image)
     if all(chk.values()):
-        return "Meets the bar (>= 90% overall, >= 80% per family, blank-image gap >= 30 points)."
+        extra = ("; same image twice within 3 points of one image, [original, relevant crop] no lower than one image"
+                 if "twice" in chk else "")
+        return f"Meets the bar (>= 90% overall, >= 80% per family, blank-image gap >= 30 points{extra})."
     miss = []
     if not chk["overall"]:
         miss.append(f"overall {100 * table.loc['overall', 'accuracy']:.1f}% < 90%")
@@ -87,12 +131,19 @@ def bar_status(table: pd.DataFrame) -> str:
         miss.append("below 80%: " + ", ".join(f"{f} {100 * v:.1f}%" for f, v in low.items()))
     if not chk.get("gap", True):
         miss.append(f"blank-image gap {100 * table.loc['overall', 'gap']:.1f} < 30 points")
+    one = 100 * table.loc["overall", "accuracy"]
+    if not chk.get("twice", True):
+        miss.append(f"same image twice {100 * table.loc['overall', 'same_twice']:.1f}% vs one image {one:.1f}% "
+                    "(more than 3 points apart)")
+    if not chk.get("relevant_crop", True):
+        miss.append(f"[original, relevant crop] {100 * table.loc['overall', 'relevant_crop']:.1f}% < one image "
+                    f"{one:.1f}%")
     return "Below the bar: " + "; ".join(miss) + "."
 
 
 def format_table(table: pd.DataFrame) -> str:
     t = table.copy()
-    for c in ("accuracy", "blank_accuracy", "gap"):
+    for c in ("accuracy", "blank_accuracy", "gap", *TWO_IMAGE):
         if c in t:
             t[c] = (100 * t[c]).map(lambda v: f"{v:.1f}")
     return t.to_markdown() if _has_tabulate() else t.to_string()
@@ -116,6 +167,39 @@ def _joint_text(recipe: dict) -> str:
     return (f"(d) joint VQA on rendered images (same question mix as (a)), {part}, {recipe.get('joint_steps')} steps of "
             f"batch {recipe.get('joint_batch') or recipe.get('batch')} at lr {recipe.get('joint_lr')}, alignment loss x "
             f"{recipe.get('joint_aux')} kept.")
+
+
+def _two_text(recipe: dict) -> str:
+    """Stage (e) as the model card states it (nothing for organisms trained without it)."""
+    if not recipe.get("two_steps"):
+        return ""
+    part = {"lm": "decoder only (vision tower + projector frozen)", "all": "all parameters"}[recipe.get("two_part", "lm")]
+    kinds = ", ".join(recipe.get("two_kinds") or ())
+    return (f"\n4. (e) two images per prompt (one image placeholder per image, as hub LLaVA / Qwen2-VL take them): each "
+            f"sample's images drawn from {{{kinds}}} -- [original], [original, original], [original, crop of the "
+            f"relevant cells padded by one cell], [original, same-size crop with the fewest relevant cells], [original, "
+            f"random crop of 2-5 cells a side] -- answer unchanged, answer + EOS loss; {part}, {recipe['two_steps']} "
+            f"steps of batch {recipe.get('two_batch')} at lr {recipe.get('two_lr')}.")
+
+
+def _two_image_note(table: pd.DataFrame, trained_two: bool = True) -> str:
+    """The two-image controls beside the table: what each column is and what it says about crop methods."""
+    if "same_twice" not in table:
+        return ("Two-image controls: not measured for this card (`fusion-utils organisms eval` measures them).\n")
+    untrained = ("" if trained_two else " This organism saw one image per prompt in training (no stage (e)), so "
+                 "issue 16's two-image parts of the bar do not apply to it, and a crop method run on it measures mostly "
+                 "what a second image costs.")
+    o = table.loc["overall"]
+
+    def pts(col):  # points against one image
+        return 100 * (o[col] - o["accuracy"])
+
+    return (f"Two-image controls (same questions; prompts with two image placeholders): `same_twice` = [original, "
+            f"original] ({pts('same_twice'):+.1f} points against one image); `relevant_crop` = [original, crop of the "
+            f"question's relevant cells, padded by one cell] ({pts('relevant_crop'):+.1f}); `irrelevant_crop` = "
+            f"[original, same-size crop holding the fewest relevant cells] ({pts('irrelevant_crop'):+.1f}). A crop method "
+            "(the contrastive crop variant, ViCrop) can help only if `relevant_crop` is above one image; "
+            "`same_twice` near one image says a second image by itself costs nothing." + untrained + "\n")
 
 
 def _a_extras(recipe: dict) -> str:
@@ -175,7 +259,8 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
     log = json.loads((out / "training_log.json").read_text()) if (out / "training_log.json").exists() else {}
     timings = log.get("timings_s", {})
     recipe = log.get("recipe", {})
-    if name == "llava":
+    is_llava = cfg.model_type == "llava"
+    if is_llava:
         arch = (f"`LlavaForConditionalGeneration`: CLIP vision tower ({vc.num_hidden_layers} layers, width "
                 f"{vc.hidden_size}, patch {vc.patch_size} on {vc.image_size} px -> 6x6 patches + CLS; "
                 f"`vision_feature_select_strategy=\"{cfg.vision_feature_select_strategy}\"` drops CLS, "
@@ -208,7 +293,7 @@ the tokenizer is word-level over the world's words, the chat template words and 
 Parameters: {n_params if n_params is not None else 'n/a'} (fp32 safetensors). The rotary base is scaled to 16-dim heads and
 ~70-token prompts: with the usual 10000 too few rotary frequencies resolve the 1-cell offsets that spatial questions
 need (for M-RoPE, the width section would turn by 0.003 rad per column); see `fusion_utils/organisms/build.py`.
-Processor: {'CLIPImageProcessor (96 px, no resize in effect)' if name == 'llava' else 'Qwen2VLImageProcessor (min_pixels = max_pixels = 96*96, patch 8, merge 2)'}
+Processor: {'CLIPImageProcessor (96 px, no resize in effect)' if is_llava else 'Qwen2VLImageProcessor (min_pixels = max_pixels = 96*96, patch 8, merge 2)'}
 + word-level `PreTrainedTokenizerFast` (lowercasing; left padding) + the real model's chat template.
 
 ## Load (offline)
@@ -230,18 +315,30 @@ Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get(
    (squared error relative to the embeddings' scale + {recipe.get('align_ce', 0.1)} x cross-entropy over scale-free -squared
    distances), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
    {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`).
-3. {_joint_text(recipe)}
+3. {_joint_text(recipe)}{_two_text(recipe)}
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during
 training on `val` (base 1,000,000); evaluation on `test` (base 2,000,000) -- disjoint streams.
-Measured wall time ({log.get('threads') or 1} torch thread{'s' if (log.get('threads') or 1) > 1 else ''}; the other organism trained at the same time on the other core): {mins or 'n/a'}.
+Measured wall time ({log.get('threads') or 1} torch thread{'s' if (log.get('threads') or 1) > 1 else ''}; the 2-core machine's other core busy with other work): {mins or 'n/a'}.
 
 Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organisms.cli train {name}`).
 
 ## Evaluation (held-out `test` split, n={int(table.loc['overall', 'n'])}, greedy, exact match; blank = same questions on a uniform grey image)
 {format_table(table)}
 
-{bar_status(table)} (`fusion-utils organisms eval {name}` prints this table.)
+{_two_image_note(table, trained_with_two_images(out))}
+{bar_status(table, two_image=trained_with_two_images(out))} (`fusion-utils organisms eval {name}` prints this table.)
+
+## Reproducibility
+Deterministic in the seed: the data (sample i of a split comes from `numpy.random.default_rng([i, seed])`), the
+initialisation (`torch.manual_seed(seed)`, q/k re-drawn from seed + 1), the order of samples and of the curriculum, the
+scene noise, the second images of stage (e) and of the controls, the early-stop checks and the stage lengths; no
+wall-clock guard; a run resumed from a checkpoint takes the steps an uninterrupted one would. Not deterministic across
+machines: float reductions (matmul, attention, softmax sums) depend on the CPU's vector units and the torch build, so
+losses drift in the 7th digit after some tens of steps and retrained weights differ; issue 16 measured a fresh clone on
+another machine landing within 2 points of the shipped overall accuracy, and single families moving by up to 8 points.
+Bit-identical retraining holds only on the machine and torch build that trained these weights, with the same thread
+count.
 """
     (out / "README.md").write_text(text)
     return out / "README.md"

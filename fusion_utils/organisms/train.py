@@ -9,6 +9,8 @@
                   (uniform) images teach "all empty".
 (d) ``joint``  -- VQA on rendered images end to end (every parameter, lower learning rate), answer + EOS loss, with the
                   alignment loss of (b+c) kept as a small auxiliary term.
+(e) ``two``    -- prompts with two image placeholders, [original, original] or [original, a crop of it], mixed with
+                  one-image prompts; the answer is unchanged (the deep organisms; `fusion_utils.organisms.two_images`).
 
 Everything is deterministic in ``seed`` (torch.manual_seed, numpy streams of the world, fixed thread count).
 """
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data import world
 from ..prompts import POST_PROMPT, render_prompt, user_text
+from . import arch_of, resolve_name
 from .build import N_IMAGE_TOKENS, build
 
 # steps per stage and learning rates (sized for about 30 min per organism on one core of this machine; qwen2_vl needs
@@ -59,6 +62,9 @@ RECIPE = {
     "joint_part": "all",  # what stage (d) trains: "all", or "vision" (tower + projector; the decoder stays as in (a))
     "scene_noise": 0.15, "blank_frac": 0.05,
     "compose_scene": True,  # (a) a cell's embedding = E[size] + E[colour] + E[shape] (E[<empty>] if empty)
+    # (e) two images per prompt (issue 16), off for the 8-layer organisms (shipped before it existed)
+    "two_steps": 0, "two_lr": 2e-4, "two_batch": 32, "two_part": "lm",
+    "two_kinds": ("one", "same", "relevant", "irrelevant", "random"),
 }
 
 # per-organism departures from RECIPE. Qwen2-VL (measured on seed 0, 500 `test` questions, one torch thread):
@@ -73,9 +79,32 @@ RECIPE = {
 # Result: 91.4% (every family >= 85%), 46 min on one core; about 0.45 s/step with 2 threads against 0.61 with 1.
 _QWEN_CURRICULUM = ((0.17, ("attribute", "identity", "existence", "spatial")),
                     (0.33, ("attribute", "identity", "existence", "count", "spatial")))
+_QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_stages": _QWEN_CURRICULUM}
+# The deep organisms (issue 16; sizes and the seconds/step behind them in build.SIZES) start from their 8-layer
+# architecture's recipe and add stage (e): before it, the same image twice cost the 8-layer llava 31 points and qwen2_vl
+# 39 (`scripts/two_image_control.py`), because every training prompt had one image. Stage (e) trains the decoder only
+# (the vision tower already maps each cell onto its scene token, and the Qwen organism lost accuracy whenever stage (d)
+# moved its tower) on a mix of one-image prompts, which keep the one-image accuracy, and the four two-image kinds
+# the crop methods and their controls produce.
+# Measured (seed 0, one torch thread, this 2-core machine shared with three other engineers' jobs, 2026-11-30):
+# - llava-32l, stages (a)-(d) of the llava recipe: 60.5 min ((a) 3600 steps in 52.5 min, 0.87 s/step against 0.47 in
+#   the timing probe: the machine's load average was 5-9). Text-scene val accuracy (200 questions) every 250 steps:
+#   0.40 0.49 0.57 0.65 0.68 0.76 0.69 0.76 0.78 0.76 0.78 0.79 0.80 0.80; it ended at 0.795 (spatial 0.55, identity
+#   0.70), a plateau from step ~1500, where the 8-layer llava reached 0.935 by step 2750. On 500 test questions after
+#   (d): 73.6% (attribute 77, identity 73, existence 82, count 91, spatial 45), blank 16.4%; same image twice 44.6%,
+#   [original, relevant crop] 24.6%, [original, irrelevant crop] 20.2%. The 32 x 32 decoder misses the bar before any
+#   two-image training: depth at this width is the bottleneck, not stage (e).
+# - then stage (e), 400 steps (8.2 min): 71.2% with one image (-2.4), same image twice 69.4% (-1.8 against one image:
+#   inside the bar's 3 points, from -29.0), relevant crop 65.4% (-5.8, from -49.0), irrelevant crop 59.4% (-11.8);
+#   but blank rose to 32.6% (attribute, identity and spatial answered above chance without the image), so the
+#   blank-image gap fell from 57 to 39 points. `fusion-utils organisms card llava-32l --dir DIR` prints these tables.
+_TWO = {"two_steps": 400}
 ORGANISM_RECIPE = {
-    "llava": {},
-    "qwen2_vl": {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_stages": _QWEN_CURRICULUM},
+    "llava-8l": {},
+    "qwen2_vl-8l": _QWEN_8L,
+    "llava-32l": {**_TWO},
+    "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
+    "llava-16l": {**_TWO},
 }
 
 
@@ -92,8 +121,9 @@ class Trainer:
     def __init__(self, name: str, seed: int = 0, threads: int | None = 1, recipe: dict | None = None, **overrides):
         if threads:
             torch.set_num_threads(threads)
-        self.name, self.seed, self.threads = name, seed, threads
-        self.recipe = {**RECIPE, **ORGANISM_RECIPE.get(name, {}), **(recipe or {})}
+        name = resolve_name(name)
+        self.name, self.arch, self.seed, self.threads = name, arch_of(name), seed, threads
+        self.recipe = {**RECIPE, **ORGANISM_RECIPE[name], **(recipe or {})}
         self.model, self.processor = build(name, seed=seed, **overrides)
         if self.recipe.get("qk_init_std"):
             # without this the answer position's attention stays spread over ~60 tokens (35 of them empty cells) and
@@ -118,6 +148,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed)
         self.log: list[dict] = []
         self.timings: dict[str, float] = {}
+        # mid-stage checkpoints (set by `train`): where, how often, and the one to resume from
+        self.ckpt_file, self.ckpt_every, self.partial = None, 0, None
 
     # ------------------------------------------------------------------ data
     def _samples(self, n: int, with_image: bool, progress: float = 1.0):
@@ -134,7 +166,7 @@ class Trainer:
 
     def _texts(self, samples, with_answer=True):
         eos = self.tok.eos_token
-        sep = " " if self.name == "llava" else ""
+        sep = " " if self.arch == "llava" else ""
         texts = []
         for s in samples:
             p = render_prompt(self.processor, user_text(s.question))
@@ -192,7 +224,7 @@ class Trainer:
                 pool.remove(q)
                 fams = sorted({f for f, _, _ in pool})
                 ut = user_text(q[1], None if self.recipe.get("pack_short") else POST_PROMPT)
-                if self.name == "llava":
+                if self.arch == "llava":
                     turns.append(f"USER: {ut} ASSISTANT: {q[2]}{eos}")
                 else:
                     turns.append(f"\n<|im_start|>user\n{ut}<|im_end|>\n<|im_start|>assistant\n{q[2]}{eos}")
@@ -226,20 +258,20 @@ class Trainer:
         exactly an evaluation prompt + answer + EOS, sees the prefix and itself only (4D mask), and takes the
         positions it would have right after the image (for Qwen2-VL the M-RoPE positions of the single prompt), so
         every block is trained as an independent sample while the image prefix is computed once."""
-        it = _image_token(self.name)
+        it = _image_token(self.arch)
         img_id = self.tok.convert_tokens_to_ids(it)
-        eos, sep = self.tok.eos_token, (" " if self.name == "llava" else "")
+        eos, sep = self.tok.eos_token, (" " if self.arch == "llava" else "")
         seqs, poss, blks = [], [], []
         for s, qa in zip(samples, self._block_questions(samples)):
             texts = [render_prompt(self.processor, user_text(q)).replace(it, it * N_IMAGE_TOKENS) + sep + a + eos
                      for q, a in qa]
             ids = [self.tok(t)["input_ids"] for t in texts]
-            cut = max(i for i, t in enumerate(ids[0]) if t == img_id) + 1 + (self.name == "qwen2_vl")
+            cut = max(i for i, t in enumerate(ids[0]) if t == img_id) + 1 + (self.arch == "qwen2_vl")
             seq, pos, blk = list(ids[0][:cut]), None, [-1] * cut
             for j, one in enumerate(ids):
                 assert one[:cut] == seq[:cut], "the question blocks must share the scene prefix"
                 t = torch.tensor([one])
-                if self.name == "qwen2_vl":
+                if self.arch == "qwen2_vl":
                     p, _ = self.model.model.get_rope_index(**self._with_mrope_inputs({"input_ids": t}))
                     p = p[:, 0]  # [3, L]
                 else:
@@ -263,20 +295,20 @@ class Trainer:
         allowed = causal & (k != -2) & ((k == -1) | (k == q))
         allowed |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no all-masked softmax rows)
         mask = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-        enc = {"input_ids": ids, "attention_mask": mask, "position_ids": pos if self.name == "qwen2_vl" else pos[0]}
+        enc = {"input_ids": ids, "attention_mask": mask, "position_ids": pos if self.arch == "qwen2_vl" else pos[0]}
         return self._with_mrope_inputs(enc)
 
     def _with_mrope_inputs(self, enc):
         """Qwen2-VL's extra inputs for text with image placeholders: mm_token_type_ids and one [1, 12, 12] grid per
         row (a 96 px world image always gives that grid). LLaVA: unchanged."""
-        if self.name == "qwen2_vl":
+        if self.arch == "qwen2_vl":
             ids = enc["input_ids"]
             enc["mm_token_type_ids"] = (ids == self.model.config.image_token_id).long()
             enc["image_grid_thw"] = torch.tensor([[1, 2 * world.GRID, 2 * world.GRID]] * ids.shape[0])
         return enc
 
     def _encode_text_only(self, texts):
-        it = _image_token(self.name)
+        it = _image_token(self.arch)
         texts = [t.replace(it, it * N_IMAGE_TOKENS) for t in texts]
         return self._with_mrope_inputs(dict(self.tok(texts, padding=True, return_tensors="pt")))
 
@@ -289,7 +321,7 @@ class Trainer:
         """Answer word + EOS after every assistant cue (`assistant :` for LLaVA, `<|im_start|> assistant` for Qwen)."""
         if not hasattr(self, "_cue"):
             a = self.tok.convert_tokens_to_ids("assistant")
-            self._cue = (a, self.tok.convert_tokens_to_ids(":")) if self.name == "llava" else \
+            self._cue = (a, self.tok.convert_tokens_to_ids(":")) if self.arch == "llava" else \
                 (self.tok.convert_tokens_to_ids("<|im_start|>"), a)
         c0, c1 = self._cue
         hit = torch.zeros_like(ids, dtype=torch.bool)
@@ -329,7 +361,7 @@ class Trainer:
 
     def _image_features(self, enc):
         m = self.model.model
-        if self.name == "llava":
+        if self.arch == "llava":
             out = m.get_image_features(pixel_values=enc["pixel_values"], vision_feature_layer=-1,
                                        vision_feature_select_strategy="default")
         else:
@@ -376,12 +408,45 @@ class Trainer:
             p.requires_grad = {"lm": is_lm, "vision": not is_lm, "all": True}[part]
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _begin(self, part: str, lr: float, steps: int, desc: str):
-        """One stage's set-up: which parameters train, AdamW + warmup/cosine, train mode, a tqdm bar, the start time."""
+    def _begin(self, part: str, lr: float, steps: int, desc: str, stage: str | None = None):
+        """One stage's set-up: which parameters train, AdamW + warmup/cosine, train mode, a tqdm bar, the start time.
+        A mid-stage checkpoint of this stage (`self.partial`, see `train`) restores the optimiser and schedule and
+        starts the bar at its step; the start time is moved back by the minutes the stage had already run."""
         params = self._set_trainable(part)
         opt, sched = self._opt(params, lr, steps)
         self.model.train()
-        return params, opt, sched, tqdm(range(steps), desc=f"{self.name} {desc}", mininterval=5), time.time()
+        start, elapsed = 0, 0.0
+        if stage and self.partial and self.partial["stage"] == stage:
+            opt.load_state_dict(self.partial["opt"])
+            sched.load_state_dict(self.partial["sched"])
+            start, elapsed = int(self.partial["step"]), float(self.partial["elapsed"])
+            self.partial = None
+        self._running = (stage, opt, sched, time.time() - elapsed)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{self.name} {desc}", mininterval=5)
+        return params, opt, sched, bar, time.time() - elapsed
+
+    def _step_done(self, step: int):
+        """Every `ckpt_every` steps, write a mid-stage checkpoint (model, optimiser, schedule, data position, noise
+        generator, log) to `ckpt_file`, so a killed run resumes where it was instead of at the stage's start. Written
+        to a temporary file and renamed, so a kill during the write leaves the previous checkpoint intact."""
+        if not self.ckpt_file or not self.ckpt_every or (step + 1) % self.ckpt_every:
+            return
+        stage, opt, sched, t0 = self._running
+        f = Path(self.ckpt_file)
+        tmp = f.with_suffix(".tmp")
+        torch.save({**self.state(), "stage": stage, "step": step + 1, "elapsed": time.time() - t0,
+                    "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
+        tmp.replace(f)
+
+    def state(self) -> dict:
+        """What a checkpoint holds besides the optimiser: weights, data position, noise generator, log, timings."""
+        return {"model": self.model.state_dict(), "counter": self.counter, "composed": self.composed, "log": self.log,
+                "timings": self.timings, "gen": self.gen.get_state()}
+
+    def load_state(self, st: dict):
+        self.model.load_state_dict(st["model"])
+        self.counter, self.composed, self.log, self.timings = st["counter"], st["composed"], st["log"], st["timings"]
+        self.gen.set_state(st["gen"])
 
     @staticmethod
     def _update(loss, params, opt, sched):
@@ -394,7 +459,8 @@ class Trainer:
     def stage_text(self, steps=None, lr=None):
         R = self.recipe
         steps = R["text_steps"] if steps is None else steps
-        params, opt, sched, bar, t0 = self._begin("lm", lr or R["text_lr"], steps, "(a) text scenes")
+        params, opt, sched, bar, t0 = self._begin("lm", lr or R["text_lr"], steps, "(a) text scenes", "text")
+        step = bar.n - 1  # a resumed stage whose checkpoint was its last step runs no step
         for step in bar:
             samples = self._curriculum_samples(self._samples(R["batch"], with_image=False, progress=step / steps),
                                                step / steps)
@@ -422,6 +488,7 @@ class Trainer:
                 fam = min(v for k, v in acc.items() if k != "overall")
                 if acc["overall"] >= R["text_target"] and fam >= R["text_family_target"]:
                     break
+            self._step_done(step)
         self.freeze_composition()
         self.timings["text"] = time.time() - t0
         self.timings["text_steps_run"] = step + 1
@@ -437,7 +504,8 @@ class Trainer:
     def stage_vision(self, steps=None, lr=None):
         R = self.recipe
         steps = R["vision_steps"] if steps is None else steps
-        params, opt, sched, bar, t0 = self._begin("vision", lr or R["vision_lr"], steps, "(b+c) vision->scene tokens")
+        params, opt, sched, bar, t0 = self._begin("vision", lr or R["vision_lr"], steps, "(b+c) vision->scene tokens",
+                                                    "vision")
         B = R.get("vision_batch") or R["batch"]
         n_blank = int(round(R["blank_frac"] * B))
         for step in bar:
@@ -449,6 +517,7 @@ class Trainer:
             loss, acc = self._align_loss(feats, targets.detach())
             self._update(loss, params, opt, sched)
             self._record("vision", step, loss=loss.item(), cell_acc=acc, bar=bar)
+            self._step_done(step)
         self.timings["vision"] = time.time() - t0
         return self
 
@@ -458,7 +527,7 @@ class Trainer:
         part = R.get("joint_part", "all")
         if part not in ("all", "vision"):
             raise ValueError(f"recipe joint_part={part!r}: use 'all' or 'vision'.")
-        params, opt, sched, bar, t0 = self._begin(part, lr or R["joint_lr"], steps, "(d) joint VQA")
+        params, opt, sched, bar, t0 = self._begin(part, lr or R["joint_lr"], steps, "(d) joint VQA", "joint")
         for step in bar:
             samples = self._samples(R.get("joint_batch") or R["batch"], with_image=True)
             if (R.get("blocks") or 1) > 1:
@@ -474,7 +543,54 @@ class Trainer:
             loss = vqa + R["joint_aux"] * aux
             self._update(loss, params, opt, sched)
             self._record("joint", step, loss=vqa.item(), cell_acc=acc, bar=bar)
+            self._step_done(step)
         self.timings["joint"] = time.time() - t0
+        return self
+
+    def _two_image_batch(self, samples):
+        """Stage (e)'s prompts: each sample gets a second-image kind drawn from the recipe's `two_kinds` (seeded by
+        the data position, so the same seed gives the same batches) and its images ([original] or [original, second]);
+        the answer is the sample's own whatever the second image shows."""
+        from .two_images import images_for
+
+        kinds = list(self.recipe["two_kinds"])
+        rng = np.random.default_rng([self.seed, 17, self.counter])
+        out = []
+        for s in samples:
+            kind = kinds[int(rng.integers(len(kinds)))]
+            out.append((kind, images_for(s, kind, rng)))
+        return out
+
+    def encode_two(self, samples, images, with_answer=True):
+        """Processor inputs for prompts with one image placeholder per image, as hub LLaVA / Qwen2-VL take them
+        (`fusion_utils.adapters.prepare(images=[[original, crop], ...])` renders the same prompts)."""
+        eos, sep = self.tok.eos_token, (" " if self.arch == "llava" else "")
+        texts = []
+        for s, ims in zip(samples, images):
+            p = render_prompt(self.processor, user_text(s.question), n_images=len(ims))
+            texts.append(p + sep + s.answers[0] + eos if with_answer else p)
+        flat = [im for ims in images for im in ims]
+        return dict(self.processor(images=flat, text=texts, padding=True, return_tensors="pt"))
+
+    def stage_two(self, steps=None, lr=None):
+        """(e) two images per prompt: [original], [original, original], [original, crop of the relevant cells],
+        [original, crop elsewhere] or [original, random crop], answer unchanged, answer + EOS loss; trains
+        `two_part` (the decoder by default: the vision tower already maps a cell to its scene token)."""
+        R = self.recipe
+        steps = R.get("two_steps", 0) if steps is None else steps
+        part = R.get("two_part", "lm")
+        if part not in ("lm", "all"):
+            raise ValueError(f"recipe two_part={part!r}: use 'lm' or 'all'.")
+        params, opt, sched, bar, t0 = self._begin(part, lr or R["two_lr"], steps, "(e) two images", "two")
+        for step in bar:
+            samples = self._samples(R.get("two_batch") or R["batch"], with_image=True)
+            kinds, images = zip(*self._two_image_batch(samples))
+            enc = self.encode_two(samples, images)
+            loss = self._answer_loss(self.model(**enc).logits, enc["input_ids"])
+            self._update(loss, params, opt, sched)
+            self._record("two", step, loss=loss.item(), bar=bar)
+            self._step_done(step)
+        self.timings["two"] = time.time() - t0
         return self
 
     def _record(self, stage, step, bar=None, **vals):
@@ -521,6 +637,9 @@ class Trainer:
         return out
 
 
+STAGES = ("text", "vision", "joint", "two")
+
+
 def checkpoint_key(tr: Trainer, overrides: dict | None = None) -> str:
     """The stage checkpoints' key: the full recipe, the built model config and the world settings, so a changed
     recipe, model default (e.g. a rotary setting, which no weight shape reveals) or world never resumes a stale stage."""
@@ -531,48 +650,64 @@ def checkpoint_key(tr: Trainer, overrides: dict | None = None) -> str:
 
 
 def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recipe: dict | None = None,
-          evaluate_after: bool = True, ckpt_dir=None, resume: bool = True, **overrides):
+          evaluate_after: bool = True, ckpt_dir=None, resume: bool = True, stop_after: str | None = None,
+          ckpt_every: int = 100, **overrides):
     """Run the full staged recipe for organism `name` and save it to `out_dir` (default: the shipped weights dir).
 
     After each stage the trainer state is checkpointed in `ckpt_dir` (default: <tmp>/fusion_utils_organisms/<name>
-    -seed<seed>); with `resume=True` finished stages are loaded instead of retrained.
+    -seed<seed>-<key>), and every `ckpt_every` steps within a stage in `partial.pt` there; with `resume=True` finished
+    stages are loaded instead of retrained and a partial stage continues from its last checkpoint (same batches, same
+    schedule: a resumed run takes the steps an uninterrupted one would). `stop_after` ("text", "vision", "joint" or
+    "two") ends the run after that stage's checkpoint, without saving weights.
     """
     import tempfile
 
     from . import weights_dir
 
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after={stop_after!r}: use one of {', '.join(STAGES)}.")
     out_dir = Path(out_dir) if out_dir else weights_dir(name)
     t0 = time.time()
     tr = Trainer(name, seed=seed, threads=threads, recipe=recipe, **overrides)
     key = checkpoint_key(tr, overrides)
     ckpt = Path(ckpt_dir) if ckpt_dir else \
-        Path(tempfile.gettempdir()) / "fusion_utils_organisms" / f"{name}-seed{seed}-{key}"
+        Path(tempfile.gettempdir()) / "fusion_utils_organisms" / f"{tr.name}-seed{seed}-{key}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    for stage, fn, mode in (("text", tr.stage_text, "text"), ("vision", tr.stage_vision, "image"),
-                            ("joint", tr.stage_joint, "image")):
+    tr.ckpt_file, tr.ckpt_every = ckpt / "partial.pt", ckpt_every
+    fns = {"text": (tr.stage_text, "text"), "vision": (tr.stage_vision, "image"), "joint": (tr.stage_joint, "image"),
+           "two": (tr.stage_two, "image")}
+    for stage in STAGES:
+        fn, mode = fns[stage]
         f = ckpt / f"{stage}.pt"
         if resume and f.exists():
-            st = torch.load(f, weights_only=False)
-            tr.model.load_state_dict(st["model"])
-            tr.counter, tr.composed, tr.log, tr.timings = st["counter"], st["composed"], st["log"], st["timings"]
-            tr.gen.set_state(st["gen"])
-            print(f"[{name}] resumed after stage {stage} from {f}", flush=True)
-            continue
-        fn()
-        print(f"[{name}] after stage {stage}: {mode} val accuracy {tr.quick_accuracy(200, mode)}", flush=True)
-        torch.save({"model": tr.model.state_dict(), "counter": tr.counter, "composed": tr.composed, "log": tr.log,
-                    "timings": tr.timings, "gen": tr.gen.get_state()}, f)
-    tr.timings["total"] = sum(v for k, v in tr.timings.items() if k in ("text", "vision", "joint"))
+            tr.load_state(torch.load(f, weights_only=True))
+            print(f"[{tr.name}] resumed after stage {stage} from {f}", flush=True)
+        else:
+            part = ckpt / "partial.pt"
+            if resume and part.exists():
+                st = torch.load(part, weights_only=True)
+                if st["stage"] == stage:
+                    tr.load_state(st)
+                    tr.partial = st
+                    print(f"[{tr.name}] resuming stage {stage} at step {st['step']} from {part}", flush=True)
+            fn()
+            if stage != "two" or tr.recipe.get("two_steps"):
+                print(f"[{tr.name}] after stage {stage}: {mode} val accuracy {tr.quick_accuracy(200, mode)}", flush=True)
+            torch.save(tr.state(), f)
+        if stage == stop_after:
+            print(f"[{tr.name}] stopped after stage {stage}; checkpoints in {ckpt}", flush=True)
+            return tr
+    tr.timings["total"] = sum(v for k, v in tr.timings.items() if k in STAGES)
     tr.timings["wall_this_run"] = time.time() - t0
     tr.save(out_dir)
-    print(f"[{name}] saved to {out_dir}; training time {tr.timings['total'] / 60:.1f} min", flush=True)
+    print(f"[{tr.name}] saved to {out_dir}; training time {tr.timings['total'] / 60:.1f} min", flush=True)
     if evaluate_after:
         try:
             from .evaluate import evaluate, write_model_card
 
-            table = evaluate(out_dir, n=500, split="test")
+            table = evaluate(out_dir, n=500, split="test", two_image=True)
             print(table.to_string(), flush=True)
-            write_model_card(name, out_dir, table, tr)
+            write_model_card(tr.name, out_dir, table, tr)
         except Exception as e:  # keep the weights even if evaluation fails
-            print(f"[{name}] evaluation failed: {e!r}", flush=True)
+            print(f"[{tr.name}] evaluation failed: {e!r}", flush=True)
     return tr

@@ -1,0 +1,52 @@
+"""Seconds per step of stage (a) of the organism recipe for candidate model sizes (how build.SIZES was chosen).
+
+Runs STEPS steps of stage (a) (batch and data as in the recipe, mid-curriculum) on one torch thread and prints the
+mean seconds/step after two warm-up steps, with the parameter count.
+
+    python scripts/organism_timing.py llava-32l                         # a variant as it ships
+    python scripts/organism_timing.py llava 8 text_layers=32 width=48 heads=3 ffn=144     # a candidate size
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from fusion_utils.organisms.train import Trainer
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        sys.exit(__doc__)
+    name = argv[0]
+    steps = int(argv[1]) if len(argv) > 1 and "=" not in argv[1] else 8
+    if steps < 3:
+        sys.exit(f"STEPS={steps}: use at least 3 (two are warm-up).")
+    sizes = {}
+    for kv in argv[1:]:
+        if "=" in kv:
+            k, v = kv.split("=", 1)
+            sizes[k] = json.loads(v)
+    torch.set_num_threads(1)
+    tr = Trainer(name, seed=0, threads=1, recipe={"text_check_every": 0}, **sizes)
+    R = tr.recipe
+    params, opt, sched, _, _ = tr._begin("lm", R["text_lr"], R["text_steps"], "timing")
+    times = []
+    for _ in range(steps):
+        t = time.time()
+        samples = tr._samples(R["batch"], with_image=False, progress=0.5)
+        enc = tr._encode_text_only(tr._texts_packed(samples))
+        loss = tr._answer_loss(tr._lm_forward(enc, tr._scene_embeds(tr._cell_targets(samples))), enc["input_ids"])
+        tr._update(loss, params, opt, sched)
+        times.append(time.time() - t)
+    cfg = tr.model.config.text_config
+    n = sum(p.numel() for p in tr.model.parameters())
+    print(f"{name} {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN "
+          f"{cfg.intermediate_size}: {sum(times[2:]) / len(times[2:]):.3f} s/step (stage a, batch {R['batch']}, one "
+          f"thread), {n} params", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
