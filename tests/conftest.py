@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny random instance of every architecture, and three small samples."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +24,14 @@ def lm(request):
 @pytest.fixture(scope="module")
 def samples():
     return [Sample(f"s{i}", im, q, ["red"]) for i, (im, q) in enumerate(zip(sample_images(3, seed=0), QUESTIONS))]
+
+
+def book_out_dir(tmp_path_factory, name: str) -> Path:
+    """Where a test builds a book. Set FUSION_UTILS_BOOK_TEST_OUT to keep the builds (and their execution cache)
+    between runs."""
+    keep = os.environ.get("FUSION_UTILS_BOOK_TEST_OUT")
+    if keep:
+        d = Path(keep) / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return tmp_path_factory.mktemp(name)

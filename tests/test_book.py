@@ -33,6 +33,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import book_out_dir
 import yaml
 
 from fusion_utils import book
@@ -663,16 +664,6 @@ def test_import_has_no_side_effects():
 REAL_CHAPTERS = toc_chapters(REPO / "_toc.yml")
 
 
-def _out_dir(tmp_path_factory, name):
-    # Set FUSION_UTILS_BOOK_TEST_OUT to keep the test builds (and their execution cache) between runs.
-    keep = os.environ.get("FUSION_UTILS_BOOK_TEST_OUT")
-    if keep:
-        d = Path(keep) / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-    return tmp_path_factory.mktemp(name)
-
-
 STUB_FIGURE = """from fusion_utils.interactive import Control, InteractiveFigure
 
 fig = InteractiveFigure("Stub: a slider", [Control("k", [1, 2, 3], kind="slider")], {"height": 250})
@@ -686,7 +677,7 @@ fig"""
 def skeleton_book(tmp_path_factory):
     """The real _config.yml, _toc.yml and prose/API pages with stub chapter notebooks (one figure each),
     built with warnings as errors."""
-    root = _out_dir(tmp_path_factory, "skeleton")
+    root = book_out_dir(tmp_path_factory, "skeleton")
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(REPO / name, root / name)
     shutil.rmtree(root / "book", ignore_errors=True)
@@ -755,7 +746,7 @@ def test_book_makes_no_network_requests_at_build(skeleton_book):
 
 @pytest.fixture(scope="module")
 def real_book(tmp_path_factory):
-    out = _out_dir(tmp_path_factory, "real")
+    out = book_out_dir(tmp_path_factory, "real")
     t0 = time.perf_counter()
     report = book.build(REPO / "book" / "params" / "tiny.yml", root=REPO, out=out, strict=True, all_pages=True)
     report.wall = time.perf_counter() - t0

@@ -16,13 +16,13 @@ Chromium is required as in tests/test_book.py (FUSION_UTILS_SKIP_BROWSER=1 skips
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
+from conftest import book_out_dir
 import yaml
 
 from fusion_utils import book
@@ -34,19 +34,9 @@ CHAPTERS = toc_chapters(REPO / "_toc.yml")
 NOTHING, DOES_NOT_APPLY = "Nothing found.", "Does not apply."
 
 
-def out_dir(tmp_path_factory, name: str) -> Path:
-    # FUSION_UTILS_BOOK_TEST_OUT keeps the builds (and their execution cache) between runs, as in test_book.py.
-    keep = os.environ.get("FUSION_UTILS_BOOK_TEST_OUT")
-    if keep:
-        d = Path(keep) / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-    return tmp_path_factory.mktemp(name)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    return save_tiny_models(out_dir(tmp_path_factory, "tiny-models"))
+    return save_tiny_models(book_out_dir(tmp_path_factory, "tiny-models"))
 
 
 def with_models(params_name: str, models: dict[str, Path], out: Path) -> Path:
@@ -72,14 +62,14 @@ def build(params: Path, out: Path):
 
 @pytest.fixture(scope="module")
 def six_book(tiny_models, tmp_path_factory):
-    out = out_dir(tmp_path_factory, "any-model")
+    out = book_out_dir(tmp_path_factory, "any-model")
     report = build(with_models("tiny-archs.yml", tiny_models, out), out)
     return out, report
 
 
 @pytest.fixture(scope="module")
 def benchmark_book(tiny_models, tmp_path_factory):
-    out = out_dir(tmp_path_factory, "any-model-benchmark")
+    out = book_out_dir(tmp_path_factory, "any-model-benchmark")
     report = build(with_models("tiny-benchmark.yml", tiny_models, out), out)
     return out, report
 

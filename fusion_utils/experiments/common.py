@@ -147,6 +147,18 @@ def base_config(lm, dataset: SampleSet, *, experiment: str, seed: int, decoding:
     }
 
 
+def record_batch(run, chunk, records: list[dict]) -> None:
+    """Append a batch's records to ``run`` (if any), one write per sample: a sample is recorded whole or not at all,
+    and a sample that yielded no record is marked empty so a resumed run does not redo it."""
+    if run is None:
+        return
+    by_id: dict[str, list[dict]] = {}
+    for rec in records:
+        by_id.setdefault(str(rec["id"]), []).append(rec)
+    for s in chunk:
+        run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
+
+
 def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, config: dict, out: str | None = None,
                    batch_size: int = 8, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Feed the samples not yet recorded to ``per_batch`` and return every record.
@@ -173,12 +185,7 @@ def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, co
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
         records = per_batch(lm, chunk)
-        by_id: dict[str, list[dict]] = {}
-        for r in records:
-            by_id.setdefault(str(r["id"]), []).append(r)
-        if run is not None:
-            for s in chunk:  # one write per sample: a sample is recorded whole or not at all
-                run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
+        record_batch(run, chunk, records)
         rows += records
         bar.update(len(chunk))
     bar.close()
@@ -251,12 +258,7 @@ def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, c
         chunk = batches[index]
         try:
             records = per_batch(lm, chunk)
-            by_id: dict[str, list[dict]] = {}
-            for rec in records:
-                by_id.setdefault(str(rec["id"]), []).append(rec)
-            if run is not None:
-                for s in chunk:  # one write per sample: a sample is recorded whole or not at all
-                    run.append(by_id.get(str(s.id), [{"id": s.id, "empty": True}]))
+            record_batch(run, chunk, records)
             mine.append((index, records))
         except Exception as err:  # noqa: BLE001 - reported to every rank below, then raised
             where, cause = failed_sample(lm, per_batch, chunk, err)
