@@ -12,7 +12,7 @@ from pathlib import Path
 
 # variant -> architecture (its model sizes are build.SIZES, its recipe departures train.ORGANISM_RECIPE)
 VARIANTS = {"llava-8l": "llava", "qwen2_vl-8l": "qwen2_vl", "llava-32l": "llava", "qwen2_vl-28l": "qwen2_vl",
-            "llava-16l": "llava"}  # llava-16l: issue 16's fallback depth, measured against llava-32l (build.SIZES)
+            "llava-16l": "llava", "qwen2_vl-16l": "qwen2_vl"}  # -16l: issue 16's fallback depth (build.SIZES)
 # what `organism:llava` / `organism:qwen2_vl` load. The deep organisms become the default only once their weights are
 # trained, committed and meet issue 16's bar (`fusion-utils organisms eval --all` says whether they do); until then
 # the 8-layer ones stay the default, so the book and the tests do not change under anyone's feet.

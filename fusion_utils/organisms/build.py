@@ -157,7 +157,10 @@ SIZES = {
     "qwen2_vl-8l": {},
     "llava-32l": dict(text_layers=32, width=32, heads=2, ffn=96),
     "qwen2_vl-28l": dict(text_layers=28, width=32, heads=2, ffn=96),
-    "llava-16l": dict(text_layers=16, width=48, heads=3, ffn=144),
+    # the fallback depth at the 8-layer width (the 48-wide llava-16l stalled with the 32-wide llava-32l, see
+    # train.ORGANISM_RECIPE): depth is the only change from the 8-layer organisms
+    "llava-16l": dict(text_layers=16),
+    "qwen2_vl-16l": dict(text_layers=16),
 }
 
 

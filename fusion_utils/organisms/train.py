@@ -114,6 +114,7 @@ ORGANISM_RECIPE = {
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
     "llava-16l": {**_TWO},
+    "qwen2_vl-16l": {**_QWEN_8L, **_TWO},
 }
 
 
