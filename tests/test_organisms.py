@@ -416,3 +416,30 @@ def test_names_resolve_to_variants():
         assert cfg.text_config.num_hidden_layers == SIZES[name].get("text_layers", 8)
     with pytest.raises(ValueError, match="Unknown organism 'llava-7b'; use one of"):
         resolve_name("llava-7b")
+
+
+def test_depth_comparison_script_runs_the_chapters_analyses(tmp_path):
+    """scripts/depth_comparison.py (issue 16, item 4) on two tiny models of different depth: one table column and one
+    curve per model, every curve on relative depth [0, 1] with one point per layer, and the run recorded."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from fusion_utils.testing import tiny_model_dir
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "depth_comparison.py"
+    spec = importlib.util.spec_from_file_location("depth_comparison", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    models = [str(tiny_model_dir("llava", num_layers=4)), str(tiny_model_dir("llava", num_layers=6))]
+    table = mod.main([*models, "--n", "6", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert table.shape == (len(mod.CLAIMS), 2)
+    curves = pd.read_csv(tmp_path / "out" / "depth_comparison.csv")
+    for (model, panel), g in curves.groupby(["model", "panel"]):
+        n_layers = int(model.split("(")[1].split()[0])
+        assert len(g) == n_layers and g["depth"].min() == 0 and g["depth"].max() == 1, (model, panel)
+    assert (tmp_path / "out" / "depth_comparison.png").stat().st_size > 0
+    rec = json.loads((tmp_path / "out" / "depth_comparison.json").read_text())
+    assert len(rec["fingerprints"]) == 2 and rec["params"]["n"] == 6
