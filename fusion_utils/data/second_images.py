@@ -70,6 +70,7 @@ def relevant_cells(sample, pad: int = 1, min_cells: int = 2) -> tuple[int, int, 
 def relevant_box(sample, pad: int = 1, min_cells: int = 2) -> tuple[int, int, int, int]:
     """The pixel box of the sample's relevant cells, padded by `pad` cells, at least `min_cells` a side.
 
+    >>> from fusion_utils.data.world import world_dataset
     >>> relevant_box(world_dataset("test", 1)[0])
     (0, 16, 48, 64)
     """
