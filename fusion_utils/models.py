@@ -101,6 +101,25 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, processor, name: str | None = None) -> "LoadedModel":
+        """A model already in memory (e.g. one in training) as a `LoadedModel`, so the harness runs on it as on a
+        loaded one. The fingerprint is taken now: a model whose weights change afterwards needs wrapping again.
+
+        >>> lm = LoadedModel.wrap(*fusion_utils.organisms.load("llava-8l"), name="llava-8l")
+        >>> lm.spec.model_type
+        'llava'
+        """
+        spec = get_spec(model.config.model_type)
+        tok = getattr(processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"  # batched generation needs left padding, as `load_model` sets it
+        name = name or getattr(model.config, "_name_or_path", None) or f"in-memory {spec.model_type}"
+        lm = cls(model, processor, spec, str(name), model_fingerprint(model),
+                 meta={"attn_implementation": getattr(model.config, "_attn_implementation", None)})
+        lm.image_token_id  # fail early when the id is missing
+        return lm
+
     def prepare(self, samples, **kwargs):
         """Model inputs and image-token bookkeeping for a list of samples (see `fusion_utils.adapters.prepare`)."""
         from .adapters import prepare

@@ -1,6 +1,7 @@
 """The paper's experiments as library functions: end to end, resumable, and faithful to the core's invariants."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -151,3 +152,126 @@ def test_organism_full_knockout_makes_answers_blind(organism, held_out):
     assert knocked == knocked_blank
     assert acc_p - acc_b >= 0.25, (acc_p, acc_b)  # the image matters
     assert acc_p - acc_k >= 0.25, (acc_p, acc_k)  # and knockout removes it
+
+
+# --- the accuracy experiment: the chapters' protocol under an image condition (the organisms' bar) ---------------
+
+def _image_spans(row, token_id):
+    """Maximal runs of ``token_id`` in a 1-D id tensor (one per image placeholder where images are delimited)."""
+    hit = (row == token_id).int().tolist()
+    return sum(1 for i, h in enumerate(hit) if h and (i == 0 or not hit[i - 1]))
+
+
+def test_accuracy_original_is_the_plain_answer_scored_by_the_chapters_scorer(world6):
+    from fusion_utils.experiments.accuracy import accuracy
+    from fusion_utils.experiments.common import Decoding, post_prompt_for, score
+
+    lm = load_model(tiny_model_dir("llava"))
+    res = accuracy(lm, world6, "original", batch_size=4, progress=False)
+    plain = answer(lm, world6, post_prompt=post_prompt_for(world6), decoding=Decoding(), batch_size=4)
+    assert list(res.records["pred"]) == plain
+    assert list(res.records["score"]) == [score(world6, p, s) for p, s in zip(plain, world6)]
+    assert res.config["decoding"] == vars(Decoding()) and res.run_dir is None  # the harness's defaults, in memory
+    assert set(res.records.columns) >= {"id", "family", "images", "pred", "score"}
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_accuracy_conditions_feed_the_images_they_claim(arch, world6, monkeypatch):
+    """blank: a uniform grey image of the sample's size (another input); the two-image conditions: prompts with two
+    image placeholders, both images' tokens found by token id, the second image the original or a crop."""
+    from fusion_utils.experiments.accuracy import accuracy_batch
+    from fusion_utils.experiments.harness import Context
+
+    lm = load_model(tiny_model_dir(arch))
+    ctx = Context.of(world6)
+    seen = {}
+    real = lm.prepare
+
+    def spy(samples, **kw):
+        seen["images"], seen["batch"] = kw.get("images"), real(samples, **kw)
+        return seen["batch"]
+
+    monkeypatch.setattr(lm, "prepare", spy)
+    samples = list(world6)[:3]
+    accuracy_batch(lm, samples, ctx, images="original")
+    assert seen["images"] is None
+    plain_pixels = seen["batch"].inputs["pixel_values"]
+    accuracy_batch(lm, samples, ctx, images="blank")
+    assert all(im.size == s.image.size and im.getextrema() == ((120, 120),) * 3 for im, s in zip(seen["images"], samples))
+    assert not torch.equal(seen["batch"].inputs["pixel_values"], plain_pixels)
+    for cond in ("same_twice", "relevant_crop", "irrelevant_crop"):
+        accuracy_batch(lm, samples, ctx, images=cond)
+        b = seen["batch"]
+        for i, (ims, s) in enumerate(zip(seen["images"], samples)):
+            assert len(ims) == 2 and ims[0].tobytes() == s.image.convert("RGB").tobytes()
+            assert (ims[1].size == s.image.size) == (cond == "same_twice")
+            assert b.prompts[i].count(str(lm.processor.image_token)) == 2 and len(b.grids[i]) == 2
+            ids = b.inputs["input_ids"][i].cpu()
+            assert int((ids == lm.image_token_id).sum()) == sum(g.n_tokens for g in b.grids[i])
+            if arch == "qwen2_vl":  # <|vision_start|> ... <|vision_end|> around each image: two runs of image tokens
+                assert _image_spans(ids, lm.image_token_id) == 2
+
+
+def test_irrelevant_crop_is_seeded_by_dataset_position_not_batch(world6):
+    """The irrelevant crop of sample i is drawn from default_rng([seed, 23, i]) with i its position in the dataset:
+    the same whatever the batch size or the batch it lands in, and the same as `two_image_sets`."""
+    from fusion_utils.data.second_images import images_for
+    from fusion_utils.experiments.accuracy import accuracy, condition_images, dataset_position
+    from fusion_utils.organisms.evaluate import two_image_sets
+
+    lm = load_model(tiny_model_dir("llava"))
+    a = accuracy(lm, world6, "irrelevant_crop", batch_size=1, progress=False).records
+    b = accuracy(lm, world6, "irrelevant_crop", batch_size=4, progress=False).records
+    pd.testing.assert_frame_equal(a, b)
+    sets = two_image_sets(world6)["irrelevant_crop"]
+    for i, s in enumerate(world6):
+        assert dataset_position(world6, s) == i
+        want = images_for(s, "irrelevant", np.random.default_rng([0, 23, i]))[1]
+        assert condition_images(s, "irrelevant_crop", i)[1].tobytes() == want.tobytes() == sets[i][1].tobytes()
+
+
+def test_accuracy_family_table_sums():
+    from fusion_utils.experiments.accuracy import accuracy
+
+    ds = load_dataset("world", n=10)
+    lm = load_model(tiny_model_dir("qwen2_vl"))
+    res = accuracy(lm, ds, "same_twice", batch_size=5, progress=False)
+    s = res.summary.set_index("family")
+    fams = s.drop(index="overall")
+    assert list(fams.index) == ["attribute", "identity", "existence", "count", "spatial"]
+    assert fams["n"].sum() == s.loc["overall", "n"] == len(ds)
+    assert (fams["n"] * fams["accuracy"]).sum() / len(ds) == pytest.approx(s.loc["overall", "accuracy"])
+    assert s.loc["overall", "accuracy"] == pytest.approx(res.records["score"].mean())
+
+
+def test_accuracy_bad_condition_and_crops_without_relevant_cells(samples):
+    """Non-world samples answer under `original`; the crop conditions need relevant cells and say so in one sentence."""
+    from fusion_utils.data import SampleSet
+    from fusion_utils.experiments.accuracy import accuracy
+
+    lm = load_model(tiny_model_dir("llava"))
+    plain_set = SampleSet("mine", samples, "vqa")
+    res = accuracy(lm, plain_set, progress=False)
+    assert list(res.summary["family"]) == ["overall"] and res.summary["n"].iloc[0] == len(samples)
+    with pytest.raises(ValueError, match="dataset 'mine' marks none .*use 'original', 'blank' or 'same_twice'"):
+        accuracy(lm, plain_set, "relevant_crop", progress=False)
+    with pytest.raises(ValueError, match="Unknown image condition 'twice'"):
+        accuracy(lm, plain_set, "twice", progress=False)
+
+
+def test_organism_table_from_an_in_memory_model(world6):
+    """`organisms.evaluate` on a (model, processor) pair: the harness's runs, one per condition, as the bar's table
+    (rows per family + overall, the blank gap), and the wrapped model is the loaded one (same fingerprint)."""
+    from fusion_utils.models import LoadedModel
+    from fusion_utils.organisms.evaluate import evaluate
+
+    lm = load_model(tiny_model_dir("llava"))
+    assert LoadedModel.wrap(lm.model, lm.processor).fingerprint == lm.fingerprint
+    lm.model.train()
+    t = evaluate((lm.model, lm.processor), n=10, two_image=True, batch_size=5, progress=False)
+    assert lm.model.training  # back in the mode it came in
+    assert list(t.columns) == ["n", "accuracy", "blank_accuracy", "gap", "same_twice", "relevant_crop",
+                               "irrelevant_crop"]
+    assert list(t.index) == ["attribute", "identity", "existence", "count", "spatial", "overall"]
+    assert t.loc["overall", "n"] == 10
+    assert (t["gap"] == t["accuracy"] - t["blank_accuracy"]).all()

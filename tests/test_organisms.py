@@ -76,6 +76,8 @@ def test_structure(organism):
 
 @pytest.fixture(scope="module")
 def held_out_table(organism):
+    """The bar's table, measured as every chapter measures accuracy: the harness's `accuracy` experiment once per
+    image condition (`organisms.evaluate` on the in-memory model)."""
     name, model, processor = organism
     from fusion_utils.organisms.evaluate import evaluate
 

@@ -5,7 +5,9 @@
 - ``early_exit`` (Sec. 3): ``layers.early_exit``, each layer's early-exit answer;
 - ``attention`` (Sec. 4): ``attention.attention``, relevant vs irrelevant mass, persistent tokens;
 - ``contrastive`` (Sec. 5): ``contrastive.contrastive``, soft mask and crop, with ablations;
-- ``baselines`` (Sec. 6): ``baselines.baselines``, plain, ViCrop, VCD, DoLa.
+- ``baselines`` (Sec. 6): ``baselines.baselines``, plain, ViCrop, VCD, DoLa;
+- ``accuracy``: ``accuracy.accuracy``, plain accuracy per family under an image condition (original, blank, two
+  images); the organisms' bar is measured with it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ _REGISTRY = {
     "attention": ("attention", "attention"),
     "contrastive": ("contrastive", "contrastive"),
     "baselines": ("baselines", "baselines"),
+    "accuracy": ("accuracy", "accuracy"),
 }
 EXPERIMENTS = tuple(_REGISTRY)
 

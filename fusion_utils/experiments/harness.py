@@ -53,7 +53,7 @@ class Spec:
 
 SPECS: dict[str, Spec] = {}
 MODULES = {"masking": "masking", "hellinger": "layers", "early_exit": "layers", "attention": "attention",
-           "contrastive": "contrastive", "baselines": "baselines"}
+           "contrastive": "contrastive", "baselines": "baselines", "accuracy": "accuracy"}
 
 
 def register(spec: Spec) -> Spec:

@@ -1,82 +1,83 @@
-"""Evaluate an organism on the held-out world exactly as the harness asks: chat template + post-prompt, batched greedy
-``model.generate(max_new_tokens=4)``, decode only the new tokens, compare after lower/strip. Also the blank-image
-control: the same questions with a uniform background image."""
+"""Evaluate an organism on the held-out world through the chapters' harness: the ``accuracy`` experiment
+(`fusion_utils.experiments.accuracy`) once per image condition -- chat template + post-prompt, batched greedy
+decoding with the harness's `Decoding` defaults (max_new_tokens=16), the world's scorer (``exact``: lmms-eval's
+exact match, case and punctuation ignored). So the organisms' bar and every chapter's numbers share one protocol.
+
+>>> from fusion_utils.organisms.evaluate import evaluate, format_table
+>>> print(format_table(evaluate("llava-8l", n=100, two_image=True)))  # rows per family + overall
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from ..data import world
-from ..prompts import render_prompt, user_text
+from ..experiments.accuracy import condition_images
+from ..experiments.harness import run
+from ..models import ORGANISM_PREFIX, LoadedModel, load_model
 
-
-def _normalise(s: str) -> str:
-    return s.strip().lower().rstrip(".").strip()
-
-
-@torch.no_grad()
-def predict(model, processor, samples, images=None, batch_size: int = 50, desc: str = "eval") -> list[str]:
-    """Greedy answers (new tokens only) for `samples`, optionally replacing their images (an image, or a list of
-    images per sample: [original, crop] is a prompt with two image placeholders, as hub LLaVA / Qwen2-VL take it)."""
-    preds: list[str] = []
-    model.eval()
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, mininterval=5, leave=False):
-        batch = list(samples[i:i + batch_size])
-        imgs = images[i:i + batch_size] if images is not None else [s.image for s in batch]
-        imgs = [list(im) if isinstance(im, (list, tuple)) else [im] for im in imgs]  # one placeholder per image
-        texts = [render_prompt(processor, user_text(s.question), n_images=len(im)) for s, im in zip(batch, imgs)]
-        enc = processor(images=[x for im in imgs for x in im], text=texts, padding=True, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=4, do_sample=False)
-        preds += [_normalise(t) for t in processor.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                                                skip_special_tokens=True)]
-    return preds
-
-
-# the two-image controls (issue 16): column -> second-image kind of `two_images.images_for`
-TWO_IMAGE = {"same_twice": "same", "relevant_crop": "relevant", "irrelevant_crop": "irrelevant"}
+# table column -> the `accuracy` experiment's image condition
+CONDITIONS = {"accuracy": "original", "blank_accuracy": "blank", "same_twice": "same_twice",
+              "relevant_crop": "relevant_crop", "irrelevant_crop": "irrelevant_crop"}
+# the two-image controls (issue 16)
+TWO_IMAGE = ("same_twice", "relevant_crop", "irrelevant_crop")
 
 
 def two_image_sets(ds, seed: int = 0) -> dict[str, list]:
     """The controls' image lists for `ds`: [original, original], [original, crop of the relevant cells],
-    [original, same-size crop of the fewest relevant cells] (its place drawn from a generator seeded per question)."""
-    from .two_images import images_for
+    [original, same-size crop of the fewest relevant cells] (its place drawn from a generator seeded by the question's
+    position in `ds`), as the ``accuracy`` experiment builds them.
 
-    return {col: [images_for(s, kind, np.random.default_rng([seed, 23, i])) for i, s in enumerate(ds)]
-            for col, kind in TWO_IMAGE.items()}
+    >>> [len(x) for x in two_image_sets(world.world_dataset("test", 2))["relevant_crop"]]
+    [2, 2]
+    """
+    return {col: [condition_images(s, col, i, seed) for i, s in enumerate(ds)] for col in TWO_IMAGE}
+
+
+def as_loaded(model) -> LoadedModel:
+    """A `LoadedModel` from an organism name (``llava-8l``, ``organism:llava``), a weights directory, a
+    ``(model, processor)`` pair in memory (e.g. the trainer's), or a `LoadedModel` (returned as is).
+
+    >>> as_loaded("llava-8l").spec.model_type
+    'llava'
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, tuple):
+        return LoadedModel.wrap(*model)
+    if Path(str(model)).is_dir():
+        return load_model(str(model))
+    from . import resolve_name
+
+    return load_model(ORGANISM_PREFIX + resolve_name(str(model)))
 
 
 def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | None = None,
-             blank: bool = True, batch_size: int = 50, two_image: bool = False) -> pd.DataFrame:
+             blank: bool = True, batch_size: int = 50, two_image: bool = False, progress: bool = True) -> pd.DataFrame:
     """Accuracy per family (rows) and overall: columns n, accuracy, blank_accuracy, gap, and with `two_image` the
-    accuracy with [original, original], [original, relevant crop] and [original, irrelevant crop] (all in [0, 1])."""
-    from . import load
+    accuracy with [original, original], [original, relevant crop] and [original, irrelevant crop] (all in [0, 1]).
+    Each column is one run of the ``accuracy`` experiment (records kept in memory, nothing written).
 
-    model, processor = (model_dir_or_name if isinstance(model_dir_or_name, tuple) else load(model_dir_or_name))
+    >>> evaluate((model, processor), n=100).loc["overall", "accuracy"]  # e.g. the model in training
+    0.92
+    """
+    lm = as_loaded(model_dir_or_name)
     ds = world.world_dataset(split, n, seed=seed)
-
-    def correct(images=None, desc="eval images"):
-        preds = predict(model, processor, ds, images=images, batch_size=batch_size, desc=desc)
-        return np.array([p == _normalise(s.answers[0]) for p, s in zip(preds, ds)])
-
-    cols = {"accuracy": correct()}
+    cols = ["accuracy"] + (["blank_accuracy"] if blank else []) + (list(TWO_IMAGE) if two_image else [])
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        tables = {c: run("accuracy", lm, ds, batch_size=batch_size, progress=progress,
+                         images=CONDITIONS[c]).summary.set_index("family") for c in cols}
+    finally:
+        lm.model.train(was_training)  # a model evaluated mid-training goes back to training
+    t = pd.DataFrame({"n": tables["accuracy"]["n"].astype(int), **{c: tables[c]["accuracy"] for c in cols}})
+    t = t.reindex([f for f in world.FAMILIES if f in t.index] + ["overall"])
+    t.index.name = "family"
     if blank:
-        cols["blank_accuracy"] = correct([world.blank_image()] * len(ds), "eval blank")
-    if two_image:
-        for col, images in two_image_sets(ds).items():
-            cols[col] = correct(images, f"eval {col}")
-    fams = np.array([s.family for s in ds])
-    rows = []
-    for fam in [f for f in world.FAMILIES if f in set(fams)] + ["overall"]:
-        m = np.ones(len(ds), bool) if fam == "overall" else fams == fam
-        row = {"family": fam, "n": int(m.sum()), **{c: float(v[m].mean()) for c, v in cols.items()}}
-        if blank:
-            row["gap"] = row["accuracy"] - row["blank_accuracy"]
-        rows.append(row)
-    t = pd.DataFrame(rows).set_index("family")
+        t["gap"] = t["accuracy"] - t["blank_accuracy"]
     order = [c for c in ("n", "accuracy", "blank_accuracy", "gap", *TWO_IMAGE) if c in t]
     return t[order]
 
@@ -323,7 +324,7 @@ Measured wall time ({log.get('threads') or 1} torch thread{'s' if (log.get('thre
 
 Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organisms.cli train {name}`).
 
-## Evaluation (held-out `test` split, n={int(table.loc['overall', 'n'])}, greedy, exact match; blank = same questions on a uniform grey image)
+## Evaluation (held-out `test` split, n={int(table.loc['overall', 'n'])}; the chapters' harness: the `accuracy` experiment, greedy with up to 16 new tokens, the world's `exact` scorer; blank = same questions on a uniform grey image)
 {format_table(table)}
 
 {_two_image_note(table, trained_with_two_images(out))}
