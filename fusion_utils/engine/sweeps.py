@@ -24,8 +24,8 @@ import torch
 
 from .intervene import intervene
 from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
-from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, record_decoder_call, record_inputs,
-                     record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
+from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, position_slice, record_decoder_call,
+                     record_inputs, record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
 
 
 @dataclass(frozen=True)
@@ -187,29 +187,6 @@ def knockout_sweep(lm, batch, layers, window, onward):
 
 def one_layer_zero_sweep(lm, batch, layers, window):
     return suffix_sweep(lm, batch, layers, window, False, "zero")
-
-
-def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int, device) -> dict:
-    """A layer's recorded kwargs for queries [lo, hi) and keys [0, keys_to) of a length-S prompt."""
-    kw = {}
-    for k, val in kwargs.items():
-        if k == "past_key_values":
-            continue
-        if k == "attention_mask":
-            if val is None:  # the model relied on a causal kernel: spell the causal mask out for these rows
-                q = torch.arange(hi, device=device)
-                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi,
-                                                                                                     keys_to)
-            elif not torch.is_tensor(val) or val.ndim != 4:
-                raise Ambiguous
-            kw[k] = val[:, :, lo:hi, :keys_to]
-        elif k == "position_embeddings":
-            kw[k] = tuple(t[..., lo:hi, :] for t in val)
-        elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
-            kw[k] = val[..., lo:hi]
-        else:
-            kw[k] = val
-    return kw
 
 
 def suffix_sweep(lm, batch, layers, window, onward, mode):
