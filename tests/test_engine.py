@@ -179,3 +179,35 @@ def test_fast_sweep_equals_naive_for_one_unpadded_sample(lm, mode):
     fast = masking_sweep(lm, one, mode=mode)
     naive = masking_sweep(lm, one, mode=mode, method="naive")
     torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["zero", "knockout"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_fast_sweep_shares_one_prefix_copy(lm, mode, n, monkeypatch):
+    """Unpadded prompts (one sample, or several of equal length): the variants' question rows read one copy of the
+    prefix keys and values (the split attention, combined through log-sum-exps), and still equal the naive sweep --
+    for single layers, a window, and a subset of layers. A padded batch takes the tiled path (the tests above)."""
+    from fusion_utils import masking_sweep
+    from fusion_utils.engine import sweeps
+
+    used = []
+    real = sweeps.shared_suffix_pass
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sweeps, "shared_suffix_pass", spy)
+    images = sample_images(n, seed=3)
+    images = [im.resize(images[0].size) for im in images]  # one size: no padding (Qwen's token count follows it)
+    b = lm.prepare(list(zip(images, QUESTIONS[:1] * n)))
+    mask = b.inputs.get("attention_mask")
+    assert mask is None or bool(mask.all())
+    L = lm.num_layers
+    for kw in (dict(), dict(window=3), dict(layers=[L - 1, 1])):
+        used.clear()
+        fast = masking_sweep(lm, b, mode=mode, **kw)
+        naive = masking_sweep(lm, b, mode=mode, method="naive", **kw)
+        assert used == [True], kw
+        torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)

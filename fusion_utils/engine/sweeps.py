@@ -24,6 +24,7 @@ import torch
 
 from .intervene import intervene
 from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
+from .prefix import Group, Unshareable, shared_prefix_attention
 from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, position_slice, record_decoder_call,
                      record_inputs, record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
 
@@ -213,6 +214,13 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
             lm.layers[j](h, *args, past_key_values=scratch, **position_slice(kwargs, 0, P, S, P, B, device))
             zero_kv[j] = layer_kv(scratch, j)
     suffix_img = img[:, P:]
+    if shares_prefix(rec, img, P, S):
+        try:
+            results = shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img, P, S, mode)
+        except Unshareable:
+            results = None
+        if results is not None:
+            return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
     active: list[int] = []
     hidden = None
     for j in range(min(start.values()), L):
@@ -250,6 +258,83 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
     last = head(lm, hidden[:, -1])
     results = {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
     return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def shares_prefix(rec, img, P: int, S: int) -> bool:
+    """Whether every question row reads every prefix key and its own suffix causally, at every layer (no image token
+    after P, no padding, no other masking): then all variants can share one copy of the prefix (`prefix`)."""
+    if P >= S or img[:, P:].any():
+        return False
+    seen: dict[int, bool] = {}
+    for j in range(len(rec.inputs)):
+        args, kwargs = rec.rest(j)
+        if args:  # positional inputs whose positions could not be sliced
+            return False
+        mask = kwargs.get("attention_mask")
+        if mask is None or id(mask) in seen:
+            if mask is not None and not seen[id(mask)]:
+                return False
+            continue
+        ok = torch.is_tensor(mask) and mask.ndim == 4
+        if ok:
+            m = mask[:, :, P:S, :S]
+            allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+            q = torch.arange(P, S, device=m.device)
+            causal = torch.arange(S, device=m.device)[None, :] <= q[:, None]
+            ok = m.shape[-2:] == causal.shape and bool((allowed == causal).all())
+        seen[id(mask)] = ok
+        if not ok:
+            return False
+    return True
+
+
+def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img, P, S, mode):
+    """The question suffix of every variant, stacked as one growing batch, through the layers from its first masked
+    layer, all reading one copy of the prefix keys and values (`prefix.split_attention`); None if a knockout's
+    prefix differs between the samples of the batch."""
+    L, B = lm.num_layers, img.shape[0]
+    keep = None
+    if mode == "knockout":  # the prefix keys a knocked-out question row still reads: the text before the image
+        text = ~img[:, :P]
+        if not bool((text == text[:1]).all()):
+            return None
+        keep = text[0].nonzero().squeeze(1)
+    active: list[int] = []
+    hidden = None
+    with shared_prefix_attention(lm, B) as shared:
+        for j in range(min(start.values()), L):
+            args, kwargs = rec.rest(j)
+            new = [v for v in layers if start[v] == j]
+            if new:
+                h0 = rec.hidden(j)[:, P:]
+                hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
+                active += new
+            n = len(active)
+            sliced = position_slice({k: v for k, v in kwargs.items() if k != "attention_mask"}, P, S, S, S, B,
+                                    img.device)
+            kw = {k: tile(v, B, n) for k, v in sliced.items()}
+            if "attention_mask" in kwargs:
+                kw["attention_mask"] = None  # split_attention masks by construction (checked by shares_prefix)
+            k0, v0 = prefix_kv[j]
+            masked = [j in windows[v] for v in active]
+            groups, i = [], 0
+            while i < n:  # runs of consecutive variants that read the same prefix
+                e = i
+                while e < n and masked[e] == masked[i]:
+                    e += 1
+                kv = (k0, v0)
+                if masked[i] and mode == "zero":
+                    kv = zero_kv[j]
+                elif masked[i]:
+                    idx = keep.to(k0.device)
+                    kv = (k0.index_select(-2, idx), v0.index_select(-2, idx))
+                groups.append(Group(slice(i * B, e * B), *kv))
+                i = e
+            shared.groups = groups
+            res = lm.layers[j](hidden, past_key_values=None, **kw)
+            hidden = res[0] if isinstance(res, tuple) else res
+    last = head(lm, hidden[:, -1])
+    return {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
 
 
 def suffix_mask(mask, B, P, S, device):
