@@ -48,10 +48,13 @@ class SharedPrefix:
         self.groups: list[Group] = []
 
 
-def attend(q, k, v, scale: float, causal: bool):
+def attend(q, k, v, scale: float, causal: bool, fused: bool | None = None):
     """(softmax(q k^T * scale) v, its log-sum-exp [.., q]) -- float32 log-sum-exp; causal aligns the first query
-    with the first key."""
-    if q.device.type == "cpu":
+    with the first key. ``fused`` (default: on CPU) uses torch's CPU flash kernel, the one sdpa runs there, which
+    also returns the log-sum-exp; elsewhere the scores are materialised."""
+    if fused is None:
+        fused = q.device.type == "cpu"
+    if fused:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse.float()
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -119,8 +122,12 @@ def ensure_registered() -> str:
 def shared_prefix_attention(lm, batch_size: int):
     """Inside the block, every decoder layer's attention is `split_attention` reading the yielded `SharedPrefix`
     (set its ``groups`` before each layer call, and call layers with ``past_key_values=None``)."""
+    from .intervene import ACTIVE as EDITED
+
     state = SharedPrefix(batch_size)
     attn_modules = [layer.self_attn for layer in lm.layers]
+    if any(id(m) in EDITED for m in attn_modules):  # attention edits of an enclosing intervene() must still apply
+        raise Unshareable
     cfg = lm.decoder.config
     old_impl = cfg._attn_implementation
     if any(id(m) in ACTIVE for m in attn_modules):

@@ -7,6 +7,9 @@ running one masked forward per layer (``method="naive"``), computed with less wo
   nothing before the end of the image attends to a question token, so the keys and values of the prompt up to the
   image's end are computed once and shared by every variant (for zero, the masked layer's own image keys and values
   are computed once from zeroed inputs); only the question tokens are recomputed, all variants in one growing batch.
+  Unpadded prompts keep one copy of the prefix keys and values: every variant's question rows read it through the
+  split attention of `prefix` (prefix part folded over the variants, own suffix part, combined through their
+  log-sum-exps); a padded batch tiles the prefix per variant under a masked attention.
   (A prompt that puts text before its last image token gets a shorter shared prefix; nothing else changes.)
 - persistent ``zero`` (``onward=True``): layers below the first masked layer do not depend on the mask, so one
   plain pass records every layer's input; each variant starts from the recorded input of its first masked layer,
@@ -265,27 +268,29 @@ def shares_prefix(rec, img, P: int, S: int) -> bool:
     after P, no padding, no other masking): then all variants can share one copy of the prefix (`prefix`)."""
     if P >= S or img[:, P:].any():
         return False
-    seen: dict[int, bool] = {}
+    verdict: dict[int, bool] = {}  # layers usually share one mask tensor: check each tensor once
     for j in range(len(rec.inputs)):
         args, kwargs = rec.rest(j)
-        if args:  # positional inputs whose positions could not be sliced
+        if args:  # positional inputs: their positions could not be sliced
             return False
         mask = kwargs.get("attention_mask")
-        if mask is None or id(mask) in seen:
-            if mask is not None and not seen[id(mask)]:
-                return False
+        if mask is None:  # the kernel's own causal mask
             continue
-        ok = torch.is_tensor(mask) and mask.ndim == 4
-        if ok:
-            m = mask[:, :, P:S, :S]
-            allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-            q = torch.arange(P, S, device=m.device)
-            causal = torch.arange(S, device=m.device)[None, :] <= q[:, None]
-            ok = m.shape[-2:] == causal.shape and bool((allowed == causal).all())
-        seen[id(mask)] = ok
-        if not ok:
+        if id(mask) not in verdict:
+            verdict[id(mask)] = causal_rows(mask, P, S)
+        if not verdict[id(mask)]:
             return False
     return True
+
+
+def causal_rows(mask, P: int, S: int) -> bool:
+    """Whether rows [P, S) of a recorded [batch, 1, q, k] mask are exactly causal over keys [0, S)."""
+    if not torch.is_tensor(mask) or mask.ndim != 4 or mask.shape[-2] < S or mask.shape[-1] < S:
+        return False
+    m = mask[:, :, P:S, :S]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    q = torch.arange(P, S, device=m.device)
+    return bool((allowed == (torch.arange(S, device=m.device)[None, :] <= q[:, None])).all())
 
 
 def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img, P, S, mode):
