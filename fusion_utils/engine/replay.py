@@ -328,5 +328,5 @@ def continue_generate(lm, batch, cache, first_logits: torch.Tensor, generate_kwa
 
 __all__ = ["LayerInputs", "record_inputs", "record_outputs", "record_stream", "record_decoder_call", "head", "last_logits_only",
            "language_model_cache", "reusable", "fork_cache", "layer_kv", "set_layer_kv", "shared_prefix_length",
-           "text_after_image_start", "position_slice", "run_layers", "Ambiguous", "batch_dim", "tile", "generator_model", "rope_state", "restore_rope",
-           "continue_generate"]
+           "text_after_image_start", "position_slice", "run_layers", "Ambiguous", "batch_dim", "tile",
+           "generator_model", "rope_state", "restore_rope", "continue_generate"]

@@ -20,8 +20,8 @@ computed everything below ``apply_layer``, and nothing there depends on the mask
 first pass's KV cache of layers ``< apply_layer`` and the recorded input of ``apply_layer``, recomputes only layers
 ``>= apply_layer``, and there only the text after the image (the mask changes what text reads from the image, so
 the positions before that text keep the first pass's keys and values at every layer), and hands the combined cache
-to ``generate``, which continues decoding from it (mask still applied). ``method="naive"`` runs two full passes; both give the same answers (tested on all six
-architectures).
+to ``generate``, which continues decoding from it (mask still applied). ``method="naive"`` runs two full passes;
+both give the same answers (tested on all six architectures).
 """
 from __future__ import annotations
 
