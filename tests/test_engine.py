@@ -179,3 +179,58 @@ def test_fast_sweep_equals_naive_for_one_unpadded_sample(lm, mode):
     fast = masking_sweep(lm, one, mode=mode)
     naive = masking_sweep(lm, one, mode=mode, method="naive")
     torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["zero", "knockout"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_fast_sweep_shares_one_prefix_copy(lm, mode, n, monkeypatch):
+    """Unpadded prompts (one sample, or several of equal length): the variants' question rows read one copy of the
+    prefix keys and values (the split attention, combined through log-sum-exps), and still equal the naive sweep --
+    for single layers, a window, and a subset of layers. A padded batch takes the tiled path (the tests above)."""
+    from fusion_utils import masking_sweep
+    from fusion_utils.engine import sweeps
+
+    used = []
+    real = sweeps.shared_suffix_pass
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sweeps, "shared_suffix_pass", spy)
+    images = sample_images(n, seed=3)
+    images = [im.resize(images[0].size) for im in images]  # one size: no padding (Qwen's token count follows it)
+    b = lm.prepare(list(zip(images, QUESTIONS[:1] * n)))
+    mask = b.inputs.get("attention_mask")
+    assert mask is None or bool(mask.all())
+    L = lm.num_layers
+    for kw in (dict(), dict(window=3), dict(layers=[L - 1, 1])):
+        used.clear()
+        fast = masking_sweep(lm, b, mode=mode, **kw)
+        naive = masking_sweep(lm, b, mode=mode, method="naive", **kw)
+        assert used == [True], kw
+        torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_split_attention_equals_attention_over_all_keys(fused):
+    """A prefix part and a causal suffix part, combined through their log-sum-exps, are one softmax over the union of
+    the keys -- with the CPU flash kernel and with materialised scores (other devices)."""
+    from fusion_utils.engine.prefix import attend, fold, unfold
+
+    torch.manual_seed(0)
+    B, n, kv, g, P, T, D = 2, 3, 2, 2, 7, 5, 8
+    q = torch.randn(n * B, kv * g, T, D)
+    kp, vp = torch.randn(B, kv, P, D), torch.randn(B, kv, P, D)
+    ks, vs = torch.randn(n * B, kv * g, T, D), torch.randn(n * B, kv * g, T, D)
+    o_p, lse_p = attend(fold(q, B, kv), kp, vp, 0.3, False, fused)
+    o_p, lse_p = unfold(o_p, B, kv * g, T), unfold(lse_p, B, kv * g, T)
+    o_s, lse_s = attend(q, ks, vs, 0.3, True, fused)
+    total = torch.logaddexp(lse_p, lse_s)
+    got = o_p * torch.exp(lse_p - total)[..., None] + o_s * torch.exp(lse_s - total)[..., None]
+    rep = lambda x: x.repeat_interleave(g, dim=1).repeat(n, 1, 1, 1)  # noqa: E731 (variant-major rows)
+    keys, values = torch.cat([rep(kp), ks], dim=2), torch.cat([rep(vp), vs], dim=2)
+    allowed = torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=0.3)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -67,7 +67,7 @@ class Collector:
         q = query[:, :, rows, :].float().reshape(B, Hkv, g * r, D)
         scores = torch.matmul(q, key.float().transpose(-1, -2)).reshape(B, H, r, k_len)
         scores = scores * (call.scaling if call.scaling is not None else D ** -0.5)
-        scores = scores + call.mask[:, :, rows, :].float()
+        scores = scores + call.mask_rows(rows).float()
         probs = torch.softmax(scores, dim=-1)  # [B, H, r, K]
         idx, pad = self.index.to(probs.device), self.pad.to(probs.device)
         n_max = idx.shape[1]

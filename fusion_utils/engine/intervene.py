@@ -141,9 +141,15 @@ class Installed:
                 total = base + bias.to(base.device)
                 total = torch.where(torch.isneginf(total).all(dim=-1, keepdim=True), base, total)
                 new = total.clamp_min(torch.finfo(dtype).min).to(dtype)
-        for r in self.reads.get(j, ()):
+        reads = self.reads.get(j, ())
+        if reads:
             final = new if new is not None else mask
-            r.fn(AttentionCall(step, query, key, additive(final, B, q_len, k_len, step.offset, query.device), scaling))
+
+            def rows_of(rows):
+                return additive(final, B, q_len, k_len, step.offset, query.device, rows)
+
+            for r in reads:
+                r.fn(AttentionCall(step, query, key, rows_of, scaling))
         return new
 
 
@@ -154,23 +160,32 @@ def cache_offset(kwargs, j, after: int = 0) -> int:
     return cache.get_seq_length(j) - after if cache is not None else 0
 
 
-def allowed_bool(mask, B, q_len, k_len, start, device) -> torch.Tensor:
-    """The layer's attention mask as booleans [B, 1, q, k] (True = may attend), building the causal one if absent."""
+def allowed_bool(mask, B, q_len, k_len, start, device, rows=None) -> torch.Tensor:
+    """The layer's attention mask as booleans [B, 1, q, k] (True = may attend), building the causal one if absent.
+    ``rows``: only these query rows (indices into the call's queries)."""
+    n = q_len if rows is None else len(rows)
     if mask is None:
         qpos = torch.arange(start, start + q_len, device=device)
-        return (torch.arange(k_len, device=device)[None, :] <= qpos[:, None])[None, None].expand(B, 1, q_len, k_len)
+        if rows is not None:
+            qpos = qpos[rows]
+        return (torch.arange(k_len, device=device)[None, :] <= qpos[:, None])[None, None].expand(B, 1, n, k_len)
     mask = mask[..., -q_len:, :k_len]
+    if rows is not None:
+        mask = mask[..., rows, :]
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    return allowed.expand(B, 1, q_len, k_len)
+    return allowed.expand(B, 1, n, k_len)
 
 
-def additive(mask, B, q_len, k_len, start, device) -> torch.Tensor:
+def additive(mask, B, q_len, k_len, start, device, rows=None) -> torch.Tensor:
     """The layer's attention mask as a float32 additive mask [B, 1, q, k] (0 = may attend, -inf = may not); a float
-    mask keeps its values (biases included), building the causal one if absent."""
+    mask keeps its values (biases included), building the causal one if absent. ``rows``: only these query rows."""
     if mask is not None and mask.dtype != torch.bool:
-        m = mask[..., -q_len:, :k_len].float().expand(B, 1, q_len, k_len)
+        m = mask[..., -q_len:, :k_len]
+        if rows is not None:
+            m = m[..., rows, :]
+        m = m.float().expand(B, 1, m.shape[-2], k_len)
         return m.masked_fill(m <= torch.finfo(mask.dtype).min / 2, float("-inf"))
-    allowed = allowed_bool(mask, B, q_len, k_len, start, device)
+    allowed = allowed_bool(mask, B, q_len, k_len, start, device, rows)
     return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 

@@ -191,16 +191,28 @@ class AttentionRead:
     fn: Callable  # AttentionCall -> None
 
 
-@dataclass
 class AttentionCall:
     """What an `AttentionRead` sees: this call's queries and keys ([batch, heads, q|k, dim]), the final additive mask
-    (float32 [batch, 1, q, k], edits applied) and the softmax scaling."""
+    (``mask``: float32 [batch, 1, q, k], edits applied) and the softmax scaling.
 
-    step: Step
-    query: torch.Tensor
-    key: torch.Tensor
-    mask: torch.Tensor
-    scaling: float
+    ``mask`` may be given as a function ``rows -> those query rows of the mask`` (rows: a list of query indices, or
+    None for all): a read that needs a few rows (`CaptureAttention`: the last prompt token) then calls
+    ``mask_rows(rows)`` and the [q, k] mask of a long prompt is never built (it cost a third of a prefill)."""
+
+    def __init__(self, step: Step, query: torch.Tensor, key: torch.Tensor, mask, scaling: float):
+        self.step, self.query, self.key, self.scaling = step, query, key, scaling
+        self.source = mask if callable(mask) else (lambda rows: mask if rows is None else mask[:, :, rows, :])
+        self.full = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self.full is None:
+            self.full = self.source(None)
+        return self.full
+
+    def mask_rows(self, rows) -> torch.Tensor:
+        """float32 [batch, 1, len(rows), k]: the additive mask of these query rows only."""
+        return self.source(list(rows)) if self.full is None else self.full[:, :, list(rows), :]
 
 
 class Plan:

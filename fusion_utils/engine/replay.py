@@ -135,13 +135,18 @@ def reusable(cache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def fork_cache(cache, keep_below: int):
-    """A cache sharing ``cache``'s tensors for layers < ``keep_below`` and empty above (the original is untouched:
-    dynamic layers grow by concatenation, never in place)."""
+def fork_cache(cache, keep_below: int, prefix: int = 0):
+    """A cache sharing ``cache``'s tensors for layers < ``keep_below``, and above them only for positions
+    [0, ``prefix``) (default: empty). The original is untouched: dynamic layers grow by concatenation, never in
+    place."""
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
     for j in range(keep_below, len(new.layers)):
-        new.layers[j].reset()
+        layer = new.layers[j]
+        if prefix > 0 and layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys[..., :prefix, :], layer.values[..., :prefix, :]
+        else:
+            layer.reset()
     return new
 
 
@@ -165,14 +170,60 @@ def shared_prefix_length(image_mask: torch.Tensor) -> int:
     return int(last_img.min().item()) + 1
 
 
+def text_after_image_start(image_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    """Positions [0, P) lie before every row's first text token that follows one of its image tokens. An edit of
+    what text queries read from the image (knockout, `ScaleAttention`) changes nothing there, at any layer: earlier
+    text sees no image (causal), and image tokens are not text queries. Clamped to S - 1 so a rerun from P always
+    recomputes the last position."""
+    img = image_mask.bool()
+    S = img.shape[1]
+    text_after = (img.cumsum(dim=1) > 0) & ~img
+    if attention_mask is not None:
+        text_after &= attention_mask.bool().to(img.device)
+    positions = torch.arange(S, device=img.device)
+    first = torch.where(text_after, positions, S).min(dim=1).values
+    return min(int(first.min().item()), S - 1)
+
+
+def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int, device) -> dict:
+    """A layer's recorded kwargs for queries [lo, hi) and keys [0, keys_to) of a length-S prompt."""
+    kw = {}
+    for k, val in kwargs.items():
+        if k == "past_key_values":
+            continue
+        if k == "attention_mask":
+            if val is None:  # the model relied on a causal kernel: spell the causal mask out for these rows
+                q = torch.arange(lo, hi, device=device)
+                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(
+                    B, 1, hi - lo, keys_to)
+                kw[k] = val
+                continue
+            if not torch.is_tensor(val) or val.ndim != 4:
+                raise Ambiguous
+            kw[k] = val[:, :, lo:hi, :keys_to]
+        elif k == "position_embeddings":
+            kw[k] = tuple(t[..., lo:hi, :] for t in val)
+        elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
+            kw[k] = val[..., lo:hi]
+        else:
+            kw[k] = val
+    return kw
+
+
 def run_layers(lm, rec: LayerInputs, start: int, hidden: torch.Tensor, cache=None, stop: int | None = None,
-               rows: int = 1, **overrides) -> torch.Tensor:
+               rows: int = 1, first: int = 0, **overrides) -> torch.Tensor:
     """Run decoder layers ``start`` .. ``stop - 1`` (default: to the end) from ``hidden``, with each layer's other
-    inputs as recorded (tiled ``rows`` times along the batch when ``hidden`` stacks several variants)."""
+    inputs as recorded (tiled ``rows`` times along the batch when ``hidden`` stacks several variants).
+
+    ``first``: ``hidden`` holds only the prompt positions [first, S), and ``cache`` already holds every run layer's
+    keys and values of [0, first) (`fork_cache` with ``prefix=first``): the positions before ``first`` are not
+    recomputed."""
     stop = lm.num_layers if stop is None else stop
     for j in range(start, stop):
         args, kw = rec.rest(j)
-        B = rec.hidden(j).shape[0]
+        B, S = rec.hidden(j).shape[:2]
+        if first:
+            kw = position_slice(kw, first, S, S, S, B, hidden.device)
         kw = {k: tile(v, B, rows) for k, v in kw.items()}
         kw.update(overrides)
         kw["past_key_values"] = cache  # never the recorded pass's own cache
@@ -277,5 +328,5 @@ def continue_generate(lm, batch, cache, first_logits: torch.Tensor, generate_kwa
 
 __all__ = ["LayerInputs", "record_inputs", "record_outputs", "record_stream", "record_decoder_call", "head", "last_logits_only",
            "language_model_cache", "reusable", "fork_cache", "layer_kv", "set_layer_kv", "shared_prefix_length",
-           "run_layers", "Ambiguous", "batch_dim", "tile", "generator_model", "rope_state", "restore_rope",
-           "continue_generate"]
+           "text_after_image_start", "position_slice", "run_layers", "Ambiguous", "batch_dim", "tile",
+           "generator_model", "rope_state", "restore_rope", "continue_generate"]

@@ -7,6 +7,9 @@ running one masked forward per layer (``method="naive"``), computed with less wo
   nothing before the end of the image attends to a question token, so the keys and values of the prompt up to the
   image's end are computed once and shared by every variant (for zero, the masked layer's own image keys and values
   are computed once from zeroed inputs); only the question tokens are recomputed, all variants in one growing batch.
+  Unpadded prompts keep one copy of the prefix keys and values: every variant's question rows read it through the
+  split attention of `prefix` (prefix part folded over the variants, own suffix part, combined through their
+  log-sum-exps); a padded batch tiles the prefix per variant under a masked attention.
   (A prompt that puts text before its last image token gets a shorter shared prefix; nothing else changes.)
 - persistent ``zero`` (``onward=True``): layers below the first masked layer do not depend on the mask, so one
   plain pass records every layer's input; each variant starts from the recorded input of its first masked layer,
@@ -24,8 +27,9 @@ import torch
 
 from .intervene import intervene
 from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
-from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, record_decoder_call, record_inputs,
-                     record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
+from .prefix import Group, Unshareable, shared_prefix_attention
+from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, position_slice, record_decoder_call,
+                     record_inputs, record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
 
 
 @dataclass(frozen=True)
@@ -189,29 +193,6 @@ def one_layer_zero_sweep(lm, batch, layers, window):
     return suffix_sweep(lm, batch, layers, window, False, "zero")
 
 
-def position_slice(kwargs: dict, lo: int, hi: int, S: int, keys_to: int, B: int, device) -> dict:
-    """A layer's recorded kwargs for queries [lo, hi) and keys [0, keys_to) of a length-S prompt."""
-    kw = {}
-    for k, val in kwargs.items():
-        if k == "past_key_values":
-            continue
-        if k == "attention_mask":
-            if val is None:  # the model relied on a causal kernel: spell the causal mask out for these rows
-                q = torch.arange(hi, device=device)
-                val = (torch.arange(keys_to, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, hi,
-                                                                                                     keys_to)
-            elif not torch.is_tensor(val) or val.ndim != 4:
-                raise Ambiguous
-            kw[k] = val[:, :, lo:hi, :keys_to]
-        elif k == "position_embeddings":
-            kw[k] = tuple(t[..., lo:hi, :] for t in val)
-        elif torch.is_tensor(val) and val.ndim >= 1 and val.shape[-1] == S and not torch.is_floating_point(val):
-            kw[k] = val[..., lo:hi]
-        else:
-            kw[k] = val
-    return kw
-
-
 def suffix_sweep(lm, batch, layers, window, onward, mode):
     L, B, S = lm.num_layers, batch.size, batch.seq_len
     with record_inputs(lm) as rec:
@@ -236,6 +217,13 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
             lm.layers[j](h, *args, past_key_values=scratch, **position_slice(kwargs, 0, P, S, P, B, device))
             zero_kv[j] = layer_kv(scratch, j)
     suffix_img = img[:, P:]
+    if shares_prefix(rec, img, P, S):
+        try:
+            results = shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img, P, S, mode)
+        except Unshareable:
+            results = None
+        if results is not None:
+            return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
     active: list[int] = []
     hidden = None
     for j in range(min(start.values()), L):
@@ -273,6 +261,85 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
     last = head(lm, hidden[:, -1])
     results = {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
     return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
+
+
+def shares_prefix(rec, img, P: int, S: int) -> bool:
+    """Whether every question row reads every prefix key and its own suffix causally, at every layer (no image token
+    after P, no padding, no other masking): then all variants can share one copy of the prefix (`prefix`)."""
+    if P >= S or img[:, P:].any():
+        return False
+    verdict: dict[int, bool] = {}  # layers usually share one mask tensor: check each tensor once
+    for j in range(len(rec.inputs)):
+        args, kwargs = rec.rest(j)
+        if args:  # positional inputs: their positions could not be sliced
+            return False
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # the kernel's own causal mask
+            continue
+        if id(mask) not in verdict:
+            verdict[id(mask)] = causal_rows(mask, P, S)
+        if not verdict[id(mask)]:
+            return False
+    return True
+
+
+def causal_rows(mask, P: int, S: int) -> bool:
+    """Whether rows [P, S) of a recorded [batch, 1, q, k] mask are exactly causal over keys [0, S)."""
+    if not torch.is_tensor(mask) or mask.ndim != 4 or mask.shape[-2] < S or mask.shape[-1] < S:
+        return False
+    m = mask[:, :, P:S, :S]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    q = torch.arange(P, S, device=m.device)
+    return bool((allowed == (torch.arange(S, device=m.device)[None, :] <= q[:, None])).all())
+
+
+def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img, P, S, mode):
+    """The question suffix of every variant, stacked as one growing batch, through the layers from its first masked
+    layer, all reading one copy of the prefix keys and values (`prefix.split_attention`); None if a knockout's
+    prefix differs between the samples of the batch."""
+    L, B = lm.num_layers, img.shape[0]
+    keep = None
+    if mode == "knockout":  # the prefix keys a knocked-out question row still reads: the text before the image
+        text = ~img[:, :P]
+        if not bool((text == text[:1]).all()):
+            return None
+        keep = text[0].nonzero().squeeze(1)
+    active: list[int] = []
+    hidden = None
+    with shared_prefix_attention(lm, B) as shared:
+        for j in range(min(start.values()), L):
+            args, kwargs = rec.rest(j)
+            new = [v for v in layers if start[v] == j]
+            if new:
+                h0 = rec.hidden(j)[:, P:]
+                hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
+                active += new
+            n = len(active)
+            sliced = position_slice({k: v for k, v in kwargs.items() if k != "attention_mask"}, P, S, S, S, B,
+                                    img.device)
+            kw = {k: tile(v, B, n) for k, v in sliced.items()}
+            if "attention_mask" in kwargs:
+                kw["attention_mask"] = None  # split_attention masks by construction (checked by shares_prefix)
+            k0, v0 = prefix_kv[j]
+            masked = [j in windows[v] for v in active]
+            groups, i = [], 0
+            while i < n:  # runs of consecutive variants that read the same prefix
+                e = i
+                while e < n and masked[e] == masked[i]:
+                    e += 1
+                kv = (k0, v0)
+                if masked[i] and mode == "zero":
+                    kv = zero_kv[j]
+                elif masked[i]:
+                    idx = keep.to(k0.device)
+                    kv = (k0.index_select(-2, idx), v0.index_select(-2, idx))
+                groups.append(Group(slice(i * B, e * B), *kv))
+                i = e
+            shared.groups = groups
+            res = lm.layers[j](hidden, past_key_values=None, **kw)
+            hidden = res[0] if isinstance(res, tuple) else res
+    last = head(lm, hidden[:, -1])
+    return {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
 
 
 def suffix_mask(mask, B, P, S, device):

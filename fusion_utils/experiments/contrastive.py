@@ -18,9 +18,10 @@ Two ways to use ``I_A``:
 Cost of the soft variant (``method="reuse"``, the default): the first pass (prefill with attention capture) already
 computed everything below ``apply_layer``, and nothing there depends on the mask. The second pass keeps the
 first pass's KV cache of layers ``< apply_layer`` and the recorded input of ``apply_layer``, recomputes only layers
-``>= apply_layer`` over the prompt (mask applied), and hands the combined cache to ``generate``, which continues
-decoding from it (mask still applied). ``method="naive"`` runs two full passes; both give the same answers (tested on all six
-architectures).
+``>= apply_layer``, and there only the text after the image (the mask changes what text reads from the image, so
+the positions before that text keep the first pass's keys and values at every layer), and hands the combined cache
+to ``generate``, which continues decoding from it (mask still applied). ``method="naive"`` runs two full passes;
+both give the same answers (tested on all six architectures).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 
 from ..engine import CaptureAttention, ScaleAttention, ScaleImage, check_layer, intervene
 from ..engine.replay import (continue_generate, fork_cache, head, language_model_cache, last_logits_only,
-                             record_inputs, reusable, rope_state, run_layers)
+                             record_inputs, reusable, rope_state, run_layers, text_after_image_start)
 from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
                        peak_crop_box, soft_mask_tokens)
 from ..prompts import POST_PROMPT
@@ -102,11 +103,15 @@ def soft_mask_plan(apply_layer: int, factor: float, masks, soft_mask: str = "att
 @torch.no_grad()
 def soft_generate_reuse(lm, batch, p1: FirstPass, apply_layer: int, factor: float, masks, decoding: Decoding,
                         return_logits: bool = False, soft_mask: str = "attention"):
-    cache = fork_cache(p1.cache, apply_layer)
+    # layers below apply_layer are the first pass's; the plan acts from there on, and in every generated step.
+    # The attention mask changes only what text after the image reads: the positions before that text keep the first
+    # pass's keys and values at every layer, so only the question rows are recomputed. The hidden-state mask changes
+    # the image positions themselves, so it reruns the whole prompt.
+    P = text_after_image_start(batch.image_mask, batch.inputs.get("attention_mask")) if soft_mask == "attention" else 0
+    cache = fork_cache(p1.cache, apply_layer, prefix=P)
     rec = p1.layer_input
-    # layers below apply_layer are the first pass's; the plan acts from there on, and in every generated step
     with intervene(lm, batch, soft_mask_plan(apply_layer, factor, masks, soft_mask)):
-        hidden = run_layers(lm, rec, apply_layer, rec.hidden(apply_layer), cache)
+        hidden = run_layers(lm, rec, apply_layer, rec.hidden(apply_layer)[:, P:], cache, first=P)
         logits = head(lm, hidden[:, -1:, :]).to(lm.dtype)  # as the model's own forward with logits_to_keep=1
         out = continue_generate(lm, batch, cache, logits, decoding.kwargs(lm.processor.tokenizer), p1.rope)
     texts = decode_new(lm, batch, out)

@@ -1,0 +1,146 @@
+"""Attention of many variants' suffix queries to one shared prompt prefix, without copying the prefix per variant.
+
+A sweep stacks its variants along the batch; each runs only the question suffix [P, S) through a layer, and all of
+them read the same prefix keys and values [0, P) (or one of a few shared sets: a one-layer zero mask's zeroed image,
+a knockout's prefix without the image). Tiling the prefix per variant and running one masked attention over
+[prefix + suffix] made the prefix copies (and sdpa's repeat_kv of them) and the mask edits cost about as much as the
+attention itself. Here a layer's attention is split by keys:
+
+- the prefix part: the suffix queries of every variant that reads the same prefix, folded into the query rows of
+  one call (variants x GQA group x suffix positions) against the single copy of the prefix, no mask;
+- the suffix part: each variant's own suffix, causal;
+
+and the two are combined exactly through their log-sum-exps (softmax over the union of the keys). Inside
+`shared_prefix_attention` the decoder runs this attention function; layers are called without a cache, so the keys
+and values the attention receives are the suffix's own.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+NAME = "fusion_shared_prefix"
+ACTIVE: dict[int, "SharedPrefix"] = {}  # id(attention module) -> the sweep whose layer call it serves
+
+
+class Unshareable(Exception):
+    """The layer's attention has a feature the split cannot reproduce (sliding window, soft-capping, sinks,
+    dropout): the caller runs its unshared path."""
+
+
+@dataclass
+class Group:
+    """Batch rows (variant-major, ``B`` samples per variant) that read the same prefix keys and values
+    ([B, kv heads, P', dim]; P' = 0: no prefix key is visible to them)."""
+
+    rows: slice | torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class SharedPrefix:
+    """What the attention of the current layer call reads besides the suffix: ``groups`` covers every batch row."""
+
+    def __init__(self, batch_size: int):
+        self.B = batch_size
+        self.groups: list[Group] = []
+
+
+def attend(q, k, v, scale: float, causal: bool, fused: bool | None = None):
+    """(softmax(q k^T * scale) v, its log-sum-exp [.., q]) -- float32 log-sum-exp; causal aligns the first query
+    with the first key. ``fused`` (default: on CPU) uses torch's CPU flash kernel, the one sdpa runs there, which
+    also returns the log-sum-exp; elsewhere the scores are materialised."""
+    if fused is None:
+        fused = q.device.type == "cpu"
+    if fused:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype)
+    return out, lse
+
+
+def fold(x: torch.Tensor, B: int, kv_heads: int) -> torch.Tensor:
+    """[m*B, H, T, D] (variant-major) -> [B, kv heads, m * group * T, D]: every query of a KV head in one row block."""
+    N, H, T, D = x.shape
+    m, g = N // B, H // kv_heads
+    return x.reshape(m, B, kv_heads, g, T, D).permute(1, 2, 0, 3, 4, 5).reshape(B, kv_heads, m * g * T, D)
+
+
+def unfold(x: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
+    """The inverse of `fold`, also for log-sum-exps (no trailing dim)."""
+    kv_heads = x.shape[1]
+    m, g = x.shape[2] // (H // kv_heads * T), H // kv_heads
+    tail = x.shape[3:]
+    return x.reshape(B, kv_heads, m, g, T, *tail).permute(2, 0, 1, 3, 4, *range(5, 5 + len(tail))).reshape(
+        m * B, H, T, *tail)
+
+
+def split_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    state = ACTIVE.get(id(module))
+    if state is None:
+        raise RuntimeError("shared-prefix attention called outside a shared_prefix_attention() block.")
+    if dropout or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
+        raise Unshareable
+    N, H, T, D = query.shape
+    kv_heads = key.shape[1]
+    g = H // kv_heads
+    scale = scaling if scaling is not None else D ** -0.5
+    if g > 1:  # the suffix is short: repeating its keys and values is cheap
+        key, value = (x[:, :, None].expand(N, kv_heads, g, T, D).reshape(N, H, T, D) for x in (key, value))
+    out, lse = attend(query, key, value, scale, causal=True)
+    for grp in state.groups:
+        if grp.keys.shape[-2] == 0:
+            continue
+        q = query[grp.rows]
+        o_p, lse_p = attend(fold(q, state.B, kv_heads), grp.keys, grp.values, scale, causal=False)
+        o_p, lse_p = unfold(o_p, state.B, H, T), unfold(lse_p, state.B, H, T)
+        o_s, lse_s = out[grp.rows], lse[grp.rows]
+        total = torch.logaddexp(lse_p, lse_s)
+        out[grp.rows] = (o_p.float() * torch.exp(lse_p - total)[..., None]
+                         + o_s.float() * torch.exp(lse_s - total)[..., None]).to(out.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def ensure_registered() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(NAME, split_attention)
+        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return NAME
+
+
+@contextmanager
+def shared_prefix_attention(lm, batch_size: int):
+    """Inside the block, every decoder layer's attention is `split_attention` reading the yielded `SharedPrefix`
+    (set its ``groups`` before each layer call, and call layers with ``past_key_values=None``)."""
+    from .intervene import ACTIVE as EDITED
+
+    state = SharedPrefix(batch_size)
+    attn_modules = [layer.self_attn for layer in lm.layers]
+    if any(id(m) in EDITED for m in attn_modules):  # attention edits of an enclosing intervene() must still apply
+        raise Unshareable
+    cfg = lm.decoder.config
+    old_impl = cfg._attn_implementation
+    if any(id(m) in ACTIVE for m in attn_modules):
+        raise RuntimeError("shared_prefix_attention() blocks cannot nest.")
+    try:
+        cfg._attn_implementation = ensure_registered()
+        for m in attn_modules:
+            ACTIVE[id(m)] = state
+        yield state
+    finally:
+        for m in attn_modules:
+            ACTIVE.pop(id(m), None)
+        cfg._attn_implementation = old_impl
+
+
+__all__ = ["Group", "SharedPrefix", "Unshareable", "shared_prefix_attention", "split_attention", "attend"]
