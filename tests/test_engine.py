@@ -213,6 +213,28 @@ def test_fast_sweep_shares_one_prefix_copy(lm, mode, n, monkeypatch):
         torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["zero", "knockout"])
+def test_fast_sweep_equals_naive_with_text_between_two_images(lm, mode):
+    """[original, second image] prompts (the crop variant, ViCrop) put text between the two images. That text reads
+    the first image, so it is not part of the prefix the variants share: the fast sweeps recompute it and still equal
+    the naive ones. (They once took the prefix up to the last image token and missed this.) InstructBLIP takes one
+    image per prompt and says so."""
+    from fusion_utils import masking_sweep
+
+    a, b2 = sample_images(2, seed=3)
+    if lm.spec.model_type == "instructblip":
+        with pytest.raises(ValueError, match="exactly one image per prompt"):
+            lm.prepare([(a, QUESTIONS[0])], images=[[a, b2.resize(a.size)]])
+        return
+    b = lm.prepare([(a, QUESTIONS[0]), (b2, QUESTIONS[1])], images=[[a, b2.resize(a.size)], [b2, a.resize(b2.size)]])
+    img = b.image_mask[0]
+    first_text_after = int(((img.cumsum(0) > 0) & ~img).nonzero()[0])
+    assert img[first_text_after:].any(), "the prompt should have text between its two images"
+    fast = masking_sweep(lm, b, mode=mode)
+    naive = masking_sweep(lm, b, mode=mode, method="naive")
+    torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_split_attention_equals_attention_over_all_keys(fused):
     """A prefix part and a causal suffix part, combined through their log-sum-exps, are one softmax over the union of

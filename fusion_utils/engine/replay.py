@@ -161,15 +161,6 @@ def set_layer_kv(cache, j: int, keys: torch.Tensor, values: torch.Tensor) -> Non
     cache.layers[j].keys, cache.layers[j].values = keys, values
 
 
-def shared_prefix_length(image_mask: torch.Tensor) -> int:
-    """Positions [0, P) lie at or before every row's last image token: nothing there attends to a later token, so
-    an edit that only changes what text after the image reads leaves them as the plain pass computed them."""
-    S = image_mask.shape[1]
-    positions = torch.arange(S, device=image_mask.device)
-    last_img = torch.where(image_mask, positions, -1).max(dim=1).values
-    return int(last_img.min().item()) + 1
-
-
 def text_after_image_start(image_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
     """Positions [0, P) lie before every row's first text token that follows one of its image tokens. An edit of
     what text queries read from the image (knockout, `ScaleAttention`) changes nothing there, at any layer: earlier
@@ -327,6 +318,6 @@ def continue_generate(lm, batch, cache, first_logits: torch.Tensor, generate_kwa
 
 
 __all__ = ["LayerInputs", "record_inputs", "record_outputs", "record_stream", "record_decoder_call", "head", "last_logits_only",
-           "language_model_cache", "reusable", "fork_cache", "layer_kv", "set_layer_kv", "shared_prefix_length",
+           "language_model_cache", "reusable", "fork_cache", "layer_kv", "set_layer_kv",
            "text_after_image_start", "position_slice", "run_layers", "Ambiguous", "batch_dim", "tile",
            "generator_model", "rope_state", "restore_rope", "continue_generate"]

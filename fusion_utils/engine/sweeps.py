@@ -29,7 +29,7 @@ from .intervene import intervene
 from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
 from .prefix import Group, Unshareable, shared_prefix_attention
 from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, position_slice, record_decoder_call,
-                     record_inputs, record_outputs, reusable, set_layer_kv, shared_prefix_length, tile)
+                     record_inputs, record_outputs, reusable, set_layer_kv, text_after_image_start, tile)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def knockout_sweep_batched(lm, batch, layers, window, onward, chunk):
         kw.pop(k, None)
     if mask2d is not None and (not torch.is_tensor(mask2d) or mask2d.ndim != 2):
         raise RuntimeError("knockout sweep expects a 2-D padding mask; use method='naive'.")
-    P = shared_prefix_length(batch.image_mask)
+    P = text_after_image_start(batch.image_mask, mask2d)
     cache.crop(P - S)  # keep the plain pass's keys and values of the shared prefix (negative = tokens removed)
     windows = {v: layer_window(v, window, L, onward) for v in layers}
     chunk = chunk or len(layers)
@@ -201,7 +201,7 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
     cache = language_model_cache(out)
     if not reusable(cache):
         raise Ambiguous
-    P = shared_prefix_length(batch.image_mask)
+    P = text_after_image_start(batch.image_mask, batch.inputs.get("attention_mask"))
     device = batch.image_mask.device
     img = batch.image_mask
     prefix_kv = [layer_kv(cache, j, P) for j in range(L)]
