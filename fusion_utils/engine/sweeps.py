@@ -342,16 +342,6 @@ def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img,
     return {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
 
 
-def suffix_mask(mask, B, P, S, device):
-    """The attention-mask rows of the question suffix ([B, 1, S - P, S], True = may attend)."""
-    if mask is None:
-        q = torch.arange(P, S, device=device)
-        return (torch.arange(S, device=device)[None, :] <= q[:, None])[None, None].expand(B, 1, S - P, S)
-    if not torch.is_tensor(mask) or mask.ndim != 4:
-        raise Ambiguous
-    return mask[:, :, P:, :]
-
-
 @torch.no_grad()
 def early_exit_logits(lm, batch) -> torch.Tensor:
     """float32 [layers, batch, vocab]: final norm + LM head applied to each layer's output at the last position
