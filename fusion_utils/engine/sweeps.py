@@ -105,6 +105,16 @@ def zero_sweep(lm, batch, layers, window, onward, chunk):
     return {"layers": layers, "logits": torch.stack([results[v] for v in layers]), "plain": plain}
 
 
+def join(hidden, active: list, rec, j: int, new: list, P: int):
+    """The growing batch at layer j: variants whose first masked layer is j join it (``active`` is extended in
+    place) with the plain pass's layer-j input from position P on; below that layer they equal the plain run."""
+    if not new:
+        return hidden
+    h0 = rec.hidden(j)[:, P:]
+    active += new
+    return torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
+
+
 def run_growing(lm, rec, variants, windows, img, B, batched):
     """Run variants through the decoder from their first masked layer, stacked as one growing batch."""
     start = {v: min(windows[v]) for v in variants}
@@ -112,11 +122,7 @@ def run_growing(lm, rec, variants, windows, img, B, batched):
     hidden = None
     for j in range(min(start.values()), lm.num_layers):
         args, kwargs = rec.rest(j)
-        new = [v for v in variants if start[v] == j]
-        if new:
-            h0 = rec.hidden(j)
-            hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
-            active += new
+        hidden = join(hidden, active, rec, j, [v for v in variants if start[v] == j], 0)
         n = len(active)
         zero_rows = torch.tensor([j in windows[v] for v in active], device=img.device).repeat_interleave(B)
         if zero_rows.any():
@@ -228,11 +234,7 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
     hidden = None
     for j in range(min(start.values()), L):
         args, kwargs = rec.rest(j)
-        new = [v for v in layers if start[v] == j]
-        if new:
-            h0 = rec.hidden(j)[:, P:]
-            hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
-            active += new
+        hidden = join(hidden, active, rec, j, [v for v in layers if start[v] == j], P)
         n = len(active)
         kw = {k: tile(v, B, n) for k, v in position_slice(kwargs, P, S, S, S, B, device).items()}
         masked = torch.tensor([j in windows[v] for v in active], device=device).repeat_interleave(B)  # rows
@@ -309,11 +311,7 @@ def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img,
     with shared_prefix_attention(lm, B) as shared:
         for j in range(min(start.values()), L):
             args, kwargs = rec.rest(j)
-            new = [v for v in layers if start[v] == j]
-            if new:
-                h0 = rec.hidden(j)[:, P:]
-                hidden = torch.cat([hidden] + [h0] * len(new)) if hidden is not None else torch.cat([h0] * len(new))
-                active += new
+            hidden = join(hidden, active, rec, j, [v for v in layers if start[v] == j], P)
             n = len(active)
             sliced = position_slice({k: v for k, v in kwargs.items() if k != "attention_mask"}, P, S, S, S, B,
                                     img.device)
