@@ -78,7 +78,12 @@ def plot(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(next(iter(curves.values())))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), sharex=True)
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), sharex=True, squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     for ax, panel in zip(axes, panels):
         for label, c in curves.items():
             s = c[panel]
