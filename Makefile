@@ -9,7 +9,8 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fusion-utils-installed
 BOOK_PARAMS ?= book/params/default.yml
 
-.PHONY: install test book bench organisms organisms-8l organism-llava-32l organism-qwen2_vl-28l organism-llava-8l \
+.PHONY: install test book bench organisms organisms-8l organism-llava-16l organism-qwen2_vl-16l organism-llava-32l \
+	organism-qwen2_vl-28l organism-llava-8l \
 	organism-qwen2_vl-8l organisms-eval clean-book help
 
 help:
@@ -18,7 +19,7 @@ help:
 	@echo "                book/_build/index.html lists the builds)"
 	@echo "make test       run the test suite (CPU, offline)"
 	@echo "make bench      print the performance figures (ratios measured side by side)"
-	@echo "make organisms  retrain the deep model organisms from their seeds (make -j2 organisms: both at once)"
+	@echo "make organisms  retrain the deep (16-layer) model organisms from their seeds (make -j2 organisms: both at once)"
 	@echo "make organisms-8l  retrain the 8-layer organisms"
 
 $(PY):
@@ -54,11 +55,11 @@ bench: $(STAMP)
 # budget: <= 60 min each). One torch thread per organism keeps a retrain bit-identical on the machine and torch build
 # that trained the shipped weights; elsewhere float reductions differ and accuracy lands within about 2 points (see the
 # model cards). A killed run resumes from its checkpoints when rerun. `make organisms-8l` retrains the 8-layer ones.
-organisms: organism-llava-32l organism-qwen2_vl-28l
+organisms: organism-llava-16l organism-qwen2_vl-16l
 
 organisms-8l: organism-llava-8l organism-qwen2_vl-8l
 
-organism-llava-32l organism-qwen2_vl-28l organism-llava-8l organism-qwen2_vl-8l: $(STAMP)
+organism-llava-16l organism-qwen2_vl-16l organism-llava-32l organism-qwen2_vl-28l organism-llava-8l organism-qwen2_vl-8l: $(STAMP)
 	$(VENV)/bin/fusion-utils organisms train $(@:organism-%=%) --threads 1
 
 organisms-eval: $(STAMP)

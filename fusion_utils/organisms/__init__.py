@@ -1,8 +1,9 @@
 """Tiny real-architecture MLLMs ("model organisms") trained on the procedural world.
 
 Two architectures, ``llava`` (LlavaForConditionalGeneration) and ``qwen2_vl`` (Qwen2VLForConditionalGeneration), each
-at two depths: the fast 8-layer organisms (``llava-8l``, ``qwen2_vl-8l``) and the deep ones at the depths of
-LLaVA-1.5-7B and Qwen2.5-VL-7B (``llava-32l``, ``qwen2_vl-28l``, issue 16). ``llava`` / ``qwen2_vl`` name the default
+at several depths: the fast 8-layer organisms (``llava-8l``, ``qwen2_vl-8l``), the 16-layer ones (``llava-16l``,
+``qwen2_vl-16l``: ``DEEP``, the deepest pair that comes near issue 16's bar within its training budget) and, as recipes
+without shipped weights, the depths of LLaVA-1.5-7B and Qwen2.5-VL-7B (``llava-32l``, ``qwen2_vl-28l``). ``llava`` / ``qwen2_vl`` name the default
 of each architecture (``DEFAULT_VARIANT``). Weights, processor and model card live in ``weights/<variant>/`` and load offline
 with ``<ModelClass>.from_pretrained(dir)`` + ``AutoProcessor.from_pretrained(dir)``.
 """
@@ -18,7 +19,7 @@ VARIANTS = {"llava-8l": "llava", "qwen2_vl-8l": "qwen2_vl", "llava-32l": "llava"
 # the 8-layer ones stay the default, so the book and the tests do not change under anyone's feet.
 DEFAULT_VARIANT = {"llava": "llava-8l", "qwen2_vl": "qwen2_vl-8l"}
 ORGANISMS = tuple(DEFAULT_VARIANT)  # the default pair (the book's models, the tests' fixtures)
-DEEP = ("llava-32l", "qwen2_vl-28l")
+DEEP = ("llava-16l", "qwen2_vl-16l")  # what `make organisms` trains (train.ORGANISM_RECIPE says why 16)
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 
 
