@@ -553,12 +553,17 @@ class Trainer:
         self.timings["vision"] = time.time() - t0
         return self
 
+    def _part(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        """What a stage trains (its recipe entry ``key``), checked against the parts it can train."""
+        part = self.recipe.get(key, default)
+        if part not in allowed:
+            raise ValueError(f"recipe {key}={part!r}: use {' or '.join(repr(a) for a in allowed)}.")
+        return part
+
     def stage_joint(self, steps=None, lr=None):
         R = self.recipe
         steps = R["joint_steps"] if steps is None else steps
-        part = R.get("joint_part", "all")
-        if part not in ("all", "vision"):
-            raise ValueError(f"recipe joint_part={part!r}: use 'all' or 'vision'.")
+        part = self._part("joint_part", "all", ("all", "vision"))
         params, opt, sched, bar, t0 = self._begin(part, lr or R["joint_lr"], steps, "(d) joint VQA", "joint")
         for step in bar:
             samples = self._samples(R.get("joint_batch") or R["batch"], with_image=True)
@@ -610,9 +615,7 @@ class Trainer:
         `two_part` (the decoder by default: the vision tower already maps a cell to its scene token)."""
         R = self.recipe
         steps = R.get("two_steps", 0) if steps is None else steps
-        part = R.get("two_part", "lm")
-        if part not in ("lm", "all"):
-            raise ValueError(f"recipe two_part={part!r}: use 'lm' or 'all'.")
+        part = self._part("two_part", "lm", ("lm", "all"))
         params, opt, sched, bar, t0 = self._begin(part, lr or R["two_lr"], steps, "(e) two images", "two")
         for step in bar:
             samples = self._samples(R.get("two_batch") or R["batch"], with_image=True)
