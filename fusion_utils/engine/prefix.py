@@ -53,7 +53,8 @@ def attend(q, k, v, scale: float, causal: bool, fused: bool | None = None):
     with the first key. ``fused`` (default: on CPU) uses torch's CPU flash kernel, the one sdpa runs there, which
     also returns the log-sum-exp; elsewhere the scores are materialised."""
     if fused is None:
-        fused = q.device.type == "cpu"
+        # the kernel is an aten op outside torch's public API: a torch build without it takes the portable path
+        fused = q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     if fused:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse.float()
