@@ -62,6 +62,12 @@ def dataset_position(dataset, sample) -> int:
                          "come from in the Context (Context.of(dataset)).") from None
 
 
+def check_condition(images: str) -> None:
+    """One sentence naming the known conditions when ``images`` is not one of them."""
+    if images not in IMAGES:
+        raise ValueError(f"Unknown image condition {images!r}; use one of {', '.join(IMAGES)}.")
+
+
 def blank_like(image):
     """The blank-image control at ``image``'s size: `world.blank_image` (a uniform grey) for the world's images."""
     blank = world.blank_image()
@@ -83,9 +89,8 @@ def condition_images(sample, images: str, index: int, seed: int = 0):
         return images_for(sample, "same")
     if images == "relevant_crop":
         return images_for(sample, "relevant")
-    if images == "irrelevant_crop":
-        return images_for(sample, "irrelevant", np.random.default_rng([int(seed), 23, int(index)]))
-    raise ValueError(f"Unknown image condition {images!r}; use one of {', '.join(IMAGES)}.")
+    check_condition(images)
+    return images_for(sample, "irrelevant", np.random.default_rng([int(seed), 23, int(index)]))
 
 
 @torch.no_grad()
@@ -108,8 +113,7 @@ def accuracy_batch(lm, samples, ctx: Context, images: str = "original") -> list[
 
 def resolve(lm, dataset, *, images: str = "original") -> dict:
     """Check the condition before any work: a known name, and relevant cells on every sample for the crops."""
-    if images not in IMAGES:
-        raise ValueError(f"Unknown image condition {images!r}; use one of {', '.join(IMAGES)}.")
+    check_condition(images)
     if images in CROPS:
         missing = [s.id for s in dataset if s.relevant is None or not np.asarray(s.relevant, bool).any()]
         if len(missing) == len(dataset):
