@@ -320,6 +320,68 @@ def test_second_image_boxes():
         images_for(s, "twice")
 
 
+def test_zoomed_cells_map_tokens_to_the_cells_they_magnify():
+    """A crop's token grid maps back onto the board: the whole board on 6 x 6 tokens is the identity, 3 cells on 6
+    tokens show each cell twice, and a centre-cropping processor shows a wide crop's middle square only."""
+    from fusion_utils.data.second_images import shown_cells, zoomed_cells
+
+    rows, cols = zoomed_cells((0, 0, 6, 6), (6, 6))
+    assert (rows == np.arange(6)[:, None]).all() and (cols == np.arange(6)[None]).all()
+    rows, cols = zoomed_cells((2, 1, 5, 4), (6, 6))
+    assert rows[:, 0].tolist() == [2, 2, 3, 3, 4, 4] and cols[0].tolist() == [1, 1, 2, 2, 3, 3]
+    assert shown_cells((1, 0, 3, 4), center_crop=True) == (1.0, 1.0, 3.0, 3.0)
+    assert shown_cells((1, 0, 3, 4), center_crop=False) == (1.0, 0.0, 3.0, 4.0)
+    rows, cols = zoomed_cells(shown_cells((1, 0, 3, 4), center_crop=True), (6, 6))
+    assert set(cols.ravel()) == {1, 2} and set(rows.ravel()) == {1, 2}
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_vision_stage_zoom_share(name):
+    """Stage (b+c) with a zoom share: the crops' targets are the cells they magnify, one per token of each crop
+    (Qwen2-VL's crops have their own token grids), so a crop of a one-object box puts that object's scene token on
+    every token of its cell; without the share the stage draws exactly the samples it drew before."""
+    from fusion_utils.data.second_images import cells_to_px
+    from fusion_utils.organisms.train import Trainer
+
+    tr = Trainer(name, seed=0, threads=None, recipe={"vision_batch": 6, "vision_zoom": 0.5}, **TINY)
+    samples = tr._samples(4, with_image=True)
+    crops, boxes = tr._zoom_crops(samples)
+    assert [c.size for c in crops] == [((b[3] - b[1]) * 16, (b[2] - b[0]) * 16) for b in boxes]
+    ip = dict(tr.processor.image_processor(images=crops, return_tensors="pt"))
+    targets = tr._zoom_targets(samples, boxes, ip, 0)
+    tokens = tr._image_tokens(ip)
+    assert [t.numel() for t in targets] == [len(x) for x in tokens]
+    for s, b, t in zip(samples, boxes, targets):
+        board = tr._cell_targets([s])[0].view(6, 6)
+        inside = board[b[0]:b[2], b[1]:b[3]]
+        assert set(t.tolist()) <= set(inside.reshape(-1).tolist())  # only cells of the crop
+        if tr.arch == "qwen2_vl":  # the whole crop is shown: every cell of the box appears
+            assert set(t.tolist()) == set(inside.reshape(-1).tolist())
+    n0 = tr.counter
+    tr.stage_vision(steps=2)
+    assert tr.counter - n0 == 12  # originals and crops both draw samples: 6 a step (no blank image at batch 6)
+    plain = Trainer(name, seed=0, threads=None, recipe={"vision_batch": 6}, **TINY)
+    plain.stage_vision(steps=1)
+    assert plain.counter == 6 and all(np.isfinite(r["loss"]) for r in tr.log)
+
+
+def test_deep_qwen_reads_a_crop_at_its_own_size():
+    """The deep Qwen2-VL organism's processor keeps a crop at its own size, one token per cell as in the whole image
+    (hub Qwen2-VL's dynamic resolution); the 8-layer one, as shipped, resizes every image to 96 x 96 px of area."""
+    from fusion_utils.data import world
+    from fusion_utils.data.second_images import relevant_cells
+    from fusion_utils.organisms.build import build_processor
+
+    s = world.world_dataset("test", 4)[1]
+    r0, c0, r1, c1 = relevant_cells(s)
+    images = [s.image, s.image.crop((c0 * 16, r0 * 16, c1 * 16, r1 * 16))]
+    deep = build_processor("qwen2_vl-16l").image_processor(images=images, return_tensors="pt")
+    assert deep["image_grid_thw"].tolist() == [[1, 12, 12], [1, 2 * (r1 - r0), 2 * (c1 - c0)]]
+    fast = build_processor("qwen2_vl-8l").image_processor(images=images, return_tensors="pt")
+    assert fast["image_grid_thw"][0].tolist() == [1, 12, 12]
+    assert int(fast["image_grid_thw"][1, 1] * fast["image_grid_thw"][1, 2]) >= 12 * 12 - 24  # magnified to ~96 x 96
+
+
 def test_prepare_takes_two_images_on_an_organism():
     """The package's multi-image path runs on an organism as on a hub model: `lm.prepare(images=[[orig, crop]])`
     renders two placeholders, and the batch finds both images' tokens."""

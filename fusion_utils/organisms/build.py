@@ -95,7 +95,7 @@ def build_tokenizer(name: str):
 
 
 def build_processor(name: str):
-    name = arch_of(name)
+    variant, name = name, arch_of(name)
     tokenizer = build_tokenizer(name)
     if name == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
@@ -108,13 +108,13 @@ def build_processor(name: str):
     if name == "qwen2_vl":
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
 
-        px = IMAGE_SIZE * IMAGE_SIZE
-        ip = Qwen2VLImageProcessor(min_pixels=px, max_pixels=px, size={"shortest_edge": px, "longest_edge": px},
+        px, low = IMAGE_SIZE * IMAGE_SIZE, MIN_PIXELS.get(resolve_name(variant), IMAGE_SIZE * IMAGE_SIZE)
+        ip = Qwen2VLImageProcessor(min_pixels=low, max_pixels=px, size={"shortest_edge": low, "longest_edge": px},
                                    patch_size=8, temporal_patch_size=2, merge_size=2)
         try:
             from transformers import Qwen2VLVideoProcessor
 
-            vp = Qwen2VLVideoProcessor(min_pixels=px, max_pixels=px, size={"shortest_edge": px, "longest_edge": px},
+            vp = Qwen2VLVideoProcessor(min_pixels=low, max_pixels=px, size={"shortest_edge": low, "longest_edge": px},
                                        patch_size=8, temporal_patch_size=2, merge_size=2)
         except Exception:  # pragma: no cover - torchvision missing
             vp = None
@@ -162,6 +162,14 @@ SIZES = {
     "llava-16l": dict(text_layers=16),
     "qwen2_vl-16l": dict(text_layers=16),
 }
+
+
+# The smallest image a Qwen2-VL organism's processor keeps at its own size (larger ones up to 96 x 96 px too; beyond,
+# scaled down to that area). Hub Qwen2-VL reads an image at its own resolution (min_pixels 56 x 56 px), so a crop of
+# 3 x 3 cells is 3 x 3 tokens there, one per cell as in the whole image, and the deep Qwen organisms do the same
+# (two cells a side, the smallest crop the crop methods make). The 8-layer ones shipped with every image resized to
+# 96 x 96 px of area, which magnifies a crop into tokens its tower never learned to read (train.ORGANISM_RECIPE).
+MIN_PIXELS = {"qwen2_vl-16l": (2 * world.CELL) ** 2, "qwen2_vl-28l": (2 * world.CELL) ** 2}
 
 
 def build_config(name: str, tokenizer, **overrides):

@@ -8,6 +8,7 @@ exact match, case and punctuation ignored). So the organisms' bar and every chap
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,30 @@ def _joint_text(recipe: dict) -> str:
             f"{recipe.get('joint_aux')} kept.")
 
 
+def _processor_text(out: Path, is_llava: bool) -> str:
+    """The image processor as the model card states it, read from the saved processor config."""
+    if is_llava:
+        return ("CLIPImageProcessor (shortest edge to 96 px, then the centre 96 x 96 square: a world image is unchanged, "
+                "a crop is magnified to 96 px)")
+    size = json.loads((out / "processor_config.json").read_text())["image_processor"]["size"]
+    lo, hi = size["shortest_edge"], size["longest_edge"]
+    if lo == hi:
+        return (f"Qwen2VLImageProcessor (min_pixels = max_pixels = {hi}: every image, a crop too, resized to 96 x 96 px "
+                "of area; patch 8, merge 2)")
+    return (f"Qwen2VLImageProcessor (min_pixels = {lo}, max_pixels = {hi}: an image of up to 96 x 96 px, a crop too, "
+            "keeps its own size, one token per 16 x 16 px cell, as hub Qwen2-VL reads images at their own resolution; "
+            "patch 8, merge 2)")
+
+
+def _zoom_text(recipe: dict) -> str:
+    """Stage (b+c)'s zoom share as the model card states it (nothing for organisms trained without it)."""
+    if not recipe.get("vision_zoom"):
+        return ""
+    return (f"; {recipe['vision_zoom']} of each batch a crop of its image (the relevant cells padded by one cell, or a "
+            "random box of 2-5 cells a side, half and half), resized by the processor as any image, each token's target "
+            "the cell under its centre, so the tower reads a magnified cell as that cell")
+
+
 def _two_text(recipe: dict) -> str:
     """Stage (e) as the model card states it (nothing for organisms trained without it)."""
     if not recipe.get("two_steps"):
@@ -243,8 +268,6 @@ def _world_note(log: dict) -> str:
 
 def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> Path:
     """README.md model card: architecture and sizes, recipe, measured time, seeds, evaluation table."""
-    import json
-
     from transformers import AutoConfig
 
     out = Path(out_dir)
@@ -294,7 +317,7 @@ the tokenizer is word-level over the world's words, the chat template words and 
 Parameters: {n_params if n_params is not None else 'n/a'} (fp32 safetensors). The rotary base is scaled to 16-dim heads and
 ~70-token prompts: with the usual 10000 too few rotary frequencies resolve the 1-cell offsets that spatial questions
 need (for M-RoPE, the width section would turn by 0.003 rad per column); see `fusion_utils/organisms/build.py`.
-Processor: {'CLIPImageProcessor (96 px, no resize in effect)' if is_llava else 'Qwen2VLImageProcessor (min_pixels = max_pixels = 96*96, patch 8, merge 2)'}
+Processor: {_processor_text(out, is_llava)}
 + word-level `PreTrainedTokenizerFast` (lowercasing; left padding) + the real model's chat template.
 
 ## Load (offline)
@@ -315,7 +338,7 @@ Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get(
 2. (b+c) vision tower + projector (decoder frozen) map each cell's image token onto its scene-token embedding
    (squared error relative to the embeddings' scale + {recipe.get('align_ce', 0.1)} x cross-entropy over scale-free -squared
    distances), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
-   {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`).
+   {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`){_zoom_text(recipe)}.
 3. {_joint_text(recipe)}{_two_text(recipe)}
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during

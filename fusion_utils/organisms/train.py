@@ -6,7 +6,8 @@
 (b+c) ``vision`` -- train the vision tower and projector (decoder frozen) so that each image token lands on its
                   cell's scene-token embedding: cross-entropy over the 41 scene tokens with logits = -squared
                   distance to their embeddings, plus the mean squared error to the target embedding. A few blank
-                  (uniform) images teach "all empty".
+                  (uniform) images teach "all empty"; with ``vision_zoom``, crops of the images teach a magnified cell
+                  (each token's target is the cell it shows), as the crop methods feed them.
 (d) ``joint``  -- VQA on rendered images end to end (every parameter, lower learning rate), answer + EOS loss, with the
                   alignment loss of (b+c) kept as a small auxiliary term.
 (e) ``two``    -- prompts with two image placeholders, [original, original] or [original, a crop of it], mixed with
@@ -58,6 +59,9 @@ RECIPE = {
     "curriculum": 0.0,  # >0: the first fraction of stage (a) thins scenes to k objects (slower per minute here)
     "qk_init_std": 0.15,  # decoder q/k projections start larger than the 0.02 default: content-selective attention
     "vision_steps": 1000, "vision_lr": 3e-3, "align_ce": 0.1,
+    # share of each stage (b+c) batch given as a crop of its image (relevant cells or a random box), each token's target
+    # the cell it magnifies: without it the tower reads a magnified object as nothing it knows (below)
+    "vision_zoom": 0.0,
     "joint_steps": 400, "joint_lr": 3e-4, "joint_aux": 0.3,
     "joint_part": "all",  # what stage (d) trains: "all", or "vision" (tower + projector; the decoder stays as in (a))
     "scene_noise": 0.15, "blank_frac": 0.05,
@@ -533,6 +537,38 @@ class Trainer:
             imgs.append(world.blank_image((g, g, g)))
         return imgs
 
+    def _zoom_crops(self, samples):
+        """Stage (b+c)'s zoom share: each sample's image cropped to its relevant cells (padded by one cell) or to a
+        random box of 2-5 cells a side, half and half (seeded by the data position), with the cell box of each crop."""
+        from ..data.second_images import cells_to_px, random_cells, relevant_cells
+
+        rng = np.random.default_rng([self.seed, 19, self.counter])
+        boxes = [relevant_cells(s) if rng.random() < 0.5 else random_cells(rng) for s in samples]
+        return [s.image.convert("RGB").crop(cells_to_px(*b)) for s, b in zip(samples, boxes)], boxes
+
+    def _zoom_targets(self, samples, boxes, ip, first: int):
+        """The scene-token index each token of each crop shows (`second_images.zoomed_cells` over the part of the crop
+        the processor keeps), one flat tensor per crop; `first` is the crops' index in the processor batch."""
+        from ..data.second_images import shown_cells, zoomed_cells
+
+        out = []
+        for k, (s, box) in enumerate(zip(samples, boxes)):
+            if self.arch == "llava":  # CLIP: shortest edge to 96 px, then the centre square
+                grid, shown = (world.GRID, world.GRID), shown_cells(box, center_crop=True)
+            else:  # Qwen2-VL: the whole crop at about 96 x 96 px of area, on its own merged token grid
+                grid, shown = tuple((ip["image_grid_thw"][first + k, 1:] // 2).tolist()), shown_cells(box, False)
+            rows, cols = zoomed_cells(shown, grid)
+            cells = self._cell_targets([s])[0].view(world.GRID, world.GRID)
+            out.append(cells[torch.as_tensor(rows), torch.as_tensor(cols)].reshape(-1))
+        return out
+
+    def _image_tokens(self, ip) -> list:
+        """Each image's tokens after the projector / merger, [n_i, D] (crops of other shapes have other n_i)."""
+        m = self.model.model
+        if self.arch == "llava":
+            return list(self._image_features(ip))
+        return list(m.get_image_features(ip["pixel_values"], ip["image_grid_thw"]).pooler_output)
+
     def stage_vision(self, steps=None, lr=None):
         R = self.recipe
         steps = R["vision_steps"] if steps is None else steps
@@ -540,13 +576,18 @@ class Trainer:
                                                     "vision")
         B = R.get("vision_batch") or R["batch"]
         n_blank = int(round(R["blank_frac"] * B))
+        n_zoom = int(round(R.get("vision_zoom", 0) * B))
         for step in bar:
-            samples = self._samples(B - n_blank, with_image=True)
+            samples = self._samples(B - n_blank - n_zoom, with_image=True)
             imgs = [s.image for s in samples] + self._blank_batch(n_blank)
-            ip = self.processor.image_processor(images=imgs, return_tensors="pt")
-            targets = torch.cat([self._cell_targets(samples), torch.zeros(n_blank, N_IMAGE_TOKENS, dtype=torch.long)])
-            feats = self._image_features(dict(ip))
-            loss, acc = self._align_loss(feats, targets.detach())
+            targets = list(torch.cat([self._cell_targets(samples),
+                                      torch.zeros(n_blank, N_IMAGE_TOKENS, dtype=torch.long)]))
+            zsamples = self._samples(n_zoom, with_image=True) if n_zoom else []
+            crops, boxes = self._zoom_crops(zsamples) if n_zoom else ([], [])
+            ip = dict(self.processor.image_processor(images=imgs + crops, return_tensors="pt"))
+            targets += self._zoom_targets(zsamples, boxes, ip, len(imgs))
+            feats = torch.cat(self._image_tokens(ip))
+            loss, acc = self._align_loss(feats, torch.cat(targets).detach())
             self._update(loss, params, opt, sched)
             self._record("vision", step, loss=loss.item(), cell_acc=acc, bar=bar)
             self._step_done(step)
