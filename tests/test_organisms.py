@@ -322,16 +322,15 @@ def test_second_image_boxes():
 
 def test_zoomed_cells_map_tokens_to_the_cells_they_magnify():
     """A crop's token grid maps back onto the board: the whole board on 6 x 6 tokens is the identity, 3 cells on 6
-    tokens show each cell twice, and a centre-cropping processor shows a wide crop's middle square only."""
-    from fusion_utils.data.second_images import shown_cells, zoomed_cells
+    tokens show each cell twice, and a fractional box (the middle square a centre-cropping processor keeps of a
+    wide crop) maps onto the cells it covers."""
+    from fusion_utils.data.second_images import zoomed_cells
 
     rows, cols = zoomed_cells((0, 0, 6, 6), (6, 6))
     assert (rows == np.arange(6)[:, None]).all() and (cols == np.arange(6)[None]).all()
     rows, cols = zoomed_cells((2, 1, 5, 4), (6, 6))
     assert rows[:, 0].tolist() == [2, 2, 3, 3, 4, 4] and cols[0].tolist() == [1, 1, 2, 2, 3, 3]
-    assert shown_cells((1, 0, 3, 4), center_crop=True) == (1.0, 1.0, 3.0, 3.0)
-    assert shown_cells((1, 0, 3, 4), center_crop=False) == (1.0, 0.0, 3.0, 4.0)
-    rows, cols = zoomed_cells(shown_cells((1, 0, 3, 4), center_crop=True), (6, 6))
+    rows, cols = zoomed_cells((1.0, 1.0, 3.0, 3.0), (6, 6))
     assert set(cols.ravel()) == {1, 2} and set(rows.ravel()) == {1, 2}
 
 

@@ -111,7 +111,7 @@ def zoomed_cells(box_cells, tokens) -> tuple[np.ndarray, np.ndarray]:
     each token's centre, as two int arrays of shape ``tokens``. A crop of 3 cells a side resized to 6 x 6 tokens shows
     each cell on 2 x 2 tokens; a crop of 4 cells puts some token centres on a cell border, which goes to the lower
     cell. The box may be fractional: a processor that center-crops a wide crop to a square shows only its middle
-    (`shown_cells`). Used to teach a vision tower to read a magnified cell as that cell (the organisms' stage (b+c)).
+    (`fusion_utils.adapters.processed_extent`). Used to teach a vision tower to read a magnified cell as that cell (the organisms' stage (b+c)).
 
     >>> rows, cols = zoomed_cells((1, 2, 4, 5), (6, 6))
     >>> rows[:, 0].tolist(), cols[0].tolist()
@@ -122,22 +122,6 @@ def zoomed_cells(box_cells, tokens) -> tuple[np.ndarray, np.ndarray]:
     rr = np.floor(r0 + (np.arange(th) + 0.5) * (r1 - r0) / th + 1e-9).astype(int)
     cc = np.floor(c0 + (np.arange(tw) + 0.5) * (c1 - c0) / tw + 1e-9).astype(int)
     return np.repeat(rr[:, None], tw, 1), np.repeat(cc[None, :], th, 0)
-
-
-def shown_cells(box_cells, center_crop: bool) -> tuple[float, float, float, float]:
-    """The part of a crop of cells ``box_cells`` that a processor shows: all of it, or, for a processor that resizes
-    the shortest edge and center-crops a square (CLIP's, hence LLaVA's), its middle square.
-
-    >>> shown_cells((0, 0, 2, 4), center_crop=True)
-    (0.0, 1.0, 2.0, 3.0)
-    """
-    r0, c0, r1, c1 = (float(v) for v in box_cells)
-    if center_crop:
-        h, w = r1 - r0, c1 - c0
-        side = min(h, w)
-        r0, c0 = r0 + (h - side) / 2, c0 + (w - side) / 2
-        r1, c1 = r0 + side, c0 + side
-    return r0, c0, r1, c1
 
 
 def images_for(sample, kind: str, rng: np.random.Generator | None = None, image=None) -> list:
@@ -158,4 +142,4 @@ def images_for(sample, kind: str, rng: np.random.Generator | None = None, image=
 
 
 __all__ = ["KINDS", "CELL", "relevance_grid", "cells_to_px", "relevant_cells", "relevant_box", "irrelevant_box",
-           "random_cells", "random_box", "zoomed_cells", "shown_cells", "images_for"]
+           "random_cells", "random_box", "zoomed_cells", "images_for"]

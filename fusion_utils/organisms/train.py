@@ -549,14 +549,19 @@ class Trainer:
     def _zoom_targets(self, samples, boxes, ip, first: int):
         """The scene-token index each token of each crop shows (`second_images.zoomed_cells` over the part of the crop
         the processor keeps), one flat tensor per crop; `first` is the crops' index in the processor batch."""
-        from ..data.second_images import shown_cells, zoomed_cells
+        from ..adapters import processed_extent
+        from ..data.second_images import zoomed_cells
 
         out = []
         for k, (s, box) in enumerate(zip(samples, boxes)):
+            r0, c0, r1, c1 = box
             if self.arch == "llava":  # CLIP: shortest edge to 96 px, then the centre square
-                grid, shown = (world.GRID, world.GRID), shown_cells(box, center_crop=True)
-            else:  # Qwen2-VL: the whole crop at about 96 x 96 px of area, on its own merged token grid
-                grid, shown = tuple((ip["image_grid_thw"][first + k, 1:] // 2).tolist()), shown_cells(box, False)
+                grid = (world.GRID, world.GRID)
+                left, top, right, bottom = processed_extent(self.processor.image_processor, world.CELL * (c1 - c0),
+                                                            world.CELL * (r1 - r0))
+                shown = (r0 + top * (r1 - r0), c0 + left * (c1 - c0), r0 + bottom * (r1 - r0), c0 + right * (c1 - c0))
+            else:  # Qwen2-VL: the whole crop, on its own merged token grid
+                grid, shown = tuple((ip["image_grid_thw"][first + k, 1:] // 2).tolist()), box
             rows, cols = zoomed_cells(shown, grid)
             cells = self._cell_targets([s])[0].view(world.GRID, world.GRID)
             out.append(cells[torch.as_tensor(rows), torch.as_tensor(cols)].reshape(-1))
