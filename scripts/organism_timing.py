@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
         t = time.time()
         samples = tr._samples(R["batch"], with_image=False, progress=0.5)
         enc = tr._encode_text_only(tr._texts_packed(samples))
-        loss = tr._answer_loss(tr._lm_forward(enc, tr._scene_embeds(tr._cell_targets(samples))), enc["input_ids"])
+        loss = tr._answer_loss(tr._lm_forward(enc, tr._scene_embeds(tr.cell_targets(samples))), enc["input_ids"])
         tr._update(loss, params, opt, sched)
         times.append(time.time() - t)
     cfg = tr.model.config.text_config

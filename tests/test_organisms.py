@@ -226,7 +226,7 @@ def test_question_blocks_equal_single_prompts(name):
     enc = tr._encode_blocks(samples)
     qas = tr._block_questions(samples)
     assert all(len(qa) == 3 for qa in qas) and len({q for qa in qas for q, _ in qa}) > 3
-    feats = tr._scene_embeds(tr._cell_targets(samples))
+    feats = tr._scene_embeds(tr.cell_targets(samples))
     with torch.no_grad():
         logits = tr._lm_forward(enc, feats)
         labels = tr._labels(enc["input_ids"])
@@ -347,11 +347,11 @@ def test_vision_stage_zoom_share(name):
     crops, boxes = tr._zoom_crops(samples)
     assert [c.size for c in crops] == [((b[3] - b[1]) * 16, (b[2] - b[0]) * 16) for b in boxes]
     ip = dict(tr.processor.image_processor(images=crops, return_tensors="pt"))
-    targets = tr._zoom_targets(samples, boxes, ip, 0)
-    tokens = tr._image_tokens(ip)
+    targets = tr.zoom_targets(samples, boxes, ip, 0)
+    tokens = tr.image_tokens(ip)
     assert [t.numel() for t in targets] == [len(x) for x in tokens]
     for s, b, t in zip(samples, boxes, targets):
-        board = tr._cell_targets([s])[0].view(6, 6)
+        board = tr.cell_targets([s])[0].view(6, 6)
         inside = board[b[0]:b[2], b[1]:b[3]]
         assert set(t.tolist()) <= set(inside.reshape(-1).tolist())  # only cells of the crop
         if tr.arch == "qwen2_vl":  # the whole crop is shown: every cell of the box appears

@@ -369,7 +369,7 @@ class Trainer:
         labels[eos_pos] = ids[eos_pos]
         return labels
 
-    def _cell_targets(self, samples):
+    def cell_targets(self, samples):
         return torch.tensor([[self.scene_index[t] for t in s.meta["scene_cells"]] for s in samples])
 
     # ------------------------------------------------------------------ model pieces
@@ -504,7 +504,7 @@ class Trainer:
                 enc = self._encode_blocks(samples)
             else:
                 enc = self._encode_text_only(self._texts_packed(samples))
-            feats = self._scene_embeds(self._cell_targets(samples))
+            feats = self._scene_embeds(self.cell_targets(samples))
             if R["scene_noise"]:
                 feats = feats + R["scene_noise"] * feats.detach().pow(2).mean().sqrt() * torch.randn(
                     feats.shape, generator=self.gen)
@@ -546,7 +546,7 @@ class Trainer:
         boxes = [relevant_cells(s) if rng.random() < 0.5 else random_cells(rng) for s in samples]
         return [s.image.convert("RGB").crop(cells_to_px(*b)) for s, b in zip(samples, boxes)], boxes
 
-    def _zoom_targets(self, samples, boxes, ip, first: int):
+    def zoom_targets(self, samples, boxes, ip, first: int):
         """The scene-token index each token of each crop shows (`second_images.zoomed_cells` over the part of the crop
         the processor keeps), one flat tensor per crop; `first` is the crops' index in the processor batch."""
         from ..adapters import processed_extent
@@ -563,11 +563,11 @@ class Trainer:
             else:  # Qwen2-VL: the whole crop, on its own merged token grid
                 grid, shown = tuple((ip["image_grid_thw"][first + k, 1:] // 2).tolist()), box
             rows, cols = zoomed_cells(shown, grid)
-            cells = self._cell_targets([s])[0].view(world.GRID, world.GRID)
+            cells = self.cell_targets([s])[0].view(world.GRID, world.GRID)
             out.append(cells[torch.as_tensor(rows), torch.as_tensor(cols)].reshape(-1))
         return out
 
-    def _image_tokens(self, ip) -> list:
+    def image_tokens(self, ip) -> list:
         """Each image's tokens after the projector / merger, [n_i, D] (crops of other shapes have other n_i)."""
         m = self.model.model
         if self.arch == "llava":
@@ -585,13 +585,13 @@ class Trainer:
         for step in bar:
             samples = self._samples(B - n_blank - n_zoom, with_image=True)
             imgs = [s.image for s in samples] + self._blank_batch(n_blank)
-            targets = list(torch.cat([self._cell_targets(samples),
+            targets = list(torch.cat([self.cell_targets(samples),
                                       torch.zeros(n_blank, N_IMAGE_TOKENS, dtype=torch.long)]))
             zsamples = self._samples(n_zoom, with_image=True) if n_zoom else []
             crops, boxes = self._zoom_crops(zsamples) if n_zoom else ([], [])
             ip = dict(self.processor.image_processor(images=imgs + crops, return_tensors="pt"))
-            targets += self._zoom_targets(zsamples, boxes, ip, len(imgs))
-            feats = torch.cat(self._image_tokens(ip))
+            targets += self.zoom_targets(zsamples, boxes, ip, len(imgs))
+            feats = torch.cat(self.image_tokens(ip))
             loss, acc = self._align_loss(feats, torch.cat(targets).detach())
             self._update(loss, params, opt, sched)
             self._record("vision", step, loss=loss.item(), cell_acc=acc, bar=bar)
@@ -622,7 +622,7 @@ class Trainer:
                 feats = self._image_features(enc)
             logits = self._lm_forward(enc, feats)
             vqa = self._answer_loss(logits, enc["input_ids"])
-            aux, acc = self._align_loss(feats, self._cell_targets(samples))
+            aux, acc = self._align_loss(feats, self.cell_targets(samples))
             loss = vqa + R["joint_aux"] * aux
             self._update(loss, params, opt, sched)
             self._record("joint", step, loss=vqa.item(), cell_acc=acc, bar=bar)
@@ -691,7 +691,7 @@ class Trainer:
             batch = list(ds[i:i + 50])
             if mode == "text":
                 enc = self._encode_text_only(self._texts(batch, with_answer=False))
-                logits = self._lm_forward(enc, self._scene_embeds(self._cell_targets(batch)))
+                logits = self._lm_forward(enc, self._scene_embeds(self.cell_targets(batch)))
             else:
                 enc = self._encode(batch, with_answer=False)
                 logits = self._lm_forward(enc, self._image_features(enc))
