@@ -139,7 +139,7 @@ ORGANISM_RECIPE = {
     "qwen2_vl-8l": _QWEN_8L,
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
-    "llava-16l": {**_TWO, "family_stages": _QWEN_CURRICULUM},
+    "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "two_steps": 2400},
     "qwen2_vl-16l": {**_QWEN_8L, "two_steps": 1200},
 }
 
