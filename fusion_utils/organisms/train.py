@@ -129,10 +129,32 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #   (attribute 80, identity 81, existence 87, count 83, spatial 94), blank 32.0%, same image twice 77.6% (-7.4), relevant crop 76.8%,
 #   irrelevant crop 74.6%: spatial is solved, but the other families lose 3-9 points between the text stage (0.91) and
 #   images, and stages (d) and (e) each cost val accuracy (0.85 -> 0.84 -> 0.78).
-# Neither 16-layer organism meets the whole bar: both miss the two-image parts, and llava-16l the 90% overall
-# (tests/test_organisms.py DEEP_MISSES). Untested next steps: stage (e) with a one-image share large enough to keep
-# the one-image accuracy and a lower lr; stage (d) off for llava-16l as for qwen2_vl; a longer stage (a) for llava-16l
-# (its identity / existence were still rising at 0.83-0.88 when the cosine schedule ended).
+# - then (session of 2026-11-30, 08:00-10:00; one core each, the other core training too). The two-image gaps had a
+#   cause upstream of stage (e): the frozen tower could not read a crop. `scripts/tower_reads_crops.py` (200 val
+#   questions, crop of the relevant cells padded by one cell, each token scored against the cell under its centre):
+#   of the occupied cells, 0.98 (qwen2_vl-16l) and 0.93 (llava-16l) right on whole images, 0.16 and 0.08 on magnified
+#   crops (the Qwen figure from the same scoring under the processor of then). Stage
+#   (e) could only teach the decoder to ignore the crop, and a crop could not help.
+#   - Qwen2-VL: hub Qwen2-VL reads an image at its own resolution, but the organisms' processor resized every image to
+#     96 x 96 px of area, magnifying crops. With crops at their own size (build.MIN_PIXELS; one token per cell, read at
+#     0.97), the same 1200 two-image steps from the same vision checkpoint: 92.8% with one image, blank 30.0, same image
+#     twice 92.2 (-0.6), relevant crop 90.4 (-2.4), irrelevant crop 87.0 (were 87.8 / 78.4 / 71.0); 2400 steps: 93.4,
+#     30.2, 93.6, 90.8, 88.6. The relevant crop lifts identity (86 -> 91) but costs count (95 -> 82: the decoder counts
+#     the crop's objects too, answering 3 or 4) and spatial (99 -> 94). A tower taught magnified crops instead (half
+#     of 1000 vision steps, `vision_zoom`) read them at 0.36 and whole images at 0.86 (image val 0.93 -> 0.825): dropped.
+#   - LLaVA: CLIP's processor magnifies a crop to 96 px, as hub LLaVA's does, so the tower has to read magnified cells.
+#     llava-16l on qwen2_vl's text recipe (4400 steps, no joint stage) reaches text-scene val 0.93 (identity 0.825) against
+#     0.91 with 3600; image val after 1000 vision steps 0.85, after 3000 0.915 (the tower was the bottleneck, and it
+#     costs 1.5 min per 1000 steps); with 1000 vision steps and 1200 two-image steps, 89.2%, blank 26.4, twice 83.4,
+#     relevant crop 81.8, 54.0 min. 6000 vision steps, half of them magnified crops (`vision_zoom` 0.5): image val 0.895,
+#     magnified occupied cells read at 0.55 (from 0.08), whole images at 0.92. Then 1200 two-image steps: 89.4%, blank
+#     30.0, twice 85.8, relevant crop 82.6 -- with attribute 99 and identity 88 against 88 and 79 from one image (the
+#     zoom helps, as the paper's crop variant and ViCrop assume) but count 44 against 92 (a magnified object spans
+#     several tokens, and they are counted); 2400 steps (the shipped weights, 73.2 min): 90.4% (families 83-96),
+#     blank 29.8, twice 87.0 (-3.4), relevant crop 85.0 (attribute 98, identity 87, count 54), irrelevant crop 78.8.
+# Both 16-layer organisms now meet the one-image bar; both miss the relevant-crop part, on counting (the decoder adds
+# the crop's objects to the original's), and llava-16l misses the same-image-twice part by 0.4 points
+# (tests/test_organisms.py DEEP_MISSES). Over budget: 73 and 104 min on a loaded core against 60.
 _TWO = {"two_steps": 400}
 ORGANISM_RECIPE = {
     "llava-8l": {},
