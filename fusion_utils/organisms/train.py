@@ -156,13 +156,15 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 # the crop's objects to the original's), and llava-16l misses the same-image-twice part by 0.4 points
 # (tests/test_organisms.py DEEP_MISSES). Over budget: 73 and 104 min on a loaded core against 60.
 _TWO = {"two_steps": 400}
+# stage (e) of qwen2_vl-16l: twice the steps, a higher lr, and the relevant crop drawn twice as often as each other kind
+_TWO_16L = {"two_steps": 2400, "two_lr": 3e-4, "two_kinds": ("one", "same", "relevant", "relevant", "irrelevant", "random")}
 ORGANISM_RECIPE = {
     "llava-8l": {},
     "qwen2_vl-8l": _QWEN_8L,
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
     "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "two_steps": 2400},
-    "qwen2_vl-16l": {**_QWEN_8L, "two_steps": 1200},
+    "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
 
 
