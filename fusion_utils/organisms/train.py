@@ -426,13 +426,7 @@ class Trainer:
         self.composed = True
 
     def _image_features(self, enc):
-        m = self.model.model
-        if self.arch == "llava":
-            out = m.get_image_features(pixel_values=enc["pixel_values"], vision_feature_layer=-1,
-                                       vision_feature_select_strategy="default")
-        else:
-            out = m.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
-        return torch.stack(list(out.pooler_output))  # [B, 36, D]
+        return torch.stack(self.image_tokens(enc))  # [B, 36, D]: world images, 36 tokens each
 
     def _lm_forward(self, enc, feats):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -601,8 +595,11 @@ class Trainer:
         """Each image's tokens after the projector / merger, [n_i, D] (crops of other shapes have other n_i)."""
         m = self.model.model
         if self.arch == "llava":
-            return list(self._image_features(ip))
-        return list(m.get_image_features(ip["pixel_values"], ip["image_grid_thw"]).pooler_output)
+            out = m.get_image_features(pixel_values=ip["pixel_values"], vision_feature_layer=-1,
+                                       vision_feature_select_strategy="default")
+        else:
+            out = m.get_image_features(ip["pixel_values"], ip["image_grid_thw"])
+        return list(out.pooler_output)
 
     def stage_vision(self, steps=None, lr=None):
         R = self.recipe
