@@ -109,9 +109,10 @@ def zoomed_cells(box_cells, tokens) -> tuple[np.ndarray, np.ndarray]:
     """Which cell of the board each token of a crop shows once the processor has resized the crop: for a crop of
     cells ``box_cells`` = (r0, c0, r1, c1) encoded as a ``tokens`` = (rows, cols) token grid, the (row, col) cell under
     each token's centre, as two int arrays of shape ``tokens``. A crop of 3 cells a side resized to 6 x 6 tokens shows
-    each cell on 2 x 2 tokens; a crop of 4 cells puts some token centres on a cell border, which goes to the lower
-    cell. The box may be fractional: a processor that center-crops a wide crop to a square shows only its middle
-    (`fusion_utils.adapters.processed_extent`). Used to teach a vision tower to read a magnified cell as that cell (the organisms' stage (b+c)).
+    each cell on 2 x 2 tokens; a crop of 4 cells puts some token centres on a cell border, which counts for the cell
+    after it. The box may be fractional: a processor that centre-crops a wide crop to a square shows only its middle
+    (`fusion_utils.adapters.processed_extent`). Used to teach a vision tower to read a magnified cell as that cell
+    (the organisms' stage (b+c)).
 
     >>> rows, cols = zoomed_cells((1, 2, 4, 5), (6, 6))
     >>> rows[:, 0].tolist(), cols[0].tolist()
