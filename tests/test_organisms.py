@@ -345,7 +345,7 @@ def test_vision_stage_zoom_share(name):
     tr = Trainer(name, seed=0, threads=None, recipe={"vision_batch": 6, "vision_zoom": 0.5}, **TINY)
     samples = tr._samples(4, with_image=True)
     crops, boxes = tr._zoom_crops(samples)
-    assert [c.size for c in crops] == [((b[3] - b[1]) * 16, (b[2] - b[0]) * 16) for b in boxes]
+    assert [c.size for c in crops] == [(r - l, b - t) for l, t, r, b in (cells_to_px(*x) for x in boxes)]
     ip = dict(tr.processor.image_processor(images=crops, return_tensors="pt"))
     targets = tr.zoom_targets(samples, boxes, ip, 0)
     tokens = tr.image_tokens(ip)
@@ -368,12 +368,12 @@ def test_deep_qwen_reads_a_crop_at_its_own_size():
     """The deep Qwen2-VL organism's processor keeps a crop at its own size, one token per cell as in the whole image
     (hub Qwen2-VL's dynamic resolution); the 8-layer one, as shipped, resizes every image to 96 x 96 px of area."""
     from fusion_utils.data import world
-    from fusion_utils.data.second_images import relevant_cells
+    from fusion_utils.data.second_images import cells_to_px, relevant_cells
     from fusion_utils.organisms.build import build_processor
 
     s = world.world_dataset("test", 4)[1]
     r0, c0, r1, c1 = relevant_cells(s)
-    images = [s.image, s.image.crop((c0 * 16, r0 * 16, c1 * 16, r1 * 16))]
+    images = [s.image, s.image.crop(cells_to_px(r0, c0, r1, c1))]
     deep = build_processor("qwen2_vl-16l").image_processor(images=images, return_tensors="pt")
     assert deep["image_grid_thw"].tolist() == [[1, 12, 12], [1, 2 * (r1 - r0), 2 * (c1 - c0)]]
     fast = build_processor("qwen2_vl-8l").image_processor(images=images, return_tensors="pt")
