@@ -334,6 +334,29 @@ def test_zoomed_cells_map_tokens_to_the_cells_they_magnify():
     assert set(cols.ravel()) == {1, 2} and set(rows.ravel()) == {1, 2}
 
 
+def test_first_token_of_each_cell_keeps_one_token_per_magnified_cell():
+    """The "first" zoom target keeps one token per cell, the first in reading order: a 2x magnified cell's top-left
+    token, and every token when nothing is magnified; the trainer puts `<empty>` on the others."""
+    from fusion_utils.data.second_images import cells_to_px, first_token_of_each_cell, zoomed_cells
+    from fusion_utils.organisms.train import Trainer
+
+    assert first_token_of_each_cell(*zoomed_cells((0, 0, 6, 6), (6, 6))).all()
+    rows, cols = zoomed_cells((0, 0, 4, 4), (6, 6))  # 1.5 tokens a cell: cells alternate 2 and 1 tokens a side
+    keep = first_token_of_each_cell(rows, cols)
+    assert keep.sum() == 16 and len({(r, c) for r, c in zip(rows[keep], cols[keep])}) == 16
+    for r, c in zip(*np.nonzero(keep)):  # nothing before it in reading order shows the same cell
+        same = (rows == rows[r, c]) & (cols == cols[r, c])
+        assert not same.reshape(-1)[:r * 6 + c].any()
+    tr = Trainer("llava-16l", seed=0, threads=None, recipe={"vision_zoom_target": "first"}, **TINY)
+    s = tr._samples(1, with_image=True)
+    box = (0, 0, 3, 3)
+    ip = dict(tr.processor.image_processor(images=[s[0].image.convert("RGB").crop(cells_to_px(*box))],
+                                           return_tensors="pt"))
+    t = tr.zoom_targets(s, [box], ip, 0)[0].view(6, 6)
+    board = tr.cell_targets(s)[0].view(6, 6)
+    assert torch.equal(t[::2, ::2], board[:3, :3]) and (t[1::2].eq(0).all() and t[:, 1::2].eq(0).all())
+
+
 @pytest.mark.parametrize("name", DEEP)
 def test_vision_stage_zoom_share(name):
     """Stage (b+c) with a zoom share: the crops' targets are the cells they magnify, one per token of each crop

@@ -125,6 +125,21 @@ def zoomed_cells(box_cells, tokens) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(rr[:, None], tw, 1), np.repeat(cc[None, :], th, 0)
 
 
+def first_token_of_each_cell(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Of a token grid's cells (``zoomed_cells``' output), True at the first token in reading order that shows each
+    cell: teaching only that token a magnified cell's object (the rest `<empty>`) keeps one token per object, so a
+    decoder that counts tokens counts a magnified object once.
+
+    >>> first_token_of_each_cell(*zoomed_cells((0, 0, 3, 3), (6, 6)))[:2].astype(int).tolist()
+    [[1, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0]]
+    """
+    cell = rows.astype(np.int64) * 1_000_003 + cols
+    _, first = np.unique(cell.reshape(-1), return_index=True)
+    out = np.zeros(cell.size, dtype=bool)
+    out[first] = True
+    return out.reshape(cell.shape)
+
+
 def images_for(sample, kind: str, rng: np.random.Generator | None = None, image=None) -> list:
     """The prompt's images for `kind`: [original] ('one'), [original, original] ('same'), or [original, crop]."""
     img = (image if image is not None else sample.image).convert("RGB")
@@ -143,4 +158,4 @@ def images_for(sample, kind: str, rng: np.random.Generator | None = None, image=
 
 
 __all__ = ["KINDS", "CELL", "relevance_grid", "cells_to_px", "relevant_cells", "relevant_box", "irrelevant_box",
-           "random_cells", "random_box", "zoomed_cells", "images_for"]
+           "random_cells", "random_box", "zoomed_cells", "first_token_of_each_cell", "images_for"]

@@ -218,8 +218,8 @@ class Trainer:
         self.ckpt_file, self.ckpt_every, self.partial = None, 0, None
 
     # ------------------------------------------------------------------ data
-    def _samples(self, n: int, with_image: bool, progress: float = 1.0):
-        fams = self.recipe.get("train_families") or self.recipe.get("families")
+    def _samples(self, n: int, with_image: bool, progress: float = 1.0, families=None):
+        fams = families or self.recipe.get("train_families") or self.recipe.get("families")
         for until, early in self.recipe.get("family_stages") or ():
             if progress < until:  # stage (a) family curriculum: the early part of the stage sees only these families
                 fams = early
@@ -574,8 +574,9 @@ class Trainer:
         """The scene-token index each token of each crop shows (`second_images.zoomed_cells` over the part of the crop
         the processor keeps), one flat tensor per crop; `first` is the crops' index in the processor batch."""
         from ..adapters import processed_extent
-        from ..data.second_images import zoomed_cells
+        from ..data.second_images import first_token_of_each_cell, zoomed_cells
 
+        one = self.recipe.get("vision_zoom_target", "every") == "first"
         out = []
         for k, (s, box) in enumerate(zip(samples, boxes)):
             r0, c0, r1, c1 = box
@@ -588,7 +589,10 @@ class Trainer:
                 grid, shown = tuple((ip["image_grid_thw"][first + k, 1:] // 2).tolist()), box
             rows, cols = zoomed_cells(shown, grid)
             cells = self.cell_targets([s])[0].view(world.GRID, world.GRID)
-            out.append(cells[torch.as_tensor(rows), torch.as_tensor(cols)].reshape(-1))
+            t = cells[torch.as_tensor(rows), torch.as_tensor(cols)]
+            if one:  # "first": a magnified object on one token, `<empty>` on the others it covers
+                t = torch.where(torch.as_tensor(first_token_of_each_cell(rows, cols)), t, torch.zeros_like(t))
+            out.append(t.reshape(-1))
         return out
 
     def image_tokens(self, ip) -> list:
@@ -691,7 +695,8 @@ class Trainer:
         part = self._part("two_part", "lm", ("lm", "all"))
         params, opt, sched, bar, t0 = self._begin(part, lr or R["two_lr"], steps, "(e) two images", "two")
         for step in bar:
-            samples = self._samples(R.get("two_batch") or R["batch"], with_image=True)
+            # `two_families` (default: the stage (a) mix) can weight the family the second image confuses most
+            samples = self._samples(R.get("two_batch") or R["batch"], with_image=True, families=R.get("two_families"))
             kinds, images = zip(*self._two_image_batch(samples))
             enc = self.encode_two(samples, images)
             loss = self._answer_loss(self.model(**enc).logits, enc["input_ids"])
