@@ -404,6 +404,27 @@ def test_deep_qwen_reads_a_crop_at_its_own_size():
     assert int(fast["image_grid_thw"][1, 1] * fast["image_grid_thw"][1, 2]) >= 12 * 12 - 24  # magnified to ~96 x 96
 
 
+def test_deep_llava_keeps_the_newline_between_images():
+    """The deep LLaVA organism's tokenizer keeps the chat template's newline as a token, as hub LLaVA's does: two
+    images' token runs are apart, one newline after each; every other id is the 8-layer tokenizer's, and the built
+    model has an embedding row for it."""
+    from fusion_utils.data import world
+    from fusion_utils.organisms.build import build_config, build_processor
+    from fusion_utils.prompts import render_prompt, user_text
+
+    s = world.world_dataset("test", 1)[0]
+    deep, fast = build_processor("llava-16l"), build_processor("llava-8l")
+    text = render_prompt(deep, user_text(s.question), n_images=2)
+    ids = deep(images=[s.image, s.image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    nl, img = deep.tokenizer.convert_tokens_to_ids("\n"), deep.tokenizer.convert_tokens_to_ids("<image>")
+    first = ids.index(img)
+    assert ids[first + 36] == nl and ids[first + 37: first + 73] == [img] * 36 and ids[first + 73] == nl
+    assert nl == len(fast.tokenizer) and "\n" not in fast.tokenizer.get_vocab()
+    assert {k: v for k, v in deep.tokenizer.get_vocab().items() if k != "\n"} == fast.tokenizer.get_vocab()
+    assert build_config("llava-16l", deep.tokenizer).text_config.vocab_size == len(fast.tokenizer) + 1
+    assert fast.tokenizer.tokenize(text).count("<image>") == 2 and "\n" not in fast.tokenizer.tokenize(text)
+
+
 def test_prepare_takes_two_images_on_an_organism():
     """The package's multi-image path runs on an organism as on a hub model: `lm.prepare(images=[[orig, crop]])`
     renders two placeholders, and the batch finds both images' tokens."""

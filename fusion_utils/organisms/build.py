@@ -61,8 +61,17 @@ def words() -> list[str]:
     return list(dict.fromkeys(vocab))
 
 
+# Variants whose tokenizer keeps the chat template's newline as a token (appended, so every other id is unchanged).
+# Hub LLaVA-1.5's Llama tokenizer does: "USER: <image>\n<image>\nWhat ..." puts a newline between two images' tokens,
+# and it is the only thing in a LLaVA prompt that says where the first image ends (Qwen2-VL has
+# <|vision_start|> / <|vision_end|> around each image). The 8-layer LLaVA organism shipped with the newline dropped,
+# its 72 tokens of [original, crop] one run, and a decoder that counts the crop's objects too (train.ORGANISM_RECIPE).
+NEWLINE_TOKEN = {"llava-16l", "llava-32l"}
+
+
 def build_tokenizer(name: str):
-    """A word-level PreTrainedTokenizerFast (lowercasing, whitespace + punctuation split), left padding."""
+    """A word-level PreTrainedTokenizerFast (lowercasing, whitespace + punctuation split), left padding; `name` is an
+    architecture or a variant (``NEWLINE_TOKEN``)."""
     from transformers import PreTrainedTokenizerFast
 
     sp = SPECIALS[arch_of(name)]
@@ -82,6 +91,8 @@ def build_tokenizer(name: str):
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     # scene tokens are ordinary (non-special) added tokens so that text scenes can be typed
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in scene])
+    if name in NEWLINE_TOKEN:
+        tok.add_tokens([AddedToken("\n", normalized=False, special=False)])
     kw = dict(tokenizer_object=tok, pad_token=sp["pad"], eos_token=sp["eos"], unk_token=sp["unk"],
               padding_side="left", model_max_length=512, clean_up_tokenization_spaces=True)
     if sp["bos"]:
@@ -96,7 +107,7 @@ def build_tokenizer(name: str):
 
 def build_processor(name: str):
     variant, name = name, arch_of(name)
-    tokenizer = build_tokenizer(name)
+    tokenizer = build_tokenizer(resolve_name(variant))
     if name == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
 
