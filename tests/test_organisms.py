@@ -299,6 +299,32 @@ def test_two_image_stage_tiny(name):
         Trainer(name, seed=0, threads=None, recipe={"two_part": "decoder"}, **TINY).stage_two(steps=1)
 
 
+def test_two_board_text_stage():
+    """Stage (a)'s `text_two` share: rows with two boards carry 72 image tokens and a second board of the drawn kind
+    ('same' is the board itself; a crop's board is its cells as the tower should read them magnified); the share
+    draws the same batches for the same seed; Qwen2-VL is refused in one sentence."""
+    from fusion_utils.organisms.train import Trainer
+
+    tr = Trainer("llava-16l", seed=0, threads=None, recipe={"text_two": 0.5, "batch": 6}, **TINY)
+    samples = tr._samples(6, with_image=False)
+    enc, feats = tr._two_board_batch(samples)
+    n_img = (enc["input_ids"] == tr.tok.convert_tokens_to_ids("<image>")).sum(-1)
+    assert set(n_img.tolist()) == {36, 72} and feats.shape[0] == int(n_img.sum()) // 36
+    again = Trainer("llava-16l", seed=0, threads=None, recipe={"text_two": 0.5, "batch": 6}, **TINY)
+    enc2, feats2 = again._two_board_batch(again._samples(6, with_image=False))
+    assert torch.equal(enc["input_ids"], enc2["input_ids"]) and torch.equal(feats, feats2)
+    s, rng = samples[0], np.random.default_rng(0)
+    assert torch.equal(tr.second_board(s, "same", rng), tr.cell_targets([s])[0])
+    rel = tr.second_board(s, "relevant", rng).view(6, 6)
+    board = tr.cell_targets([s])[0].view(6, 6)
+    r = np.asarray(s.relevant, bool)
+    assert set(board[torch.as_tensor(r)].tolist()) <= set(rel.reshape(-1).tolist())  # the crop shows the relevant cells
+    tr.stage_text(steps=1)
+    assert np.isfinite(tr.log[-1]["loss"])
+    with pytest.raises(ValueError, match="text_two"):
+        Trainer("qwen2_vl-16l", seed=0, threads=None, recipe={"text_two": 0.5}, **TINY)._two_board_batch(samples)
+
+
 def test_second_image_boxes():
     """The relevant crop holds every relevant cell; the irrelevant crop has its size and, where there is room, none."""
     from fusion_utils.data import world

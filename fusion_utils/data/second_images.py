@@ -78,9 +78,9 @@ def relevant_box(sample, pad: int = 1, min_cells: int = 2) -> tuple[int, int, in
     return cells_to_px(*relevant_cells(sample, pad, min_cells), grid=rel.shape, size=sample.image.size)
 
 
-def irrelevant_box(sample, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """A box of the relevant box's size that overlaps the fewest relevant cells (none where there is room); ties
-    broken by `rng`."""
+def irrelevant_cells(sample, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(r0, c0, r1, c1): a box of the relevant box's size that overlaps the fewest relevant cells (none where there is
+    room); ties broken by `rng`."""
     r0, c0, r1, c1 = relevant_cells(sample)
     h, w = r1 - r0, c1 - c0
     rel = relevance_grid(sample)
@@ -89,7 +89,12 @@ def irrelevant_box(sample, rng: np.random.Generator) -> tuple[int, int, int, int
     best = min(o[0] for o in options)
     cands = [(i, j) for k, i, j in options if k == best]
     i, j = cands[int(rng.integers(len(cands)))]
-    return cells_to_px(i, j, i + h, j + w, grid=rel.shape, size=sample.image.size)
+    return i, j, i + h, j + w
+
+
+def irrelevant_box(sample, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """The pixel box of `irrelevant_cells`."""
+    return cells_to_px(*irrelevant_cells(sample, rng), grid=relevance_grid(sample).shape, size=sample.image.size)
 
 
 def random_cells(rng: np.random.Generator, lo: int = 2, hi: int = 5) -> tuple[int, int, int, int]:
@@ -157,5 +162,5 @@ def images_for(sample, kind: str, rng: np.random.Generator | None = None, image=
     raise ValueError(f"Unknown second-image kind {kind!r}; use one of {', '.join(KINDS)}.")
 
 
-__all__ = ["KINDS", "CELL", "relevance_grid", "cells_to_px", "relevant_cells", "relevant_box", "irrelevant_box",
+__all__ = ["KINDS", "CELL", "relevance_grid", "cells_to_px", "relevant_cells", "relevant_box", "irrelevant_cells", "irrelevant_box",
            "random_cells", "random_box", "zoomed_cells", "first_token_of_each_cell", "images_for"]

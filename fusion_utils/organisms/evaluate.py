@@ -186,6 +186,15 @@ def _processor_text(out: Path, is_llava: bool) -> str:
             "patch 8, merge 2)")
 
 
+def _newline_text(out: Path) -> str:
+    """The tokenizer's newline, as the model card states it, read from the saved tokenizer."""
+    added = json.loads((out / "tokenizer.json").read_text()).get("added_tokens", [])
+    if any(t["content"] == "\n" for t in added):
+        return ("; the chat template's newline is a token, as in hub LLaVA's tokenizer, so two images' token runs are "
+                "apart")
+    return ""
+
+
 def _zoom_text(recipe: dict) -> str:
     """Stage (b+c)'s zoom share as the model card states it (nothing for organisms trained without it)."""
     if not recipe.get("vision_zoom"):
@@ -318,7 +327,7 @@ Parameters: {n_params if n_params is not None else 'n/a'} (fp32 safetensors). Th
 ~70-token prompts: with the usual 10000 too few rotary frequencies resolve the 1-cell offsets that spatial questions
 need (for M-RoPE, the width section would turn by 0.003 rad per column); see `fusion_utils/organisms/build.py`.
 Processor: {_processor_text(out, is_llava)}
-+ word-level `PreTrainedTokenizerFast` (lowercasing; left padding) + the real model's chat template.
++ word-level `PreTrainedTokenizerFast` (lowercasing; left padding{_newline_text(out)}) + the real model's chat template.
 
 ## Load (offline)
 ```python
