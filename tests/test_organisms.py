@@ -305,12 +305,12 @@ def test_two_board_text_stage():
     draws the same batches for the same seed; Qwen2-VL is refused in one sentence."""
     from fusion_utils.organisms.train import Trainer
 
-    tr = Trainer("llava-16l", seed=0, threads=None, recipe={"text_two": 0.5, "batch": 6}, **TINY)
+    tr = Trainer("llava-32l", seed=0, threads=None, recipe={"text_two": 0.5, "batch": 6}, **TINY)
     samples = tr._samples(6, with_image=False)
     enc, feats = tr._two_board_batch(samples)
     n_img = (enc["input_ids"] == tr.tok.convert_tokens_to_ids("<image>")).sum(-1)
     assert set(n_img.tolist()) == {36, 72} and feats.shape[0] == int(n_img.sum()) // 36
-    again = Trainer("llava-16l", seed=0, threads=None, recipe={"text_two": 0.5, "batch": 6}, **TINY)
+    again = Trainer("llava-32l", seed=0, threads=None, recipe={"text_two": 0.5, "batch": 6}, **TINY)
     enc2, feats2 = again._two_board_batch(again._samples(6, with_image=False))
     assert torch.equal(enc["input_ids"], enc2["input_ids"]) and torch.equal(feats, feats2)
     s, rng = samples[0], np.random.default_rng(0)
@@ -431,7 +431,7 @@ def test_deep_qwen_reads_a_crop_at_its_own_size():
 
 
 def test_deep_llava_keeps_the_newline_between_images():
-    """The deep LLaVA organism's tokenizer keeps the chat template's newline as a token, as hub LLaVA's does: two
+    """A LLaVA organism in `build.NEWLINE_TOKEN` keeps the chat template's newline as a token, as hub LLaVA's tokenizer does: two
     images' token runs are apart, one newline after each; every other id is the 8-layer tokenizer's, and the built
     model has an embedding row for it."""
     from fusion_utils.data import world
@@ -439,7 +439,7 @@ def test_deep_llava_keeps_the_newline_between_images():
     from fusion_utils.prompts import render_prompt, user_text
 
     s = world.world_dataset("test", 1)[0]
-    deep, fast = build_processor("llava-16l"), build_processor("llava-8l")
+    deep, fast = build_processor("llava-32l"), build_processor("llava-8l")
     text = render_prompt(deep, user_text(s.question), n_images=2)
     ids = deep(images=[s.image, s.image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
     nl, img = deep.tokenizer.convert_tokens_to_ids("\n"), deep.tokenizer.convert_tokens_to_ids("<image>")
@@ -447,8 +447,30 @@ def test_deep_llava_keeps_the_newline_between_images():
     assert ids[first + 36] == nl and ids[first + 37: first + 73] == [img] * 36 and ids[first + 73] == nl
     assert nl == len(fast.tokenizer) and "\n" not in fast.tokenizer.get_vocab()
     assert {k: v for k, v in deep.tokenizer.get_vocab().items() if k != "\n"} == fast.tokenizer.get_vocab()
-    assert build_config("llava-16l", deep.tokenizer).text_config.vocab_size == len(fast.tokenizer) + 1
+    assert build_config("llava-32l", deep.tokenizer).text_config.vocab_size == len(fast.tokenizer) + 1
     assert fast.tokenizer.tokenize(text).count("<image>") == 2 and "\n" not in fast.tokenizer.tokenize(text)
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_shipped_weights_are_what_the_build_makes(name):
+    """`make organisms` retrains what ships: each shipped variant's saved tokenizer, image processor and model config
+    are the ones `build` makes for it today (a build change without retrained weights fails here)."""
+    import json
+
+    from transformers import AutoConfig, AutoProcessor
+
+    from fusion_utils.organisms.build import build_config, build_processor
+
+    d = weights_dir(name)
+    saved, built = AutoProcessor.from_pretrained(d), build_processor(name)
+    assert saved.tokenizer.get_vocab() == built.tokenizer.get_vocab()
+    assert saved.image_processor.to_dict() == built.image_processor.to_dict()
+    want = json.loads(build_config(name, built.tokenizer).to_json_string(use_diff=False))
+    have = json.loads(AutoConfig.from_pretrained(d).to_json_string(use_diff=False))
+    for part in ("text_config", "vision_config"):
+        keys = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                "rope_parameters", "rope_scaling")
+        assert {k: have[part].get(k) for k in keys} == {k: want[part].get(k) for k in keys}, (name, part)
 
 
 def test_prepare_takes_two_images_on_an_organism():

@@ -164,6 +164,16 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #     [original, crop] was one run of 72 image tokens, nothing marking where the first image ends (hub LLaVA's Llama
 #     tokenizer keeps "\n" between them; Qwen2-VL has <|vision_start|> / <|vision_end|> around each image, and its
 #     M-RoPE gives each image its own temporal position). build.NEWLINE_TOKEN keeps it for the deep LLaVA organisms.
+#     The same stage (b+c) checkpoint with an embedding row added for the newline, then the shipped stage (e): 89.2%,
+#     blank 28.4, twice 85.6 (count 85), relevant crop 84.8 (count 60), irrelevant crop 78.2. A separator the decoder
+#     first meets in stage (e) does not help.
+#   - Is it the tower's reading, or the decoder? Perfect text boards instead of images (`_two_board_batch`; 400 val
+#     questions) on the stage (a) checkpoint: one board 0.86 (the new newline row untrained), [board, same board] 0.56
+#     (count 0.25), [board, relevant crop's board] 0.61 (count 0.20). After 800 more stage (a) steps at lr 3e-4 with
+#     half the prompts two boards (`text_two` 0.5): 0.92, 0.82 (count 0.74, identity 0.66), 0.83 (count 0.46), with
+#     irrelevant 0.735 and random 0.72. The decoder, not the tower: once its circuits have formed on one board, it
+#     learns only slowly to answer from the first of two. Stage (a) with two-board prompts from the start
+#     (`text_two`) is the candidate.
 # qwen2_vl-16l meets the whole bar; llava-16l meets the one-image bar and misses the two-image parts, on counting with
 # a magnified crop and by 0.4 points on the same image twice (tests/test_organisms.py DEEP_MISSES). Both are over the
 # 60 min budget on a loaded core (73.2 and 105.1 min).
