@@ -431,9 +431,9 @@ def test_deep_qwen_reads_a_crop_at_its_own_size():
 
 
 def test_deep_llava_keeps_the_newline_between_images():
-    """A LLaVA organism in `build.NEWLINE_TOKEN` keeps the chat template's newline as a token, as hub LLaVA's tokenizer does: two
-    images' token runs are apart, one newline after each; every other id is the 8-layer tokenizer's, and the built
-    model has an embedding row for it."""
+    """A LLaVA organism in `build.NEWLINE_TOKEN` keeps the chat template's newline as a token, as hub LLaVA's
+    tokenizer does: two images' token runs are apart, one newline after each; every other id is the 8-layer
+    tokenizer's, and the built model has an embedding row for it."""
     from fusion_utils.data import world
     from fusion_utils.organisms.build import build_config, build_processor
     from fusion_utils.prompts import render_prompt, user_text

@@ -163,7 +163,7 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #   - Why LLaVA and not Qwen2-VL: the organisms' word-level tokenizer dropped the chat template's newline, so LLaVA's
 #     [original, crop] was one run of 72 image tokens, nothing marking where the first image ends (hub LLaVA's Llama
 #     tokenizer keeps "\n" between them; Qwen2-VL has <|vision_start|> / <|vision_end|> around each image, and its
-#     M-RoPE gives each image its own temporal position). build.NEWLINE_TOKEN keeps it for the deep LLaVA organisms.
+#     M-RoPE gives each image its own temporal position). build.NEWLINE_TOKEN keeps it (the runs below).
 #     The same stage (b+c) checkpoint with an embedding row added for the newline, then the shipped stage (e): 89.2%,
 #     blank 28.4, twice 85.6 (count 85), relevant crop 84.8 (count 60), irrelevant crop 78.2. A separator the decoder
 #     first meets in stage (e) does not help.
