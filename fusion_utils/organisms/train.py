@@ -174,6 +174,9 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #     irrelevant 0.735 and random 0.72. The decoder, not the tower: once its circuits have formed on one board, it
 #     learns only slowly to answer from the first of two. Stage (a) with two-board prompts from the start
 #     (`text_two`) is the candidate.
+#   - qwen2_vl-16l's stage (e) with the same count- and identity-heavy mix (from its stage (b+c) checkpoint, 104.4 min
+#     in all): 93.6%, blank 29.2, twice 92.2, relevant crop 93.6 (count 91, identity 94), irrelevant crop 88.4 -- no
+#     margin gained on the crop part (the shipped weights: 94.0 / 93.0 / 94.0 / 87.4).
 # qwen2_vl-16l meets the whole bar; llava-16l meets the one-image bar and misses the two-image parts, on counting with
 # a magnified crop and by 0.4 points on the same image twice (tests/test_organisms.py DEEP_MISSES). Both are over the
 # 60 min budget on a loaded core (73.2 and 105.1 min).
