@@ -200,8 +200,11 @@ def _zoom_text(recipe: dict) -> str:
     if not recipe.get("vision_zoom"):
         return ""
     return (f"; {recipe['vision_zoom']} of each batch a crop of its image (the relevant cells padded by one cell, or a "
-            "random box of 2-5 cells a side, half and half), resized by the processor as any image, each token's target "
-            "the cell under its centre, so the tower reads a magnified cell as that cell")
+            "random box of 2-5 cells a side, half and half), resized by the processor as any image, "
+            + ("the first token (in reading order) showing each cell targeting that cell and the others `<empty>`, so "
+               "the tower reads a magnified object as one token of it"
+               if recipe.get("vision_zoom_target") == "first" else
+               "each token's target the cell under its centre, so the tower reads a magnified cell as that cell"))
 
 
 def _two_text(recipe: dict) -> str:

@@ -60,7 +60,9 @@ RECIPE = {
     "qk_init_std": 0.15,  # decoder q/k projections start larger than the 0.02 default: content-selective attention
     "vision_steps": 1000, "vision_lr": 3e-3, "align_ce": 0.1,
     # share of each stage (b+c) batch given as a crop of its image (relevant cells or a random box), each token's target
-    # the cell it magnifies: without it the tower reads a magnified object as nothing it knows (below)
+    # the cell it magnifies: without it the tower reads a magnified object as nothing it knows (below). With
+    # `vision_zoom_target` "first" (default "every") only the first token showing a cell gets its object, the others
+    # `<empty>`: a magnified object stays one token, so a decoder that counts tokens counts it once
     "vision_zoom": 0.0,
     "joint_steps": 400, "joint_lr": 3e-4, "joint_aux": 0.3,
     "joint_part": "all",  # what stage (d) trains: "all", or "vision" (tower + projector; the decoder stays as in (a))
@@ -189,7 +191,7 @@ ORGANISM_RECIPE = {
     "qwen2_vl-8l": _QWEN_8L,
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
-    "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "two_steps": 2400},
+    "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "vision_zoom_target": "first", "two_steps": 2400},
     "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
 
