@@ -2,8 +2,9 @@
 
 A crop method feeds [original, crop]; the processor resizes the crop as it resizes any image (LLaVA's CLIP processor
 magnifies it to 96 px; the deep Qwen2-VL organisms keep it at its own size). Each image token is scored against the
-scene token of the cell under its centre (`second_images.zoomed_cells`, the targets of stage (b+c)'s zoom share):
-nearest scene-token embedding == that cell's. Occupied cells are the ones that matter; most cells are empty.
+target stage (b+c)'s zoom share gives it (`Trainer.zoom_targets`: the scene token of the cell under its centre, or,
+with the recipe's `vision_zoom_target` "first", that cell's object on the first token showing it and `<empty>` on
+the others): nearest scene-token embedding == the target. Occupied cells are the ones that matter; most are empty.
 
     python scripts/tower_reads_crops.py llava-16l qwen2_vl-16l            # shipped weights, 200 val questions
     python scripts/tower_reads_crops.py llava-16l=/tmp/ckpt/vision.pt     # a trainer checkpoint (train.py's state)

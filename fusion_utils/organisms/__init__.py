@@ -3,10 +3,10 @@
 Two architectures, ``llava`` (LlavaForConditionalGeneration) and ``qwen2_vl`` (Qwen2VLForConditionalGeneration), each
 at several depths: the fast 8-layer organisms (``llava-8l``, ``qwen2_vl-8l``), the 16-layer ones (``llava-16l``,
 ``qwen2_vl-16l``: ``DEEP``, trained with two-image prompts; ``qwen2_vl-16l`` meets issue 16's bar, ``llava-16l`` all
-but its two-image parts) and, as recipes
-without shipped weights, the depths of LLaVA-1.5-7B and Qwen2.5-VL-7B (``llava-32l``, ``qwen2_vl-28l``). ``llava`` / ``qwen2_vl`` name the default
-of each architecture (``DEFAULT_VARIANT``). Weights, processor and model card live in ``weights/<variant>/`` and load offline
-with ``<ModelClass>.from_pretrained(dir)`` + ``AutoProcessor.from_pretrained(dir)``.
+but its relevant-crop part) and, as recipes without shipped weights, the depths of LLaVA-1.5-7B and Qwen2.5-VL-7B
+(``llava-32l``, ``qwen2_vl-28l``). ``llava`` / ``qwen2_vl`` name the default of each architecture
+(``DEFAULT_VARIANT``). Weights, processor and model card live in ``weights/<variant>/`` and load offline with
+``<ModelClass>.from_pretrained(dir)`` + ``AutoProcessor.from_pretrained(dir)``.
 """
 from __future__ import annotations
 
