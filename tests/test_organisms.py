@@ -325,6 +325,36 @@ def test_two_board_text_stage():
         Trainer("qwen2_vl-16l", seed=0, threads=None, recipe={"text_two": 0.5}, **TINY)._two_board_batch(samples)
 
 
+def test_two_board_accuracy_and_script(monkeypatch, tmp_path):
+    """`quick_accuracy(second=kind)` scores a decoder on [board, second board] text prompts (LLaVA only, text mode
+    only: anything else is one sentence naming the fix), and scripts/decoder_reads_two_boards.py prints one row per
+    kind for a trainer checkpoint."""
+    import importlib.util
+    from pathlib import Path
+
+    from fusion_utils.organisms.train import Trainer
+
+    tr = Trainer("llava-32l", seed=0, threads=None, **TINY)
+    acc = tr.quick_accuracy(8, "text", second="relevant")
+    assert "overall" in acc and 0 <= acc["overall"] <= 1
+    with pytest.raises(ValueError, match="mode='text'"):
+        tr.quick_accuracy(4, "image", second="same")
+    with pytest.raises(ValueError, match="LLaVA"):
+        Trainer("qwen2_vl-16l", seed=0, threads=None, **TINY).quick_accuracy(4, "text", second="same")
+    torch.save(tr.state(), tmp_path / "text.pt")
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    import tower_reads_crops
+
+    monkeypatch.setattr(tower_reads_crops, "Trainer", lambda name, threads=None: Trainer(name, threads=threads, **TINY))
+    spec = importlib.util.spec_from_file_location("decoder_reads_two_boards", scripts / "decoder_reads_two_boards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main([f"llava-32l={tmp_path / 'text.pt'}", "--n", "4"])
+    assert [k for _, k in out] == ["one", "same", "relevant", "irrelevant", "random"]
+    assert all(0 <= v["overall"] <= 1 for v in out.values())
+
+
 def test_second_image_boxes():
     """The relevant crop holds every relevant cell; the irrelevant crop has its size and, where there is room, none."""
     from fusion_utils.data import world

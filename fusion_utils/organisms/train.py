@@ -184,7 +184,10 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #     88.4 (-2.2; count 84), relevant crop 87.8 (count 81 from 54, but attribute 91 from 98 and identity 79 from 87:
 #     the crop's object is one token now, so the crop magnifies less of what it shows), irrelevant crop 85.4. Every
 #     two-image number rises; the relevant crop stays 2.8 points below one image. `scripts/tower_reads_crops.py`: the
-#     occupied cells' first tokens of magnified crops read at 0.39 (whole images 0.94).
+#     occupied cells' first tokens of magnified crops read at 0.39 (whole images 0.94). Its decoder on perfect text
+#     boards (`scripts/decoder_reads_two_boards.py`, 400 val questions): one 0.917, same 0.88 (count 0.79), relevant
+#     0.89 (count 0.69 against 0.96), irrelevant 0.88, random 0.875 -- the images' 3-point gap: the decoder's counting
+#     with two images is what remains, not the tower.
 #   - qwen2_vl-16l's stage (e) with the same count- and identity-heavy mix (from its stage (b+c) checkpoint, 104.4 min
 #     in all): 93.6%, blank 29.2, twice 92.2, relevant crop 93.6 (count 91, identity 94), irrelevant crop 88.4 -- no
 #     margin gained on the crop part (the shipped weights: 94.0 / 93.0 / 94.0 / 87.4).
@@ -780,14 +783,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval / save
     @torch.no_grad()
-    def quick_accuracy(self, n=200, mode="image", split="val"):
-        """First-token argmax accuracy on `split` (mode 'image' or 'text' scenes)."""
+    def quick_accuracy(self, n=200, mode="image", split="val", second: str | None = None):
+        """First-token argmax accuracy on `split` (mode 'image' or 'text' scenes). `second` (text mode, LLaVA): a
+        second text board of that kind after each scene (`second_board`), so the decoder's reading of two images is
+        measured without the tower: `quick_accuracy(400, "text", second="same")`."""
+        if second is not None and (mode != "text" or self.arch != "llava"):
+            raise ValueError(f"second={second!r} is for mode='text' on a LLaVA organism; drop it for mode={mode!r}.")
         self.model.eval()
         ds = world.world_dataset(split, n, seed=self.seed, families=self.recipe.get("families"))
+        rng = np.random.default_rng([self.seed, 29])
         correct = []
         for i in range(0, len(ds), 50):
             batch = list(ds[i:i + 50])
-            if mode == "text":
+            if mode == "text" and second:
+                boards = [b for s in batch for b in (self.cell_targets([s])[0], self.second_board(s, second, rng))]
+                enc = self._encode_text_only([render_prompt(self.processor, user_text(s.question), n_images=2)
+                                              for s in batch])
+                logits = self._lm_forward(enc, self._scene_embeds(torch.stack(boards)))
+            elif mode == "text":
                 enc = self._encode_text_only(self._texts(batch, with_answer=False))
                 logits = self._lm_forward(enc, self._scene_embeds(self.cell_targets(batch)))
             else:
