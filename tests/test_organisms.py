@@ -411,6 +411,9 @@ def test_first_token_of_each_cell_keeps_one_token_per_magnified_cell():
     t = tr.zoom_targets(s, [box], ip, 0)[0].view(6, 6)
     board = tr.cell_targets(s)[0].view(6, 6)
     assert torch.equal(t[::2, ::2], board[:3, :3]) and (t[1::2].eq(0).all() and t[:, 1::2].eq(0).all())
+    tr.recipe["vision_zoom_target"] = "centre"
+    with pytest.raises(ValueError, match="vision_zoom_target='centre': use 'every' or 'first'"):
+        tr.zoom_targets(s, [box], ip, 0)
 
 
 @pytest.mark.parametrize("name", DEEP)

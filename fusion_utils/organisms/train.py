@@ -559,11 +559,9 @@ class Trainer:
                                                step / steps)
             if R.get("text_two"):
                 enc, feats = self._two_board_batch(samples)
-            elif (R.get("blocks") or 1) > 1:
-                enc = self._encode_blocks(samples)
             else:
-                enc = self._encode_text_only(self._texts_packed(samples))
-            if not R.get("text_two"):
+                enc = self._encode_blocks(samples) if (R.get("blocks") or 1) > 1 else \
+                    self._encode_text_only(self._texts_packed(samples))
                 feats = self._scene_embeds(self.cell_targets(samples))
             if R["scene_noise"]:
                 feats = feats + R["scene_noise"] * feats.detach().pow(2).mean().sqrt() * torch.randn(
@@ -645,7 +643,7 @@ class Trainer:
         from ..adapters import processed_extent
         from ..data.second_images import first_token_of_each_cell, zoomed_cells
 
-        one = self.recipe.get("vision_zoom_target", "every") == "first"
+        one = self._part("vision_zoom_target", "every", ("every", "first")) == "first"
         out = []
         for k, (s, box) in enumerate(zip(samples, boxes)):
             r0, c0, r1, c1 = box
@@ -700,7 +698,7 @@ class Trainer:
         return self
 
     def _part(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        """What a stage trains (its recipe entry ``key``), checked against the parts it can train."""
+        """A recipe entry ``key`` (what a stage trains, or how it targets), checked against its allowed values."""
         part = self.recipe.get(key, default)
         if part not in allowed:
             raise ValueError(f"recipe {key}={part!r}: use {' or '.join(repr(a) for a in allowed)}.")
