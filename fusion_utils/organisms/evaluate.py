@@ -216,8 +216,9 @@ def _two_text(recipe: dict) -> str:
     return (f"\n4. (e) two images per prompt (one image placeholder per image, as hub LLaVA / Qwen2-VL take them): each "
             f"sample's images drawn from {{{kinds}}} -- [original], [original, original], [original, crop of the "
             f"relevant cells padded by one cell], [original, same-size crop with the fewest relevant cells], [original, "
-            f"random crop of 2-5 cells a side] -- answer unchanged, answer + EOS loss; {part}, {recipe['two_steps']} "
-            f"steps of batch {recipe.get('two_batch')} at lr {recipe.get('two_lr')}.")
+            f"random crop of 2-5 cells a side] -- answer unchanged, answer + EOS loss; "
+            + (f"{_proportions(recipe['two_families'])}; " if recipe.get("two_families") else "")
+            + f"{part}, {recipe['two_steps']} steps of batch {recipe.get('two_batch')} at lr {recipe.get('two_lr')}.")
 
 
 def _two_image_note(table: pd.DataFrame, trained_two: bool = True) -> str:
@@ -240,13 +241,20 @@ def _two_image_note(table: pd.DataFrame, trained_two: bool = True) -> str:
             "`same_twice` near one image says a second image by itself costs nothing." + untrained + "\n")
 
 
+def _proportions(fams) -> str:
+    counts = {f: list(fams).count(f) for f in dict.fromkeys(fams)}
+    return "families sampled in the proportions " + ", ".join(f"{f} {c}/{len(fams)}" for f, c in counts.items())
+
+
 def _a_extras(recipe: dict) -> str:
     """The optional parts of stage (a), as the model card states them."""
     out = []
     fams = recipe.get("train_families")
     if fams:
-        counts = {f: list(fams).count(f) for f in dict.fromkeys(fams)}
-        out.append("; families sampled in the proportions " + ", ".join(f"{f} {c}/{len(fams)}" for f, c in counts.items()))
+        out.append("; " + _proportions(fams))
+    if recipe.get("text_two"):
+        out.append(f"; {recipe['text_two']} of the prompts carry a second text board after the scene (the same board, or "
+                   "the cells a crop shows once the processor has resized it), answer unchanged")
     stages = recipe.get("family_stages") or ()
     if stages:
         out.append("; family curriculum: " + ", then ".join(f"only {', '.join(fams)} until {until:.0%} of the stage"
