@@ -614,14 +614,24 @@ class Trainer:
                              "set text_two to 0 for this organism.")
         rng = np.random.default_rng([self.seed, 23, self.counter])
         kinds = [k for k in self.recipe["two_kinds"] if k != "one"]
+
+        def second_of(_):
+            return kinds[int(rng.integers(len(kinds)))] if rng.random() < self.recipe["text_two"] else None
+        return self.board_prompts(samples, second_of, rng, with_answer=True)
+
+    def board_prompts(self, samples, second_of, rng, with_answer: bool):
+        """Text-board prompts (LLaVA): each sample's board, then a second board of kind `second_of(sample)` when that
+        is not None (`second_board`, drawing from `rng`); returns the encoded prompts and their scene embeddings.
+        `second_of` is called once per sample, in order, before that sample's second board, so a caller's rng draws
+        keep their order."""
         boards, texts = [], []
         for s in samples:
             boards.append(self.cell_targets([s])[0])
-            two = rng.random() < self.recipe["text_two"]
-            if two:
-                boards.append(self.second_board(s, kinds[int(rng.integers(len(kinds)))], rng))
-            eos, p = self.tok.eos_token, render_prompt(self.processor, user_text(s.question), n_images=1 + two)
-            texts.append(p + " " + s.answers[0] + eos)
+            kind = second_of(s)
+            if kind:
+                boards.append(self.second_board(s, kind, rng))
+            p = render_prompt(self.processor, user_text(s.question), n_images=1 + bool(kind))
+            texts.append(p + " " + s.answers[0] + self.tok.eos_token if with_answer else p)
         return self._encode_text_only(texts), self._scene_embeds(torch.stack(boards))
 
     def _blank_batch(self, n):
@@ -798,10 +808,7 @@ class Trainer:
         for i in range(0, len(ds), 50):
             batch = list(ds[i:i + 50])
             if mode == "text" and second:
-                boards = [b for s in batch for b in (self.cell_targets([s])[0], self.second_board(s, second, rng))]
-                enc = self._encode_text_only([render_prompt(self.processor, user_text(s.question), n_images=2)
-                                              for s in batch])
-                logits = self._lm_forward(enc, self._scene_embeds(torch.stack(boards)))
+                logits = self._lm_forward(*self.board_prompts(batch, lambda _: second, rng, with_answer=False))
             elif mode == "text":
                 enc = self._encode_text_only(self._texts(batch, with_answer=False))
                 logits = self._lm_forward(enc, self._scene_embeds(self.cell_targets(batch)))
