@@ -206,7 +206,8 @@ ORGANISM_RECIPE = {
     "qwen2_vl-8l": _QWEN_8L,
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
-    "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "vision_zoom_target": "first", "two_steps": 2400},
+    "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "vision_zoom_target": "first", **_TWO_16L,
+                  "two_families": ("attribute", "identity", "identity", "existence", "count", "count", "count", "spatial")},
     "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
 
