@@ -581,7 +581,7 @@ def deep_table(request):
 
 
 # the parts of issue 16's bar each shipped deep organism misses (its model card has the numbers); empty once it meets it
-DEEP_MISSES: dict[str, set[str]] = {"llava-16l": {"relevant_crop"}}
+DEEP_MISSES: dict[str, set[str]] = {}
 
 
 def test_deep_organisms_meet_the_bar(deep_table):
