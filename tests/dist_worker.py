@@ -2,7 +2,7 @@
 process). It runs `harness.run` as `fusion-utils run` does, and can stand in a per-batch function that logs which
 sample ids this process computed, kills this process, or raises on a chosen sample (to test resume and failures).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py --out DIR --model organism:llava \
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py --out DIR --model organism:llava-8l \
         --experiment masking --samples 8 [--computed-log FILE] [--die-on ID --die-rank 1] [--raise-on ID]
 """
 from __future__ import annotations

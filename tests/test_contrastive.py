@@ -203,7 +203,7 @@ def test_two_image_control_script_feeds_the_second_image():
     spec = importlib.util.spec_from_file_location("two_image_control", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    table = mod.main(["organism:llava", "--n", "24"])
+    table = mod.main(["organism:llava-8l", "--n", "24"])  # trained with one image per prompt
     row = table.iloc[0]
     assert 0 <= row["same image twice"] < row["one image"] <= 1
     assert row["cost (points)"] == round(100 * (row["one image"] - row["same image twice"]), 1)

@@ -66,7 +66,7 @@ def tiny(tmp_path_factory):
 def reference(tmp_path_factory, tiny):
     """One process, no launcher: masking and contrastive on a tiny model and on the LLaVA organism."""
     out = tmp_path_factory.mktemp("single")
-    res = launch(["--out", str(out), "--model", tiny, "--model", "organism:llava", "--experiment", "masking",
+    res = launch(["--out", str(out), "--model", tiny, "--model", "organism:llava-8l", "--experiment", "masking",
                   "--experiment", "contrastive", *CONTRASTIVE, "--samples", str(N), "--batch-size", str(BATCH),
                   "--in-memory", str(out / "in_memory.json")], 1)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -74,7 +74,7 @@ def reference(tmp_path_factory, tiny):
 
 
 def test_two_gloo_ranks_record_what_one_process_records(reference, tiny, tmp_path):
-    res = launch(["--out", str(tmp_path), "--model", tiny, "--model", "organism:llava", "--experiment", "masking",
+    res = launch(["--out", str(tmp_path), "--model", tiny, "--model", "organism:llava-8l", "--experiment", "masking",
                   "--experiment", "contrastive", *CONTRASTIVE, "--samples", str(N), "--batch-size", str(BATCH),
                   "--in-memory", str(tmp_path / "in_memory.json")], 2)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -183,8 +183,8 @@ def test_book_precompute_on_two_ranks_leaves_nothing_for_the_chapters_to_compute
     for f in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / f, root / f)
     params = root / "params.yml"
-    params.write_text("common: {models: ['organism:llava'], dataset: world, samples: 6, device: cpu, dtype: float32, "
-                      "seed: 0}\nchapters: {fusion: {}, contrastive: {}}\n")
+    params.write_text("common: {models: ['organism:llava-8l'], dataset: world, samples: 6, device: cpu, "
+                      "dtype: float32, seed: 0}\nchapters: {fusion: {}, contrastive: {}}\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fusion_utils",
            "book", "precompute", "--params", str(params), "--root", str(root)]
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=root)

@@ -110,7 +110,7 @@ def test_first_token_decode_matches_generate_for_one_token_answers(world6):
 
 # --- on a trained organism -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["organism:llava", "organism:qwen2_vl"])
+@pytest.fixture(scope="module", params=["organism:llava-8l", "organism:qwen2_vl-8l"])  # FAST: machinery, not depth
 def organism(request):
     return load_model(request.param)
 

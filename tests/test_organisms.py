@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_utils.organisms import DEEP, ORGANISMS, shipped, weights_dir
+from fusion_utils.organisms import DEEP, FAST, ORGANISMS, arch_of, shipped, weights_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,7 +18,7 @@ def _have(name):
     return (weights_dir(name) / "model.safetensors").exists()
 
 
-@pytest.fixture(scope="module", params=ORGANISMS)
+@pytest.fixture(scope="module", params=ORGANISMS + FAST)  # the default (deep) pair and the 8-layer one: both ship
 def organism(request):
     name = request.param
     if not _have(name):
@@ -29,7 +29,7 @@ def organism(request):
     from fusion_utils.archs import get_spec
 
     d = weights_dir(name)
-    spec = get_spec(name)
+    spec = get_spec(arch_of(name))
     model = getattr(transformers, spec.model_class).from_pretrained(d, use_safetensors=True, trust_remote_code=False)
     processor = AutoProcessor.from_pretrained(d, trust_remote_code=False)
     model.eval()
@@ -52,8 +52,8 @@ def test_structure(organism):
     name, model, processor = organism
     from fusion_utils.archs import get_spec, resolve
 
-    spec = get_spec(name)
-    assert model.config.model_type == name
+    spec = get_spec(arch_of(name))
+    assert model.config.model_type == arch_of(name)
     dec = resolve(model, spec.decoder)
     assert len(dec.layers) >= 8
     assert processor.tokenizer.padding_side == "left"
@@ -67,7 +67,7 @@ def test_structure(organism):
     assert ((enc["input_ids"] == img_id).sum(-1) == 36).all()  # one image token per world cell
     for k in spec.extra_model_inputs:
         assert k in enc
-    if name == "qwen2_vl":
+    if arch_of(name) == "qwen2_vl":
         assert enc["image_grid_thw"].tolist() == [[1, 12, 12]] * 3
     else:
         assert texts[0].startswith("USER: <image>\n") and texts[0].endswith("ASSISTANT:")

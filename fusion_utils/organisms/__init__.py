@@ -1,11 +1,11 @@
 """Tiny real-architecture MLLMs ("model organisms") trained on the procedural world.
 
 Two architectures, ``llava`` (LlavaForConditionalGeneration) and ``qwen2_vl`` (Qwen2VLForConditionalGeneration), each
-at several depths: the fast 8-layer organisms (``llava-8l``, ``qwen2_vl-8l``), the 16-layer ones (``llava-16l``,
-``qwen2_vl-16l``: ``DEEP``, trained with two-image prompts; ``qwen2_vl-16l`` meets issue 16's bar, ``llava-16l`` all
-but its relevant-crop part) and, as recipes without shipped weights, the depths of LLaVA-1.5-7B and Qwen2.5-VL-7B
-(``llava-32l``, ``qwen2_vl-28l``). ``llava`` / ``qwen2_vl`` name the default of each architecture
-(``DEFAULT_VARIANT``). Weights, processor and model card live in ``weights/<variant>/`` and load offline with
+at several depths: the 16-layer ones (``llava-16l``, ``qwen2_vl-16l``: ``DEEP``, trained with two-image prompts,
+both meeting issue 16's bar), the fast 8-layer ones (``llava-8l``, ``qwen2_vl-8l``: ``FAST``, one image per prompt)
+and, as recipes without shipped weights, the depths of LLaVA-1.5-7B and Qwen2.5-VL-7B (``llava-32l``,
+``qwen2_vl-28l``). ``llava`` / ``qwen2_vl`` name the default of each architecture (``DEFAULT_VARIANT``: the 16-layer
+ones, the book's models). Weights, processor and model card live in ``weights/<variant>/`` and load offline with
 ``<ModelClass>.from_pretrained(dir)`` + ``AutoProcessor.from_pretrained(dir)``.
 """
 from __future__ import annotations
@@ -15,17 +15,17 @@ from pathlib import Path
 # variant -> architecture (its model sizes are build.SIZES, its recipe departures train.ORGANISM_RECIPE)
 VARIANTS = {"llava-8l": "llava", "qwen2_vl-8l": "qwen2_vl", "llava-32l": "llava", "qwen2_vl-28l": "qwen2_vl",
             "llava-16l": "llava", "qwen2_vl-16l": "qwen2_vl"}  # -16l: issue 16's fallback depth (build.SIZES)
-# what `organism:llava` / `organism:qwen2_vl` load. The deep organisms become the default only once their weights are
-# trained, committed and meet issue 16's bar (`fusion-utils organisms eval --all` says whether they do); until then
-# the 8-layer ones stay the default, so the book and the tests do not change under anyone's feet.
-DEFAULT_VARIANT = {"llava": "llava-8l", "qwen2_vl": "qwen2_vl-8l"}
-ORGANISMS = tuple(DEFAULT_VARIANT)  # the default pair (the book's models, the tests' fixtures)
+# what `organism:llava` / `organism:qwen2_vl` load: the deep organisms, since both meet issue 16's bar
+# (`fusion-utils organisms eval --all` says whether they do; tests/test_organisms.py asserts it)
+DEFAULT_VARIANT = {"llava": "llava-16l", "qwen2_vl": "qwen2_vl-16l"}
+ORGANISMS = tuple(DEFAULT_VARIANT)  # the default pair's architecture names (the book's models)
 DEEP = ("llava-16l", "qwen2_vl-16l")  # what `make organisms` trains (train.ORGANISM_RECIPE says why 16)
+FAST = ("llava-8l", "qwen2_vl-8l")  # half the depth, one image per prompt: for tests that need speed, not depth
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 
 
 def resolve_name(name: str) -> str:
-    """The variant an organism name means (``organism:llava`` -> ``llava-8l`` while that is the default)."""
+    """The variant an organism name means (``organism:llava`` -> ``llava-16l``, the default)."""
     name = name.split(":", 1)[1] if name.startswith("organism:") else name
     name = DEFAULT_VARIANT.get(name, name)
     if name not in VARIANTS:
@@ -61,5 +61,5 @@ def load(name_or_dir, dtype=None):
     return model, AutoProcessor.from_pretrained(path)
 
 
-__all__ = ["ORGANISMS", "VARIANTS", "DEFAULT_VARIANT", "DEEP", "WEIGHTS_ROOT", "resolve_name", "arch_of", "weights_dir",
-           "shipped", "load"]
+__all__ = ["ORGANISMS", "VARIANTS", "DEFAULT_VARIANT", "DEEP", "FAST", "WEIGHTS_ROOT", "resolve_name", "arch_of",
+           "weights_dir", "shipped", "load"]
