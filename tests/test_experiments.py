@@ -12,6 +12,7 @@ from fusion_utils.data.world import blank_image
 from fusion_utils.experiments import EXPERIMENTS, get_experiment
 from fusion_utils.experiments.common import answer, generate, run_experiment
 from fusion_utils.experiments.masking import find_layers, masking
+from fusion_utils.organisms import FAST
 from fusion_utils.testing import tiny_model_dir
 
 ANALYSES = ("masking", "hellinger", "early_exit", "attention")
@@ -110,7 +111,7 @@ def test_first_token_decode_matches_generate_for_one_token_answers(world6):
 
 # --- on a trained organism -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["organism:llava-8l", "organism:qwen2_vl-8l"])  # FAST: machinery, not depth
+@pytest.fixture(scope="module", params=[f"organism:{n}" for n in FAST])  # the 8-layer pair: machinery, not depth
 def organism(request):
     return load_model(request.param)
 

@@ -216,8 +216,8 @@ ORGANISM_RECIPE = {
     "llava-32l": {**_TWO},
     "qwen2_vl-28l": {**_QWEN_8L, **_TWO},
     "llava-16l": {**_QWEN_8L, "vision_steps": 6000, "vision_zoom": 0.5, "vision_zoom_target": "first", **_TWO_16L,
-                  "two_steps": 4800,
-                  "two_families": ("attribute", "identity", "identity", "existence", "count", "count", "count", "spatial")},
+                  "two_steps": 4800, "two_families": ("attribute", "identity", "identity", "existence", "count", "count",
+                                                      "count", "spatial")},
     "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
 
