@@ -11,18 +11,13 @@ LLaVA organisms only (a Qwen2-VL crop has its own token grid).
 """
 from __future__ import annotations
 
-import argparse
-
-from tower_reads_crops import trainer_for
+from tower_reads_crops import model_args, trainer_for
 
 KINDS = (None, "same", "relevant", "irrelevant", "random")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="+", help="organism names, or name=path/to/trainer-checkpoint.pt")
-    ap.add_argument("--n", type=int, default=400)
-    args = ap.parse_args(argv)
+    args = model_args(argv, __doc__, 400)
     out = {}
     for spec in args.models:
         tr = trainer_for(spec)

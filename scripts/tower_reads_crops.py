@@ -57,11 +57,16 @@ def cell_accuracy(tr: Trainer, n: int = 200, split: str = "val") -> dict[str, fl
     return {k: round(float(np.mean(v)), 3) for k, v in hits.items()}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_args(argv, doc: str, n: int) -> argparse.Namespace:
+    """The command line both probe scripts take: organism names (or name=checkpoint) and a question count."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="organism names, or name=path/to/trainer-checkpoint.pt")
-    ap.add_argument("--n", type=int, default=200)
-    args = ap.parse_args(argv)
+    ap.add_argument("--n", type=int, default=n)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = model_args(argv, __doc__, 200)
     out = {}
     for spec in args.models:
         out[spec] = cell_accuracy(trainer_for(spec), args.n)
