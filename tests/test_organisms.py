@@ -325,6 +325,22 @@ def test_two_board_text_stage():
         Trainer("qwen2_vl-16l", seed=0, threads=None, recipe={"text_two": 0.5}, **TINY)._two_board_batch(samples)
 
 
+@pytest.mark.parametrize("name", ["llava-16l", "qwen2_vl-16l"])
+def test_one_board_prompts_are_the_training_prompts(name):
+    """`board_prompts` without a second board (what `quick_accuracy(mode="text")` scores) encodes exactly the prompts
+    and boards stage (a) trains on, with and without the answer, on both architectures."""
+    from fusion_utils.data import world
+    from fusion_utils.organisms.train import Trainer
+
+    tr = Trainer(name, seed=0, threads=None, **TINY)
+    batch = list(world.world_dataset("val", 6, seed=0))
+    for with_answer in (False, True):
+        enc, boards = tr.board_prompts(batch, lambda _: None, None, with_answer=with_answer)
+        ref = tr._encode_text_only(tr._texts(batch, with_answer=with_answer))
+        assert enc.keys() == ref.keys() and all(torch.equal(enc[k], ref[k]) for k in ref)
+        assert torch.equal(boards, tr._scene_embeds(tr.cell_targets(batch)))
+
+
 def test_two_board_accuracy_and_script(monkeypatch, tmp_path):
     """`quick_accuracy(second=kind)` scores a decoder on [board, second board] text prompts (LLaVA only, text mode
     only: anything else is one sentence naming the fix), and scripts/decoder_reads_two_boards.py prints one row per

@@ -633,10 +633,11 @@ class Trainer:
         return self.board_prompts(samples, second_of, rng, with_answer=True)
 
     def board_prompts(self, samples, second_of, rng, with_answer: bool):
-        """Text-board prompts (LLaVA): each sample's board, then a second board of kind `second_of(sample)` when that
-        is not None (`second_board`, drawing from `rng`); returns the encoded prompts and their scene embeddings.
+        """Text-board prompts: each sample's board, then a second board of kind `second_of(sample)` when that is not
+        None (`second_board`, drawing from `rng`; LLaVA only); returns the encoded prompts and their scene embeddings.
         `second_of` is called once per sample, in order, before that sample's second board, so a caller's rng draws
-        keep their order."""
+        keep their order. ``second_of=lambda s: None`` gives the one-board prompts of stage (a)."""
+        sep = " " if self.arch == "llava" else ""
         boards, texts = [], []
         for s in samples:
             boards.append(self.cell_targets([s])[0])
@@ -644,7 +645,7 @@ class Trainer:
             if kind:
                 boards.append(self.second_board(s, kind, rng))
             p = render_prompt(self.processor, user_text(s.question), n_images=1 + bool(kind))
-            texts.append(p + " " + s.answers[0] + self.tok.eos_token if with_answer else p)
+            texts.append(p + sep + s.answers[0] + self.tok.eos_token if with_answer else p)
         return self._encode_text_only(texts), self._scene_embeds(torch.stack(boards))
 
     def _blank_batch(self, n):
@@ -820,11 +821,8 @@ class Trainer:
         correct = []
         for i in range(0, len(ds), 50):
             batch = list(ds[i:i + 50])
-            if mode == "text" and second:
+            if mode == "text":
                 logits = self._lm_forward(*self.board_prompts(batch, lambda _: second, rng, with_answer=False))
-            elif mode == "text":
-                enc = self._encode_text_only(self._texts(batch, with_answer=False))
-                logits = self._lm_forward(enc, self._scene_embeds(self.cell_targets(batch)))
             else:
                 enc = self._encode(batch, with_answer=False)
                 logits = self._lm_forward(enc, self._image_features(enc))
