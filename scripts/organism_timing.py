@@ -5,9 +5,15 @@ mean seconds/step after two warm-up steps, with the parameter count.
 
     python scripts/organism_timing.py llava-32l                         # a variant as it ships
     python scripts/organism_timing.py llava 8 text_layers=32 width=48 heads=3 ffn=144     # a candidate size
+    python scripts/organism_timing.py llava-16l 10 --bf16               # the forward under CPU bf16 autocast
+    python scripts/organism_timing.py llava-16l 10 --compile            # the decoder under torch.compile
+
+``--bf16`` and ``--compile`` are the two ways a step could get cheaper without changing the recipe; on this machine
+(avx512_bf16, no AMX) neither pays (train.ORGANISM_RECIPE records the figures). The compile's warm-up is excluded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -16,8 +22,14 @@ import torch
 
 from fusion_utils.organisms.train import Trainer
 
+FLAGS = ("--bf16", "--compile")
+
 
 def main(argv: list[str]) -> None:
+    flags = {a for a in argv if a.startswith("--")}
+    if flags - set(FLAGS):
+        sys.exit(f"Unknown option {sorted(flags - set(FLAGS))[0]}; use {' or '.join(FLAGS)}.")
+    argv = [a for a in argv if not a.startswith("--")]
     if not argv:
         sys.exit(__doc__)
     name = argv[0]
@@ -32,20 +44,27 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     tr = Trainer(name, seed=0, threads=1, recipe={"text_check_every": 0}, **sizes)
     R = tr.recipe
+    if "--compile" in flags:
+        # dynamic: the padded length of a batch varies with its questions
+        tr.model.model.language_model.compile(dynamic=True)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "--bf16" in flags else contextlib.nullcontext
     params, opt, sched, _, _ = tr._begin("lm", R["text_lr"], R["text_steps"], "timing")
     times = []
     for _ in range(steps):
         t = time.time()
         samples = tr._samples(R["batch"], with_image=False, progress=0.5)
         enc = tr._encode_text_only(tr._texts_packed(samples))
-        loss = tr._answer_loss(tr._lm_forward(enc, tr._scene_embeds(tr.cell_targets(samples))), enc["input_ids"])
+        with autocast():
+            logits = tr._lm_forward(enc, tr._scene_embeds(tr.cell_targets(samples)))
+        loss = tr._answer_loss(logits.float(), enc["input_ids"])
         tr._update(loss, params, opt, sched)
         times.append(time.time() - t)
     cfg = tr.model.config.text_config
     n = sum(p.numel() for p in tr.model.parameters())
+    how = " ".join(sorted(flags)) or "fp32"
     print(f"{name} {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN "
-          f"{cfg.intermediate_size}: {sum(times[2:]) / len(times[2:]):.3f} s/step (stage a, batch {R['batch']}, one "
-          f"thread), {n} params", flush=True)
+          f"{cfg.intermediate_size} ({how}): {sum(times[2:]) / len(times[2:]):.3f} s/step (stage a, batch "
+          f"{R['batch']}, one thread), {n} params", flush=True)
 
 
 if __name__ == "__main__":

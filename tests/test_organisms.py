@@ -371,6 +371,25 @@ def test_two_board_accuracy_and_script(monkeypatch, tmp_path):
     assert all(0 <= v["overall"] <= 1 for v in out.values())
 
 
+def test_timing_script_options(capsys):
+    """scripts/organism_timing.py times a stage (a) step, in fp32 or under bf16 autocast, naming how in its line; an
+    unknown option is one sentence naming the ones it takes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_timing.py"
+    spec = importlib.util.spec_from_file_location("organism_timing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tiny = [f"{k}={v}" for k, v in TINY.items()]
+    for flag, how in (([], "(fp32)"), (["--bf16"], "(--bf16)")):
+        mod.main(["llava-16l", "3", *tiny, *flag])
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith("llava-16l 2 layers x 32") and how in line and float(line.split(": ")[1].split()[0]) > 0
+    with pytest.raises(SystemExit, match="--bf16 or --compile"):
+        mod.main(["llava-16l", "3", "--fp16"])
+
+
 def test_second_image_boxes():
     """The relevant crop holds every relevant cell; the irrelevant crop has its size and, where there is room, none."""
     from fusion_utils.data import world
