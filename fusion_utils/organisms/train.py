@@ -209,8 +209,9 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #   training, one thread each (`make -j2 organisms`'s load, nothing else running): llava-16l (a) 0.54, (b+c) 0.09,
 #   (e) 0.51; qwen2_vl-16l (a) 0.65, (b+c) 0.30, (e) 0.74. The shipped recipes are about 90 and 85 min at these rates.
 #   A step does not get cheaper: 47% of it is matmuls at ~75 GFLOP/s, 20% attention (`python
-#   scripts/organism_timing.py llava-16l 10 [--bf16 | --compile]`): 0.53 s/step in fp32, 0.91 under CPU bf16 autocast
-#   (avx512_bf16, no AMX), 0.48 with the decoder under torch.compile (a minute of warm-up), 0.52 with eager attention.
+#   scripts/organism_timing.py llava-16l 10 [--bf16 | --compile]`, machine idle): 0.51 s/step in fp32, 0.86 under CPU
+#   bf16 autocast (avx512_bf16, no AMX), 0.47 with the decoder under torch.compile (a minute of warm-up); eager
+#   attention instead of sdpa made no difference (0.52 against 0.54 in a one-off probe).
 #   So the budget has to come from steps. Recipes sized to it (500 test questions; one / blank / twice / relevant crop /
 #   irrelevant crop; a third training shared the cores for their first 35 min, so their logged times are 64.2 and
 #   67.3 min, about 54 and 57 at the rates above):
