@@ -52,9 +52,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 
 # One target per organism, so `make -j2 organisms` trains both deep organisms at once, one core each (about 90 and
-# 85 min here; issue 16's budget of 60 min each is not met, see book/organisms.md). One torch thread per organism keeps a retrain bit-identical on the machine and torch build
-# that trained the shipped weights; elsewhere float reductions differ and accuracy lands within about 2 points (see the
-# model cards). A killed run resumes from its checkpoints when rerun. `make organisms-8l` retrains the 8-layer ones.
+# 85 min here; issue 16's budget of 60 min each is not met, see book/organisms.md). One torch thread per organism
+# keeps a retrain bit-identical on the machine and torch build that trained the shipped weights; elsewhere float
+# reductions differ and accuracy lands within about 2 points (see the model cards). A killed run resumes from its
+# checkpoints when rerun. `make organisms-8l` retrains the 8-layer ones.
 organisms: organism-llava-16l organism-qwen2_vl-16l
 
 organisms-8l: organism-llava-8l organism-qwen2_vl-8l

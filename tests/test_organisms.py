@@ -382,10 +382,15 @@ def test_timing_script_options(capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     tiny = [f"{k}={v}" for k, v in TINY.items()]
-    for flag, how in (([], "(fp32)"), (["--bf16"], "(--bf16)")):
-        mod.main(["llava-16l", "3", *tiny, *flag])
-        line = capsys.readouterr().out.strip().splitlines()[-1]
-        assert line.startswith("llava-16l 2 layers x 32") and how in line and float(line.split(": ")[1].split()[0]) > 0
+    threads = torch.get_num_threads()
+    try:
+        for flag, how in (([], "(fp32)"), (["--bf16"], "(--bf16)")):
+            mod.main(["llava-16l", "3", *tiny, *flag])
+            line = capsys.readouterr().out.strip().splitlines()[-1]
+            assert line.startswith("llava-16l 2 layers x 32") and how in line
+            assert float(line.split(": ")[1].split()[0]) > 0
+    finally:
+        torch.set_num_threads(threads)  # the script times one thread; the rest of the suite keeps its own
     with pytest.raises(SystemExit, match="--bf16 or --compile"):
         mod.main(["llava-16l", "3", "--fp16"])
 
