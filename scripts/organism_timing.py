@@ -1,12 +1,13 @@
 """Seconds per step of stage (a) of the organism recipe for candidate model sizes (how build.SIZES was chosen).
 
-Runs STEPS steps of stage (a) (batch and data as in the recipe, mid-curriculum) on one torch thread and prints the
-mean seconds/step after two warm-up steps, with the parameter count.
+Runs STEPS steps of stage (a) (batch and data as in the recipe, mid-curriculum) on one torch thread (``--threads=N``:
+N threads) and prints the mean seconds/step after two warm-up steps, with the parameter count.
 
     python scripts/organism_timing.py llava-32l                         # a variant as it ships
     python scripts/organism_timing.py llava 8 text_layers=32 width=48 heads=3 ffn=144     # a candidate size
     python scripts/organism_timing.py llava-16l 10 --bf16               # the forward under CPU bf16 autocast
     python scripts/organism_timing.py llava-16l 10 --compile            # the decoder under torch.compile
+    python scripts/organism_timing.py llava-16l 10 --threads=2          # two torch threads (`make organisms`, not -j2)
 
 ``--bf16`` and ``--compile`` are the two ways a step could get cheaper without changing the recipe; on this machine
 (avx512_bf16, no AMX) neither pays (train.ORGANISM_RECIPE records the figures). The compile's warm-up is excluded.
@@ -22,13 +23,19 @@ import torch
 
 from fusion_utils.organisms.train import Trainer
 
-FLAGS = ("--bf16", "--compile")
+FLAGS = ("--bf16", "--compile", "--threads=N")
 
 
 def main(argv: list[str]) -> None:
-    flags = {a for a in argv if a.startswith("--")}
+    threads = 1
+    for a in [a for a in argv if a.startswith("--threads")]:
+        n = a.partition("=")[2]
+        if not n.isdigit() or int(n) < 1:
+            sys.exit(f"{a}: use --threads=N with N a whole number of threads, at least 1.")
+        threads = int(n)
+    flags = {a for a in argv if a.startswith("--") and not a.startswith("--threads")}
     if flags - set(FLAGS):
-        sys.exit(f"Unknown option {sorted(flags - set(FLAGS))[0]}; use {' or '.join(FLAGS)}.")
+        sys.exit(f"Unknown option {sorted(flags - set(FLAGS))[0]}; use {', '.join(FLAGS[:-1])} or {FLAGS[-1]}.")
     argv = [a for a in argv if not a.startswith("--")]
     if not argv:
         sys.exit(__doc__)
@@ -41,8 +48,8 @@ def main(argv: list[str]) -> None:
         if "=" in kv:
             k, v = kv.split("=", 1)
             sizes[k] = json.loads(v)
-    torch.set_num_threads(1)
-    tr = Trainer(name, seed=0, threads=1, recipe={"text_check_every": 0}, **sizes)
+    torch.set_num_threads(threads)
+    tr = Trainer(name, seed=0, threads=threads, recipe={"text_check_every": 0}, **sizes)
     R = tr.recipe
     if "--compile" in flags:
         # dynamic: the padded length of a batch varies with its questions
@@ -62,9 +69,10 @@ def main(argv: list[str]) -> None:
     cfg = tr.model.config.text_config
     n = sum(p.numel() for p in tr.model.parameters())
     how = " ".join(sorted(flags)) or "fp32"
+    thread_s = "one thread" if threads == 1 else f"{threads} threads"
     print(f"{name} {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN "
           f"{cfg.intermediate_size} ({how}): {sum(times[2:]) / len(times[2:]):.3f} s/step (stage a, batch "
-          f"{R['batch']}, one thread), {n} params", flush=True)
+          f"{R['batch']}, {thread_s}), {n} params", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random instance of every architecture, and three small samples."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,3 +36,14 @@ def book_out_dir(tmp_path_factory, name: str) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         return d
     return tmp_path_factory.mktemp(name)
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """The module of `scripts/NAME.py`, loaded from its file (the scripts directory is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

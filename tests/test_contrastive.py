@@ -1,12 +1,11 @@
 """Contrastive attention (Sec. 5): the contrast, the soft mask, the crop, and the cache-reusing second pass."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from fusion_utils.engine.replay import reusable
 
 from fusion_utils import ScaleImage, intervene, load_model
@@ -197,13 +196,7 @@ def test_contrastive_experiment(arch, tmp_path):
 def test_two_image_control_script_feeds_the_second_image():
     """scripts/two_image_control.py (the crop methods' control): the duplicated image reaches the model (answers
     change on the organism, which was trained with one image) and the table records the model's fingerprint."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "two_image_control.py"
-    spec = importlib.util.spec_from_file_location("two_image_control", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    table = mod.main(["organism:llava-8l", "--n", "24"])  # trained with one image per prompt
+    table = load_script("two_image_control").main(["organism:llava-8l", "--n", "24"])  # trained with one image per prompt
     row = table.iloc[0]
     assert 0 <= row["same image twice"] < row["one image"] <= 1
     assert row["cost (points)"] == round(100 * (row["one image"] - row["same image twice"]), 1)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from fusion_utils.organisms import DEEP, FAST, ORGANISMS, arch_of, shipped, weights_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -345,8 +346,7 @@ def test_two_board_accuracy_and_script(monkeypatch, tmp_path):
     """`quick_accuracy(second=kind)` scores a decoder on [board, second board] text prompts (LLaVA only, text mode
     only: anything else is one sentence naming the fix), and scripts/decoder_reads_two_boards.py prints one row per
     kind for a trainer checkpoint."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import SCRIPTS
 
     from fusion_utils.organisms.train import Trainer
 
@@ -358,41 +358,34 @@ def test_two_board_accuracy_and_script(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="LLaVA"):
         Trainer("qwen2_vl-16l", seed=0, threads=None, **TINY).quick_accuracy(4, "text", second="same")
     torch.save(tr.state(), tmp_path / "text.pt")
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
+    monkeypatch.syspath_prepend(str(SCRIPTS))
     import tower_reads_crops
 
     monkeypatch.setattr(tower_reads_crops, "Trainer", lambda name, threads=None: Trainer(name, threads=threads, **TINY))
-    spec = importlib.util.spec_from_file_location("decoder_reads_two_boards", scripts / "decoder_reads_two_boards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.main([f"llava-32l={tmp_path / 'text.pt'}", "--n", "4"])
+    out = load_script("decoder_reads_two_boards").main([f"llava-32l={tmp_path / 'text.pt'}", "--n", "4"])
     assert [k for _, k in out] == ["one", "same", "relevant", "irrelevant", "random"]
     assert all(0 <= v["overall"] <= 1 for v in out.values())
 
 
 def test_timing_script_options(capsys):
-    """scripts/organism_timing.py times a stage (a) step, in fp32 or under bf16 autocast, naming how in its line; an
-    unknown option is one sentence naming the ones it takes."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_timing.py"
-    spec = importlib.util.spec_from_file_location("organism_timing", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """scripts/organism_timing.py times a stage (a) step, in fp32 or under bf16 autocast, on one thread or N, naming how
+    in its line; an unknown option or a bad thread count is one sentence naming the fix."""
+    mod = load_script("organism_timing")
     tiny = [f"{k}={v}" for k, v in TINY.items()]
     threads = torch.get_num_threads()
     try:
-        for flag, how in (([], "(fp32)"), (["--bf16"], "(--bf16)")):
+        for flag, how, n in (([], "(fp32)", 1), (["--bf16"], "(--bf16)", 1), (["--threads=2"], "(fp32)", 2)):
             mod.main(["llava-16l", "3", *tiny, *flag])
             line = capsys.readouterr().out.strip().splitlines()[-1]
             assert line.startswith("llava-16l 2 layers x 32") and how in line
+            assert ("one thread" if n == 1 else f"{n} threads") in line and torch.get_num_threads() == n
             assert float(line.split(": ")[1].split()[0]) > 0
     finally:
-        torch.set_num_threads(threads)  # the script times one thread; the rest of the suite keeps its own
-    with pytest.raises(SystemExit, match="--bf16 or --compile"):
+        torch.set_num_threads(threads)  # the script sets its own thread count; the rest of the suite keeps its own
+    with pytest.raises(SystemExit, match="--bf16, --compile or --threads=N"):
         mod.main(["llava-16l", "3", "--fp16"])
+    with pytest.raises(SystemExit, match="use --threads=N with N a whole number"):
+        mod.main(["llava-16l", "3", "--threads=0"])
 
 
 def test_second_image_boxes():
@@ -656,18 +649,13 @@ def test_names_resolve_to_variants():
 def test_depth_comparison_script_runs_the_chapters_analyses(tmp_path):
     """scripts/depth_comparison.py (issue 16, item 4) on two tiny models of different depth: one table column and one
     curve per model, every curve on relative depth [0, 1] with one point per layer, and the run recorded."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     import pandas as pd
 
     from fusion_utils.testing import tiny_model_dir
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "depth_comparison.py"
-    spec = importlib.util.spec_from_file_location("depth_comparison", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("depth_comparison")
     models = [str(tiny_model_dir("llava", num_layers=4)), str(tiny_model_dir("llava", num_layers=6))]
     table = mod.main([*models, "--n", "6", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     assert table.shape == (len(mod.CLAIMS), 2)
