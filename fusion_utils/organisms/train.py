@@ -236,10 +236,10 @@ _QWEN_8L = {"text_steps": 4400, "vision_steps": 1000, "joint_steps": 0, "family_
 #   Two torch threads per training, the organisms one after the other (`make organisms` without -j2; the issue's
 #   budget is one core each): stage (a) 0.342 against 0.526 s/step (llava-16l) and 0.433 against 0.626 (qwen2_vl-16l)
 #   (`python scripts/organism_timing.py NAME 12 [--threads=2]`, machine idle). llava-16l's whole recipe on two threads
-#   (nothing else running): 65.2 min (27.5 + 8.0 + 29.8; stage (e) at 0.37 s/step, 0.76 of one thread's). Its float
-#   reductions differ from the shipped run's, as on another machine: 90.0% (identity 79, attribute 86), blank 27.0,
-#   twice 90.2, relevant crop 91.2 (+1.2), irrelevant crop 88.4 -- 1.8 points under the shipped 91.8, identity under
-#   the 80% family bar (shipped 85): the shipped weights' margin does not cover a retrain.
+#   (nothing else running): 65.2 min (27.5 + 8.0 + 29.8; stage (e) at 0.37 s/step, 0.73 of one thread's under
+#   `make -j2 organisms`). Its float reductions differ from the shipped run's, as on another machine: 90.0% (identity
+#   79, attribute 86), blank 27.0, twice 90.2, relevant crop 91.2 (+1.2), irrelevant crop 88.4 -- 1.8 points under the
+#   shipped 91.8, identity under the 80% family bar (shipped 85): the shipped weights' margin does not cover a retrain.
 # Both deep organisms meet the whole bar, the relevant crop with no margin (91.8 and 94.0, equal to one image;
 # tests/test_organisms.py asserts it), and are the default (organisms.DEFAULT_VARIANT). Neither meets it within the
 # 60 min budget: the shipped recipes take 105.0 and 105.1 min on a loaded core (about 90 and 85 under
