@@ -27,13 +27,12 @@ FLAGS = ("--bf16", "--compile", "--threads=N")
 
 
 def main(argv: list[str]) -> None:
-    threads = 1
-    for a in [a for a in argv if a.startswith("--threads")]:
-        n = a.partition("=")[2]
-        if not n.isdigit() or int(n) < 1:
-            sys.exit(f"{a}: use --threads=N with N a whole number of threads, at least 1.")
-        threads = int(n)
-    flags = {a for a in argv if a.startswith("--") and not a.startswith("--threads")}
+    thread_flags = [a for a in argv if a.startswith("--threads")]
+    n = thread_flags[-1].partition("=")[2] if thread_flags else "1"
+    if not n.isdigit() or int(n) < 1:
+        sys.exit(f"{thread_flags[-1]}: use --threads=N with N a whole number of threads, at least 1.")
+    threads = int(n)
+    flags = {a for a in argv if a.startswith("--")} - set(thread_flags)
     if flags - set(FLAGS):
         sys.exit(f"Unknown option {sorted(flags - set(FLAGS))[0]}; use {', '.join(FLAGS[:-1])} or {FLAGS[-1]}.")
     argv = [a for a in argv if not a.startswith("--")]

@@ -196,7 +196,8 @@ def test_contrastive_experiment(arch, tmp_path):
 def test_two_image_control_script_feeds_the_second_image():
     """scripts/two_image_control.py (the crop methods' control): the duplicated image reaches the model (answers
     change on the organism, which was trained with one image) and the table records the model's fingerprint."""
-    table = load_script("two_image_control").main(["organism:llava-8l", "--n", "24"])  # trained with one image per prompt
+    # llava-8l: trained with one image per prompt
+    table = load_script("two_image_control").main(["organism:llava-8l", "--n", "24"])
     row = table.iloc[0]
     assert 0 <= row["same image twice"] < row["one image"] <= 1
     assert row["cost (points)"] == round(100 * (row["one image"] - row["same image twice"]), 1)
