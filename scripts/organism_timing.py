@@ -28,10 +28,10 @@ FLAGS = ("--bf16", "--compile", "--threads=N")
 
 def main(argv: list[str]) -> None:
     thread_flags = [a for a in argv if a.startswith("--threads")]
-    n = thread_flags[-1].partition("=")[2] if thread_flags else "1"
-    if not n.isdigit() or int(n) < 1:
+    given = thread_flags[-1].partition("=")[2] if thread_flags else "1"
+    if not given.isdigit() or int(given) < 1:
         sys.exit(f"{thread_flags[-1]}: use --threads=N with N a whole number of threads, at least 1.")
-    threads = int(n)
+    threads = int(given)
     flags = {a for a in argv if a.startswith("--")} - set(thread_flags)
     if flags - set(FLAGS):
         sys.exit(f"Unknown option {sorted(flags - set(FLAGS))[0]}; use {', '.join(FLAGS[:-1])} or {FLAGS[-1]}.")
@@ -47,7 +47,6 @@ def main(argv: list[str]) -> None:
         if "=" in kv:
             k, v = kv.split("=", 1)
             sizes[k] = json.loads(v)
-    torch.set_num_threads(threads)
     tr = Trainer(name, seed=0, threads=threads, recipe={"text_check_every": 0}, **sizes)
     R = tr.recipe
     if "--compile" in flags:
