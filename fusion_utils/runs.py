@@ -97,20 +97,16 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
-# the driver and the command line decide no number: editing them must not invalidate run records or chapter caches
-DRIVER_FILES = {"book.py", "cli.py", "precompute.py", "__main__.py"}
+def package_source_hash(max_layer: int | None = None) -> str:
+    """Hash of the ``fusion_utils`` sources that decide a result: layers ``0..max_layer`` of
+    `fusion_utils.layering` (default: the run layers, 0-3). Run directories are keyed on it, so an edit of the code
+    that computes the numbers never reuses records other code made, while a restyled figure, verdict table or book
+    driver (layers 4-5) keeps them."""
+    from .layering import PACKAGE, RUN_LAYERS, sources
 
-
-def package_source_hash() -> str:
-    """Hash of the ``fusion_utils`` Python sources (the book driver and CLI excluded): run directories and chapter
-    caches are keyed on the code itself, so an edit without a version bump never reuses records other code made."""
-    pkg = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        rel = f.relative_to(pkg).as_posix()
-        if rel in DRIVER_FILES or "__pycache__" in f.parts:
-            continue
-        h.update(rel.encode())
+    for f in sources(RUN_LAYERS if max_layer is None else max_layer):
+        h.update(f.relative_to(PACKAGE).as_posix().encode())
         h.update(b"\0")
         h.update(f.read_bytes())
         h.update(b"\0")

@@ -37,6 +37,7 @@ from conftest import book_out_dir
 import yaml
 
 from fusion_utils import book
+from fusion_utils.book import driver as book_driver, params as book_params, plan as book_plan
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "book"
@@ -77,7 +78,7 @@ def mtime(p: Path) -> int:
 
 
 def toc_chapters(toc: Path) -> list[str]:
-    return book._toc_chapters(toc)
+    return book_params.toc_chapters(toc)
 
 
 def toc_pages(toc: Path) -> list[str]:
@@ -452,7 +453,7 @@ def test_fixture_build_executes_and_renders(fixture_book):
 
 def test_fixture_fingerprints_come_from_fusion_utils_models(fixture_book):
     root, report = fixture_book
-    fp = book._fingerprint_function()
+    fp = book_plan.fingerprint_function()
     for ch in report.chapters:
         expected = fp("fixture/tiny-vlm") if fp else "id:fixture/tiny-vlm"
         assert ch.fingerprints == {"fixture/tiny-vlm": expected}
@@ -557,7 +558,7 @@ def test_cache_invalidation(tmp_path, monkeypatch):
         calls.append(name)
         return "weights-v2"
 
-    monkeypatch.setattr(book, "_fingerprint_function", lambda: fake_fingerprint)
+    monkeypatch.setattr(book_plan, "fingerprint_function", lambda: fake_fingerprint)
     r3 = book.build(root / PARAMS, root=root, html=False)
     assert r3.executed == ["alpha", "beta"] and calls == ["fixture/tiny-vlm"]  # memoised per build
     # force / only
@@ -635,7 +636,7 @@ def test_cli_wiring(tmp_path, capsys):
     subs = parser.add_subparsers(dest="command")
     book.add_cli(subs)
     args = parser.parse_args(["book", "build", "--params", "x.yml", "--force", "--only", "fusion", "review"])
-    assert args.func is book._cmd_build and args.force and args.only == ["fusion", "review"]
+    assert args.func is book_driver.cmd_build and args.force and args.only == ["fusion", "review"]
     assert parser.parse_args(["book", "build"]).params == "book/params/default.yml"
     root = make_fixture_book(tmp_path / "fx")
     write_params(root, "chapters: [oops\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from fusion_utils import report
+from fusion_utils.book import chapter
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 COMMON = ("models", "dataset", "source", "samples", "device", "dtype", "seed")
@@ -22,7 +22,7 @@ def test_notebook_is_stripped_and_parameterized(nb):
     src = "".join(params[0]["source"])
     assert all(f"{name} =" in src for name in COMMON)
     body = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    assert "report.check_params(" in body  # validated at the top, before any model is loaded
+    assert "chapter.check_params(" in body  # validated at the top, before any model is loaded
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -43,4 +43,4 @@ def test_check_params_accepts_the_book_defaults():
 
     for f in (Path(__file__).resolve().parents[1] / "book" / "params").glob("*.yml"):
         common = yaml.safe_load(f.read_text())["common"]
-        report.check_params(**{k: common.get(k) for k in COMMON if k in common} | {"source": common.get("source")})
+        chapter.check_params(**{k: common.get(k) for k in COMMON if k in common} | {"source": common.get("source")})

@@ -176,7 +176,7 @@ def test_bad_timeout_setting_names_the_fix(monkeypatch):
 def test_book_precompute_on_two_ranks_leaves_nothing_for_the_chapters_to_compute(tmp_path):
     import shutil
 
-    from fusion_utils.precompute import compute_cells, precompute
+    from fusion_utils.book.precompute import compute_cells, precompute
 
     root = tmp_path / "book"
     shutil.copytree(ROOT / "notebooks", root / "notebooks")

@@ -276,3 +276,54 @@ def test_organism_table_from_an_in_memory_model(world6):
     assert list(t.index) == ["attribute", "identity", "existence", "count", "spatial", "overall"]
     assert t.loc["overall", "n"] == 10
     assert (t["gap"] == t["accuracy"] - t["blank_accuracy"]).all()
+
+
+RESTYLE_PROBE = """
+import sys
+from fusion_utils.data import load_dataset
+from fusion_utils.experiments import get_experiment
+from fusion_utils.models import load_model
+from fusion_utils.testing import tiny_model_dir
+lm = load_model(tiny_model_dir("llava", root=sys.argv[2]))
+res = get_experiment("hellinger")(lm, load_dataset("world", n=2, seed=0), out=sys.argv[1], progress=False)
+import fusion_utils
+print(fusion_utils.__file__)
+print(res.run_dir)
+"""
+
+
+@pytest.mark.parametrize("edit, same", [("plots.py", True),
+                                        ("engine/plans.py", False)])
+def test_restyling_a_figure_keeps_the_run_directory(tmp_path, edit, same):
+    """Run keys hash layers 0-3 only: an edit of a figure, a table or the driver finds the same run; an edit of the
+    engine (it decides the numbers) does not."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fusion_utils
+
+    pkg = Path(fusion_utils.__file__).resolve().parent
+    dirs = []
+    for k in range(2):
+        copy = tmp_path / f"copy{k}"
+        shutil.copytree(pkg, copy / "fusion_utils", ignore=shutil.ignore_patterns("__pycache__", "weights"))
+        if k == 1:
+            target = copy / "fusion_utils" / edit
+            target.write_text(target.read_text() + "\n# restyled: a figure's colours changed\n")
+        env = {**__import__("os").environ, "PYTHONPATH": str(copy)}
+        out = subprocess.run([sys.executable, "-c", RESTYLE_PROBE, str(tmp_path / "runs"), str(tmp_path / "models")], env=env, cwd=copy,
+                             capture_output=True, text=True, check=True)
+        *_, where, run_dir = out.stdout.strip().splitlines()
+        assert where.startswith(str(copy))  # the copy is what ran
+        dirs.append(run_dir)
+    assert (dirs[0] == dirs[1]) == same, dirs
+
+
+def test_run_keys_hash_layers_zero_to_three_only():
+    from fusion_utils import layering
+
+    names = {p.relative_to(layering.PACKAGE).as_posix() for p in layering.sources(layering.RUN_LAYERS)}
+    assert {"engine/plans.py", "methods/contrastive.py", "experiments/harness.py", "archs.py"} <= names
+    assert not names & {"plots.py", "widgets.py", "report/tables.py", "book/driver.py", "cli.py"}

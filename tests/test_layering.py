@@ -8,33 +8,17 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "fusion_utils"
+from fusion_utils import layering
+from fusion_utils.layering import dotted, layer_of
 
-# module or package of fusion_utils -> layer (bottom 0 .. top 5); the longest listed prefix decides
-LAYERS = {
-    "archs": 0, "models": 0, "adapters": 0, "prompts": 0, "data": 0, "metrics": 0, "runs": 0, "paper": 0,
-    "testing": 0, "distributed": 0,
-    "engine": 1, "interventions": 1, "sweeps": 1, "": 1,  # "": the package facade (fusion_utils/__init__.py)
-    "methods": 2,
-    "experiments": 3,
-    "report": 4, "plots": 4, "widgets": 4, "interactive": 4,
-    "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "__main__": 5,
-    "precompute": 5,
-    # the organisms' registry (names, weights) and model definition are what loading needs; training and evaluation
-    # sit on top of everything
-    "organisms.__init__": 0, "organisms.build": 0,
-}
+PKG = Path(__file__).resolve().parents[1] / "fusion_utils"
+LAYERS = layering.LAYERS
 
 
 def modules():
     for p in sorted(PKG.rglob("*.py")):
         if "__pycache__" not in p.parts:
             yield p
-
-
-def dotted(path: Path) -> list[str]:
-    parts = list(path.relative_to(PKG).with_suffix("").parts)
-    return parts[:-1] if parts[-1] == "__init__" else parts
 
 
 def imports(path: Path):
@@ -63,19 +47,6 @@ def imports(path: Path):
             for a in node.names:
                 if a.name.split(".")[0] == "fusion_utils":
                     yield node.lineno, a.name.split(".")[1:], []
-
-
-def layer_of(parts: list[str]) -> int:
-    """The layer of the longest listed prefix of a module path (``organisms.build`` before ``organisms``)."""
-    for k in range(len(parts), 1, -1):
-        if ".".join(parts[:k]) in LAYERS:
-            return LAYERS[".".join(parts[:k])]
-    if len(parts) == 1 and f"{parts[0]}.__init__" in LAYERS:
-        return LAYERS[f"{parts[0]}.__init__"]
-    key = parts[0] if parts else ""
-    if key not in LAYERS:
-        raise AssertionError(f"fusion_utils.{'.'.join(parts)} has no layer: add it to LAYERS in tests/test_layering.py")
-    return LAYERS[key]
 
 
 def test_every_import_points_down_or_sideways():
@@ -130,3 +101,50 @@ def imports_of_source(path: Path, source: str):
         return list(imports(path))
     finally:
         Path.read_text = original
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (a package import points at its ``__init__``)."""
+    graph: dict[str, set[str]] = {}
+    for p in modules():
+        here = ".".join(dotted(p))
+        graph[here] = {".".join(t) for _, t, _ in imports(p) if t and t[0] != "__version__"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle found by a depth-first search (each reported once, from its first module found)."""
+    found, state = [], {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == node or nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                found.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+    return found
+
+
+def package_parents(name: str) -> set[str]:
+    """A submodule import runs its packages' ``__init__`` first; those are not cycles of their own making."""
+    parts = name.split(".")
+    return {".".join(parts[:k]) for k in range(0, len(parts))}
+
+
+def test_no_import_cycles():
+    graph = {m: {t for t in ts if t not in package_parents(m)} for m, ts in import_graph().items()}
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_cycle_check_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import distributed
+from .. import distributed
 
 COMPUTE_MARK = "runs_dir"  # the cells that write run records pass out=runs_dir
 
@@ -75,7 +75,8 @@ def precompute(params_file: str | os.PathLike, *, root: str | os.PathLike | None
     """Run the experiments of every chapter of ``params_file`` (or ``only`` these); returns seconds per chapter."""
     from tqdm.auto import tqdm
 
-    from .book import find_root, load_params
+    from .layout import find_root
+    from .params import load_params
 
     os.environ["FUSION_UTILS_STATIC"] = "1"  # as in the book build: widgets render as static figures
     distributed.setup()
@@ -103,7 +104,7 @@ def precompute(params_file: str | os.PathLike, *, root: str | os.PathLike | None
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from .book import BookError
+    from .layout import BookError
 
     try:
         precompute(args.params, root=args.root, only=args.only)
