@@ -16,7 +16,7 @@ def check_params(*, models, dataset, samples, device, dtype, seed, source=None, 
     """Validate a chapter's papermill parameters; raise ValueError with one sentence naming the fix."""
     if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:
         raise ValueError(f"models must be a non-empty list of model names, e.g. ['organism:llava'], got {models!r}.")
-    from ...data import BENCHMARKS
+    from ..data import BENCHMARKS
 
     if not isinstance(dataset, str) or not (dataset.lower().startswith("world") or dataset.lower() in BENCHMARKS):
         raise ValueError(f"dataset must be 'world' or one of {', '.join(BENCHMARKS)}, got {dataset!r}.")
@@ -38,14 +38,14 @@ def check_params(*, models, dataset, samples, device, dtype, seed, source=None, 
 
 
 def load_data(dataset: str, samples: int, seed: int, source=None):
-    from ...data import load_dataset
+    from ..data import load_dataset
 
     return load_dataset(dataset, n=samples, source=source, seed=seed if dataset.startswith("world") else None)
 
 
 def iter_models(models: Iterable[str], device: str = "cpu", dtype=None) -> Iterator:
     """Load each model in turn, yield it, and free it before the next (two 7B models need not fit at once)."""
-    from ...models import load_model
+    from ..models import load_model
 
     for name in models:
         lm = load_model(name, device=device, dtype=dtype)

@@ -14,6 +14,7 @@ A verdict compares what a run measured with what the paper reports, by a rule th
 The rules take per-sample records (``result.records``), not summaries, because a test needs the samples.
 Depths are relative (layer / number of layers) so the rules apply to models of any depth.
 
+>>> import pandas as pd
 >>> rows = attention_verdicts("m", pd.DataFrame(), 8)
 >>> bool(verdict_table(rows)["verdict"].str.startswith("n/a").all())
 True

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .verdicts import decide, decide_depth, fmt_ci, fmt_p, matrix, na_row, needed, row
+from .verdicts import decide, decide_depth, fmt_ci, fmt_p, matrix, na_row, needed, verdict_row
 
 
 def attention_verdicts(model: str, records: pd.DataFrame, n_layers: int, *, seed: int = 0) -> list[dict]:
@@ -51,7 +51,7 @@ def _noise(model, records, n_layers, seed) -> dict:
     t = stats.paired_test(d, seed)
     n = int(ok.sum())
     need = needed(t["sd"], t["mean"], 1, len(last) / n)
-    return row("noise", model, rule=rule, chance=f"1 − relevant area = {chance.mean():.3f}",
+    return verdict_row("noise", model, rule=rule, chance=f"1 − relevant area = {chance.mean():.3f}",
                 effect=f"{share.mean():.3f} of persistent tokens irrelevant ({t['mean']:+.3f} vs chance; "
                        f"{n_persist[ok].mean():.1f} persistent tokens per sample)",
                 uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}", n=n, needed=need,
@@ -97,7 +97,7 @@ def _relevant_rises(model, records, n_layers, seed) -> dict:
     n = len(R)
     need = max(needed(t["sd"], t["mean"], 1, 1.0), needed(above["sd"], above["mean"], 1, 1.0))
     v = decide_depth(min(t["mean"], above["mean"]), max(t["p"], above["p"]), p_perm, n, need)
-    return row("relevant_rises", model, rule=rule, chance="ratio 1 at every layer; shuffled layers: rise 0",
+    return verdict_row("relevant_rises", model, rule=rule, chance="ratio 1 at every layer; shuffled layers: rise 0",
                 effect=f"ratio {early.mean():.2f} (first {q} layers) → {late.mean():.2f} (last {q}), peak at layer "
                        f"{int(np.argmax(curve))}",
                 uncertainty=f"rise {fmt_ci(t['lo'], t['hi'])}, {fmt_p(t['p'])}; shuffled layers {fmt_p(p_perm)}; "

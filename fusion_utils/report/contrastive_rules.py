@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .verdicts import decide, fmt_ci, fmt_p, na_row, needed, require, row, split_rows
+from .verdicts import decide, fmt_ci, fmt_p, na_row, needed, require, verdict_row, split_rows
 
 # the cache-reuse pass may differ from the first pass by float32 rounding; no edit that matters is this small
 NOOP_TOL = 1e-4
@@ -132,7 +132,7 @@ def gain_row(model, r: pd.DataFrame, seed) -> dict:
     scale = n_all / max(1, len(g))
     need = c["needed"] * scale if c["mean"] > 0 else _paper_need(c, PAPER_GAIN) * scale
     skipped = [k for k in groups if noops[k] is not None]
-    row = row("contrastive_gain", model, rule=rule, chance="plain decoding on the same questions: +0",
+    row = verdict_row("contrastive_gain", model, rule=rule, chance="plain decoding on the same questions: +0",
                 effect=f"{100 * c['mean']:+.1f} points on test with {_setting_name(best)} (dev gain "
                        f"{100 * gain_on(best, dev):+.1f}; chosen among {len(acting)} settings"
                        + (f", {len(skipped)} no-op settings skipped" if skipped else "") + ")",
@@ -205,7 +205,7 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
     need = max((c["needed"] if c["mean"] > 0 else _paper_need(c, PAPER_FUSION_MARGIN)) for c in comps.values()) * scale
     v = decide(eff, p, n_all, need, n_judged=n_test)
     diffs = ", ".join(f"{k} {100 * c['mean']:+.1f}" for k, c in comps.items())
-    return row("fusion_candidates", model, rule=rule,
+    return verdict_row("fusion_candidates", model, rule=rule,
                 chance="every candidate set equal: 0 points between them",
                 effect=f"fusion minus {diffs} points" + ("" if rho == "-" else f" (ρ={rho}, λ={lam})")
                        + (f"; not compared: {same} (same pre layer as fusion on every question)" if same else ""),
@@ -234,7 +234,7 @@ def _ia_relevant(model, r: pd.DataFrame, seed) -> dict:
     post = ""
     if "post_relevant_mass" in s.columns and s["post_relevant_mass"].notna().any():
         post = f"; A_post alone {s['post_relevant_mass'].mean():.3f}"
-    return row("ia_relevant", model, rule=rule, chance=f"relevant area {s['relevant_area'].mean():.3f}",
+    return verdict_row("ia_relevant", model, rule=rule, chance=f"relevant area {s['relevant_area'].mean():.3f}",
                 effect=f"{s['ia_relevant_mass'].mean():.3f} of I_A's positive mass on relevant tokens "
                        f"({t['mean']:+.3f} vs chance; candidates {cands}{post})",
                 uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}", n=n, needed=need,

@@ -25,7 +25,7 @@ from .verdicts import (  # noqa
     na_row,
     needed,
     require,
-    row,
+    verdict_row,
     split_rows,
 )
 
@@ -123,7 +123,7 @@ def _fusion_shallow(model, D: pd.DataFrame, n_layers: int, threshold: float, rep
     else:
         v = decide_depth(t["mean"], t["p"], p_perm, n, needed(t["sd"], t["mean"], 1, 1.0))
     fusion = [int(j) for j, c in zip(layers, curve) if c > threshold]
-    return row("fusion_shallow", model, rule=rule,
+    return verdict_row("fusion_shallow", model, rule=rule,
                 chance=f"shuffled layers: 0 in expectation (95% of shuffles below "
                        f"{_perm_quantile(curve, gap, seed):+.3f})",
                 effect=f"drop {curve[shallow].mean():.3f} (shallow half) vs {curve[deep].mean():.3f} (deep half): "
@@ -175,7 +175,7 @@ def _plateau(model, D: pd.DataFrame, n_layers: int, threshold: float, seed: int)
         v = decide(tc["mean"], tc["p"], len(ids), need_c, n_judged=len(test_ids))
     else:
         v = v_abs
-    return row("plateau", model, rule=rule,
+    return verdict_row("plateau", model, rule=rule,
                 chance=f"shuffled layers: late drop = mean drop of all layers ({float(T.to_numpy().mean()):.3f})",
                 effect=f"late drop {te['mean']:+.3f} vs earlier layers {T[early].to_numpy().mean():+.3f}"
                        + ("" if review is None else f" (review layer {review}, picked on dev, excluded)"),
@@ -252,7 +252,7 @@ def _review(model, family, records, n_layers, threshold, mode, onward, seed) -> 
         p = t["p"]
     else:
         v, p, need = decide_absence(t["mean"], t["sd"], threshold, d, n_all, scale, seed)
-    return row("review", model, rule=rule, chance=chance, effect=effect,
+    return verdict_row("review", model, rule=rule, chance=chance, effect=effect,
                 uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; " + (f"sign-flip {fmt_p(p)}" if expect else
                                                                 f"below {threshold:.2f}: one-sided {fmt_p(p)}"),
                 n=len(test_ids), needed=need, verdict=v, reported=reported, split=split, p=p, value=t["mean"],
@@ -289,7 +289,7 @@ def _early_exit(model, records, n_layers, seed) -> dict:
     need = max(needed(t["sd"], t["mean"], 1, 1.0), needed(w["sd"], w["mean"], 1, 1.0))
     half = curve.min() + 0.5 * (curve[-1] - curve.min())
     jump = int(np.argmax(curve >= half))
-    return row("early_exit", model, rule=rule,
+    return verdict_row("early_exit", model, rule=rule,
                 chance="shuffled layers: accuracy after m equals accuracy up to m (0)",
                 effect=f"accuracy {curve[:m + 1].mean():.2f} (layers 0-{m}) vs {curve[m + 1:].mean():.2f} (after); "
                        f"{curve[0]:.2f} → {curve[m]:.2f} (layer {m}) → {curve[-1]:.2f} (final); half-way at layer "
@@ -334,7 +334,7 @@ def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
         v, p = decide(t["mean"], t["p"], n_all, need, n_judged=len(test_ids)), t["p"]
     else:
         v, p, need = decide_absence(t["mean"], t["sd"], margin, d, n_all, scale, seed)
-    return row("hellinger", model, rule=rule, chance="no late rise: 0 (a dev-picked peak on a flat curve does not "
+    return verdict_row("hellinger", model, rule=rule, chance="no late rise: 0 (a dev-picked peak on a flat curve does not "
                 "replicate on test)",
                 effect=f"H(layer {hi_l}) − H(layer {lo_l}) = {t['mean']:+.3f} on test",
                 uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; " + (f"sign-flip {fmt_p(p)}" if expect else

@@ -47,7 +47,7 @@ def fmt_ci(lo, hi, scale: float = 1.0, unit: str = "") -> str:
     return f"95% CI [{scale * lo:+.3g}, {scale * hi:+.3g}]{unit}"
 
 
-def row(claim, model, *, rule, chance="", effect="", uncertainty="", n=None, needed=None, verdict, reported="",
+def verdict_row(claim, model, *, rule, chance="", effect="", uncertainty="", n=None, needed=None, verdict, reported="",
          split="", p=float("nan"), value=float("nan"), ci=(float("nan"), float("nan"))) -> dict:
     """One verdict row: the columns of `verdict_table`, plus the numbers behind them for tests and plots."""
     return {"claim": CLAIM_TEXT[claim], "key": claim, "model": model, "rule": rule, "chance": chance,
@@ -71,7 +71,7 @@ RULES = {
 
 
 def na_row(claim, model, reason: str, *, rule="", reported="", n=None, chance="", split="") -> dict:
-    return row(claim, model, rule=rule or RULES[claim], chance=chance, effect="", n=n, verdict=f"{NA}: {reason}",
+    return verdict_row(claim, model, rule=rule or RULES[claim], chance=chance, effect="", n=n, verdict=f"{NA}: {reason}",
                 reported=reported, split=split)
 
 
