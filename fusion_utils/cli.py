@@ -59,11 +59,16 @@ def _max_memory(text: str | None):
 def _run(args) -> int:
     from . import distributed
     from .data import load_dataset
-    from .experiments import get_experiment
+    from .experiments import get_experiment, get_spec
     from .models import load_model
 
     fn = get_experiment(args.experiment)
     params = dict(_parse_param(p) for p in args.param or [])
+    get_spec(args.experiment).parse(**params)  # a misspelt or mistyped --param stops here, before any loading
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}; leave it out to use the whole dataset.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     device_map, max_memory = _device_map(args.device_map), _max_memory(args.max_memory)
     distributed.setup()  # under a launcher: join the job before loading, so each rank takes its own GPU
     dataset = load_dataset(args.dataset, split=args.split, n=args.samples, source=args.source, seed=args.data_seed)
@@ -92,13 +97,34 @@ def _archs(args) -> int:
     return 0
 
 
+def import_plugins(argv: Sequence[str]) -> None:
+    """Import the modules named by ``--import`` and the installed packages' experiment entry points before the
+    command line is parsed, so that the experiments they register are in the registry the parser lists."""
+    import importlib
+
+    from .experiments.harness import load_plugins
+
+    load_plugins()
+    for i, arg in enumerate(argv):
+        name = argv[i + 1] if arg == "--import" and i + 1 < len(argv) else arg.split("=", 1)[1] \
+            if arg.startswith("--import=") else None
+        if name:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                raise SystemExit(f"fusion-utils: --import {name}: {err}; put the module on PYTHONPATH.") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments import EXPERIMENTS
+    from .experiments import names
 
     parser = argparse.ArgumentParser(prog="fusion-utils", description=__doc__.split("\n\n")[0])
     subs = parser.add_subparsers(dest="command", required=True)
     r = subs.add_parser("run", help="run one experiment of the paper on one or more models")
-    r.add_argument("experiment", choices=EXPERIMENTS)
+    r.add_argument("experiment", metavar="EXPERIMENT",
+                   help=f"one of {', '.join(names())}, or one that --import registers")
+    r.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import MODULE first (it registers its own experiments with fusion_utils.experiments.register)")
     r.add_argument("--model", action="append", required=True,
                    help="hub id, local directory or organism:NAME (repeat for several models)")
     r.add_argument("--dataset", default="world", help="world or a benchmark name (gqa, vqav2, ...)")
@@ -126,13 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import_plugins(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import distributed
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, OSError, TypeError) as err:
         print(f"fusion-utils: {err}", file=sys.stderr)
         return 2
     finally:

@@ -185,6 +185,12 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
         if "trust_remote_code" in str(err):
             raise ValueError(f"{name} needs remote code; pass trust_remote_code=True only if you trust it.") from None
         raise
+    except OSError as err:
+        if local:
+            raise
+        raise OSError(f"Could not load {name!r}: it is not a local directory and the Hugging Face Hub did not give "
+                      f"it ({type(err).__name__}); without a network, pass the path of a local save_pretrained "
+                      "directory, or set HF_HOME to a cache that holds the model and HF_HUB_OFFLINE=1.") from None
     spec = get_spec(config.model_type)
     cls = getattr(transformers, spec.model_class)
     kwargs = dict(attn_implementation=attn_implementation, use_safetensors=not allow_pickle or None,

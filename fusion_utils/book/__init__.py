@@ -40,31 +40,15 @@ jupyter-book; they are loaded when a build starts.
 """
 from __future__ import annotations
 
-from .appendix import appendix
+from . import appendix, chapter, execute, index, params, plan, precompute, render  # noqa: F401  (the steps)
 from .driver import add_cli, build, clean, main
-from .execute import execute
 from .index import write_index
 from .layout import BookError, Layout, find_root
 from .params import load_params, validate
-from .plan import BuildReport, ChapterResult, cache_key, plan
-from .render import render
+from .plan import BuildReport, ChapterResult, cache_key
 
-__all__ = [
-    "BookError",
-    "BuildReport",
-    "ChapterResult",
-    "Layout",
-    "add_cli",
-    "appendix",
-    "build",
-    "cache_key",
-    "clean",
-    "execute",
-    "find_root",
-    "load_params",
-    "main",
-    "plan",
-    "render",
-    "validate",
-    "write_index",
-]
+# the steps are modules (``book.plan.plan``, ``book.execute.execute``, ...): a function re-exported under its module's
+# name would hide the module
+__all__ = ["BookError", "BuildReport", "ChapterResult", "Layout", "add_cli", "build", "cache_key", "clean",
+           "find_root", "load_params", "main", "validate", "write_index", "appendix", "chapter", "execute", "index",
+           "params", "plan", "precompute", "render"]

@@ -191,14 +191,14 @@ def _hub_rows(spec: BenchmarkSpec, hub_id: str, split: str, n: int | None):
     import datasets
 
     streaming = n is not None
-    ds = datasets.load_dataset(hub_id, _config(spec.hub_config, split), split=split, streaming=streaming)
+    ds = hub_load(datasets, spec, hub_id, _config(spec.hub_config, split), split, streaming)
     rows: Iterable[dict] = ds if n is None else _take(ds, n)
     ctx = _Ctx()
     if spec.images_config:  # GQA: questions and images live in two configs joined on imageId
         rows = list(rows)
     if spec.images_config and rows and _missing_image(rows[0].get("image")):
         needed = {_str(r.get("imageId")) for r in rows}
-        images = datasets.load_dataset(hub_id, _config(spec.images_config, split), split=split, streaming=streaming)
+        images = hub_load(datasets, spec, hub_id, _config(spec.images_config, split), split, streaming)
         found: dict[str, Any] = {}
         for r in images:
             rid = _str(r["id"])
@@ -208,6 +208,18 @@ def _hub_rows(spec: BenchmarkSpec, hub_id: str, split: str, n: int | None):
                     break
         ctx.image_lookup = found.get
     return rows, ctx
+
+
+def hub_load(datasets, spec: BenchmarkSpec, hub_id: str, config: str | None, split: str, streaming: bool):
+    """`datasets.load_dataset`, with a failure (no network, no cached copy, a gated set) said in one sentence."""
+    try:
+        return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
+    except Exception as err:  # noqa: BLE001 - connection, cache and auth errors all end the same way
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise OSError(f"Could not load {spec.name} from the Hugging Face Hub ({hub_id}, {type(err).__name__}: "
+                      f"{first}); without a network, point source= (--source) at a local JSONL/Parquet file or "
+                      f"folder of the benchmark, or set HF_HOME to a cache that holds it and HF_DATASETS_OFFLINE=1."
+                      ) from None
 
 
 def _config(config: str | None, split: str) -> str | None:

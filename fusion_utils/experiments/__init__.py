@@ -11,28 +11,27 @@
 """
 from __future__ import annotations
 
-import importlib
-
 from .common import Decoding, ExperimentResult, answer
+from .harness import BUILTIN, Spec, get_spec, names, register, run
 
-_REGISTRY = {
-    "masking": ("masking", "masking"),
-    "hellinger": ("layers", "hellinger"),
-    "early_exit": ("layers", "early_exit"),
-    "attention": ("attention", "attention"),
-    "contrastive": ("contrastive", "contrastive"),
-    "baselines": ("baselines", "baselines"),
-    "accuracy": ("accuracy", "accuracy"),
-}
-EXPERIMENTS = tuple(_REGISTRY)
+EXPERIMENTS = tuple(BUILTIN)  # the package's own; `names()` adds every registered one
 
 
 def get_experiment(name: str):
-    try:
-        module, fn = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}.") from None
-    return getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+    """``fn(lm, dataset, **params) -> ExperimentResult`` for any registered experiment (the package's or a user's).
+
+    >>> get_experiment("hellinger")(lm, load_dataset("world", n=8), reference=-1).summary
+    """
+    spec = get_spec(name)
+
+    def experiment(lm, dataset, **params) -> ExperimentResult:
+        return run(spec, lm, dataset, **params)
+
+    experiment.__name__ = experiment.__qualname__ = name
+    experiment.__doc__ = f"Run the {name!r} experiment (`fusion_utils.experiments.run`); its parameters: " \
+                         f"{spec.params.__name__ if spec.params else 'see its module'}."
+    return experiment
 
 
-__all__ = ["EXPERIMENTS", "get_experiment", "Decoding", "ExperimentResult", "answer"]
+__all__ = ["EXPERIMENTS", "get_experiment", "get_spec", "names", "register", "run", "Spec", "Decoding",
+           "ExperimentResult", "answer"]

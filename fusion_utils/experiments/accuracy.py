@@ -22,6 +22,8 @@ The summary is the accuracy per question family and overall, with n.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import weakref
 
 import numpy as np
@@ -94,7 +96,7 @@ def condition_images(sample, images: str, index: int, seed: int = 0):
 
 
 @torch.no_grad()
-def accuracy_batch(lm, samples, ctx: Context, images: str = "original") -> list[dict]:
+def accuracy_batch(lm, samples, ctx: Context, images: str) -> list[dict]:
     """Per sample: its answer under condition ``images`` and the dataset's score of it.
 
     >>> accuracy_batch(lm, ds[:2], Context.of(ds), images="same_twice")
@@ -111,7 +113,14 @@ def accuracy_batch(lm, samples, ctx: Context, images: str = "original") -> list[
             for s, p in zip(samples, preds)]
 
 
-def resolve(lm, dataset, *, images: str = "original") -> dict:
+@dataclass(frozen=True)
+class AccuracyParams:
+    """``images``: the image condition (`IMAGES`: the original, a blank, the same image twice, crops, ...)."""
+
+    images: str = "original"
+
+
+def resolve(lm, dataset, *, images: str) -> dict:
     """Check the condition before any work: a known name, and relevant cells on every sample for the crops."""
     check_condition(images)
     if images in CROPS:
@@ -148,17 +157,19 @@ def accuracy_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def accuracy(lm, dataset, images: str = "original", *, out: str | None = None, batch_size: int = 8, seed: int = 0,
-             decoding: Decoding | None = None, progress: bool = True):
+def accuracy(lm, dataset, images: str | None = None, *, out: str | None = None, batch_size: int = 8, seed: int = 0,
+             decoding: Decoding | None = None, progress: bool = True, **params):
     """Accuracy of plain greedy answers on ``dataset`` under one image condition (`IMAGES`), per family and overall.
 
     >>> accuracy(lm, load_dataset("world", n=100), "blank").summary
     """
+    if images is not None:  # the condition may be given by position
+        params["images"] = images
     return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
-               images=images)
+               **params)
 
 
-SPEC = register(Spec("accuracy", accuracy_batch, accuracy_summary, resolve))
+SPEC = register(Spec("accuracy", accuracy_batch, accuracy_summary, resolve, params=AccuracyParams))
 
 __all__ = ["IMAGES", "CROPS", "accuracy", "accuracy_batch", "accuracy_summary", "condition_images", "blank_like",
            "dataset_position", "SPEC"]

@@ -10,6 +10,8 @@ Per sample and layer, from the last prompt token's attention to the image tokens
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -54,7 +56,7 @@ def token_relevance(grid_list, sample) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def attention_batch(lm, samples, ctx: Context, *, k: int = 5, persist: float = 0.75) -> list[dict]:
+def attention_batch(lm, samples, ctx: Context, *, k: int, persist: float) -> list[dict]:
     """Per sample and layer: relevant / irrelevant mass (where the sample has relevance), top-k overlap with the
     final layer, entropy, the largest share; on the last layer's row the sample's persistent top-k tokens."""
     L = lm.num_layers
@@ -95,19 +97,26 @@ def attention_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
     return records.groupby("layer").agg(**agg).reset_index()
 
 
+@dataclass(frozen=True)
+class AttentionParams:
+    """``k``: size of the top-k sets; ``persist``: share of layers a token must be in the top-k to count as
+    persistent."""
+
+    k: int = 5
+    persist: float = 0.75
+
+
 SPEC = register(Spec("attention", attention_batch, attention_summary,
-                     resolve=lambda lm, dataset, k=5, persist=0.75: dict(k=k, persist=persist,
-                                                                        relevant_at=RELEVANT_AT),
-                     extras=lambda records, summary: {"noise": persistent_noise(records)}, decodes=False))
+                     resolve=lambda lm, dataset, k, persist: dict(k=k, persist=persist, relevant_at=RELEVANT_AT),
+                     extras=lambda records, summary: {"noise": persistent_noise(records)}, decodes=False,
+                     params=AttentionParams))
 
 
-def attention(lm, dataset, *, k: int = 5, persist: float = 0.75, out: str | None = None, batch_size: int = 8,
-              seed: int = 0, progress: bool = True):
-    """Relevant vs irrelevant attention mass by layer, top-k overlap with the final layer, persistent tokens.
-
-    ``k``: size of the top-k sets; ``persist``: share of layers a token must be in the top-k to count as persistent.
-    """
-    return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, progress=progress, k=k, persist=persist)
+def attention(lm, dataset, *, out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True,
+              **params):
+    """Relevant vs irrelevant attention mass by layer, top-k overlap with the final layer, persistent tokens
+    (parameters: `AttentionParams`)."""
+    return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, progress=progress, **params)
 
 
 def persistent_noise(records: pd.DataFrame) -> dict:

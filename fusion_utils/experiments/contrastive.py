@@ -25,7 +25,8 @@ both give the same answers (tested on all six architectures).
 """
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
+
 import time
 from typing import Sequence
 
@@ -232,10 +233,32 @@ def _relevance_masses(grid, relevant, I_A: torch.Tensor, a_post: torch.Tensor) -
             "relevant_area": float(r[on].mean()) if on.any() else float("nan")}
 
 
-def resolve(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer: int | None,
-            variants: Sequence[str] = VARIANTS, candidates: Sequence = ("fusion",), rhos: Sequence[float] = (0.2,),
-            lams: Sequence[float] = (0.1,), post: int = -1, method: str = "reuse", frac: float = 0.1,
-            min_side: float = 0.25, soft_mask: str = "attention") -> dict:
+@dataclass(frozen=True)
+class ContrastiveParams:
+    """``fusion_layers``: the model's fusion layers (the "fusion" candidate set; None: the paper's, scaled);
+    ``apply_layer``: the review layer where the soft mask acts (None: the paper's 29 of 32, scaled);
+    ``variants``: "soft" and/or "crop"; ``candidates``: candidate sets for A_pre (names of `CANDIDATE_SETS` or
+    lists of layers); ``rhos``: shares of image tokens with the lowest I_A to mask; ``lams``: the mask's factor;
+    ``post``: the A_post layer; ``method``: "reuse" (continue from the first pass's cache) or "naive";
+    ``frac``/``min_side``: the crop box's share of I_A mass and least side; ``soft_mask``: where the mask acts
+    (`SOFT_MASKS`)."""
+
+    fusion_layers: Sequence[int] | None = None
+    apply_layer: int | None = None
+    variants: Sequence[str] = VARIANTS
+    candidates: Sequence = ("fusion",)
+    rhos: Sequence[float] = (0.2,)
+    lams: Sequence[float] = (0.1,)
+    post: int = -1
+    method: str = "reuse"
+    frac: float = 0.1
+    min_side: float = 0.25
+    soft_mask: str = "attention"
+
+
+def resolve(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer: int | None, variants: Sequence[str],
+            candidates: Sequence, rhos: Sequence[float], lams: Sequence[float], post: int, method: str, frac: float,
+            min_side: float, soft_mask: str) -> dict:
     """The run's parameters with the model's defaults filled in (apply layer, candidate layers), validated."""
     for v in variants:
         if v not in VARIANTS:
@@ -257,9 +280,8 @@ def resolve(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer: in
 
 
 @torch.no_grad()
-def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates: dict, variants=VARIANTS,
-                      rhos=(0.2,), lams=(0.1,), post: int = -1, method: str = "reuse", frac: float = 0.1,
-                      min_side: float = 0.25, soft_mask: str = "attention") -> list[dict]:
+def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates: dict, variants, rhos, lams,
+                      post: int, method: str, frac: float, min_side: float, soft_mask: str) -> list[dict]:
     """Records of one batch: per sample and setting (candidate set x ρ x λ for soft; candidate set for crop), the
     answer with contrastive attention and without. ``candidates``: ``{name: candidate layers}``."""
     decoding = ctx.decoding or Decoding()
@@ -312,12 +334,10 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
     return records
 
 
-def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer: int | None,
-                variants: Sequence[str] = VARIANTS, candidates: Sequence = ("fusion",), rhos: Sequence[float] = (0.2,),
-                lams: Sequence[float] = (0.1,), out: str | None = None, batch_size: int = 8, seed: int = 0,
-                decoding: Decoding | None = None, post: int = -1, method: str = "reuse", frac: float = 0.1,
-                min_side: float = 0.25, soft_mask: str = "attention", progress: bool = True):
-    """Accuracy with and without contrastive attention, per variant and ablation setting.
+def contrastive(lm, dataset, *, out: str | None = None, batch_size: int = 8, seed: int = 0,
+                decoding: Decoding | None = None, progress: bool = True, **params):
+    """Accuracy with and without contrastive attention, per variant and ablation setting (parameters:
+    `ContrastiveParams`).
 
     Settings: soft = candidates x ρ x λ; crop = candidates (ρ and λ do not apply; recorded as None). Records (one
     per sample per setting): id, family, variant, candidates, rho, lam, pre_layer, pred, score, plain_pred,
@@ -328,8 +348,7 @@ def contrastive(lm, dataset, *, fusion_layers: Sequence[int] | None, apply_layer
     Summary: accuracy per setting, the plain accuracy on the same samples and the gain.
     """
     return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
-               fusion_layers=fusion_layers, apply_layer=apply_layer, variants=variants, candidates=candidates,
-               rhos=rhos, lams=lams, post=post, method=method, frac=frac, min_side=min_side, soft_mask=soft_mask)
+               **params)
 
 
 def contrastive_summary(df: pd.DataFrame, ctx=None) -> pd.DataFrame:
@@ -356,4 +375,4 @@ __all__ = ["CANDIDATE_SETS", "SOFT_MASKS", "candidate_layers", "contrastive_map"
            "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "contrastive_batch", "contrastive_summary"]
 
 
-SPEC = register(Spec("contrastive", contrastive_batch, contrastive_summary, resolve))
+SPEC = register(Spec("contrastive", contrastive_batch, contrastive_summary, resolve, params=ContrastiveParams))

@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..data import SampleSet
 from .common import Decoding, ExperimentResult, base_config, finish, post_prompt_for, run_experiment, score
+from .params import parse_params
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class Context:
 
 @dataclass(frozen=True)
 class Spec:
+    """One experiment: its per-batch function, summary and parameters.
+
+    ``params`` is a frozen dataclass whose fields are the experiment's parameters with their defaults (written only
+    there); `run`, the CLI and the interactive figures all read it, so an unknown or mistyped parameter is refused
+    with the list of valid ones before any work.
+    """
+
     name: str
     per_batch: Callable  # (lm, samples, ctx, **params) -> list[dict]
     summarize: Callable  # (records, ctx, **params) -> DataFrame
@@ -49,27 +57,87 @@ class Spec:
     extras: Callable | None = None  # (records, summary, **params) -> dict
     decodes: bool = True  # answers are generated: the decoding settings are part of the run's configuration
     summary_params: tuple[str, ...] = ()  # parameters only the summary and extras read (not part of the run key)
+    params: type | None = None  # the frozen dataclass of parameters and defaults
+
+    def parse(self, **given) -> dict:
+        """``given`` checked against `params` and completed with its defaults (``given`` itself without one)."""
+        return parse_params(self.name, self.params, given) if self.params is not None else dict(given)
+
+    def prepared(self, lm, dataset: SampleSet, **given) -> dict:
+        """The parameters a run of ``lm`` on ``dataset`` is keyed on: parsed, then resolved for the model."""
+        params = self.parse(**given)
+        return self.resolve(lm, dataset, **params) if self.resolve is not None else params
+
+    def records(self, lm, samples, *, decoding: Decoding | None = None, seed: int = 0, **given) -> list[dict]:
+        """The per-batch records of ``samples`` as one batch, with the parameters resolved as `run` resolves them:
+        what an interactive figure shows is what a chapter computes.
+
+        >>> rows = get_spec("hellinger").records(lm, load_dataset("world", n=1), reference=-1)
+        """
+        dataset = samples if isinstance(samples, SampleSet) else SampleSet("picked", list(samples), "vqa")
+        params = self.prepared(lm, dataset, **given)
+        ctx = Context.of(dataset, (decoding or Decoding()) if self.decodes else None, seed)
+        keyed = {k: v for k, v in params.items() if k not in self.summary_params}
+        return self.per_batch(lm, list(dataset), ctx, **accepted(self.per_batch, keyed))
 
 
 SPECS: dict[str, Spec] = {}
-MODULES = {"masking": "masking", "hellinger": "layers", "early_exit": "layers", "attention": "attention",
+#: the package's own experiments and the module that registers each (imported when first asked for)
+BUILTIN = {"masking": "masking", "hellinger": "layers", "early_exit": "layers", "attention": "attention",
            "contrastive": "contrastive", "baselines": "baselines", "accuracy": "accuracy"}
+PLUGIN_GROUP = "fusion_utils.experiments"  # entry points of installed packages that register experiments
 
 
 def register(spec: Spec) -> Spec:
-    """Add an experiment to the registry (a user's own spec too); `run` and the CLI then find it by name."""
+    """Add an experiment to the registry (a user's own spec too); `run`, `get_experiment` and ``fusion-utils run``
+    then find it by name. A name already taken is refused (re-importing the module that registered it is not).
+
+    >>> @dataclass(frozen=True)
+    ... class MyParams:
+    ...     k: int = 3
+    >>> register(Spec("my_probe", my_batch, my_summary, params=MyParams))   # then: fusion-utils run my_probe
+    """
+    old = SPECS.get(spec.name)
+    if old is not None and not same_origin(old, spec):
+        raise ValueError(f"An experiment named {spec.name!r} is already registered (by "
+                         f"{old.per_batch.__module__}); register yours under another name.")
+    if old is None and spec.name in BUILTIN and spec.per_batch.__module__ != f"{__package__}.{BUILTIN[spec.name]}":
+        raise ValueError(f"{spec.name!r} is the name of one of the package's experiments; register yours under "
+                         "another name.")
     SPECS[spec.name] = spec
     return spec
 
 
+def same_origin(a: Spec, b: Spec) -> bool:
+    """Whether two specs come from the same function (a module imported again registers its spec again)."""
+    return (a.per_batch.__module__, a.per_batch.__qualname__) == (b.per_batch.__module__, b.per_batch.__qualname__)
+
+
+def load_plugins() -> list[str]:
+    """Import the modules that installed packages declare under the ``fusion_utils.experiments`` entry point group
+    (each registers its specs on import); returns their names."""
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        importlib.import_module(ep.value.split(":")[0])
+        loaded.append(ep.name)
+    return loaded
+
+
+def names() -> list[str]:
+    """Every experiment that can be run: the package's own and every registered one."""
+    return sorted(set(BUILTIN) | set(SPECS))
+
+
 def get_spec(name: str) -> Spec:
-    if name not in SPECS and name in MODULES:
-        importlib.import_module(f"{__package__}.{MODULES[name]}")
+    if name not in SPECS and name in BUILTIN:
+        importlib.import_module(f"{__package__}.{BUILTIN[name]}")
     try:
         return SPECS[name]
     except KeyError:
-        known = sorted(set(SPECS) | set(MODULES))
-        raise ValueError(f"Unknown experiment {name!r}; choose one of {', '.join(known)}.") from None
+        raise ValueError(f"Unknown experiment {name!r}; choose one of {', '.join(names())} (or register your "
+                         "own with fusion_utils.experiments.register).") from None
 
 
 def accepted(fn: Callable, params: dict) -> dict:
@@ -84,8 +152,7 @@ def run(spec: Spec | str, lm, dataset: SampleSet, *, out: str | None = None, bat
         decoding: Decoding | None = None, progress: bool = True, **params) -> ExperimentResult:
     """Run ``spec`` on ``dataset``: records streamed to ``out/<name>/<config hash>/`` (resumable), summary, extras."""
     spec = get_spec(spec) if isinstance(spec, str) else spec
-    if spec.resolve is not None:
-        params = spec.resolve(lm, dataset, **params)
+    params = spec.prepared(lm, dataset, **params)
     ctx = Context.of(dataset, (decoding or Decoding()) if spec.decodes else None, seed)
     keyed = {k: v for k, v in params.items() if k not in spec.summary_params}
     config = base_config(lm, dataset, experiment=spec.name, seed=seed, decoding=ctx.decoding,
@@ -102,4 +169,5 @@ def run(spec: Spec | str, lm, dataset: SampleSet, *, out: str | None = None, bat
     return finish(spec.name, records, summary, config, **extras)
 
 
-__all__ = ["Context", "Spec", "SPECS", "register", "get_spec", "run", "accepted"]
+__all__ = ["Context", "Spec", "SPECS", "BUILTIN", "register", "get_spec", "names", "load_plugins", "run",
+           "accepted", "parse_params"]

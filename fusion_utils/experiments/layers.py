@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
 
@@ -19,7 +21,7 @@ from .harness import Context, Spec, register, run
 
 
 @torch.no_grad()
-def hellinger_batch(lm, samples, ctx: Context, *, reference: int = -1) -> list[dict]:
+def hellinger_batch(lm, samples, ctx: Context, *, reference: int) -> list[dict]:
     """Per sample and layer: H(A_layer, A_reference) and the attention mass on the image before renormalisation."""
     L = lm.num_layers
     ref = reference % L
@@ -42,16 +44,24 @@ def hellinger_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
                                         image_mass=("image_mass", "mean")).reset_index()
 
 
+@dataclass(frozen=True)
+class HellingerParams:
+    """``reference``: the layer every layer's map is compared with (negative counts from the end; -1: the final)."""
+
+    reference: int = -1
+
+
 HELLINGER = register(Spec("hellinger", hellinger_batch, hellinger_summary,
-                          resolve=lambda lm, dataset, reference=-1: {"reference": reference % lm.num_layers},
-                          extras=lambda records, summary, reference: {"reference": reference}, decodes=False))
+                          resolve=lambda lm, dataset, reference: {"reference": reference % lm.num_layers},
+                          extras=lambda records, summary, reference: {"reference": reference}, decodes=False,
+                          params=HellingerParams))
 
 
-def hellinger(lm, dataset, *, reference: int = -1, out: str | None = None, batch_size: int = 8, seed: int = 0,
-              progress: bool = True) -> ExperimentResult:
-    """Per-layer Hellinger distance of last-token -> image attention to the ``reference`` layer's (default final)."""
-    return run(HELLINGER, lm, dataset, out=out, batch_size=batch_size, seed=seed, progress=progress,
-               reference=reference)
+def hellinger(lm, dataset, *, out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True,
+              **params) -> ExperimentResult:
+    """Per-layer Hellinger distance of last-token -> image attention to the ``reference`` layer's (default final);
+    parameters: `HellingerParams`."""
+    return run(HELLINGER, lm, dataset, out=out, batch_size=batch_size, seed=seed, progress=progress, **params)
 
 
 def multi_token(lm, samples) -> bool:
@@ -61,7 +71,7 @@ def multi_token(lm, samples) -> bool:
 
 
 @torch.no_grad()
-def early_exit_batch(lm, samples, ctx: Context, *, decode: str = "auto") -> list[dict]:
+def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
     """Per sample and layer: the layer's answer (``pred``, scored), its first token and whether that agrees with
     the final layer's, and the probability the layer gives the final layer's first token.
 
@@ -91,20 +101,29 @@ def early_exit_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
                                         p_final_token=("p_final_token", "mean")).reset_index()
 
 
-def resolve_early_exit(lm, dataset, decode: str = "auto") -> dict:
+@dataclass(frozen=True)
+class EarlyExitParams:
+    """``decode``: ``"first_token"``, ``"generate"`` (each layer's full greedy answer) or ``"auto"``."""
+
+    decode: str = "auto"
+
+
+def resolve_early_exit(lm, dataset, decode: str) -> dict:
     if decode not in ("auto", "first_token", "generate"):
         raise ValueError("decode must be 'auto', 'first_token' or 'generate'.")
     return {"decode": decode}
 
 
-EARLY_EXIT = register(Spec("early_exit", early_exit_batch, early_exit_summary, resolve=resolve_early_exit))
+EARLY_EXIT = register(Spec("early_exit", early_exit_batch, early_exit_summary, resolve=resolve_early_exit,
+                           params=EarlyExitParams))
 
 
-def early_exit(lm, dataset, *, decode: str = "auto", decoding: Decoding | None = None, out: str | None = None,
-               batch_size: int = 8, seed: int = 0, progress: bool = True) -> ExperimentResult:
-    """Accuracy of each layer's early-exit answer, and its first token's agreement with the final layer's."""
+def early_exit(lm, dataset, *, decoding: Decoding | None = None, out: str | None = None, batch_size: int = 8,
+               seed: int = 0, progress: bool = True, **params) -> ExperimentResult:
+    """Accuracy of each layer's early-exit answer, and its first token's agreement with the final layer's;
+    parameters: `EarlyExitParams`."""
     return run(EARLY_EXIT, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding,
-               progress=progress, decode=decode)
+               progress=progress, **params)
 
 
 __all__ = ["hellinger", "early_exit", "hellinger_batch", "early_exit_batch", "hellinger_summary",

@@ -7,6 +7,7 @@ the review layer is a deep layer, after the plateau where masking stops matterin
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -18,9 +19,24 @@ from .common import Decoding, first_token_ids, generate
 from .harness import Context, Spec, register, run
 
 
+@dataclass(frozen=True)
+class MaskingParams:
+    """``modes``: ``"zero"`` (one layer reads zeros at the image positions) and/or ``"knockout"``; ``layers``: the
+    layers to mask (default every layer); ``window``: layers masked at once; ``onward``: mask every layer from ℓ on;
+    ``decode``: ``"generate"`` (full greedy answer) or ``"first_token"`` (read off the fast sweep); ``threshold``:
+    the accuracy drop (0-1) that makes a layer a fusion layer."""
+
+    modes: Sequence[str] = ("zero",)
+    layers: Sequence[int] | None = None
+    window: int = 1
+    onward: bool = False
+    decode: str = "generate"
+    threshold: float = 0.05
+
+
 @torch.no_grad()
-def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None,
-                  window: int = 1, onward: bool = False, decode: str = "generate") -> list[dict]:
+def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str], layers: Sequence[int] | None, window: int,
+                  onward: bool, decode: str) -> list[dict]:
     """Per sample, masking mode and masked layer: the answer under the mask, its score, and the probability of the
     model's own unmasked first answer token (``p_answer``; ``plain_p`` unmasked)."""
     decoding = ctx.decoding or Decoding()
@@ -50,8 +66,8 @@ def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str] = ("zero",)
     return rows
 
 
-def resolve(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None, window: int = 1,
-            onward: bool = False, decode: str = "generate", threshold: float = 0.05) -> dict:
+def resolve(lm, dataset, *, modes: Sequence[str], layers: Sequence[int] | None, window: int, onward: bool,
+            decode: str, threshold: float) -> dict:
     if decode not in ("generate", "first_token"):
         raise ValueError("decode must be 'generate' or 'first_token'.")
     for m in modes:
@@ -61,15 +77,14 @@ def resolve(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[i
     return dict(modes=list(modes), layers=layers, window=window, onward=onward, decode=decode, threshold=threshold)
 
 
-def extras(records, summary, *, modes, threshold: float = 0.05) -> dict:
+def extras(records, summary, *, modes, threshold: float) -> dict:
     return {"layers": {m: find_layers(summary[summary["mode"] == m], threshold=threshold) for m in modes},
             "threshold": threshold}
 
 
-def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[int] | None = None, window: int = 1,
-            onward: bool = False, decode: str = "generate", decoding: Decoding | None = None, threshold: float = 0.05,
-            out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True):
-    """Accuracy and answer-probability change vs masked layer, for each masking mode.
+def masking(lm, dataset, *, decoding: Decoding | None = None, out: str | None = None, batch_size: int = 8,
+            seed: int = 0, progress: bool = True, **params):
+    """Accuracy and answer-probability change vs masked layer, for each masking mode (parameters: `MaskingParams`).
 
     ``modes``: ``"zero"`` (one-layer: only the masked layer reads zeros at the image positions) and/or
     ``"knockout"``; ``onward=True`` masks every layer from ℓ on (persistent; a curve that can only fall).
@@ -78,7 +93,7 @@ def masking(lm, dataset, *, modes: Sequence[str] = ("zero",), layers: Sequence[i
     ``threshold``: accuracy drop (absolute, 0-1) that makes a layer a fusion layer.
     """
     return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
-               modes=modes, layers=layers, window=window, onward=onward, decode=decode, threshold=threshold)
+               **params)
 
 
 def masking_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
@@ -120,4 +135,5 @@ def find_layers(summary: pd.DataFrame, *, threshold: float = 0.05, plateau_len: 
             "threshold": threshold}
 
 
-SPEC = register(Spec("masking", masking_batch, masking_summary, resolve, extras, summary_params=("threshold",)))
+SPEC = register(Spec("masking", masking_batch, masking_summary, resolve, extras, summary_params=("threshold",),
+                     params=MaskingParams))
