@@ -19,8 +19,11 @@ layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
                                     to itself (on a shared machine the wall-clock figure falls below it)
 
 Timings alternate A and B and report the median of the per-pair ratios. Memory: each variant runs in its own
-process; after a warm-up the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the figure is the
-peak RSS during the forward minus the RSS just before it.
+process; after a warm-up, torch's profiler records every tensor the forward allocates and frees, and the figure is
+the peak of the bytes held by tensors during the forward minus what was held at its start (`torch.profiler`'s
+memory timeline). Tensor sizes do not depend on the allocator's state, so the figure is the same from run to run.
+The RSS a forward adds (peak RSS minus the RSS before it, after /proc/self/clear_refs) is printed beside it
+(``forward_added_rss_mib_*``) for reference: it depends on what malloc kept from earlier calls.
 """
 from __future__ import annotations
 
@@ -102,8 +105,8 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_variant(variant: str) -> int:
-    """KiB a forward adds on top of the loaded model (run in its own process)."""
+def memory_variant(variant: str) -> dict:
+    """Bytes of tensors a forward adds at its peak (deterministic), and KiB of RSS it adds, in its own process."""
     from fusion_utils import CaptureAttention, intervene
 
     lm = bench_model()
@@ -123,8 +126,29 @@ def memory_variant(variant: str) -> int:
                 raise ValueError(variant)
 
     if variant == "eager":
-        lm.model.set_attn_implementation({"text_config": "eager"})
+        lm.set_attention("eager")
     run()  # warm-up: one-time allocations (kernels, caches) are not the forward's
+    return {"bytes": tensor_peak_bytes(run), "rss_kib": rss_added_kib(run)}
+
+
+def tensor_peak_bytes(run) -> int:
+    """Peak bytes held by tensors while ``run()`` runs, above what was held when it started."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    held = [sum(s) for s in sizes]
+    return int(max(held) - held[0])
+
+
+def rss_added_kib(run) -> int:
+    """Median over 5 calls of the peak RSS during ``run()`` minus the RSS just before it (allocator-dependent)."""
     import ctypes
     import gc
 
@@ -142,15 +166,18 @@ def memory_variant(variant: str) -> int:
 
 
 def memory_figures() -> dict:
-    kib = {}
+    got = {}
     for v in ("plain", "capture", "eager"):
         res = subprocess.run([sys.executable, __file__, "--memory-variant", v], capture_output=True, text=True,
                              check=True)
-        kib[v] = json.loads(res.stdout.strip().splitlines()[-1])["kib"]
-    return {"capture_peak_mem_vs_plain": kib["capture"] / kib["plain"],
-            "capture_peak_mem_vs_eager_attentions": kib["capture"] / kib["eager"],
-            "forward_added_mib_plain": kib["plain"] / 1024, "forward_added_mib_capture": kib["capture"] / 1024,
-            "forward_added_mib_eager_attentions": kib["eager"] / 1024}
+        got[v] = json.loads(res.stdout.strip().splitlines()[-1])
+    mib = {v: got[v]["bytes"] / 2**20 for v in got}
+    return {"capture_peak_mem_vs_plain": mib["capture"] / mib["plain"],
+            "capture_peak_mem_vs_eager_attentions": mib["capture"] / mib["eager"],
+            "forward_tensor_mib_plain": mib["plain"], "forward_tensor_mib_capture": mib["capture"],
+            "forward_tensor_mib_eager_attentions": mib["eager"],
+            "forward_added_rss_mib_plain": got["plain"]["rss_kib"] / 1024,
+            "forward_added_rss_mib_capture": got["capture"]["rss_kib"] / 1024}
 
 
 DP_RUN = ["--model", "organism:llava", "--experiment", "masking", "--experiment", "contrastive",
@@ -207,7 +234,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_variant:
-        print(json.dumps({"kib": memory_variant(args.memory_variant)}))
+        print(json.dumps(memory_variant(args.memory_variant)))
         return 0
     figures = {}
     if args.only == "dp":

@@ -308,14 +308,9 @@ def _as_set(samples, like=None):
 def _per_batch(name: str, lm, ds, **params) -> pd.DataFrame:
     """The records of experiment ``name``'s own per-batch function on ``ds`` (one batch), with its parameters
     resolved as a full run would resolve them: the figures show exactly what the chapters compute."""
-    from .experiments.common import Decoding
-    from .experiments.harness import Context, accepted, get_spec
+    from .experiments.harness import get_spec
 
-    spec = get_spec(name)
-    if spec.resolve is not None:
-        params = spec.resolve(lm, ds, **params)
-    ctx = Context.of(ds, Decoding() if spec.decodes else None)
-    rows = spec.per_batch(lm, list(ds), ctx, **accepted(spec.per_batch, params))
+    rows = get_spec(name).records(lm, ds, **params)
     return pd.DataFrame(rows).assign(id=lambda d: d["id"].astype(str)) if rows else pd.DataFrame(columns=["id"])
 
 

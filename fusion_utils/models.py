@@ -116,9 +116,18 @@ class LoadedModel:
             tok.padding_side = "left"  # batched generation needs left padding, as `load_model` sets it
         name = name or getattr(model.config, "_name_or_path", None) or f"in-memory {spec.model_type}"
         lm = cls(model, processor, spec, str(name), model_fingerprint(model),
-                 meta={"attn_implementation": getattr(model.config, "_attn_implementation", None)})
+                 meta={"attn_implementation": current_attention(resolve(model, spec.decoder))})
         lm.image_token_id  # fail early when the id is missing
         return lm
+
+    def set_attention(self, implementation: str) -> None:
+        """Switch the decoder's attention kernel (``"sdpa"``, ``"eager"``, ...) through transformers' public
+        ``set_attn_implementation``; the engine's attention edits wrap whichever kernel is set here.
+
+        >>> lm.set_attention("eager"); out = lm.model(**batch.inputs, output_attentions=True); lm.set_attention("sdpa")
+        """
+        self.decoder.set_attn_implementation(implementation)
+        self.meta["attn_implementation"] = implementation
 
     def prepare(self, samples, **kwargs):
         """Model inputs and image-token bookkeeping for a list of samples (see `fusion_utils.adapters.prepare`)."""
@@ -145,6 +154,12 @@ def image_token_id(config, spec: ArchSpec, processor=None) -> int:
 def _read_local_config(path: Path) -> dict:
     with open(path / "config.json") as f:
         return json.load(f)
+
+
+def current_attention(module) -> str | None:
+    """The attention implementation a model or decoder was built with. transformers 5 has a public setter
+    (``set_attn_implementation``) but no getter, so this is the one place that reads its configuration's field."""
+    return getattr(module.config, "_attn_implementation", None)
 
 
 def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=None,

@@ -166,12 +166,12 @@ def test_capture_equals_eager_attention_rows(lm, images):
     maps = run.attention
     assert maps.values.dtype == torch.float32
     assert maps.values.shape[:3] == (2, lm.num_layers, lm.text_config.num_attention_heads)
-    lm.model.set_attn_implementation({"text_config": "eager"} if lm.spec.decoder.startswith("model.") else "eager")
+    lm.set_attention("eager")
     try:
         with torch.no_grad():
             out = lm.model(**b.inputs, output_attentions=True)
     finally:
-        lm.model.set_attn_implementation("sdpa")
+        lm.set_attention("sdpa")
     attentions = out.attentions if hasattr(out, "attentions") else out.language_model_outputs.attentions
     att = torch.stack([a.float() for a in attentions[-lm.num_layers:]], dim=1)  # decoder layers: [B, L, H, S, S]
     for i in range(2):

@@ -7,15 +7,15 @@ prefill and in every generation step.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 from .capture import AttentionMaps
+from .override import attention_modules, attention_override, base_implementation, override_of, \
+    register_attention
 from .plans import AttentionCall, AttentionEdit, AttentionRead, HiddenEdit, Site, Step
 
-ACTIVE: dict[int, tuple["Installed", int]] = {}  # id(attention module) -> (installation, layer index)
-REGISTERED: set[str] = set()
 
 
 class Installed:
@@ -202,33 +202,31 @@ def inner_function(name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def ensure_registered(inner_name: str) -> str:
-    """Register (once) the attention function that wraps ``inner_name``; returns its registered name."""
-    name = f"fusion_{inner_name}"
-    if name in REGISTERED:
-        return name
+def fusion_attention_for(inner_name: str):
+    """The attention function of `intervene`: the model's own kernel (``inner_name``), with the installation's
+    attention edits and reads applied at the layers that have them."""
     if inner_name not in ("sdpa", "eager"):
         raise ValueError(f"Attention-level interventions need attn_implementation 'sdpa' or 'eager', not "
                          f"{inner_name!r}; reload the model with attn_implementation='sdpa'.")
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     inner = inner_function(inner_name)
     boolean = inner_name == "sdpa"
 
     def fusion_attention(module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
-        entry = ACTIVE.get(id(module))
-        if entry is not None and not entry[0].replaying:
+        entry = override_of(module)
+        if isinstance(entry, tuple) and entry and isinstance(entry[0], Installed) and not entry[0].replaying:
             installed, j = entry
             new = installed.edit_attention(j, query, key, attention_mask, scaling, boolean)
             if new is not None:
                 attention_mask = new
         return inner(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
 
-    AttentionInterface.register(name, fusion_attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner_name])
-    REGISTERED.add(name)
-    return name
+    return fusion_attention
+
+
+def ensure_registered(inner_name: str) -> str:
+    """Register (once) the attention function that wraps ``inner_name``; returns its registered name."""
+    name = f"fusion_{inner_name}"
+    return register_attention(name, fusion_attention_for(inner_name), inner_name)
 
 
 class Intervention:
@@ -260,29 +258,24 @@ def intervene(lm, batch, *plans):
     """
     installed = Installed(lm, batch, plans)
     layers = lm.layers
-    attn_modules = [layer.self_attn for layer in layers]
-    if any(id(m) in ACTIVE for m in attn_modules):
+    if any(override_of(m) is not None for m in attention_modules(lm)):
         raise RuntimeError("This model is already inside an intervene() block; pass all plans to one intervene() call.")
-    cfg = lm.decoder.config
-    old_impl = cfg._attn_implementation
     handles = []
-    try:
-        if installed.needs_attention:
-            cfg._attn_implementation = ensure_registered(old_impl)
-            for j, m in enumerate(attn_modules):
-                ACTIVE[id(m)] = (installed, j)
-        for j in sorted(installed.inputs):
-            handles.append(layers[j].register_forward_pre_hook(installed.pre_hook(j), with_kwargs=True))
-        restoring = {j for j, es in installed.inputs.items() if any(e.restore is not None for e in es)}
-        for j in sorted(set(installed.outputs) | restoring):
-            handles.append(layers[j].register_forward_hook(installed.post_hook(j), with_kwargs=True))
-        yield Intervention(installed)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in attn_modules:
-            ACTIVE.pop(id(m), None)
-        cfg._attn_implementation = old_impl
+    with ExitStack() as stack:
+        try:
+            if installed.needs_attention:
+                inner = base_implementation(lm)
+                stack.enter_context(attention_override(lm, ensure_registered(inner),
+                                                       payloads=[(installed, j) for j in range(len(layers))]))
+            for j in sorted(installed.inputs):
+                handles.append(layers[j].register_forward_pre_hook(installed.pre_hook(j), with_kwargs=True))
+            restoring = {j for j, es in installed.inputs.items() if any(e.restore is not None for e in es)}
+            for j in sorted(set(installed.outputs) | restoring):
+                handles.append(layers[j].register_forward_hook(installed.post_hook(j), with_kwargs=True))
+            yield Intervention(installed)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 __all__ = ["intervene", "Intervention", "Installed", "additive", "allowed_bool", "cache_offset", "ensure_registered"]

@@ -37,7 +37,7 @@ nothing else; e.g. mean-ablation of the image at one layer (the README has the s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch

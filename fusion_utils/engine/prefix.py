@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .override import attention_modules, attention_override, override_of, register_attention
+
 NAME = "fusion_shared_prefix"
-ACTIVE: dict[int, "SharedPrefix"] = {}  # id(attention module) -> the sweep whose layer call it serves
 
 
 class Unshareable(Exception):
@@ -84,8 +85,8 @@ def unfold(x: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
 
 
 def split_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    state = ACTIVE.get(id(module))
-    if state is None:
+    state = override_of(module)
+    if not isinstance(state, SharedPrefix):
         raise RuntimeError("shared-prefix attention called outside a shared_prefix_attention() block.")
     if dropout or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
         raise Unshareable
@@ -110,38 +111,21 @@ def split_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
 
 def ensure_registered() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(NAME, split_attention)
-        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return NAME
+    return register_attention(NAME, split_attention, mask_like="sdpa")
 
 
 @contextmanager
 def shared_prefix_attention(lm, batch_size: int):
     """Inside the block, every decoder layer's attention is `split_attention` reading the yielded `SharedPrefix`
     (set its ``groups`` before each layer call, and call layers with ``past_key_values=None``)."""
-    from .intervene import ACTIVE as EDITED
-
     state = SharedPrefix(batch_size)
-    attn_modules = [layer.self_attn for layer in lm.layers]
-    if any(id(m) in EDITED for m in attn_modules):  # attention edits of an enclosing intervene() must still apply
-        raise Unshareable
-    cfg = lm.decoder.config
-    old_impl = cfg._attn_implementation
-    if any(id(m) in ACTIVE for m in attn_modules):
+    current = [override_of(m) for m in attention_modules(lm)]
+    if any(isinstance(c, SharedPrefix) for c in current):
         raise RuntimeError("shared_prefix_attention() blocks cannot nest.")
-    try:
-        cfg._attn_implementation = ensure_registered()
-        for m in attn_modules:
-            ACTIVE[id(m)] = state
+    if any(c is not None for c in current):  # attention edits of an enclosing intervene() must still apply
+        raise Unshareable
+    with attention_override(lm, ensure_registered(), payloads=[state] * len(current)):
         yield state
-    finally:
-        for m in attn_modules:
-            ACTIVE.pop(id(m), None)
-        cfg._attn_implementation = old_impl
 
 
 __all__ = ["Group", "SharedPrefix", "Unshareable", "shared_prefix_attention", "split_attention", "attend"]
