@@ -70,7 +70,7 @@ def paired_ratio(a, b, reps: int) -> float:
 
 def timing_figures(reps: int) -> dict:
     from fusion_utils import CaptureAttention, intervene
-    from fusion_utils.sweeps import masking_sweep
+    from fusion_utils.engine.sweeps import masking_sweep
 
     lm = bench_model()
     b = bench_batch(lm)

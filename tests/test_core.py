@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fusion_utils import CaptureAttention, Knockout, MaskImage, ScaleImage, intervene, load_model
-from fusion_utils.sweeps import early_exit_logits, masking_sweep
+from fusion_utils.engine.sweeps import early_exit_logits, masking_sweep
 from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir
 
 QUESTIONS = ["what is the color of the object ?", "what shape is it ?"]

@@ -148,3 +148,18 @@ def test_no_import_cycles():
 def test_the_cycle_check_can_fail():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("shim", ["interventions", "sweeps"])
+def test_the_legacy_shims_warn_and_nothing_of_ours_imports_them(shim):
+    import subprocess
+    import sys
+
+    code = f"import warnings; warnings.simplefilter('error'); import fusion_utils.{shim}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "DeprecationWarning" in out.stderr and "fusion_utils.engine" in out.stderr
+    root = PKG.parent
+    users = [p for d in ("fusion_utils", "tests", "benchmarks", "scripts") for p in (root / d).rglob("*.py")
+             if re.search(rf"fusion_utils(\.|\s+import\s+){shim}\b|from \.{shim} import", p.read_text(encoding="utf-8"))
+             and p.name not in ("test_layering.py", f"{shim}.py")]
+    assert not users, users
