@@ -156,6 +156,28 @@ def _read_local_config(path: Path) -> dict:
         return json.load(f)
 
 
+def placement_kwargs(device, device_map, max_memory, offload_folder) -> dict:
+    """``from_pretrained``'s placement arguments for a ``device_map`` (none without one), checked first."""
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder only apply with a device_map; pass device_map=\"auto\" "
+                         "(or a dict) as well.")
+    if device_map is None:
+        return {}
+    if str(device) != "cpu":
+        raise ValueError(f"Pass either device={device!r} or device_map, not both: the map places every module.")
+    try:
+        import accelerate  # noqa: F401  (transformers dispatches a device_map through it)
+    except ImportError:
+        raise ValueError("device_map needs the accelerate package; pip install accelerate.") from None
+    if any(v == "disk" for v in (device_map.values() if isinstance(device_map, dict) else ())) \
+            and offload_folder is None:
+        raise ValueError("device_map sends modules to \"disk\"; pass offload_folder=DIR for their weights.")
+    kwargs = dict(device_map=device_map, max_memory=max_memory)
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
+
+
 def current_attention(module) -> str | None:
     """The attention implementation a model or decoder was built with. transformers 5 has a public setter
     (``set_attn_implementation``) but no getter, so this is the one place that reads its configuration's field."""
@@ -213,22 +235,7 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise ValueError("max_memory and offload_folder only apply with a device_map; pass device_map=\"auto\" "
-                         "(or a dict) as well.")
-    if device_map is not None:
-        if str(device) != "cpu":
-            raise ValueError(f"Pass either device={device!r} or device_map, not both: the map places every module.")
-        try:
-            import accelerate  # noqa: F401  (transformers dispatches a device_map through it)
-        except ImportError:
-            raise ValueError("device_map needs the accelerate package; pip install accelerate.") from None
-        if any(v == "disk" for v in (device_map.values() if isinstance(device_map, dict) else ())) \
-                and offload_folder is None:
-            raise ValueError("device_map sends modules to \"disk\"; pass offload_folder=DIR for their weights.")
-        kwargs.update(device_map=device_map, max_memory=max_memory)
-        if offload_folder is not None:
-            kwargs["offload_folder"] = str(offload_folder)
+    kwargs.update(placement_kwargs(device, device_map, max_memory, offload_folder))
     model = cls.from_pretrained(source, **kwargs)
     if device_map is None:
         model.to(device)

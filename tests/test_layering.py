@@ -164,3 +164,29 @@ def test_the_legacy_shims_warn_and_nothing_of_ours_imports_them(shim):
              and (re.search(rf"fusion_utils(\.|\s+import\s+){shim}\b", p.read_text(encoding="utf-8"))
                   or (p.parent == PKG and re.search(rf"from \.{shim} import", p.read_text(encoding="utf-8"))))]
     assert not users, users
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 800, 80
+
+
+def too_long(source: str, name: str) -> list[str]:
+    """The module itself if over `MAX_MODULE_LINES`, and every function over `MAX_FUNCTION_LINES` (data tables are
+    module-level assignments, not functions, so they never count)."""
+    found = [f"{name} ({source.count(chr(10))} lines)"] if source.count("\n") > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                found.append(f"{name}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+def test_modules_and_functions_are_short():
+    bad = [x for p in modules() for x in too_long(p.read_text(encoding="utf-8"), str(p.relative_to(PKG.parent)))]
+    assert not bad, "split by concern:\n" + "\n".join(bad)
+
+
+def test_the_length_check_can_fail():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert too_long(f"def f():\n{body}\n", "m") == ["m:1 f (81 lines)"]
+    assert too_long("X = [\n" + "1,\n" * 900 + "]\n", "t") == ["t (902 lines)"]
