@@ -9,14 +9,9 @@ transformers = pytest.importorskip("transformers")
 from fusion_utils.prompts import render_prompt, user_text  # noqa: E402
 from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir  # noqa: E402
 
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "vipllava": "VipLlavaForConditionalGeneration",
-    "instructblip": "InstructBlipForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+from fusion_utils.archs import ARCHS  # noqa: E402
+
+MODEL_CLASSES = {arch: ARCHS[arch].model_class for arch in TINY_ARCHS}
 QUESTIONS = ["What is the color of the car?", "How many people are in the picture?"]
 
 
@@ -37,7 +32,9 @@ def _load(path, arch):
 def _inputs(processor, arch, images):
     style = "instructblip" if arch == "instructblip" else "chat_template"
     prompts = [render_prompt(processor, user_text(q), 1, style) for q in QUESTIONS[: len(images)]]
-    return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    nested = ARCHS[arch].nested_images
+    return processor(images=[[im] for im in images] if nested else images, text=prompts, padding=True,
+                     return_tensors="pt")
 
 
 def _image_token_id(config):

@@ -260,7 +260,7 @@ def intervene(lm, batch, *plans):
     """
     installed = Installed(lm, batch, plans)
     layers = lm.layers
-    attn_modules = [layer.self_attn for layer in layers]
+    attn_modules = lm.attention_modules
     if any(id(m) in ACTIVE for m in attn_modules):
         raise RuntimeError("This model is already inside an intervene() block; pass all plans to one intervene() call.")
     cfg = lm.decoder.config

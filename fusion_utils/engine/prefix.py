@@ -126,7 +126,7 @@ def shared_prefix_attention(lm, batch_size: int):
     from .intervene import ACTIVE as EDITED
 
     state = SharedPrefix(batch_size)
-    attn_modules = [layer.self_attn for layer in lm.layers]
+    attn_modules = lm.attention_modules
     if any(id(m) in EDITED for m in attn_modules):  # attention edits of an enclosing intervene() must still apply
         raise Unshareable
     cfg = lm.decoder.config
