@@ -156,8 +156,6 @@ REFUSED: dict[str, str] = {
                  "tokens of a decoder-only language model's sequence.",
     "idefics": "Idefics (1) reads the image through gated cross-attention layers, not as tokens in the language "
                "model's sequence.",
-    "blip-2": "BLIP-2's OPT/T5 language models are outside the probe's reach here: use InstructBLIP, whose "
-              "Q-Former queries sit in a decoder's sequence.",
     "mamba": "A recurrent (state-space) mixer has no attention between positions, so image-to-text edges cannot "
              "be knocked out.",
     "falcon_mamba": "A recurrent (state-space) mixer has no attention between positions, so image-to-text edges "

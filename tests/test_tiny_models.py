@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fusion_utils.prompts import render_prompt, user_text  # noqa: E402
-from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir  # noqa: E402
+from fusion_utils.testing import PAPER_ARCHS, TINY_ARCHS, sample_images, tiny_model_dir  # noqa: E402
 
 from fusion_utils.archs import ARCHS  # noqa: E402
 
@@ -53,7 +53,7 @@ def _consumed_per_image(arch, model, inputs):
     return [int(f.shape[0]) for f in out.pooler_output]
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", PAPER_ARCHS)  # the new ones: tests/test_new_archs.py
 def test_tiny_model_roundtrip_forward_generate(arch):
     path = tiny_model_dir(arch)
     assert (path / "model.safetensors").exists()
