@@ -94,8 +94,10 @@ NEW_SPECS = [
         "qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", grid="merged_thw",
         extra_model_inputs=("image_grid_thw", "mm_token_type_ids"), family="qwen",
         hub_examples=("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"),
-        injections="deepstack: vision features from three vision layers are added to the outputs of the first text "
-                   "layers at the image positions",
+        injections="DeepStack: features from three vision layers are added to the outputs of the first text layers "
+                   "at the image positions; a zero mask acts on one layer's input and leaves them in place, a "
+                   "knockout (image-to-text attention cut) removes them with the rest of the image, and sweeps "
+                   "run naive (a replay of single layers would miss them)",
         probe_note="Qwen3-VL adds vision features into the first text layers' outputs at the image positions "
                    "(DeepStack), so masking the image at one layer does not remove what those layers add.",
         **LLAVA_LIKE,
@@ -200,3 +202,27 @@ def resolve(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def discover(model) -> dict:
+    """What can be read off a loaded image-text-to-text model without its `ArchSpec`: the dotted path of the
+    decoder (the module holding ``layers``, ``norm`` and ``embed_tokens``), of the LM head (the output embeddings),
+    of each layer's attention module, and the image token id from the config. `get_spec` entries declare the same
+    paths; a test checks the two agree, so a new entry only has to declare what cannot be discovered (layout,
+    bidirectional image attention, injections)."""
+    import torch
+
+    decoder = next((name for name, m in model.named_modules()
+                    if isinstance(getattr(m, "layers", None), torch.nn.ModuleList) and hasattr(m, "norm")
+                    and hasattr(m, "embed_tokens")), None)
+    head = model.get_output_embeddings()
+    lm_head = next((name for name, m in model.named_modules() if m is head), None)
+    attention = None
+    if decoder is not None:
+        layer = resolve(model, decoder).layers[0]
+        attention = next((name for name, m in layer.named_modules()
+                          if name and hasattr(m, "q_proj") and hasattr(m, "o_proj")), None)
+    cfg = model.config
+    token = next((getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None),
+                 None)
+    return {"decoder": decoder, "lm_head": lm_head, "attention": attention, "image_token_id": token}

@@ -112,3 +112,15 @@ def test_cli_archs_lists_layouts_and_refusals(capsys):
     for arch in NEW_ARCHS:
         assert arch in out
     assert "layout=rows_break" in out and "mllama" in out and "DeepStack" in out
+
+
+@pytest.mark.parametrize("arch", sorted(archs.ARCHS))
+def test_declared_paths_match_what_is_discovered(arch):
+    """Every spec's decoder, LM head, attention path and image token id are what the loaded model shows."""
+    lm = load_model(tiny_model_dir(arch))
+    found = archs.discover(lm.model)
+    spec = lm.spec
+    assert found["decoder"] == spec.decoder
+    assert found["lm_head"] == spec.lm_head
+    assert found["attention"] == spec.attention
+    assert found["image_token_id"] == lm.image_token_id
