@@ -8,6 +8,7 @@ with no spatial layout).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -53,8 +54,12 @@ class ImageGrid:
     n_tokens: int
     views: tuple[View, ...]
 
+    main: int | None = None  # index of the primary view where the rule below does not pick it (a global image)
+
     @property
     def primary(self) -> View:
+        if self.main is not None:
+            return self.views[self.main]
         return self.views[-1] if self.views[0].name == "base" and len(self.views) > 1 else self.views[0]
 
     @property
@@ -158,8 +163,9 @@ def prepare(lm, samples: Sequence[Sample] | Sequence[tuple], *, post_prompt: str
     if lm.spec.prompt == "instructblip" and any(len(per) != 1 for per in ims):
         raise ValueError("InstructBLIP takes exactly one image per prompt; crop-and-concatenate variants need "
                          "another architecture.")
-    enc = proc(images=flat, text=prompts, padding=True, return_tensors="pt")
+    enc = proc(images=ims if lm.spec.nested_images else flat, text=prompts, padding=True, return_tensors="pt")
     inputs = dict(enc)
+    inputs.pop("labels", None)  # PaliGemma's processor adds training labels; a probe never wants a loss
     ids = inputs["input_ids"]
     tok_id = lm.image_token_id
     image_mask = ids == tok_id
@@ -191,7 +197,8 @@ def _rgb(img) -> Image.Image:
 
 def _grids(lm, inputs, ims, positions) -> list[list[ImageGrid]]:
     layout = lm.spec.grid
-    fn = {"square": _square, "anyres": _anyres, "merged_thw": _merged, "none": _queries}[layout]
+    fn = {"square": _square, "anyres": _anyres, "merged_thw": _merged, "none": _queries,
+          "tiles_global": _tiles_global, "tiles_thumbnail": _tiles_thumbnail, "rows_break": _rows_break}[layout]
     out, k = [], 0
     for b, per in enumerate(ims):
         grids = [fn(lm, inputs, k + i, img) for i, img in enumerate(per)]
@@ -206,12 +213,28 @@ def _grids(lm, inputs, ims, positions) -> list[list[ImageGrid]]:
 
 
 def _square(lm, inputs, i, img) -> ImageGrid:
-    vc = lm.config.vision_config
-    side = vc.image_size // vc.patch_size
+    side = square_side(lm.config)
     n = side * side
-    extra = 1 if getattr(lm.config, "vision_feature_select_strategy", "default") == "full" else 0
+    extra = class_tokens(lm.config)
     extent = processed_extent(lm.processor.image_processor, *img.size)
     return ImageGrid(n + extra, (View("base", extra, side, side, side, extent=extent),))
+
+
+def square_side(config) -> int:
+    """Image tokens per side of a square layout: the pooled count where the projector pools (Gemma 3's
+    ``mm_tokens_per_image``), else one per vision patch."""
+    pooled = getattr(config, "mm_tokens_per_image", None)
+    if pooled:
+        return int(round(pooled ** 0.5))
+    vc = config.vision_config
+    return vc.image_size // vc.patch_size
+
+
+def class_tokens(config) -> int:
+    """1 where the "full" feature strategy keeps a CLIP tower's class token before the patch tokens (SigLIP has
+    none)."""
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+    return 1 if full and config.vision_config.model_type.startswith("clip") else 0
 
 
 def _size_get(size, key):
@@ -253,7 +276,7 @@ def _anyres(lm, inputs, i, img) -> ImageGrid:
     proc = lm.processor
     vc = lm.config.vision_config
     side = vc.image_size // vc.patch_size
-    extra = 1 if getattr(lm.config, "vision_feature_select_strategy", "default") == "full" else 0
+    extra = class_tokens(lm.config)
     orig_h, orig_w = (int(x) for x in inputs["image_sizes"][i])
     best_h, best_w = select_best_resolution([orig_h, orig_w], lm.config.image_grid_pinpoints)
     cur_h, cur_w = side * (best_h // vc.image_size), side * (best_w // vc.image_size)
@@ -263,6 +286,11 @@ def _anyres(lm, inputs, i, img) -> ImageGrid:
     else:
         new_w = int(round(orig_w * (cur_h / orig_h), 7))
         cur_w -= ((cur_w - new_w) // 2) * 2
+    limit = getattr(lm.config, "vision_aspect_ratio", "") or ""
+    if limit.startswith("anyres_max_"):  # LLaVA-OneVision shrinks a grid of more than N tiles' worth of tokens
+        ratio = math.sqrt(cur_h * cur_w / (int(limit[len("anyres_max_"):]) * side ** 2))
+        if ratio > 1.1:
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
     base = View("base", extra, side, side, side)
     tiles = View("tiles", extra + side * side, cur_h, cur_w, cur_w + 1)
     del proc
@@ -279,3 +307,50 @@ def _merged(lm, inputs, i, img) -> ImageGrid:
 def _queries(lm, inputs, i, img) -> ImageGrid:
     n = lm.config.num_query_tokens
     return ImageGrid(n, (View("queries", 0, 1, n, n, spatial=False),))
+
+
+def tile_views(rows: int, cols: int, side: int, seq: int, offset: int = 0) -> list[View]:
+    """One view per tile of a ``rows`` x ``cols`` split of the image, in reading order, ``seq`` tokens each
+    (``side`` x ``side``), each showing its own part of the picture."""
+    return [View(f"tile {r},{c}", offset + (r * cols + c) * seq, side, side, side,
+                 extent=(c / cols, r / rows, (c + 1) / cols, (r + 1) / rows))
+            for r in range(rows) for c in range(cols)]
+
+
+def _tiles_global(lm, inputs, i, img) -> ImageGrid:
+    """Idefics3 / SmolVLM: tiles tagged <row_r_col_c> in reading order, then the global image (alone when the
+    image is not split)."""
+    seq = int(lm.processor.image_seq_len)
+    side = int(round(seq ** 0.5))
+    out = lm.processor.image_processor([[img]], return_row_col_info=True)
+    rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+    tiles = tile_views(rows, cols, side, seq)
+    glob = View("global", rows * cols * seq, side, side, side)
+    return ImageGrid(seq * (rows * cols + 1), tuple(tiles) + (glob,), main=len(tiles))
+
+
+def _tiles_thumbnail(lm, inputs, i, img) -> ImageGrid:
+    """InternVL: tiles in reading order with nothing between them, then a thumbnail of the whole image when there
+    is more than one tile."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    ip = lm.processor.image_processor
+    seq = int(lm.processor.image_seq_length)
+    side = int(round(seq ** 0.5))
+    tile = (_size_get(ip.size, "height"), _size_get(ip.size, "width"))
+    cols, rows = get_optimal_tiled_canvas((img.height, img.width), tile, ip.min_patches, ip.max_patches) \
+        if getattr(ip, "crop_to_patches", False) else (1, 1)
+    tiles = tile_views(rows, cols, side, seq)
+    if rows * cols == 1:
+        return ImageGrid(seq, (View("base", 0, side, side, side),))
+    thumb = View("thumbnail", rows * cols * seq, side, side, side)
+    return ImageGrid(seq * (rows * cols + 1), tuple(tiles) + (thumb,), main=len(tiles))
+
+
+def _rows_break(lm, inputs, i, img) -> ImageGrid:
+    """Mistral 3 (Pixtral): rows of image tokens, each but the last followed by [IMG_BREAK] and the last by
+    [IMG_END]; those two have their own ids, so the image tokens found by id form a plain rows x cols block."""
+    h, w = (int(x) for x in inputs["image_sizes"][i])
+    step = lm.config.vision_config.patch_size * lm.config.spatial_merge_size
+    rows, cols = h // step, w // step
+    return ImageGrid(rows * cols, (View("merged", 0, rows, cols, cols),))

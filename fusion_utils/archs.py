@@ -6,7 +6,7 @@ out spatially; how a prompt is built. Code elsewhere reads these fields instead 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,28 @@ class ArchSpec:
     hub_examples: tuple[str, ...] = ()
     paper_notes: str = ""
     fields: dict = field(default_factory=dict)
+    # the family the report and plots group by ("llava", "qwen", "gemma", ...): the paper's LLaVA-family and
+    # Qwen-family results are read per family
+    family: str = ""
+    # dotted path, relative to a decoder layer, of the attention module whose kernel the attention plans wrap
+    attention: str = "self_attn"
+    # image tokens attend to each other both ways (Gemma 3 through token_type_ids, PaliGemma's prefix-LM)
+    bidirectional_image: bool = False
+    # what reaches the image positions other than through layer 0's input ("" = nothing); see `probe_note`
+    injections: str = ""
+    # the processor takes one list of images per prompt (Gemma 3, Idefics3) rather than one flat list
+    nested_images: bool = False
+    # one sentence the chapters print beside this model's curves, where the paper's probe means something different
+    probe_note: str = ""
 
     @property
     def spatial(self) -> bool:
         """Whether the image tokens tile the picture (InstructBLIP's Q-Former queries do not)."""
         return self.grid != "none"
 
+
+LLAVA_LIKE = dict(decoder="model.language_model", lm_head="lm_head",
+                  image_token_attrs=("image_token_id", "image_token_index"), prompt="chat_template")
 
 _SPECS = [
     ArchSpec(
@@ -73,7 +89,83 @@ _SPECS = [
     ),
 ]
 
+NEW_SPECS = [
+    ArchSpec(
+        "qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", grid="merged_thw",
+        extra_model_inputs=("image_grid_thw", "mm_token_type_ids"), family="qwen",
+        hub_examples=("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"),
+        injections="DeepStack: features from three vision layers are added to the outputs of the first text layers "
+                   "at the image positions; a zero mask acts on one layer's input and leaves them in place, a "
+                   "knockout (image-to-text attention cut) removes them with the rest of the image, and sweeps "
+                   "run naive (a replay of single layers would miss them)",
+        probe_note="Qwen3-VL adds vision features into the first text layers' outputs at the image positions "
+                   "(DeepStack), so masking the image at one layer does not remove what those layers add.",
+        **LLAVA_LIKE,
+    ),
+    ArchSpec(
+        "gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", grid="square", extra_model_inputs=("token_type_ids",),
+        family="gemma", bidirectional_image=True, nested_images=True, hub_examples=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
+        probe_note="Gemma 3's image tokens attend to each other both ways (token_type_ids), so an image token's "
+                   "state already mixes the whole image before any text reads it.",
+        **LLAVA_LIKE,
+    ),
+    ArchSpec(
+        "llava_onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration", grid="anyres",
+        extra_model_inputs=("image_sizes",), family="llava",
+        hub_examples=("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
+        **LLAVA_LIKE,
+    ),
+    ArchSpec(
+        "idefics3", "Idefics3", "Idefics3ForConditionalGeneration", grid="tiles_global", family="idefics",
+        nested_images=True, decoder="model.text_model", lm_head="lm_head", image_token_attrs=("image_token_id",),
+        prompt="chat_template", hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3",),
+    ),
+    ArchSpec(
+        "smolvlm", "SmolVLM", "SmolVLMForConditionalGeneration", grid="tiles_global", family="idefics",
+        nested_images=True, decoder="model.text_model", lm_head="lm_head", image_token_attrs=("image_token_id",),
+        prompt="chat_template", hub_examples=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
+    ),
+    ArchSpec(
+        "internvl", "InternVL", "InternVLForConditionalGeneration", grid="tiles_thumbnail", family="internvl",
+        hub_examples=("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-2B-hf"), **LLAVA_LIKE,
+    ),
+    ArchSpec(
+        "mistral3", "Mistral 3", "Mistral3ForConditionalGeneration", grid="rows_break", family="mistral",
+        extra_model_inputs=("image_sizes",),
+        hub_examples=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",), **LLAVA_LIKE,
+    ),
+    ArchSpec(
+        "paligemma", "PaliGemma", "PaliGemmaForConditionalGeneration", grid="square", family="gemma",
+        bidirectional_image=True, extra_model_inputs=("token_type_ids",),
+        hub_examples=("google/paligemma-3b-mix-224", "google/paligemma2-3b-mix-448"),
+        probe_note="PaliGemma's image and question form a prefix that attends both ways, so the image tokens also "
+                   "read the question and a knockout of image-to-text attention cuts edges in both directions.",
+        **LLAVA_LIKE,
+    ),
+]
+
+_FAMILIES = {"llava": "llava", "llava_next": "llava", "vipllava": "llava", "instructblip": "llava",
+             "qwen2_vl": "qwen", "qwen2_5_vl": "qwen"}
+_SPECS = [replace(s, family=_FAMILIES[s.model_type]) for s in _SPECS] + NEW_SPECS
+
 ARCHS: dict[str, ArchSpec] = {s.model_type: s for s in _SPECS}
+
+# architectures where the paper's probe (masking the image tokens in the language model's sequence) cannot apply
+REFUSED: dict[str, str] = {
+    "mllama": "Mllama reads the image through cross-attention layers, so no image tokens sit in the language "
+              "model's sequence for the probe to mask.",
+    "florence2": "Florence-2 is an encoder-decoder: the image enters the decoder through cross-attention, not as "
+                 "tokens of a decoder-only language model's sequence.",
+    "idefics": "Idefics (1) reads the image through gated cross-attention layers, not as tokens in the language "
+               "model's sequence.",
+    "mamba": "A recurrent (state-space) mixer has no attention between positions, so image-to-text edges cannot "
+             "be knocked out.",
+    "falcon_mamba": "A recurrent (state-space) mixer has no attention between positions, so image-to-text edges "
+                    "cannot be knocked out.",
+    "rwkv": "A recurrent mixer has no attention between positions, so image-to-text edges cannot be knocked out.",
+    "lfm2_vl": "LFM2's convolutional mixers carry the image into the text without attention, so a knockout of "
+               "image-to-text attention does not remove the image.",
+}
 
 
 def supported() -> str:
@@ -81,6 +173,8 @@ def supported() -> str:
 
 
 def get_spec(model_type: str) -> ArchSpec:
+    if model_type in REFUSED:
+        raise ValueError(f"Architecture {model_type!r} is refused: {REFUSED[model_type]}")
     try:
         return ARCHS[model_type]
     except KeyError:
@@ -89,8 +183,46 @@ def get_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
+def family_of(model_type: str) -> str:
+    """The family (``"llava"``, ``"qwen"``, ``"gemma"``, ...) of a supported architecture, ``""`` if unknown."""
+    spec = ARCHS.get(model_type)
+    return spec.family if spec is not None else ""
+
+
+def families() -> dict[str, tuple[str, ...]]:
+    """Every family and its architectures, in registry order."""
+    out: dict[str, list[str]] = {}
+    for s in _SPECS:
+        out.setdefault(s.family, []).append(s.model_type)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def resolve(obj, dotted: str):
     """Follow a dotted attribute path (`model.language_model`) from `obj`."""
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def discover(model) -> dict:
+    """What can be read off a loaded image-text-to-text model without its `ArchSpec`: the dotted path of the
+    decoder (the module holding ``layers``, ``norm`` and ``embed_tokens``), of the LM head (the output embeddings),
+    of each layer's attention module, and the image token id from the config. `get_spec` entries declare the same
+    paths; a test checks the two agree, so a new entry only has to declare what cannot be discovered (layout,
+    bidirectional image attention, injections)."""
+    import torch
+
+    decoder = next((name for name, m in model.named_modules()
+                    if isinstance(getattr(m, "layers", None), torch.nn.ModuleList) and hasattr(m, "norm")
+                    and hasattr(m, "embed_tokens")), None)
+    head = model.get_output_embeddings()
+    lm_head = next((name for name, m in model.named_modules() if m is head), None)
+    attention = None
+    if decoder is not None:
+        layer = resolve(model, decoder).layers[0]
+        attention = next((name for name, m in layer.named_modules()
+                          if name and hasattr(m, "q_proj") and hasattr(m, "o_proj")), None)
+    cfg = model.config
+    token = next((getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None),
+                 None)
+    return {"decoder": decoder, "lm_head": lm_head, "attention": attention, "image_token_id": token}

@@ -90,10 +90,17 @@ def _run(args) -> int:
 
 
 def _archs(args) -> int:
-    from .archs import ARCHS
+    from .archs import ARCHS, REFUSED
 
+    print("supported (model_type, name, family, image-token layout, e.g.):")
     for spec in ARCHS.values():
-        print(f"{spec.model_type:12s} {spec.label:12s} grid={spec.grid:10s} e.g. {', '.join(spec.hub_examples)}")
+        print(f"  {spec.model_type:16s} {spec.label:16s} {spec.family:9s} layout={spec.grid:16s} "
+              f"e.g. {', '.join(spec.hub_examples)}")
+        if spec.probe_note:
+            print(f"  {'':16s} note: {spec.probe_note}")
+    print("refused (the paper's probe cannot apply):")
+    for model_type, reason in REFUSED.items():
+        print(f"  {model_type:16s} {reason}")
     return 0
 
 

@@ -76,6 +76,11 @@ class LoadedModel:
         return self.decoder.layers
 
     @property
+    def attention_modules(self) -> list[torch.nn.Module]:
+        """Each decoder layer's attention module (`ArchSpec.attention`), whose kernel the attention plans wrap."""
+        return [resolve(layer, self.spec.attention) for layer in self.layers]
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 

@@ -26,7 +26,7 @@ from conftest import book_out_dir
 import yaml
 
 from fusion_utils import book
-from fusion_utils.testing import TINY_ARCHS, save_tiny_models
+from fusion_utils.testing import PAPER_ARCHS, save_tiny_models
 from test_book import Site, check_page, require_chromium, toc_chapters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ NOTHING, DOES_NOT_APPLY = "Nothing found.", "Does not apply."
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    return save_tiny_models(book_out_dir(tmp_path_factory, "tiny-models"))
+    return save_tiny_models(book_out_dir(tmp_path_factory, "tiny-models"), PAPER_ARCHS)
 
 
 def with_models(params_name: str, models: dict[str, Path], out: Path) -> Path:
@@ -123,7 +123,7 @@ def check_chapters(out: Path, report, expect: dict, models: list[str], tmp_path:
 @pytest.mark.slow
 def test_book_renders_on_all_six_architectures(six_book, tmp_path):
     out, report = six_book
-    labels = [f"{a} [" for a in TINY_ARCHS]  # "llava [LLaVA-1.5]", ...: every model is on every chapter page
+    labels = [f"{a} [" for a in PAPER_ARCHS]  # "llava [LLaVA-1.5]", ...: every model is on every chapter page
     check_chapters(out, report, SIX_EXPECT, labels, tmp_path)
 
 

@@ -209,7 +209,8 @@ def test_fast_sweep_shares_one_prefix_copy(lm, mode, n, monkeypatch):
         used.clear()
         fast = masking_sweep(lm, b, mode=mode, **kw)
         naive = masking_sweep(lm, b, mode=mode, method="naive", **kw)
-        assert used == [True], kw
+        # injections between layers (DeepStack) send every sweep down the naive path
+        assert used == ([] if lm.spec.injections else [True]), kw
         torch.testing.assert_close(fast["logits"], naive["logits"], rtol=1e-4, atol=1e-4)
 
 

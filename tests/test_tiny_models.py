@@ -7,16 +7,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fusion_utils.prompts import render_prompt, user_text  # noqa: E402
-from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir  # noqa: E402
+from fusion_utils.testing import PAPER_ARCHS, TINY_ARCHS, sample_images, tiny_model_dir  # noqa: E402
 
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "vipllava": "VipLlavaForConditionalGeneration",
-    "instructblip": "InstructBlipForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+from fusion_utils.archs import ARCHS  # noqa: E402
+
+MODEL_CLASSES = {arch: ARCHS[arch].model_class for arch in TINY_ARCHS}
 QUESTIONS = ["What is the color of the car?", "How many people are in the picture?"]
 
 
@@ -37,7 +32,9 @@ def _load(path, arch):
 def _inputs(processor, arch, images):
     style = "instructblip" if arch == "instructblip" else "chat_template"
     prompts = [render_prompt(processor, user_text(q), 1, style) for q in QUESTIONS[: len(images)]]
-    return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    nested = ARCHS[arch].nested_images
+    return processor(images=[[im] for im in images] if nested else images, text=prompts, padding=True,
+                     return_tensors="pt")
 
 
 def _image_token_id(config):
@@ -56,7 +53,7 @@ def _consumed_per_image(arch, model, inputs):
     return [int(f.shape[0]) for f in out.pooler_output]
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", PAPER_ARCHS)  # the new ones: tests/test_new_archs.py
 def test_tiny_model_roundtrip_forward_generate(arch):
     path = tiny_model_dir(arch)
     assert (path / "model.safetensors").exists()

@@ -23,10 +23,7 @@ STATE = "fusion_utils_attention"  # the attribute an attention module carries wh
 
 def attention_modules(lm) -> list:
     """Each decoder layer's attention module (the path is the architecture's, `ArchSpec.attention`)."""
-    from ..archs import resolve
-
-    path = getattr(lm.spec, "attention", None) or "self_attn"
-    return [resolve(layer, path) for layer in lm.layers]
+    return lm.attention_modules
 
 
 def override_of(module):

@@ -65,6 +65,9 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
     MaskImage(0, mode, window)  # validates mode / window
     if method not in ("reuse", "naive"):
         raise ValueError("method must be 'reuse' or 'naive'.")
+    if lm.spec.injections:
+        # the replays run decoder layers alone and would miss what the model adds between layers (DeepStack)
+        method = "naive"
     if method == "naive":
         plain = plain_forward(lm, batch).logits[:, -1].float()
         out = []
@@ -117,6 +120,7 @@ def join(hidden, active: list, rec, j: int, new: list, P: int):
 
 def run_growing(lm, rec, variants, windows, img, B, batched):
     """Run variants through the decoder from their first masked layer, stacked as one growing batch."""
+    check_replayable(lm)
     start = {v: min(windows[v]) for v in variants}
     active: list[int] = []
     hidden = None
@@ -135,8 +139,16 @@ def run_growing(lm, rec, variants, windows, img, B, batched):
     return {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
 
 
+def check_replayable(lm) -> None:
+    """A replay runs decoder layers alone; it would miss what the model adds between layers (`ArchSpec.injections`)."""
+    if lm.spec.injections:
+        raise ValueError(f"{lm.spec.label} has injections between layers ({lm.spec.injections}); a replay of its "
+                         "layers would miss them: use method='naive'.")
+
+
 def decoder_inputs(lm, batch):
     """One plain pass with a KV cache; returns (plain last logits, the kwargs the decoder received, the cache)."""
+    check_replayable(lm)
     with record_decoder_call(lm) as captured:
         out = lm.model(**batch.inputs, use_cache=True)
     if "positional" in captured or captured.get("inputs_embeds") is None:
