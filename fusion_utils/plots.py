@@ -45,12 +45,8 @@ RELEVANT_COLOR = "#17becf"  # outline of ground-truth relevant cells
 HEATMAP_CMAP = "magma"
 DIVERGING_CMAP = "RdBu_r"
 
-# a fixed colour per model family (colour-blind palette); unknown labels get a stable hashed colour
+# a fixed colour per architecture (colour-blind palette, in `archs.ARCHS` order); unknown labels get a stable hashed one
 _PALETTE = sns.color_palette("colorblind", 10)
-_FAMILY_COLORS = [  # (substring of the normalised label, colour index); first match wins
-    ("vip", 5), ("next", 1), ("1.6", 1), ("instructblip", 4), ("blip", 4), ("qwen2.5", 6), ("qwen2_5", 6),
-    ("qwen25", 6), ("qwen", 2), ("llava", 0),
-]
 
 __all__ = [
     "BOOK_WIDTH", "use_style", "model_color", "masking_curves", "review_evidence", "attention_heatmaps",
@@ -72,14 +68,22 @@ def figure_style():
         yield
 
 
+def norm(text: str) -> str:
+    return str(text).lower().replace("-", "_").replace(" ", "_").replace(".", "_")
+
+
 def model_color(label: str):
-    """The colour of a model in every figure: by family name when recognisable, else a stable hashed colour."""
-    key = str(label).lower().replace("-", "_").replace(" ", "_")
-    for sub, idx in _FAMILY_COLORS:
-        if sub.replace("-", "_") in key:
-            return _PALETTE[idx]
+    """The colour of a model in every figure: its architecture's (the longest `ArchSpec` label or model type found
+    in ``label``), else a stable hashed colour."""
+    from .archs import ARCHS
+
+    key = norm(label)
+    found = [(len(name), i) for i, s in enumerate(ARCHS.values()) for name in (norm(s.label), s.model_type)
+             if name in key]
+    if found:
+        return _PALETTE[max(found)[1] % 7]
     h = int(hashlib.md5(str(label).encode()).hexdigest(), 16)
-    return _PALETTE[[7, 8, 9, 3][h % 4]]
+    return _PALETTE[[7, 8, 9][h % 3]]
 
 
 def _as_dict(obj, default_label: str = "model") -> dict:

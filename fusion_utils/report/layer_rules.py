@@ -12,9 +12,7 @@ from . import stats
 from .stats import ALPHA
 from .verdicts import (  # noqa
     INCONCLUSIVE,
-    LLAVA_FAMILY,
     NO,
-    QWEN_FAMILY,
     REPRODUCES,
     decide,
     decide_absence,
@@ -25,6 +23,7 @@ from .verdicts import (  # noqa
     na_row,
     needed,
     require,
+    paper_family,
     verdict_row,
     split_rows,
 )
@@ -199,7 +198,7 @@ def review_verdicts(model: str, arch: str, masking_records: pd.DataFrame | None,
     >>> rows[0]["verdict"].startswith("n/a")
     True
     """
-    family = "llava" if arch in LLAVA_FAMILY else "qwen" if arch in QWEN_FAMILY else None
+    family = paper_family(arch)
     if family is None:
         rows = [na_row("review", model, f"the paper makes no review-layer claim for {arch!r} models")]
     else:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..paper import CLAIMS
+from ..archs import family_of
+from ..paper import CLAIMS, LAYERS
 from . import stats
 from .stats import ALPHA
 
@@ -17,10 +18,14 @@ REPRODUCES, NO, INCONCLUSIVE, NA = "reproduces", "does not reproduce", "inconclu
 PARTLY = "partly"  # kept for callers that compare with it; no rule returns it any more
 
 
-LLAVA_FAMILY = ("llava", "llava_next", "vipllava", "instructblip")
+def paper_family(arch: str) -> str | None:
+    """The family whose result the paper reports for ``arch`` ("llava" or "qwen", from `ArchSpec.family`), or None
+    for an architecture the paper did not study (its claims then state no expected direction)."""
+    return family_of(arch) or None if arch in LAYERS else None
 
 
-QWEN_FAMILY = ("qwen2_vl", "qwen2_5_vl")
+LLAVA_FAMILY = tuple(a for a in LAYERS if paper_family(a) == "llava")  # the paper's LLaVA-family architectures
+QWEN_FAMILY = tuple(a for a in LAYERS if paper_family(a) == "qwen")
 
 
 CLAIM_TEXT = {**CLAIMS,
