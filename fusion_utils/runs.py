@@ -342,6 +342,20 @@ class Run:
             return pd.DataFrame(columns=["id"])
         return pd.DataFrame(rows)
 
+    def resume(self) -> int:
+        """Make the run ready to continue after a kill: a truncated last line is dropped and the finished samples are
+        read again; returns how many there are.
+
+        >>> run = open_run("runs", "masking", config); run.resume()   # open_run already does this
+        """
+        self._repair_tail()
+        self.refresh()
+        return len(self.done_ids())
+
+    def refresh(self) -> None:
+        """Forget which samples are done (read again on the next `done_ids`): another process appended records."""
+        self._done = None
+
     def done_ids(self) -> set[str]:
         """The ids already recorded (as strings), to skip finished samples when resuming."""
         if self._done is None:
@@ -475,8 +489,8 @@ def open_run(root: str | os.PathLike, experiment: str, config: Mapping[str, Any]
         doc = {"key": key, "hash": digest, "experiment": experiment, "config": canon, "provenance": prov}
         atomic_write_text(cfg_path, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     run = Run(d, experiment, canon, key, digest, shard=shard)
-    run._repair_tail()
+    done = run.resume()
     with open(d / "sessions.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({**prov, "ids_done_before": len(run.done_ids())}, default=_json_default) + "\n")
-    run._done = None
+        f.write(json.dumps({**prov, "ids_done_before": done}, default=_json_default) + "\n")
+    run.refresh()  # other ranks may append before this one asks what is done
     return run
