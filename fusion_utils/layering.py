@@ -11,7 +11,7 @@ from pathlib import Path
 
 LAYERS = {
     "archs": 0, "models": 0, "adapters": 0, "prompts": 0, "data": 0, "metrics": 0, "runs": 0, "paper": 0,
-    "testing": 0, "distributed": 0, "layering": 0,
+    "testing": 0, "distributed": 0, "layering": 0, "depth": 0,
     "engine": 1, "interventions": 1, "sweeps": 1, "": 1,  # "": the package facade (fusion_utils/__init__.py)
     "methods": 2,
     "experiments": 3,

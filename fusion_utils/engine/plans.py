@@ -42,19 +42,14 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ..depth import layer_index
+
 GROUPS = ("image", "text", "prefix", "question", "last")
 
 
 # --- what a plan compiles against -------------------------------------------------------------------------------
 
-def check_layer(layer: int, n_layers: int) -> int:
-    """``layer`` as a 0-based index (negative counts from the end), or one clear error."""
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"Layer must be an int, got {type(layer).__name__}.")
-    idx = layer + n_layers if layer < 0 else layer
-    if not 0 <= idx < n_layers:
-        raise ValueError(f"Layer {layer} is out of range: this model has {n_layers} decoder layers (0 to {n_layers - 1}).")
-    return idx
+check_layer = layer_index  # the name the plans have always exported
 
 
 def layer_window(layer: int, window: int, n_layers: int, onward: bool = False) -> list[int]:

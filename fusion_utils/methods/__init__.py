@@ -16,7 +16,7 @@ from .contrastive import CANDIDATE_SETS, candidate_layers, contrastive_map, pre_
 from .crop import (FULL_EXTENT, VICROP_LAYER_OF_32, VICROP_RATIOS, attention_ratio, crop_images, peak_crop_box,
                    vicrop_box, vicrop_layer)
 from .dola import DOLA_BUCKETS, dola_contrast, dola_layers, premature_choice, relative_top_filter
-from .layers import layer_index, scaled_layer
+from ..depth import layer_index, scaled_layer
 from .softmask import REVIEW_LAYER_OF_32, default_apply_layer, soft_mask_tokens
 from .vcd import add_diffusion_noise, diffusion_alphas_bar, vcd_logits
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from ..metrics import hellinger
-from .layers import layer_index
+from ..depth import layer_index
 
 # the candidate sets of the paper's ablation (Table 5); a list of layers is accepted wherever a set name is
 CANDIDATE_SETS = ("fusion", "shallow", "deep", "all")

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .layers import scaled_layer
+from ..depth import scaled_layer
 
 FULL_EXTENT = (0.0, 0.0, 1.0, 1.0)
 

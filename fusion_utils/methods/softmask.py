@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import scaled_layer
+from ..depth import scaled_layer
 
 # the paper's review dip is "near layer 29" (1-based) of LLaVA-1.5's 32 layers
 REVIEW_LAYER_OF_32 = 28

@@ -1,4 +1,5 @@
-"""Layer indices as the methods count them: 0-based decoder layers, negative indices from the end."""
+"""Layer indices as the whole package counts them: 0-based decoder layers, negative indices from the end, and the
+layer at the same relative depth in a model of another depth. The engine's plans and the methods both read them."""
 from __future__ import annotations
 
 
