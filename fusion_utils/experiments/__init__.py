@@ -7,7 +7,9 @@
 - ``contrastive`` (Sec. 5): ``contrastive.contrastive``, soft mask and crop, with ablations;
 - ``baselines`` (Sec. 6): ``baselines.baselines``, plain, ViCrop, VCD, DoLa;
 - ``accuracy``: ``accuracy.accuracy``, plain accuracy per family under an image condition (original, blank, two
-  images); the organisms' bar is measured with it.
+  images); the organisms' bar is measured with it;
+- ``atlas`` (issue 31): ``atlas.atlas``, one model's fusion profile, review-layer inputs and persistent-noise share,
+  composed from the masking and attention runs.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ _REGISTRY = {
     "contrastive": ("contrastive", "contrastive"),
     "baselines": ("baselines", "baselines"),
     "accuracy": ("accuracy", "accuracy"),
+    "atlas": ("atlas", "atlas"),
 }
 EXPERIMENTS = tuple(_REGISTRY)
 

@@ -53,7 +53,7 @@ class Spec:
 
 SPECS: dict[str, Spec] = {}
 MODULES = {"masking": "masking", "hellinger": "layers", "early_exit": "layers", "attention": "attention",
-           "contrastive": "contrastive", "baselines": "baselines", "accuracy": "accuracy"}
+           "contrastive": "contrastive", "baselines": "baselines", "accuracy": "accuracy", "atlas": "atlas"}
 
 
 def register(spec: Spec) -> Spec:
