@@ -158,7 +158,8 @@ def render(params: dict, keys: dict, *, plotly: bool = False) -> dict:
     paths = {name: out / name for name in OUTPUTS}
     atomic_write_text(paths["atlas.csv"], table_csv(table))
     atomic_write_text(paths["atlas.md"], table_markdown(table))
-    atomic_write_text(paths["atlas.html"], table_html(table, figure="atlas.png", title=f"Atlas ({Path(params['path']).name})"))
+    title = f"Atlas ({Path(params['path']).name})"
+    atomic_write_text(paths["atlas.html"], table_html(table, figure="atlas.png", title=title))
     import pandas as pd
 
     profile = pd.concat([pd.DataFrame(e["profile"]).assign(model=e["label"], family=e["family"]) for e in entries],
@@ -243,7 +244,8 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
         from .atlas_plots import table_text
 
         print(table_text(res["table"]).to_string(index=False))
-    print(f"atlas: {len(res['computed'])} model(s) computed, {len(res['reused'])} reused; "
+    who = f"atlas (rank {distributed.rank()})" if distributed.world_size() > 1 else "atlas"
+    print(f"{who}: {len(res['computed'])} model(s) computed, {len(res['reused'])} reused; "
           f"{', '.join(str(p) for p in res['outputs'].values())}")
     return 0
 
@@ -252,7 +254,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     """The ``atlas`` sub-command."""
     a = subparsers.add_parser("atlas", help="the atlas of a list of models: one table and one figure on relative depth",
                               description=__doc__.split("\n\n")[0])
-    a.add_argument("--params", required=True, metavar="FILE", help="atlas parameters file, e.g. book/params/atlas-tiny.yml")
+    a.add_argument("--params", required=True, metavar="FILE",
+                   help="atlas parameters file, e.g. book/params/atlas-tiny.yml")
     a.add_argument("--out", default=None, help="where the table and figure go (default: the file's `out`, else "
                    "atlas/<file stem>)")
     a.add_argument("--ranks", default="models", choices=("models", "samples"),

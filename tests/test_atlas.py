@@ -266,3 +266,23 @@ def test_a_bad_parameters_file_gives_one_sentence(tmp_path, capsys, text, says):
     err = capsys.readouterr().err.strip()
     assert code == 2 and says in err
     assert err.startswith("fusion-utils: ") and "\n" not in err and "Traceback" not in err and err.endswith(".")
+
+
+def test_two_ranks_under_torchrun_write_the_table_one_process_writes(two, tmp_path):
+    """`torchrun --nproc_per_node 2 -m fusion_utils atlas` (gloo, one model per rank) gives one process's table."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, _, models, _ = two
+    params = write_params(tmp_path, models)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FUSION_UTILS_DIST_TIMEOUT="120",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fusion_utils",
+           "atlas", "--params", str(params)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "atlas (rank 0): 1 model(s) computed" in res.stdout and "atlas (rank 1): 1 model(s) computed" in res.stdout
+    assert (tmp_path / "atlas" / "atlas.csv").read_text() == (tmp / "atlas" / "atlas.csv").read_text()
