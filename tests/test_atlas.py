@@ -286,3 +286,21 @@ def test_two_ranks_under_torchrun_write_the_table_one_process_writes(two, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     assert "atlas (rank 0): 1 model(s) computed" in res.stdout and "atlas (rank 1): 1 model(s) computed" in res.stdout
     assert (tmp_path / "atlas" / "atlas.csv").read_text() == (tmp / "atlas" / "atlas.csv").read_text()
+
+
+def test_the_chapter_asks_for_the_runs_the_fusion_and_attention_chapters_make():
+    """The Atlas chapter computes nothing of its own in the default build: its masking modes are the fusion
+    chapter's and its top-k size the attention chapter's, so its runs have their configurations (reused records;
+    `test_the_chapter_reuses_the_fusion_chapters_masking_run` shows the reuse), and it runs after both."""
+    import papermill as pm
+
+    nb = REPO / "notebooks"
+
+    def defaults(name):
+        return {k: v["default"] for k, v in pm.inspect_notebook(str(nb / f"{name}.ipynb")).items()}
+
+    atlas_nb, fusion_nb, attention_nb = defaults("atlas"), defaults("fusion"), defaults("attention")
+    assert atlas_nb["modes"] == fusion_nb["modes"] and atlas_nb["k"] == attention_nb["k"]
+    assert atlas_nb["runs_dir"] == fusion_nb["runs_dir"] == attention_nb["runs_dir"]
+    chapters = list(yaml.safe_load((REPO / "book" / "params" / "default.yml").read_text())["chapters"])
+    assert chapters.index("atlas") > max(chapters.index("fusion"), chapters.index("attention"))
