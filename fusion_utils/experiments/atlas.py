@@ -72,7 +72,7 @@ def atlas_summary(records: pd.DataFrame, ctx=None, *, n_layers: int | None = Non
     att = attention_exp.attention_summary(a) if len(a) else pd.DataFrame({"layer": []})
     out = prof.merge(att, on="layer", how="outer").sort_values("layer").reset_index(drop=True)
     L = n_layers or int(out["layer"].max()) + 1
-    out.insert(1, "rel_depth", out["layer"] / L)
+    out.insert(1, "rel_depth", relative_depth(out["layer"], L))
     return out
 
 
