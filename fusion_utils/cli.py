@@ -7,6 +7,7 @@
     fusion-utils organisms train --all | organisms eval --all
     fusion-utils book build [--params book/params/default.yml]
     fusion-utils book precompute --params book/params/llava-1.5-7b.yml   # the chapters' experiments only
+    fusion-utils atlas --params book/params/atlas-tiny.yml   # one table and figure across models (fusion_utils.atlas)
 
 Data-parallel: start the same command under a launcher, e.g.
 ``torchrun --nproc_per_node 8 -m fusion_utils run masking ...`` or ``accelerate launch -m fusion_utils run ...``;
@@ -150,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
     a = subs.add_parser("archs", help="list the supported architectures")
     a.set_defaults(func=_archs)
+    from .atlas import add_cli as add_atlas
     from .book import add_cli as add_book
     from .organisms.cli import add_cli as add_organisms
 
     add_organisms(subs)
     add_book(subs)
+    add_atlas(subs)
     return parser
 
 

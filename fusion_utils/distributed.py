@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-__all__ = ["launched", "setup", "teardown", "active", "rank", "world_size", "is_main", "barrier", "shard", "step",
-           "device_for", "timeout", "RankFailed", "gather_objects", "Status", "failure"]
+__all__ = ["launched", "setup", "teardown", "active", "alone", "rank", "world_size", "is_main", "barrier", "shard",
+           "step", "device_for", "timeout", "RankFailed", "gather_objects", "Status", "failure"]
+
+
+_ALONE = False  # inside `alone()`: this rank works as a single process although the job has several
 
 
 class RankFailed(RuntimeError):
@@ -59,7 +63,7 @@ def setup(backend: str | None = None, init_method: str | None = None, *, rank_: 
     """
     import torch.distributed as dist
 
-    if not dist.is_available():
+    if _ALONE or not dist.is_available():
         return False
     if dist.is_initialized():
         return dist.get_world_size() > 1
@@ -88,7 +92,20 @@ def active() -> bool:
     """True inside an initialised process group of more than one process."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _ALONE and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def alone():
+    """Inside, this rank runs as if it were the only process (`setup` and `active` say no, `rank` is 0), so the
+    experiments do not split their samples: for jobs split by whole tasks, e.g. one model per rank in
+    ``fusion-utils atlas``. Take the rank and world size before entering."""
+    global _ALONE
+    saved, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = saved
 
 
 def rank() -> int:

@@ -93,6 +93,9 @@ SIX_EXPECT = {
                     "spatial grid, so there is nothing to crop",
                     f"{DOES_NOT_APPLY} instructblip [InstructBLIP] has no spatial grid: A_pre, A_post and I_A"],
     "models": [],
+    "atlas": [f"{NOTHING} Masking the image at any one layer of llava [LLaVA-1.5] drops accuracy by at most",
+              f"{DOES_NOT_APPLY} instructblip [InstructBLIP] has no persistent-noise share: its image tokens are "
+              "query tokens without a spatial grid"],
 }
 BENCHMARK_EXPECT = {
     "fusion": [f"{NOTHING} qwen2_5_vl [Qwen2.5-VL] answers 0% of the questions correctly whichever layer"],
@@ -100,6 +103,8 @@ BENCHMARK_EXPECT = {
     "attention": [f"{DOES_NOT_APPLY} gqa does not say which part of the image answers a question"],
     "contrastive": [f"{DOES_NOT_APPLY} instructblip [InstructBLIP]'s image tokens are query tokens"],
     "models": [],
+    "atlas": [f"{DOES_NOT_APPLY} qwen2_5_vl [Qwen2.5-VL] has no persistent-noise share: gqa does not say which "
+              "part of the image answers a question"],
 }
 
 

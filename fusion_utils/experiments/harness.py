@@ -84,7 +84,7 @@ class Spec:
 SPECS: dict[str, Spec] = {}
 #: the package's own experiments and the module that registers each (imported when first asked for)
 BUILTIN = {"masking": "masking", "hellinger": "layers", "early_exit": "layers", "attention": "attention",
-           "contrastive": "contrastive", "baselines": "baselines", "accuracy": "accuracy"}
+           "contrastive": "contrastive", "baselines": "baselines", "accuracy": "accuracy", "atlas": "atlas"}
 PLUGIN_GROUP = "fusion_utils.experiments"  # entry points of installed packages that register experiments
 
 
