@@ -42,7 +42,7 @@ def load_atlas_params(path) -> dict:
     fix on any problem."""
     import yaml
 
-    from .report import check_params
+    from .book.chapter import check_params
 
     p = Path(path)
     if not p.is_file():
@@ -119,7 +119,7 @@ def compute_entry(params: dict, model: str, data, *, progress: bool = True) -> d
     from . import distributed
     from .atlas_plots import entry
     from .experiments.atlas import atlas
-    from .report import iter_models
+    from .book.chapter import iter_models
 
     for lm in iter_models([model], str(distributed.device_for(params["device"])), params["dtype"]):
         result = atlas(lm, data, modes=params["modes"], decode=params["decode"], k=params["k"],
@@ -197,7 +197,7 @@ def build_atlas(params_file, *, out: str | None = None, ranks: str = "models", p
     from tqdm.auto import tqdm
 
     from . import distributed
-    from .report import load_data
+    from .book.chapter import load_data
 
     if ranks not in ("models", "samples"):
         raise ValueError(f"--ranks must be 'models' or 'samples', got {ranks!r}.")
