@@ -195,9 +195,10 @@ def test_the_chapter_reuses_the_fusion_chapters_masking_run(tmp_path):
     """With the fusion chapter's modes, the atlas opens the fusion chapter's run and computes nothing new."""
     lm = load_model(tiny_model_dir("llava"))
     data = load_dataset("world", n=4, seed=0)
-    first = masking(lm, data, modes=["zero", "knockout"], out=str(tmp_path), batch_size=4, progress=False)
+    kw = dict(modes=["zero", "knockout"], decode="first_token", out=str(tmp_path), batch_size=4, progress=False)
+    first = masking(lm, data, **kw)
     before = (Path(first.run_dir) / "records.jsonl").read_bytes()
-    res = atlas(lm, data, modes=["zero", "knockout"], out=str(tmp_path), batch_size=4, progress=False)
+    res = atlas(lm, data, **kw)
     assert res.extra["runs"]["masking"] == first.run_dir
     assert (Path(first.run_dir) / "records.jsonl").read_bytes() == before
 
