@@ -99,6 +99,18 @@ def text_dims(num_layers, hidden):
                 num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_KV_HEADS, head_dim=hidden // TEXT_HEADS)
 
 
+def randomize_zero_init(model) -> None:
+    """Give random values to the parameters a checkpoint's init leaves at zero where that would blank the image
+    (Gemma 3's projector weight: every image feature would be exactly 0, and masking the image a no-op)."""
+    import torch
+
+    proj = getattr(getattr(getattr(model, "model", None), "multi_modal_projector", None),
+                   "mm_input_projection_weight", None)
+    if proj is not None:
+        with torch.no_grad():
+            proj.normal_(0.0, 0.05)
+
+
 def build(arch: str, num_layers: int, hidden: int, image_size: int):
     """``(config, processor, model class)`` of the tiny ``arch``."""
     return BUILDERS[arch](num_layers, hidden, image_size)
