@@ -33,6 +33,9 @@ class ArchSpec:
     attention: str = "self_attn"
     # image tokens attend to each other both ways (Gemma 3 through token_type_ids, PaliGemma's prefix-LM)
     bidirectional_image: bool = False
+    # the image and the prompt's text form one prefix that attends both ways (PaliGemma's prefix-LM): the image
+    # tokens read the question, so a one-layer zero reaches them through it, and sweeps cannot share a prefix
+    bidirectional_prefix: bool = False
     # what reaches the image positions other than through layer 0's input ("" = nothing); see `probe_note`
     injections: str = ""
     # the processor takes one list of images per prompt (Gemma 3, Idefics3) rather than one flat list
@@ -136,7 +139,7 @@ NEW_SPECS = [
     ),
     ArchSpec(
         "paligemma", "PaliGemma", "PaliGemmaForConditionalGeneration", grid="square", family="gemma",
-        bidirectional_image=True, extra_model_inputs=("token_type_ids",),
+        bidirectional_image=True, bidirectional_prefix=True, extra_model_inputs=("token_type_ids",),
         hub_examples=("google/paligemma-3b-mix-224", "google/paligemma2-3b-mix-448"),
         probe_note="PaliGemma's image and question form a prefix that attends both ways, so the image tokens also "
                    "read the question and a knockout of image-to-text attention cuts edges in both directions.",
