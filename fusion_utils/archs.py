@@ -44,10 +44,18 @@ class ArchSpec:
     probe_note: str = ""
 
     @property
+    def paper_family(self) -> str:
+        """The paper's family ("llava" or "qwen") for the six architectures it studied, "" for the others: a
+        verdict against the paper's effect only applies to its own families' architectures."""
+        return self.family if self.model_type in PAPER_ARCHS else ""
+
+    @property
     def spatial(self) -> bool:
         """Whether the image tokens tile the picture (InstructBLIP's Q-Former queries do not)."""
         return self.grid != "none"
 
+
+PAPER_ARCHS = ("llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl")
 
 LLAVA_LIKE = dict(decoder="model.language_model", lm_head="lm_head",
                   image_token_attrs=("image_token_id", "image_token_index"), prompt="chat_template")
@@ -186,10 +194,13 @@ def get_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
-def family_of(model_type: str) -> str:
-    """The family (``"llava"``, ``"qwen"``, ``"gemma"``, ...) of a supported architecture, ``""`` if unknown."""
+def family_of(model_type: str, paper: bool = False) -> str:
+    """The family (``"llava"``, ``"qwen"``, ``"gemma"``, ...) of a supported architecture, ``""`` if unknown.
+    ``paper=True``: the paper's family, only for the six architectures it studied (`ArchSpec.paper_family`)."""
     spec = ARCHS.get(model_type)
-    return spec.family if spec is not None else ""
+    if spec is None:
+        return ""
+    return spec.paper_family if paper else spec.family
 
 
 def families() -> dict[str, tuple[str, ...]]:
