@@ -82,7 +82,10 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
         try:
             return one_layer_zero_sweep(lm, batch, layers, window)
         except Ambiguous:  # batch dimension of a recorded input unclear: one variant at a time (never tiled)
-            res = [one_layer_zero_sweep(lm, batch, [v], window) for v in layers]
+            try:
+                res = [one_layer_zero_sweep(lm, batch, [v], window) for v in layers]
+            except Ambiguous:  # a cache it cannot fork (sliding-window layers): one masked forward per layer
+                return masking_sweep(lm, batch, layers, mode=mode, window=window, method="naive")
             return {"layers": layers, "logits": torch.cat([r["logits"] for r in res]), "plain": res[0]["plain"]}
     try:
         return knockout_sweep(lm, batch, layers, window, onward)
