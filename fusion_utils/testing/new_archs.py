@@ -273,7 +273,9 @@ def mistral3(num_layers, hidden, image_size):
     vision = dict(model_type="pixtral", hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
                   num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, head_dim=VISION_HIDDEN // 4,
                   image_size=2 * image_size, patch_size=patch)
-    config = tf.Mistral3Config(vision_config=vision, text_config=llama_text(num_layers, hidden, tok, "mistral"),
+    # Mistral-Small-3.1's text model has no sliding window (its config says null)
+    text = dict(llama_text(num_layers, hidden, tok, "mistral"), sliding_window=None)
+    config = tf.Mistral3Config(vision_config=vision, text_config=text,
                                image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=merge,
                                vision_feature_layer=-1, tie_word_embeddings=False)
     # real: longest edge 1540, 14-px patches merged 2 x 2; here longest edge twice the base size
