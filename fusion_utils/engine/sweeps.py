@@ -90,7 +90,11 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
     try:
         return knockout_sweep(lm, batch, layers, window, onward)
     except Ambiguous:
+        pass
+    try:
         return knockout_sweep_batched(lm, batch, layers, window, onward, chunk)
+    except Ambiguous:  # a cache it cannot crop and extend (sliding-window layers): one masked forward per layer
+        return masking_sweep(lm, batch, layers, mode=mode, window=window, onward=onward, method="naive")
 
 
 def zero_sweep(lm, batch, layers, window, onward, chunk):
@@ -160,7 +164,10 @@ def decoder_inputs(lm, batch):
         out = lm.model(**batch.inputs, use_cache=True)
     if "positional" in captured or captured.get("inputs_embeds") is None:
         raise RuntimeError(f"{lm.spec.label}: the decoder was not called with inputs_embeds; use method='naive'.")
-    return out.logits[:, -1].float(), captured, language_model_cache(out)
+    cache = language_model_cache(out)
+    if not reusable(cache):
+        raise Ambiguous
+    return out.logits[:, -1].float(), captured, cache
 
 
 def knockout_sweep_batched(lm, batch, layers, window, onward, chunk):
