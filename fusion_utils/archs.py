@@ -33,6 +33,9 @@ class ArchSpec:
     attention: str = "self_attn"
     # image tokens attend to each other both ways (Gemma 3 through token_type_ids, PaliGemma's prefix-LM)
     bidirectional_image: bool = False
+    # the image and the prompt's text form one prefix that attends both ways (PaliGemma's prefix-LM): the image
+    # tokens read the question, so a one-layer zero reaches them through it, and sweeps cannot share a prefix
+    bidirectional_prefix: bool = False
     # what reaches the image positions other than through layer 0's input ("" = nothing); see `probe_note`
     injections: str = ""
     # the processor takes one list of images per prompt (Gemma 3, Idefics3) rather than one flat list
@@ -41,10 +44,18 @@ class ArchSpec:
     probe_note: str = ""
 
     @property
+    def paper_family(self) -> str:
+        """The paper's family ("llava" or "qwen") for the six architectures it studied, "" for the others: a
+        verdict against the paper's effect only applies to its own families' architectures."""
+        return self.family if self.model_type in PAPER_ARCHS else ""
+
+    @property
     def spatial(self) -> bool:
         """Whether the image tokens tile the picture (InstructBLIP's Q-Former queries do not)."""
         return self.grid != "none"
 
+
+PAPER_ARCHS = ("llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl")
 
 LLAVA_LIKE = dict(decoder="model.language_model", lm_head="lm_head",
                   image_token_attrs=("image_token_id", "image_token_index"), prompt="chat_template")
@@ -136,7 +147,7 @@ NEW_SPECS = [
     ),
     ArchSpec(
         "paligemma", "PaliGemma", "PaliGemmaForConditionalGeneration", grid="square", family="gemma",
-        bidirectional_image=True, extra_model_inputs=("token_type_ids",),
+        bidirectional_image=True, bidirectional_prefix=True, extra_model_inputs=("token_type_ids",),
         hub_examples=("google/paligemma-3b-mix-224", "google/paligemma2-3b-mix-448"),
         probe_note="PaliGemma's image and question form a prefix that attends both ways, so the image tokens also "
                    "read the question and a knockout of image-to-text attention cuts edges in both directions.",
@@ -183,10 +194,13 @@ def get_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
-def family_of(model_type: str) -> str:
-    """The family (``"llava"``, ``"qwen"``, ``"gemma"``, ...) of a supported architecture, ``""`` if unknown."""
+def family_of(model_type: str, paper: bool = False) -> str:
+    """The family (``"llava"``, ``"qwen"``, ``"gemma"``, ...) of a supported architecture, ``""`` if unknown.
+    ``paper=True``: the paper's family, only for the six architectures it studied (`ArchSpec.paper_family`)."""
     spec = ARCHS.get(model_type)
-    return spec.family if spec is not None else ""
+    if spec is None:
+        return ""
+    return spec.paper_family if paper else spec.family
 
 
 def families() -> dict[str, tuple[str, ...]]:

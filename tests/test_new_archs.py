@@ -86,6 +86,8 @@ def test_spec_fields_and_families():
         assert spec.grid in ("square", "anyres", "merged_thw", "tiles_global", "tiles_thumbnail", "rows_break")
     assert archs.family_of("llava_onevision") == "llava" and archs.family_of("qwen3_vl") == "qwen"
     assert archs.family_of("nope") == ""
+    assert archs.family_of("llava_next", paper=True) == "llava" and archs.family_of("qwen2_5_vl", paper=True) == "qwen"
+    assert archs.family_of("llava_onevision", paper=True) == "" and archs.family_of("qwen3_vl", paper=True) == ""
     assert archs.get_spec("qwen3_vl").injections and archs.get_spec("qwen3_vl").probe_note
     assert archs.get_spec("gemma3").bidirectional_image and archs.get_spec("gemma3").probe_note
     assert "gemma3" in archs.families()["gemma"]

@@ -79,6 +79,21 @@ def token_groups(image_mask: torch.Tensor, attention_mask: torch.Tensor | None) 
     }
 
 
+def image_blocks(image_mask: torch.Tensor, image_positions, grids) -> torch.Tensor:
+    """bool [batch, seq]: each image's tokens and the layout tokens between its first and last one (Idefics3's tile
+    tags, Pixtral's row breaks). A one-layer zero restores the whole block: a tag between two tiles read the zeroed
+    first tile, and the next tile would carry that into the layers above."""
+    out = image_mask.clone()
+    for b, pos in enumerate(image_positions):
+        start = 0
+        for grid in grids[b]:
+            part = pos[start:start + grid.n_tokens]
+            start += grid.n_tokens
+            if len(part):
+                out[b, int(part[0]):int(part[-1]) + 1] = True
+    return out
+
+
 class Site:
     """The model and batch a plan compiles against.
 
@@ -99,6 +114,11 @@ class Site:
 
     def layer(self, layer: int) -> int:
         return check_layer(layer, self.n_layers)
+
+    def image_blocks(self) -> torch.Tensor:
+        """bool [batch, seq]: each image's tokens and the layout tokens between its first and last one
+        (`image_blocks`)."""
+        return image_blocks(self.groups["image"], self.image_positions, self.grids)
 
     def image_tokens(self, tokens: Sequence | None, who: str = "plan") -> torch.Tensor:
         """bool [batch, seq]: the image tokens chosen per sample -- indices into its image tokens, or a bool mask over
@@ -246,7 +266,8 @@ class MaskImage(Plan):
 
     ``mode="zero"`` (one layer): that layer reads zeros at the image positions -- their hidden states are zeroed at
     its input, so its keys and values there come from zeros -- while the image positions' own outputs of the layer
-    stay the unmasked ones: from the next layer on they carry the unmasked stream again. Only layer ``layer``'s
+    stay the unmasked ones: from the next layer on they carry the unmasked stream again (so do layout tokens inside
+    the image block, `Site.image_blocks`). Only layer ``layer``'s
     computation changes, which is what lets a late "review" layer show up in a masking curve.
     ``mode="knockout"``: at that layer, text queries cannot attend to image keys.
     ``window=k``: k consecutive layers centred on ``layer``, each as above (the cross-modal information-flow protocol
@@ -273,7 +294,7 @@ class MaskImage(Plan):
         img = site.groups["image"]
         if self.mode == "knockout":
             return [AttentionEdit(j, block_edges(img, site.groups["text"])) for j in self.layers(site.n_layers)]
-        restore = None if self.onward else img
+        restore = None if self.onward else site.image_blocks()
         return [HiddenEdit(j, zero_positions(img), restore=restore) for j in self.layers(site.n_layers)]
 
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .intervene import intervene
-from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, layer_window
+from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, image_blocks, layer_window
 from .prefix import Group, Unshareable, shared_prefix_attention
 from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, position_slice, record_decoder_call,
                      record_inputs, record_outputs, reusable, set_layer_kv, text_after_image_start, tile)
@@ -65,8 +65,9 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
     MaskImage(0, mode, window)  # validates mode / window
     if method not in ("reuse", "naive"):
         raise ValueError("method must be 'reuse' or 'naive'.")
-    if lm.spec.injections:
-        # the replays run decoder layers alone and would miss what the model adds between layers (DeepStack)
+    if lm.spec.injections or lm.spec.bidirectional_prefix:
+        # the replays run decoder layers alone and would miss what the model adds between layers (DeepStack); a
+        # prefix that attends both ways lets the image read the question, so no prefix is shared
         method = "naive"
     if method == "naive":
         plain = plain_forward(lm, batch).logits[:, -1].float()
@@ -81,12 +82,19 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
         try:
             return one_layer_zero_sweep(lm, batch, layers, window)
         except Ambiguous:  # batch dimension of a recorded input unclear: one variant at a time (never tiled)
-            res = [one_layer_zero_sweep(lm, batch, [v], window) for v in layers]
+            try:
+                res = [one_layer_zero_sweep(lm, batch, [v], window) for v in layers]
+            except Ambiguous:  # a cache it cannot fork (sliding-window layers): one masked forward per layer
+                return masking_sweep(lm, batch, layers, mode=mode, window=window, method="naive")
             return {"layers": layers, "logits": torch.cat([r["logits"] for r in res]), "plain": res[0]["plain"]}
     try:
         return knockout_sweep(lm, batch, layers, window, onward)
     except Ambiguous:
+        pass
+    try:
         return knockout_sweep_batched(lm, batch, layers, window, onward, chunk)
+    except Ambiguous:  # a cache it cannot crop and extend (sliding-window layers): one masked forward per layer
+        return masking_sweep(lm, batch, layers, mode=mode, window=window, onward=onward, method="naive")
 
 
 def zero_sweep(lm, batch, layers, window, onward, chunk):
@@ -144,6 +152,9 @@ def check_replayable(lm) -> None:
     if lm.spec.injections:
         raise ValueError(f"{lm.spec.label} has injections between layers ({lm.spec.injections}); a replay of its "
                          "layers would miss them: use method='naive'.")
+    if lm.spec.bidirectional_prefix:
+        raise ValueError(f"{lm.spec.label}'s image reads the question (a prefix that attends both ways); a replay "
+                         "that shares the prompt up to the image would miss it: use method='naive'.")
 
 
 def decoder_inputs(lm, batch):
@@ -153,7 +164,10 @@ def decoder_inputs(lm, batch):
         out = lm.model(**batch.inputs, use_cache=True)
     if "positional" in captured or captured.get("inputs_embeds") is None:
         raise RuntimeError(f"{lm.spec.label}: the decoder was not called with inputs_embeds; use method='naive'.")
-    return out.logits[:, -1].float(), captured, language_model_cache(out)
+    cache = language_model_cache(out)
+    if not reusable(cache):
+        raise Ambiguous
+    return out.logits[:, -1].float(), captured, cache
 
 
 def knockout_sweep_batched(lm, batch, layers, window, onward, chunk):
@@ -235,6 +249,7 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
             lm.layers[j](h, *args, past_key_values=scratch, **position_slice(kwargs, 0, P, S, P, B, device))
             zero_kv[j] = layer_kv(scratch, j)
     suffix_img = img[:, P:]
+    suffix_block = image_blocks(img, batch.image_positions, batch.grids)[:, P:]  # restored after a one-layer zero
     if shares_prefix(rec, img, P, S):
         try:
             results = shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img, P, S, mode)
@@ -268,8 +283,9 @@ def suffix_sweep(lm, batch, layers, window, onward, mode):
         res = lm.layers[j](hidden.masked_fill(zero_here[..., None].to(hidden.device), 0.0), *rest,
                            past_key_values=cache, **kw)
         out_j = res[0] if isinstance(res, tuple) else res
-        if zero_here.any() and j + 1 < L:  # those positions' own outputs stay unmasked: the plain pass's
-            out_j = torch.where(zero_here[..., None].to(out_j.device),
+        keep = suffix_block.repeat(n, 1) & masked[:, None]
+        if keep.any() and j + 1 < L:  # the image blocks' own outputs stay unmasked: the plain pass's
+            out_j = torch.where(keep[..., None].to(out_j.device),
                                 rec.hidden(j + 1)[:, P:].repeat(n, 1, 1).to(out_j.device), out_j)
         hidden = out_j
     last = head(lm, hidden[:, -1])

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .new_archs import DEFAULT_IMAGE_SIZE as NEW_IMAGE_SIZE
-from .new_archs import NEW_ARCHS, build as build_new
+from .new_archs import NEW_ARCHS, build as build_new, randomize_zero_init
 
 # every supported architecture, as a tiny random model (the names of `fusion_utils.archs.ARCHS`)
 PAPER_ARCHS = ("llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl")
@@ -319,6 +319,8 @@ def _write(out: Path, arch, num_layers, hidden, image_size, seed) -> None:
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
+        if arch in NEW_ARCHS:
+            randomize_zero_init(model)
     gen = model.generation_config
     tok = processor.tokenizer
     gen.pad_token_id = tok.pad_token_id

@@ -99,6 +99,18 @@ def text_dims(num_layers, hidden):
                 num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_KV_HEADS, head_dim=hidden // TEXT_HEADS)
 
 
+def randomize_zero_init(model) -> None:
+    """Give random values to the parameters a checkpoint's init leaves at zero where that would blank the image
+    (Gemma 3's projector weight: every image feature would be exactly 0, and masking the image a no-op)."""
+    import torch
+
+    proj = getattr(getattr(getattr(model, "model", None), "multi_modal_projector", None),
+                   "mm_input_projection_weight", None)
+    if proj is not None:
+        with torch.no_grad():
+            proj.normal_(0.0, 0.05)
+
+
 def build(arch: str, num_layers: int, hidden: int, image_size: int):
     """``(config, processor, model class)`` of the tiny ``arch``."""
     return BUILDERS[arch](num_layers, hidden, image_size)
@@ -261,7 +273,9 @@ def mistral3(num_layers, hidden, image_size):
     vision = dict(model_type="pixtral", hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
                   num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, head_dim=VISION_HIDDEN // 4,
                   image_size=2 * image_size, patch_size=patch)
-    config = tf.Mistral3Config(vision_config=vision, text_config=llama_text(num_layers, hidden, tok, "mistral"),
+    # Mistral-Small-3.1's text model has no sliding window (its config says null)
+    text = dict(llama_text(num_layers, hidden, tok, "mistral"), sliding_window=None)
+    config = tf.Mistral3Config(vision_config=vision, text_config=text,
                                image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=merge,
                                vision_feature_layer=-1, tie_word_embeddings=False)
     # real: longest edge 1540, 14-px patches merged 2 x 2; here longest edge twice the base size
