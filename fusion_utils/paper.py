@@ -77,16 +77,16 @@ def depth_fraction(layer0: int, n_layers: int = PAPER_N_LAYERS) -> float:
 _LLAVA_FAMILY = {"n_layers": PAPER_N_LAYERS, "review_layer": REVIEW_LAYER, "plateau_from": PLATEAU_FROM,
                  "reported": {"review_layer": REVIEW_LAYER_REPORTED, "plateau_after": PLATEAU_AFTER_REPORTED}}
 LAYERS = {
-    "llava": {**_LLAVA_FAMILY, "fusion_layers": FUSION_LAYERS, "label": "LLaVA-1.5 (reported)",
+    "llava": {**_LLAVA_FAMILY, "fusion_layers": FUSION_LAYERS, "label": "LLaVA-1.5 (reported; 0-based)",
               "reported": {**_LLAVA_FAMILY["reported"], "fusion_layers": FUSION_LAYERS_REPORTED},
               "uncertain": ["fusion-layer indexing base: " + FUSION_BASE_NOTE]},
-    "llava_next": {**_LLAVA_FAMILY, "fusion_layers": None, "label": "LLaVA-NeXT (reported)"},
-    "vipllava": {**_LLAVA_FAMILY, "fusion_layers": None, "label": "VipLLaVA (reported)"},
-    "instructblip": {**_LLAVA_FAMILY, "fusion_layers": None, "label": "InstructBLIP (reported)"},
+    "llava_next": {**_LLAVA_FAMILY, "fusion_layers": None, "label": "LLaVA-NeXT (reported; 0-based)"},
+    "vipllava": {**_LLAVA_FAMILY, "fusion_layers": None, "label": "VipLLaVA (reported; 0-based)"},
+    "instructblip": {**_LLAVA_FAMILY, "fusion_layers": None, "label": "InstructBLIP (reported; 0-based)"},
     "qwen2_vl": {"n_layers": 28, "fusion_layers": None, "review_layer": None, "plateau_from": None,
-                 "label": "Qwen2-VL (reported)", "reported": {}, "uncertain": ["depth of the studied checkpoint"]},
+                 "label": "Qwen2-VL (reported; 0-based)", "reported": {}, "uncertain": ["depth of the studied checkpoint"]},
     "qwen2_5_vl": {"n_layers": 28, "fusion_layers": None, "review_layer": None, "plateau_from": None,
-                   "label": "Qwen2.5-VL (reported)", "reported": {},
+                   "label": "Qwen2.5-VL (reported; 0-based)", "reported": {},
                    "uncertain": ["depth of the studied checkpoint"]},
 }
 

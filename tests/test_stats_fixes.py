@@ -155,3 +155,39 @@ def test_early_exit_record_is_independent_of_the_batch(small_lm, samples):
     # the same answers up to padding noise: random tiny models have near-tied logits, so compare where both agree
     same = alone["first_token"] == together["first_token"]
     assert same.mean() >= 0.5 and (alone.loc[same, "score"] == together.loc[same, "score"]).all()
+
+
+# --- the paper's layers: converted once ---------------------------------------------------------------------------
+
+def test_paper_layers_are_converted_once_to_0_based():
+    from fusion_utils import paper
+    from fusion_utils.methods import REVIEW_LAYER_OF_32, default_apply_layer
+
+    assert paper.paper_layer(29) == 28 and paper.paper_layer(1) == 0 and paper.paper_layers([2, 4]) == [1, 3]
+    for bad in (0, 33, 2.5, True):
+        with pytest.raises(ValueError, match="numbers layers 1 to 32"):
+            paper.paper_layer(bad)
+    assert paper.REVIEW_LAYER == paper.REVIEW_LAYER_REPORTED - 1 == 28
+    assert REVIEW_LAYER_OF_32 == paper.REVIEW_LAYER and default_apply_layer(32) == 28
+    assert paper.depth_fraction(paper.LATE_FROM) == 0.625 and paper.PLATEAU_FROM == paper.EARLY_EXIT_FROM == 18
+    llava = paper.LAYERS["llava"]
+    assert llava["review_layer"] == 28 and llava["reported"]["review_layer"] == 29
+    assert llava["fusion_layers"] == [1, 3, 7, 10, 11, 12] and llava["reported"]["fusion_layers"] == (2, 4, 8, 11, 12, 13)
+    assert paper.FUSION_LAYERS_IF_ZERO_BASED == [2, 4, 8, 11, 12, 13] and "1-based" in paper.FUSION_BASE_NOTE
+    rep = paper.reported_layers("llava")
+    assert rep["review_layer"] == 28 and "0-based" in rep["label"] and paper.reported_layers("qwen2_vl") is None
+
+
+def test_masking_curves_draw_the_reported_review_layer_at_its_0_based_index():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from fusion_utils import paper, plots
+
+    s = pd.DataFrame({"mode": "zero", "layer": range(32), "accuracy": 0.5, "plain_accuracy": 0.6})
+    fig = plots.masking_curves({"m": s}, reported=paper.reported_layers("llava"))
+    ax = fig.axes[0]
+    review = [ln for ln in ax.lines if ln.get_gid() == "reported_review"]
+    assert review[0].get_xdata()[0] == 28 and ax.get_xlabel() == "masked decoder layer (0-based)"
+    fusion = [ln for ln in ax.lines if ln.get_gid() == "reported"]
+    assert sorted(fusion[0].get_xdata()) == [1, 3, 7, 10, 11, 12]
