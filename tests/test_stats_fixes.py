@@ -172,7 +172,8 @@ def test_paper_layers_are_converted_once_to_0_based():
     assert paper.depth_fraction(paper.LATE_FROM) == 0.625 and paper.PLATEAU_FROM == paper.EARLY_EXIT_FROM == 18
     llava = paper.LAYERS["llava"]
     assert llava["review_layer"] == 28 and llava["reported"]["review_layer"] == 29
-    assert llava["fusion_layers"] == [1, 3, 7, 10, 11, 12] and llava["reported"]["fusion_layers"] == (2, 4, 8, 11, 12, 13)
+    assert llava["fusion_layers"] == [1, 3, 7, 10, 11, 12]
+    assert llava["reported"]["fusion_layers"] == (2, 4, 8, 11, 12, 13)
     assert paper.FUSION_LAYERS_IF_ZERO_BASED == [2, 4, 8, 11, 12, 13] and "1-based" in paper.FUSION_BASE_NOTE
     rep = paper.reported_layers("llava")
     assert rep["review_layer"] == 28 and "0-based" in rep["label"] and paper.reported_layers("qwen2_vl") is None
