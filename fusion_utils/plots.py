@@ -13,7 +13,8 @@ Conventions shared by all figures:
   of different depth, and the paper's reported layers, can share one axis;
 - layers are 0-based everywhere (axes say "decoder layer (0-based)"); reported numbers are passed in, never looked
   up, and 0-based too (``paper.reported_layers(arch)``: ``{"fusion_layers": [...], "review_layer": 28, "n_layers":
-  32, "label": "LLaVA-1.5 (reported)"}``, the paper's 1-based 29 converted in `fusion_utils.paper`), drawn hollow;
+  32, "label": "LLaVA-1.5 (reported; 0-based)"}``, the paper's 1-based 29 converted in `fusion_utils.paper`),
+  drawn hollow;
 - nothing to draw (no table, an empty table, an all-NaN measurement, no relevance, no persistent token) is not an
   error: the function returns an *empty panel*, a figure whose text says why (`empty_panel`; `empty_reason(fig)`
   reads it back), so a chapter keeps going on a model or dataset where an analysis finds nothing or does not apply.
