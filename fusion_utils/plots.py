@@ -42,6 +42,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 BOOK_WIDTH = 8.0
+#: the label of every layer axis: layers are counted from 0, the paper's from 1 (converted in `fusion_utils.paper`)
+LAYER_AXIS = "decoder layer (0-based)"
 FUSION_COLOR = "#d62728"  # red triangles, as in the paper's masking figure
 RELEVANT_COLOR = "#17becf"  # outline of ground-truth relevant cells
 HEATMAP_CMAP = "magma"
@@ -138,10 +140,6 @@ def empty_panel(reason: str, *, ax=None, title: str | None = None, figsize=(BOOK
             ax.set_title(title)
         fig.tight_layout()
     return fig
-
-
-#: the label of every layer axis: layers are counted from 0, the paper's from 1 (converted in `fusion_utils.paper`)
-LAYER_AXIS = "decoder layer (0-based)"
 
 
 def empty_reason(fig) -> str | None:
