@@ -311,4 +311,4 @@ def checkpoint_fingerprint(name_or_path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["LoadedModel", "load_model", "model_fingerprint", "fingerprint", "organism_dir", "supported"]
+__all__ = ["LoadedModel", "load_model", "model_fingerprint", "organism_dir", "supported"]

@@ -11,8 +11,10 @@ Conventions shared by all figures:
 - fusion layers are red triangles (the paper's convention), the review layer a dotted vertical line;
 - layer axes show integer layers; ``relative=True`` switches to relative depth (layer / number of layers) so models
   of different depth, and the paper's reported layers, can share one axis;
-- reported numbers are passed in, never looked up (``reported={"fusion_layers": [...], "review_layer": 29,
-  "n_layers": 32, "label": "LLaVA-1.5 (paper)"}``) and drawn hollow;
+- layers are 0-based everywhere (axes say "decoder layer (0-based)"); reported numbers are passed in, never looked
+  up, and 0-based too (``paper.reported_layers(arch)``: ``{"fusion_layers": [...], "review_layer": 28, "n_layers":
+  32, "label": "LLaVA-1.5 (reported; 0-based)"}``, the paper's 1-based 29 converted in `fusion_utils.paper`),
+  drawn hollow;
 - nothing to draw (no table, an empty table, an all-NaN measurement, no relevance, no persistent token) is not an
   error: the function returns an *empty panel*, a figure whose text says why (`empty_panel`; `empty_reason(fig)`
   reads it back), so a chapter keeps going on a model or dataset where an analysis finds nothing or does not apply.
@@ -40,6 +42,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 BOOK_WIDTH = 8.0
+#: the label of every layer axis: layers are counted from 0, the paper's from 1 (converted in `fusion_utils.paper`)
+LAYER_AXIS = "decoder layer (0-based)"
 FUSION_COLOR = "#d62728"  # red triangles, as in the paper's masking figure
 RELEVANT_COLOR = "#17becf"  # outline of ground-truth relevant cells
 HEATMAP_CMAP = "magma"
@@ -51,7 +55,7 @@ _PALETTE = sns.color_palette("colorblind", 10)
 __all__ = [
     "BOOK_WIDTH", "use_style", "model_color", "masking_curves", "review_evidence", "attention_heatmaps",
     "relevance_curves", "noise_tokens", "noise_frequency", "contrastive_panels", "accuracy_bars",
-    "ablation_lines", "draw_heatmap", "empty_panel", "empty_reason",
+    "ablation_lines", "draw_heatmap", "empty_panel", "empty_reason", "LAYER_AXIS",
 ]
 
 
@@ -285,11 +289,11 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
         if metric == "accuracy":
             handles.append(Line2D([], [], color="grey", ls="--", label="unmasked accuracy"))
         if relative:
-            ax.set_xlabel("masked layer (relative depth, layer / number of layers)")
+            ax.set_xlabel("masked decoder layer (relative depth, 0-based layer / number of layers)")
             ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
             ax.set_xlim(-0.02, 1.0)
         else:
-            ax.set_xlabel("masked layer")
+            ax.set_xlabel("masked " + LAYER_AXIS)
             integer_layers(ax)
         ax.set_ylabel(_METRIC_LABEL[metric])
         ax.set_title(title)
@@ -364,7 +368,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
                     ax.legend(fontsize=7, loc="upper left")
                 ax.set_ylabel("early-exit accuracy")
                 ax.set_title("early exit")
-            ax.set_xlabel("layer")
+            ax.set_xlabel(LAYER_AXIS)
             integer_layers(ax)
             if review is not None:
                 ax.axvline(review, color=FUSION_COLOR, ls=":", lw=1.5, gid="review")
@@ -566,7 +570,7 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
             if len(data) > 1:
                 axs[1].legend(fontsize=7, loc="best")
         for ax in axs[: 2 if show_ratio else 1]:
-            ax.set_xlabel("layer")
+            ax.set_xlabel(LAYER_AXIS)
             integer_layers(ax)
         if marker_layer is not None:
             for ax in axs[: 2 if show_ratio else 1]:
@@ -621,7 +625,7 @@ def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_token
         if not len(persistent):
             ax.text(0.5, 0.9, f"no token is in the top-{kk} at ≥{persist:.0%} of layers", transform=ax.transAxes,
                     ha="center", fontsize=8)
-        ax.set_xlabel("layer")
+        ax.set_xlabel(LAYER_AXIS)
         ax.set_ylabel("attention share")
         integer_layers(ax)
         ax.set_title(title or "Persistent high-attention tokens")

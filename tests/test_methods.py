@@ -30,13 +30,15 @@ def test_docstring_examples_run(name):
 
 @pytest.mark.parametrize("name", METHOD_MODULES)
 def test_methods_import_only_tensor_libraries_and_layer_0(name):
-    """Layer 2 of the package: torch, numpy, the standard library, each other, and `metrics` and `depth` (layer 0,
-    pure functions); never a model, the engine or an experiment, and no private name of another module."""
+    """Layer 2 of the package: torch, numpy, the standard library, each other, and layer 0's pure functions and
+    constants: `metrics`, `depth` (layer indices) and `paper` (the paper's layer numbers, converted to 0-based once
+    there); never a model, the engine or an experiment, and no private name of another module."""
     tree = ast.parse((Path(M.__file__).parent / f"{name}.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level == 2:
-                assert node.module in ("metrics", "depth"), f"methods/{name}.py imports fusion_utils.{node.module}"
+                assert node.module in ("metrics", "depth", "paper"), \
+                    f"methods/{name}.py imports fusion_utils.{node.module}"
             elif node.level == 0:
                 assert node.module.split(".")[0] in {"__future__", "typing", "collections", "torch", "numpy"}, \
                     f"methods/{name}.py imports {node.module}"

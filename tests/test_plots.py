@@ -14,9 +14,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fusion_utils import plots  # noqa: E402
+from fusion_utils.paper import reported_layers  # noqa: E402
 
 L = 32
-REPORTED = {"fusion_layers": [2, 4, 8, 11, 12, 13], "review_layer": 29, "n_layers": 32, "label": "LLaVA-1.5 (paper)"}
+REPORTED = reported_layers("llava")  # 0-based, as paper.py converts the paper's 1-based numbers
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +67,7 @@ def test_masking_curves_markers_and_lines():
     assert all(ln.get_linestyle() == "--" for ln in ax.lines if (ln.get_gid() or "").startswith("unmasked:"))
     assert len(lines_with_gid(fig, "review")) == 1  # only LLaVA has a review layer
     assert any("review L29" in t.get_text() for t in ax.texts)
-    assert ax.get_xlabel() == "masked layer"
+    assert ax.get_xlabel() == "masked decoder layer (0-based)"
 
 
 def test_masking_curves_mode_metric_and_reported_relative():
@@ -79,7 +80,7 @@ def test_masking_curves_mode_metric_and_reported_relative():
     assert n_points(rep) == 6 and rep[0].get_markerfacecolor() == "none"  # hollow
     xs = np.concatenate([ln.get_xdata() for ln in ax.lines if (ln.get_gid() or "").startswith("curve:")])
     assert xs.min() >= 0 and xs.max() < 1  # relative depth
-    assert np.isclose(lines_with_gid(fig, "reported_review")[0].get_xdata()[0], 29 / 32)
+    assert np.isclose(lines_with_gid(fig, "reported_review")[0].get_xdata()[0], 28 / 32)  # the paper's 29 of 32, 0-based
 
 
 def test_masking_curves_accepts_single_found_dict_and_absolute_reported():
@@ -134,7 +135,7 @@ def test_review_evidence_three_panels_with_review_line():
     assert len(fig.axes) == 3
     assert len(lines_with_gid(fig, "review")) == 3  # one vertical line per panel
     assert n_points(lines_with_gid(fig, "fusion")) == 4
-    assert [ax.get_xlabel() for ax in fig.axes] == ["layer"] * 3
+    assert [ax.get_xlabel() for ax in fig.axes] == ["decoder layer (0-based)"] * 3
 
 
 def test_review_evidence_partial_and_errors():

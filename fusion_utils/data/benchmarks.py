@@ -41,6 +41,11 @@ mmbench    lmms-lab/MMBench, config    index, question, hint, A, B, C, D (absent
 
 Scorers: gqa -> "exact", vqav2/okvqa/vizwiz/textvqa -> "vqa", docvqa -> "anls", mmbench -> "option".
 
+Groups (`Sample.group`, what a dev/test split keeps on one side): the image id where several questions share an
+image (``GROUP_COLUMNS``: GQA imageId, VQAv2/TextVQA image_id, DocVQA docId), MMBench's question (``index`` modulo
+10^6, shared by its rotated copies), none for OK-VQA and VizWiz. On MMBench ``n`` counts questions, each loaded with
+all its rotated copies (`whole_questions`), so a small ``n`` never cuts a question's copies apart.
+
 Prompts follow lmms-eval's ``doc_to_text``: the question as is, except VizWiz and TextVQA, whose question goes
 through ``str.capitalize()`` (which also lower-cases the rest; the raw text is in ``meta["raw_question"]``), and
 MMBench, built as ``"{hint} {question} There are several options:\\nA. ...\\nB. ..."`` (hint dropped when missing or
@@ -124,7 +129,9 @@ def load_benchmark(name: str, source: str | Path | None = None, split: str | Non
     """Load benchmark ``name`` (gqa, vqav2, okvqa, vizwiz, textvqa, docvqa, mmbench) as a ``SampleSet``.
 
     ``source``: None (the lmms-eval hub dataset), a hub id, or a local file/folder (see the module docstring).
-    ``split``: defaults to the lmms-eval evaluation split. ``n``: keep the first ``n`` samples.
+    ``split``: defaults to the lmms-eval evaluation split. ``n``: keep the first ``n`` samples; on MMBench, the first
+    ``n`` *questions* with every rotated copy of each (`whole_questions`), so the set holds more than ``n`` rows and
+    CircularEval sees whole questions (``meta["n_questions"]`` says how many).
     """
     key = str(name).lower()
     if key not in SPECS:
@@ -145,17 +152,21 @@ def load_benchmark(name: str, source: str | Path | None = None, split: str | Non
         used_split = split or spec.default_split
         rows, ctx = _hub_rows(spec, str(src), used_split, n)
         origin = f"hf://{src}"
+    if key == "mmbench" and n is not None:
+        rows = whole_questions(rows, n)
     samples: list[Sample] = []
     if n != 0:
         for row in rows:
             samples.append(_to_sample(spec, row, used_split, ctx))
-            if n is not None and len(samples) >= n:
+            if key != "mmbench" and n is not None and len(samples) >= n:
                 break
     has_answers = any(s.answers for s in samples)
     if samples and not has_answers:
         warnings.warn(f"{key} split {used_split!r} from {origin} has no gold answers (public answers exist only "
                       f"for the evaluation split {spec.default_split!r}); every score will be 0.", stacklevel=2)
     meta = {"source": origin, "split": used_split, "post_prompt": POST_PROMPTS[key], "has_answers": has_answers}
+    if key == "mmbench":
+        meta["n_questions"] = len({s.group for s in samples})
     return SampleSet(key, samples, spec.scorer, meta)
 
 
@@ -192,7 +203,8 @@ def _hub_rows(spec: BenchmarkSpec, hub_id: str, split: str, n: int | None):
 
     streaming = n is not None
     ds = hub_load(datasets, spec, hub_id, _config(spec.hub_config, split), split, streaming)
-    rows: Iterable[dict] = ds if n is None else _take(ds, n)
+    # MMBench's rotated copies sit far from their question in the file: `whole_questions` reads on until they are in
+    rows: Iterable[dict] = ds if n is None or spec.name == "mmbench" else _take(ds, n)
     ctx = _Ctx()
     if spec.images_config:  # GQA: questions and images live in two configs joined on imageId
         rows = list(rows)
@@ -225,6 +237,37 @@ def hub_load(datasets, spec: BenchmarkSpec, hub_id: str, config: str | None, spl
 def _config(config: str | None, split: str) -> str | None:
     """GQA's configs are per split: ``{split}_balanced_instructions`` / ``{split}_balanced_images``."""
     return config.format(split=split) if config else config
+
+
+def mmbench_group(row: dict) -> str:
+    """An MMBench row's question key: its ``index`` modulo 10^6 (VLMEvalKit's CircularEval numbers the k-th rotated
+    copy of question q as q + k·10^6), as a string; the row's ``index`` itself when it is not an integer."""
+    try:
+        return str(int(float(row["index"])) % 1_000_000)
+    except (TypeError, ValueError, KeyError):
+        return _str(row.get("index"))
+
+
+def _n_options(row: dict) -> int:
+    return sum(not _absent(row.get(ch)) for ch in "ABCDE")
+
+
+def whole_questions(rows: Iterable[dict], n: int) -> Iterator[dict]:
+    """The rows of the first ``n`` MMBench questions (in order of first appearance) with all their rotated copies,
+    wherever in the file the copies are: rows of other questions are skipped without being decoded. Reading stops
+    once every kept question has as many copies as options (a question with m options has at most m rotations),
+    else at the end of the file."""
+    kept: dict[str, int] = {}  # question -> copies still missing
+    for row in rows:
+        g = mmbench_group(row)
+        if g not in kept:
+            if len(kept) >= n:
+                continue
+            kept[g] = max(1, _n_options(row))
+        kept[g] -= 1
+        yield row
+        if len(kept) >= n and all(v <= 0 for v in kept.values()):
+            return
 
 
 def _take(it: Iterable, n: int) -> Iterator:
@@ -560,14 +603,27 @@ def _to_sample(spec: BenchmarkSpec, row: dict, split: str, ctx: _Ctx) -> Sample:
         try:
             meta["circular_group"] = int(float(row["index"])) % 1_000_000
         except (TypeError, ValueError):
-            pass
+            pass  # not an integer index: no CircularEval group in meta (Sample.group still keys the row)
         meta.update(_meta_of(row, ("category", "L2-category", "l2-category", "source", "comment")))
     else:  # pragma: no cover
         raise ValueError(f"Unknown benchmark {name!r}.")
     image = _image_for(row, ctx, sid)
     return Sample(id=sid, image=image, question=question, answers=answers, family=None if family is None
-                  else str(family), choices=choices, meta=meta)
+                  else str(family), choices=choices, meta=meta, group=_group_of(name, row))
+
+
+#: the column that names a row's image (several questions share it) per benchmark; OK-VQA and VizWiz give none
+GROUP_COLUMNS = {"gqa": "imageId", "vqav2": "image_id", "textvqa": "image_id", "docvqa": "docId"}
+
+
+def _group_of(name: str, row: dict) -> str | None:
+    """`Sample.group`: MMBench's question (its rotated copies share it), else the image id where the rows have one."""
+    if name == "mmbench":
+        return mmbench_group(row)
+    col = GROUP_COLUMNS.get(name)
+    v = row.get(col) if col else None
+    return None if _missing(v) else f"{col}:{_str(v)}"
 
 
 __all__ = ["load_benchmark", "POST_PROMPTS", "POST_PROMPT", "HUB_IDS", "SPECS", "SCORER_OF",
-           "BenchmarkSpec", "mmbench_question"]
+           "BenchmarkSpec", "mmbench_question", "mmbench_group", "whole_questions", "GROUP_COLUMNS"]

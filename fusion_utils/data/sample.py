@@ -3,6 +3,12 @@
 A `Sample` is model-agnostic. `relevant` is the ground-truth relevance of image regions when a dataset knows it
 (the procedural world does; real benchmarks do not): a boolean grid laid uniformly over the whole image, in any
 resolution. `relevant_fraction` resamples it onto a model's patch grid.
+
+`group` is the key a dev/test split must keep on one side: samples sharing it share their image or are copies of
+one question. The loaders set it where they know one: GQA's ``imageId``, VQAv2's and TextVQA's ``image_id``,
+DocVQA's ``docId``, MMBench's question index (``index`` modulo 10^6, which joins a question's rotated copies; the
+copies share the image too), the world's scene (one question per scene, so the sample id). ``None`` means the
+sample is its own group (`Sample.group_key` then gives the id).
 """
 from __future__ import annotations
 
@@ -26,6 +32,12 @@ class Sample:
     family: str | None = None  # question family / type, for per-family tables
     choices: list[str] | None = None  # multiple-choice options (MMBench), answers hold the letter
     meta: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # the split key: image / question-copies group (module docstring); None: the id
+
+    @property
+    def group_key(self) -> str:
+        """The key a dev/test split groups by: ``group`` where the loader set one, else the sample id."""
+        return self.id if self.group is None else str(self.group)
 
     def relevant_fraction(self, rows: int, cols: int) -> np.ndarray | None:
         """Fraction of each cell of a rows x cols patch grid covered by relevant regions (float [rows, cols])."""

@@ -323,8 +323,10 @@ def make_sample(split: str, i: int, seed: int | None = None, families: Sequence[
     for k in ("target", "anchor", "relation", "query"):
         if k in sc:
             meta[k] = sc[k]
-    return Sample(id=f"world-{split}-{int(seed or 0)}-{i}", image=image, question=sc["question"],
-                  answers=[sc["answer"]], relevant=sc["relevant"], family=fam, meta=meta)
+    sid = f"world-{split}-{int(seed or 0)}-{i}"
+    # every question has a scene of its own, so the scene (the split's group) is the sample
+    return Sample(id=sid, image=image, question=sc["question"], answers=[sc["answer"]], relevant=sc["relevant"],
+                  family=fam, meta=meta, group=sid)
 
 
 def generate(split: str = "train", n: int | None = None, seed: int | None = None,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import __version__, distributed
 from ..data import SampleSet
 from ..engine import intervene
-from ..metrics import score as score_answer
+from ..metrics import benchmark_accuracy, score as score_answer
 from ..prompts import POST_PROMPT
 
 
@@ -96,6 +96,31 @@ def answer(lm, samples, *, plans: Sequence = (), post_prompt: str | None = POST_
 
 def score(dataset: SampleSet, pred: str, sample) -> float:
     return float(score_answer(dataset.scorer, pred, sample))
+
+
+def scorer_of(ctx=None, scorer: str | None = None) -> str | None:
+    """The scorer a summary aggregates with: ``scorer`` when given, else the run's dataset's (``ctx.dataset``)."""
+    if scorer is not None:
+        return scorer
+    dataset = getattr(ctx, "dataset", None)
+    return getattr(dataset, "scorer", None)
+
+
+def accuracy_by(records: pd.DataFrame, keys: Sequence[str], scorer: str | None,
+                columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per group of ``keys`` (in order of appearance): each ``{output column: score column}`` of ``columns``
+    (default ``{"accuracy": "score"}``) aggregated as the benchmark reports it (`metrics.benchmark_accuracy`:
+    CircularEval over the group's rows for MMBench's ``option`` scorer, else their mean). Every summary that shows
+    an accuracy goes through here, so a method and plain with equal row scores always get equal accuracy."""
+    columns = columns or {"accuracy": "score"}
+    rows = []
+    for k, g in records.groupby(list(keys), sort=False, dropna=False):
+        k = k if isinstance(k, tuple) else (k,)
+        row = dict(zip(keys, k))
+        for out, col in columns.items():
+            row[out] = benchmark_accuracy(g["id"], g[col], scorer)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*keys, *columns])
 
 
 def first_token_ids(lm, texts: Sequence[str]) -> list[int]:
@@ -308,6 +333,6 @@ def finish(name: str, records: pd.DataFrame, summary: pd.DataFrame, config: dict
     return ExperimentResult(name, records, summary, config, run_dir, extra)
 
 
-__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "first_token_ids", "run_experiment",
-           "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything", "run_distributed",
+__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "scorer_of", "accuracy_by", "first_token_ids",
+           "run_experiment", "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything", "run_distributed",
            "failed_sample"]

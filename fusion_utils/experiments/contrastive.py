@@ -40,7 +40,7 @@ from ..engine.replay import (continue_generate, fork_cache, head, language_model
 from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
                        peak_crop_box, soft_mask_tokens)
 from ..prompts import POST_PROMPT
-from .common import Decoding, decode_new, generate
+from .common import Decoding, accuracy_by, decode_new, generate, scorer_of
 from .harness import Context, Spec, register, run
 
 VARIANTS = ("soft", "crop")
@@ -351,19 +351,24 @@ def contrastive(lm, dataset, *, out: str | None = None, batch_size: int = 8, see
                **params)
 
 
-def contrastive_summary(df: pd.DataFrame, ctx=None) -> pd.DataFrame:
-    """Accuracy per (variant, candidates, ρ, λ), with the plain accuracy on the same samples and the gain."""
+def contrastive_summary(df: pd.DataFrame, ctx=None, scorer: str | None = None) -> pd.DataFrame:
+    """Accuracy per (variant, candidates, ρ, λ), with the plain accuracy on the same samples and the gain; both
+    accuracies as the benchmark reports them (`common.accuracy_by`: CircularEval on MMBench). ``scorer``: defaults
+    to the run's dataset's."""
     if df.empty:
         return pd.DataFrame(columns=["variant", "candidates", "rho", "lam", "n", "accuracy", "plain_accuracy", "gain"])
     keys = ["variant", "candidates", "rho", "lam"]
     d = df.copy()
     for k in ("rho", "lam"):
         d[k] = d[k].astype(object).where(d[k].notna(), "-")
-    agg = {"n": ("score", "size"), "accuracy": ("score", "mean"), "plain_accuracy": ("plain_score", "mean")}
+    agg = {"n": ("score", "size")}
     for col in ("ia_relevant_mass", "post_relevant_mass", "relevant_area"):
         if col in d.columns:
             agg[col] = (col, "mean")
     s = d.groupby(keys, sort=False, dropna=False).agg(**agg).reset_index()
+    acc = accuracy_by(d, keys, scorer_of(ctx, scorer), {"accuracy": "score", "plain_accuracy": "plain_score"})
+    s = s.merge(acc, on=keys, how="left")
+    s = s[[*keys, "n", "accuracy", "plain_accuracy", *[c for c in agg if c != "n"]]]
     s["gain"] = s["accuracy"] - s["plain_accuracy"]
     for k in ("rho", "lam"):
         s[k] = s[k].where(s[k] != "-", None)

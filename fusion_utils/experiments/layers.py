@@ -3,9 +3,10 @@
 - `hellinger`: for each layer, the Hellinger distance between its last-token -> image attention (head mean,
   renormalised over the image tokens) and the final layer's. A rise late in depth marks a layer that looks at the
   image differently again (the review layer in LLaVA-style models).
-- `early_exit`: the answer read off each layer (final norm + LM head on that layer's hidden state). Where a gold
-  answer is longer than one token, each layer's full greedy answer is generated from that layer (`ExitAt`) and
-  scored; otherwise its first token is. Both record the first token's agreement with the final layer's.
+- `early_exit`: the answer read off each layer (final norm + LM head on that layer's hidden state). For a sample
+  with a gold answer longer than one token, each layer's full greedy answer is generated from that layer (`ExitAt`)
+  and scored; otherwise its first token is (decided per sample, so a sample's score never depends on its batch).
+  Both record the first token's agreement with the final layer's.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from ..engine import CaptureAttention, ExitAt, early_exit_logits, intervene
 from ..metrics import hellinger as hellinger_distance
-from .common import Decoding, ExperimentResult, generate
+from .common import Decoding, ExperimentResult, accuracy_by, generate, scorer_of
 from .harness import Context, Spec, register, run
 
 
@@ -70,13 +71,22 @@ def multi_token(lm, samples) -> bool:
     return any(len(tok(a, add_special_tokens=False)["input_ids"]) > 1 for s in samples for a in s.answers)
 
 
+def generates(lm, sample, decode: str) -> bool:
+    """Whether ``sample``'s early-exit answers are generated in full (else read off the first token): always for
+    ``decode="generate"``, never for ``"first_token"``; for ``"auto"``, when one of *this sample's* gold answers is
+    longer than one token. The choice depends on the sample alone, never on the rest of its batch."""
+    return decode == "generate" or (decode == "auto" and multi_token(lm, [sample]))
+
+
 @torch.no_grad()
 def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
     """Per sample and layer: the layer's answer (``pred``, scored), its first token and whether that agrees with
     the final layer's, and the probability the layer gives the final layer's first token.
 
     ``decode``: ``"first_token"`` scores the first token; ``"generate"`` each layer's full greedy answer (`ExitAt`);
-    ``"auto"`` generates where a gold answer of the batch is longer than one token."""
+    ``"auto"`` decides per sample (`generates`): the full answer for a sample with a gold answer longer than one
+    token, the first token otherwise, so a sample's record does not depend on which samples share its batch. Each
+    record's ``decode`` says which was used."""
     L = lm.num_layers
     tok = lm.processor.tokenizer
     b = lm.prepare(samples, post_prompt=ctx.post_prompt)
@@ -84,26 +94,34 @@ def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
     ids = logits.argmax(-1)
     probs = torch.softmax(logits, -1)
     final = ids[-1]
-    full = decode == "generate" or (decode == "auto" and multi_token(lm, samples))
+    full = [generates(lm, s, decode) for s in samples]
+    picked = [s for s, f in zip(samples, full) if f]
+    gb = None if not picked else b if all(full) else lm.prepare(picked, post_prompt=ctx.post_prompt)
     rows = []
     for j in range(L):
         first = [t.strip() for t in tok.batch_decode(ids[j][:, None], skip_special_tokens=True)]
-        preds = generate(lm, b, [ExitAt(j)], ctx.decoding or Decoding()) if full else first
+        generated = iter(generate(lm, gb, [ExitAt(j)], ctx.decoding or Decoding()) if gb is not None else ())
+        preds = [next(generated) if f else t for f, t in zip(full, first)]
         for i, s in enumerate(samples):
             rows.append(dict(id=s.id, family=s.family, layer=j, pred=preds[i], first_token=first[i],
-                             decode="generate" if full else "first_token", score=ctx.score(preds[i], s),
+                             decode="generate" if full[i] else "first_token", score=ctx.score(preds[i], s),
                              agrees_final=bool(ids[j, i] == final[i]), p_final_token=float(probs[j, i, final[i]])))
     return rows
 
 
-def early_exit_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
-    return records.groupby("layer").agg(accuracy=("score", "mean"), agreement=("agrees_final", "mean"),
-                                        p_final_token=("p_final_token", "mean")).reset_index()
+def early_exit_summary(records: pd.DataFrame, ctx=None, scorer: str | None = None) -> pd.DataFrame:
+    """Per layer: accuracy (as the benchmark reports it: `common.accuracy_by`, CircularEval on MMBench), the first
+    token's agreement with the final layer's, and the probability of the final layer's first token."""
+    out = records.groupby("layer").agg(agreement=("agrees_final", "mean"),
+                                       p_final_token=("p_final_token", "mean")).reset_index()
+    acc = accuracy_by(records, ["layer"], scorer_of(ctx, scorer))
+    return out.merge(acc, on="layer", how="left")[["layer", "accuracy", "agreement", "p_final_token"]]
 
 
 @dataclass(frozen=True)
 class EarlyExitParams:
-    """``decode``: ``"first_token"``, ``"generate"`` (each layer's full greedy answer) or ``"auto"``."""
+    """``decode``: ``"first_token"``, ``"generate"`` (each layer's full greedy answer) or ``"auto"`` (per sample: the
+    full answer where that sample's gold answer is longer than one token, `generates`)."""
 
     decode: str = "auto"
 
@@ -127,4 +145,4 @@ def early_exit(lm, dataset, *, decoding: Decoding | None = None, out: str | None
 
 
 __all__ = ["hellinger", "early_exit", "hellinger_batch", "early_exit_batch", "hellinger_summary",
-           "early_exit_summary", "multi_token"]
+           "early_exit_summary", "multi_token", "generates"]

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..engine import MaskImage, masking_sweep
-from .common import Decoding, first_token_ids, generate
+from .common import Decoding, accuracy_by, first_token_ids, generate, scorer_of
 from .harness import Context, Spec, register, run
 
 
@@ -96,11 +96,14 @@ def masking(lm, dataset, *, decoding: Decoding | None = None, out: str | None = 
                **params)
 
 
-def masking_summary(records: pd.DataFrame, ctx=None) -> pd.DataFrame:
-    """Per (mode, layer): accuracy, plain accuracy, drop, mean answer-probability change, n."""
-    g = records.groupby(["mode", "layer"], sort=True)
-    out = g.agg(accuracy=("score", "mean"), plain_accuracy=("plain_score", "mean"), p_answer=("p_answer", "mean"),
-                plain_p=("plain_p", "mean"), n=("id", "nunique")).reset_index()
+def masking_summary(records: pd.DataFrame, ctx=None, scorer: str | None = None) -> pd.DataFrame:
+    """Per (mode, layer): accuracy, plain accuracy (both as the benchmark reports them: `common.accuracy_by`,
+    CircularEval on MMBench), drop, mean answer-probability change, n."""
+    keys = ["mode", "layer"]
+    g = records.groupby(keys, sort=True)
+    out = g.agg(p_answer=("p_answer", "mean"), plain_p=("plain_p", "mean"), n=("id", "nunique")).reset_index()
+    acc = accuracy_by(records, keys, scorer_of(ctx, scorer), {"accuracy": "score", "plain_accuracy": "plain_score"})
+    out = out.merge(acc, on=keys, how="left")[[*keys, "accuracy", "plain_accuracy", "p_answer", "plain_p", "n"]]
     out["drop"] = out["plain_accuracy"] - out["accuracy"]
     out["delta_p"] = out["p_answer"] - out["plain_p"]
     return out

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from ..depth import scaled_layer
+from ..paper import REVIEW_LAYER
 
-# the paper's review dip is "near layer 29" (1-based) of LLaVA-1.5's 32 layers
-REVIEW_LAYER_OF_32 = 28
+# the paper's review dip, "near layer 29" (1-based) of LLaVA-1.5's 32 layers, 0-based (converted in paper.py)
+REVIEW_LAYER_OF_32 = REVIEW_LAYER
 
 
 def soft_mask_tokens(I_A: torch.Tensor, rho: float) -> torch.Tensor:
