@@ -32,16 +32,24 @@ def by_key(rows, key):
 
 # --- synthetic records --------------------------------------------------------------------------------------------
 
-def masking_records(drop_by_layer, n=160, seed=0, shuffle_per_sample=False, blind=False):
-    """Masking records: every plain answer right; masking layer l makes it wrong with probability drop_by_layer[l]."""
+def masking_records(drop_by_layer, n=160, seed=0, shuffle_per_sample=False, blind=False, logprob=True, curve_of=None):
+    """Masking records: every plain answer right; masking layer l makes it wrong with probability drop_by_layer[l]
+    and lowers the gold answer's log-prob by 3 * drop_by_layer[l] nats (noise SD 0.3). ``curve_of(id)``: a per-sample
+    curve instead (e.g. one for the dev split and another for test)."""
     rng = np.random.default_rng(seed)
-    curve = np.asarray(drop_by_layer, float)
     rows = []
     for i in range(n):
+        sid = f"q{i:04d}"
+        curve = np.asarray(drop_by_layer if curve_of is None else curve_of(sid), float)
         c = curve[rng.permutation(len(curve))] if shuffle_per_sample else curve
+        plain_lp = -0.2 + 0.1 * rng.standard_normal()
         for j, d in enumerate(c):
             wrong = (not blind) and rng.random() < d
-            rows.append(dict(id=f"q{i:04d}", mode="zero", layer=j, plain_score=1.0, score=0.0 if wrong else 1.0))
+            row = dict(id=sid, mode="zero", layer=j, plain_score=1.0, score=0.0 if wrong else 1.0)
+            if logprob:
+                row.update(plain_gold_logprob=plain_lp,
+                           gold_logprob=plain_lp if blind else plain_lp - 3 * d + 0.3 * rng.standard_normal())
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -49,7 +57,7 @@ FUSION_CURVE = [0.8, 0.6, 0.4, 0.15, 0.0, 0.0, 0.0, 0.0]
 REVIEW_CURVE = [0.8, 0.6, 0.4, 0.15, 0.0, 0.0, 0.45, 0.0]  # a dip at layer 6 of 8 (75% of depth)
 
 
-def early_records(acc_by_layer, n=160, seed=0, shuffle_per_sample=False):
+def early_records(acc_by_layer, n=160, seed=0, shuffle_per_sample=False, logprob=False):
     rng = np.random.default_rng(seed)
     acc = np.asarray(acc_by_layer, float)
     rows = []
@@ -58,7 +66,10 @@ def early_records(acc_by_layer, n=160, seed=0, shuffle_per_sample=False):
         if shuffle_per_sample:
             a[:-1] = a[:-1][rng.permutation(len(a) - 1)]
         for j, p in enumerate(a):
-            rows.append(dict(id=f"q{i:04d}", layer=j, score=float(rng.random() < p)))
+            row = dict(id=f"q{i:04d}", layer=j, score=float(rng.random() < p))
+            if logprob:  # the gold log-prob follows the accuracy curve: log of the probability, plus noise
+                row["gold_logprob"] = float(np.log(max(p, 1e-3)) + 0.3 * rng.standard_normal())
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -93,6 +104,8 @@ def attention_records(n=120, seed=0, n_tokens=64, persistent_irrelevant="all", n
                     irr = None
                 elif persistent_irrelevant == "all":
                     irr = n_persistent
+                elif persistent_irrelevant == "none":
+                    irr = 0
                 else:
                     irr = int(rng.binomial(n_persistent, 1 - area))
                 row.update(persistent=persistent, n_tokens=n_tokens, persistent_irrelevant=irr, relevant_area=area)
@@ -103,7 +116,7 @@ def attention_records(n=120, seed=0, n_tokens=64, persistent_irrelevant="all", n
 PRE_LAYER = {"fusion": 1, "shallow": 2, "deep": 6, "all": 3}  # the pre layer each candidate set picks
 
 
-def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevance="concentrated"):
+def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevance="concentrated", post_offset=None):
     """Contrastive records for several settings. ``settings``: {(variant, candidates, rho, lam): (p_fix, p_break)}:
     the chance that the method fixes a wrong plain answer, and that it breaks a right one."""
     rng = np.random.default_rng(seed)
@@ -123,7 +136,8 @@ def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevanc
             row = dict(id=f"q{i:04d}", family="f", variant=variant, candidates=cands, rho=rho, lam=lam,
                        pre_layer=PRE_LAYER.get(cands, 1), score=float(right), plain_score=float(plain[i]),
                        pred="yes" if right else "no", plain_pred="yes" if plain[i] else "no",
-                       ia_relevant_mass=ia, post_relevant_mass=area[i] + 0.1, relevant_area=area[i])
+                       ia_relevant_mass=ia, relevant_area=area[i],
+                       post_relevant_mass=area[i] + 0.1 if post_offset is None else ia - post_offset)
             if changed:
                 row["pred"] = "changed"
             if with_dlogit:
@@ -183,8 +197,8 @@ def test_fusion_shallow_fails_when_the_layers_are_shuffled_or_deep():
     assert not passes(by_key(shuffled, "fusion_shallow"))
     assert not passes(by_key(shuffled, "plateau"))  # late layers now drop as much as any
     deep = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE[::-1]), L)
-    assert by_key(deep, "fusion_shallow")["verdict"] == report.NO
-    assert by_key(deep, "plateau")["verdict"] == report.NO
+    assert by_key(deep, "fusion_shallow")["verdict"].startswith(report.NO + " (opposite")
+    assert by_key(deep, "plateau")["verdict"].startswith(report.NO)
 
 
 def test_a_single_fusion_layer_is_not_placed_by_chance():
@@ -197,6 +211,9 @@ def test_image_blind_model_gets_no_fusion_or_plateau_verdict():
     rows = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, blind=True), L)
     assert all(is_na(r) for r in rows)
     assert "no fusion layer" in by_key(rows, "fusion_shallow")["verdict"]
+    # without the gold log-prob (older records) the rules fall back to accuracy, and the blind model is still n/a
+    acc_only = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, blind=True, logprob=False), L)
+    assert all(is_na(r) for r in acc_only)
 
 
 def test_fusion_na_paths_and_malformed_input():
@@ -207,7 +224,7 @@ def test_fusion_na_paths_and_malformed_input():
 
 
 def test_small_builds_are_inconclusive_and_name_the_n_they_need():
-    rows = report.fusion_verdicts("m", "llava", masking_records([0.3, 0.2, 0.1, 0.05, 0, 0.05, 0, 0.05], n=6), L)
+    rows = report.fusion_verdicts("m", "llava", masking_records([0.3, 0.2, 0.1, 0.05, 0, 0.05, 0, 0.05], n=4), L)
     f = by_key(rows, "fusion_shallow")
     assert f["verdict"].startswith(report.INCONCLUSIVE) and "needs ≈" in f["verdict"]
     assert f["needed_n"] > 6
@@ -219,12 +236,12 @@ def test_review_layer_llava_positive_and_nulls():
     pos = by_key(report.review_verdicts("m", "llava", masking_records(REVIEW_CURVE), None, None, L), "review")
     assert passes(pos) and "layer 6" in pos["effect"]
     # no dip: LLaVA's claim fails, Qwen's (no review layer) holds
-    flat = masking_records(FUSION_CURVE)
+    flat = masking_records(FUSION_CURVE, n=400)
     assert not passes(by_key(report.review_verdicts("m", "llava", flat, None, None, L), "review"))
     assert passes(by_key(report.review_verdicts("m", "qwen2_vl", flat, None, None, L), "review"))
     # a dip makes Qwen's claim fail
     assert by_key(report.review_verdicts("m", "qwen2_vl", masking_records(REVIEW_CURVE), None, None, L),
-                  "review")["verdict"] == report.NO
+                  "review")["verdict"].startswith(report.NO + " (opposite")
     # late layers that all drop a little at random: the dev pick does not replicate on test
     noisy = masking_records([0.8, 0.6, 0.4, 0.15, 0.0, 0.1, 0.1, 0.1], seed=5)
     assert not passes(by_key(report.review_verdicts("m", "llava", noisy, None, None, L), "review"))
@@ -270,7 +287,7 @@ def test_hellinger_positive_and_nulls():
     assert passes(by_key(report.review_verdicts("m", "qwen2_vl", None, hellinger_records(flat_late), None, L),
                          "hellinger"))
     assert by_key(report.review_verdicts("m", "qwen2_vl", None, hellinger_records(RISE), None, L),
-                  "hellinger")["verdict"] == report.NO
+                  "hellinger")["verdict"].startswith(report.NO + " (opposite")
     blank = hellinger_records([0.2] * L, noise=0.0)
     assert is_na(by_key(report.review_verdicts("m", "llava", None, blank, None, L), "hellinger"))
     assert is_na(by_key(report.review_verdicts("m", "llava", None, hellinger_records(RISE[:3]), None, 3),
