@@ -510,3 +510,161 @@ def test_too_few_questions_are_inconclusive_whatever_the_data():
     recs = contrastive_records(n=5, relevance="permuted")
     row = by_key(report.contrastive_verdicts("m", recs), "ia_relevant")
     assert row["verdict"].startswith(report.INCONCLUSIVE)
+
+
+# --- the three-way rule, per claim: reproduces / does not reproduce (smaller | opposite) / inconclusive ----------
+
+def _dev_test(dev_curve, test_curve):
+    return lambda sid: dev_curve if stats.split_of(sid) == "dev" else test_curve
+
+
+def _fusion(key):
+    return lambda recs: by_key(report.fusion_verdicts("m", "llava", recs, L), key)
+
+
+def _review(arch):
+    return lambda recs: by_key(report.review_verdicts("m", arch, recs, None, None, L), "review")
+
+
+def _early(recs):
+    return by_key(report.review_verdicts("m", "llava", None, None, recs, L), "early_exit")
+
+
+def _hell(recs):
+    return by_key(report.review_verdicts("m", "llava", None, recs, None, L), "hellinger")
+
+
+def _attn(key):
+    return lambda recs: by_key(report.attention_verdicts("m", recs, L), key)
+
+
+def _contr(key, **kw):
+    return lambda recs: by_key(report.contrastive_verdicts("m", recs, **kw), key)
+
+
+SOFT = ("soft", "fusion", 0.2, 0.1)
+FLAT_DROP = [0.015] * 5 + [0.0] * 3  # the earlier layers matter only a little more than the late ones
+RAMP = list(np.linspace(0.2, 0.9, L))
+BIG = 800  # the new n: a null must not "reproduce" here, and an effect far below the paper's is told apart
+
+# claim -> rule, then the records of: a positive, an effect far below the paper's (None: an absence claim, which
+# states no effect to fall short of), the opposite effect, and a tiny sample
+THREE_WAY = {
+    "fusion_shallow": (_fusion("fusion_shallow"), lambda: masking_records(FUSION_CURVE),
+                       lambda: masking_records([0.01] * 4 + [0.0] * 4, n=BIG),
+                       lambda: masking_records(FUSION_CURVE[::-1]), lambda: masking_records(FUSION_CURVE, n=4)),
+    "plateau": (_fusion("plateau"), lambda: masking_records(FUSION_CURVE), lambda: masking_records(FLAT_DROP, n=BIG),
+                lambda: masking_records(FUSION_CURVE[::-1]), lambda: masking_records(FUSION_CURVE, n=8)),
+    "review (llava)": (_review("llava"), lambda: masking_records(REVIEW_CURVE),
+                       lambda: masking_records(FUSION_CURVE, n=BIG),
+                       lambda: masking_records(None, curve_of=_dev_test(REVIEW_CURVE,
+                                                                        [0.8, 0.6, 0.4, 0.15, 0, 0.45, 0, 0.45])),
+                       lambda: masking_records(REVIEW_CURVE, n=8)),
+    "review (qwen: none)": (_review("qwen2_vl"), lambda: masking_records(FUSION_CURVE, n=400), None,
+                            lambda: masking_records(REVIEW_CURVE), lambda: masking_records(FUSION_CURVE, n=8)),
+    "early_exit": (_early, lambda: early_records(EARLY), lambda: early_records(RAMP, n=BIG),
+                   lambda: early_records([0.0, 0.6, 0.8, 0.85, 0.9, 0.9, 0.9, 0.9]), lambda: early_records(EARLY, n=4)),
+    "hellinger": (_hell, lambda: hellinger_records(RISE), lambda: hellinger_records([0.5, 0.3, 0.2, 0.15, 0.1, 0.1, 0.1, 0.0],
+                                                                                    n=400),
+                  lambda: hellinger_records([0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.1, 0.0]),
+                  lambda: hellinger_records(RISE, n=8)),
+    "noise": (_attn("noise"), lambda: attention_records(), lambda: attention_records(n=BIG, persistent_irrelevant="chance"),
+              lambda: attention_records(persistent_irrelevant="none"), lambda: attention_records(n=4)),
+    "relevant_rises": (_attn("relevant_rises"), lambda: attention_records(ratio_curve=RATIO_RISE),
+                       lambda: attention_records(n=BIG, ratio_curve=np.full(L, 1.5)),
+                       lambda: attention_records(ratio_curve=RATIO_RISE[::-1]),
+                       lambda: attention_records(n=4, ratio_curve=RATIO_RISE)),
+    "contrastive_gain": (_contr("contrastive_gain"), lambda: contrastive_records(),
+                         lambda: contrastive_records(n=4000, settings={SOFT: (0.02, 0.0133)}),
+                         lambda: contrastive_records(settings={SOFT: (0.0, 0.3)}),
+                         lambda: contrastive_records(n=8)),
+    "fusion_candidates": (_contr("fusion_candidates", fusion_from="dev"), lambda: contrastive_records(settings=CANDS),
+                          lambda: contrastive_records(n=6000, settings={k: (0.02, 0.0133) for k in CANDS}),
+                          lambda: contrastive_records(settings={**CANDS, ("soft", "fusion", 0.2, 0.1): (0.0, 0.3)}),
+                          lambda: contrastive_records(n=8, settings=CANDS)),
+    "ia_relevant": (_contr("ia_relevant"), lambda: contrastive_records(),
+                    lambda: contrastive_records(n=BIG, post_offset=0.0),
+                    lambda: contrastive_records(relevance="permuted"), lambda: contrastive_records(n=4)),
+}
+
+
+@pytest.mark.parametrize("claim", list(THREE_WAY))
+def test_three_way_verdict_per_claim(claim):
+    rule, positive, smaller, opposite, tiny = THREE_WAY[claim]
+    assert passes(rule(positive())), claim
+    if smaller is not None:
+        row = rule(smaller())
+        assert row["verdict"].startswith(f"{report.NO} (smaller than reported"), (claim, row["verdict"])
+        assert "needs" not in row["verdict"]  # never "n too small" once the CI excludes the paper's effect
+    row = rule(opposite())
+    assert row["verdict"].startswith(f"{report.NO} (opposite"), (claim, row["verdict"])
+    row = rule(tiny())
+    assert row["verdict"].startswith(report.INCONCLUSIVE) and "needs ≈" in row["verdict"], (claim, row["verdict"])
+    assert row["needed_n"] > row["n"]
+
+
+def test_nulls_never_reproduce_at_the_new_n():
+    assert not passes(_fusion("fusion_shallow")(masking_records(FUSION_CURVE, n=BIG, shuffle_per_sample=True)))
+    assert not passes(_review("llava")(masking_records(FUSION_CURVE, n=BIG, seed=3)))
+    assert not passes(_early(early_records(EARLY, n=BIG, shuffle_per_sample=True)))
+    assert not passes(_attn("noise")(attention_records(n=BIG, persistent_irrelevant="chance")))
+    assert not passes(_attn("relevant_rises")(attention_records(n=BIG, ratio_curve=RATIO_RISE,
+                                                                shuffle_per_sample=True)))
+    assert not passes(_contr("ia_relevant")(contrastive_records(n=BIG, relevance="permuted")))
+    assert all(is_na(r) for r in report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, n=BIG, blind=True),
+                                                         L))
+
+
+def test_early_exit_tells_a_jump_from_a_linear_ramp_at_n_800():
+    ramp = _early(early_records(RAMP, n=BIG))
+    assert not passes(ramp) and "needs" not in ramp["verdict"]
+    assert passes(_early(early_records(EARLY, n=BIG)))
+    # the gold log-prob is the primary measure when recorded
+    lp = _early(early_records([0.05] * 4 + [0.5, 0.7, 0.8, 0.9], logprob=True))
+    assert passes(lp) and lp["measure"].startswith("gold answer")
+
+
+def test_the_decision_is_one_rule():
+    from fusion_utils.report.verdicts import decide
+
+    t = dict(mean=0.01, lo=-0.03, hi=0.05, p=0.6, sd=0.15, n=60)
+    v, need = decide(t, 0.024, n_total=120)
+    assert v.startswith(report.INCONCLUSIVE) and need > 120  # holds 0 and +0.024
+    v, _ = decide({**t, "hi": 0.02}, 0.024, n_total=120)
+    assert v.startswith(report.NO + " (smaller")  # the CI excludes the paper's effect: never "n too small"
+    v, _ = decide({**t, "mean": -0.05, "lo": -0.08, "hi": -0.02, "p": 0.01}, 0.024, n_total=120)
+    assert v.startswith(report.NO + " (opposite")
+    assert decide({**t, "mean": 0.05, "lo": 0.02, "hi": 0.08, "p": 0.01}, 0.024, n_total=120)[0] == report.REPRODUCES
+    # the paper's direction may be negative
+    assert decide({**t, "mean": -0.05, "lo": -0.08, "hi": -0.02, "p": 0.01}, -0.024, n_total=120,
+                  direction=-1)[0] == report.REPRODUCES
+
+
+def test_holm_and_the_verdict_column():
+    adj = stats.holm([0.01, 0.02, 0.5])
+    assert adj == pytest.approx([0.03, 0.04, 0.5])
+    assert stats.holm([0.04, 0.01]) == pytest.approx([0.04, 0.02])  # monotone in the sorted order
+    rows = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE), L)
+    t = report.verdict_table(rows)
+    assert "p (Holm)" in t.columns and t["p (Holm)"].str.startswith("p").all()
+
+
+def test_split_keeps_an_image_and_a_questions_copies_on_one_side():
+    from types import SimpleNamespace as S
+
+    from fusion_utils.report.verdicts import attach_groups
+
+    samples = [S(id=f"g{i}", meta={"imageId": f"img{i // 4}"}) for i in range(80)]
+    samples += [S(id=f"mm{i}", meta={"circular_group": i // 4}) for i in range(80)]
+    recs = pd.DataFrame({"id": [s.id for s in samples], "score": 1.0})
+    dev, test = report.dev_split(attach_groups(recs, samples))
+    assert len(dev) and len(test)
+    side = {i: "dev" for i in dev["id"]} | {i: "test" for i in test["id"]}
+    for k in range(0, 160, 4):
+        group = [samples[k + j].id for j in range(4)]
+        assert len({side[g] for g in group}) == 1
+    # the rules split by the same groups
+    both = masking_records(FUSION_CURVE, n=40).assign(split_group=lambda d: "img" + (d["id"].str[1:].astype(int) // 2)
+                                                      .astype(str))
+    row = _fusion("plateau")(both)
+    assert row["split"].startswith("dev ")

@@ -307,7 +307,7 @@ def _early_exit(model, records, n_layers, seed) -> dict:
     X = S.to_numpy()
     m = max(1, min(L - 2, math.ceil(0.45 * L) - 1))
     rise = stats.paired_test(X[:, -1] - X[:, 0], seed)
-    if not (rise["mean"] > 0 and rise["p"] < ALPHA):
+    if not (rise["mean"] > 0 and (rise["p"] < ALPHA or n < stats.min_n_sign_test())):
         return na_row("early_exit", model, f"the early-exit curve is flat (final minus first layer {rise['mean']:+.3f}, "
                    f"{fmt_p(rise['p'])}): no jump to locate", rule=rule, reported=reported, n=n)
     frac = np.arange(1, m + 1) / (L - 1)
