@@ -668,3 +668,25 @@ def test_split_keeps_an_image_and_a_questions_copies_on_one_side():
                                                       .astype(str))
     row = _fusion("plateau")(both)
     assert row["split"].startswith("dev ")
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl"])
+def test_masking_and_early_exit_record_the_gold_logprob(arch):
+    """The primary measure the layer rules read: the gold answer's first-token log-prob, under the mask and plain,
+    and per early-exit layer; the plain value is the final layer's, so the two experiments must agree on it."""
+    from fusion_utils import load_model
+    from fusion_utils.data import load_dataset
+    from fusion_utils.experiments import get_experiment
+    from fusion_utils.testing import tiny_model_dir
+
+    lm = load_model(tiny_model_dir(arch))
+    ds = load_dataset("world", n=2, seed=3)
+    m = get_experiment("masking")(lm, ds, decode="first_token", layers=[0, lm.num_layers - 1], progress=False).records
+    e = get_experiment("early_exit")(lm, ds, decode="first_token", progress=False).records
+    for r in (m, e):
+        assert np.isfinite(r["gold_logprob"]).all() and (r[["gold_logprob", "plain_gold_logprob"]] <= 1e-6).all().all()
+    assert (m.groupby("id")["plain_gold_logprob"].nunique() == 1).all()
+    final = e[e["layer"] == lm.num_layers - 1].set_index("id")["gold_logprob"]
+    plain = m.drop_duplicates("id").set_index("id")["plain_gold_logprob"]
+    np.testing.assert_allclose(plain.loc[final.index].to_numpy(), final.to_numpy(), atol=1e-3)
+    assert (m["gold_logprob"] != m["plain_gold_logprob"]).any()  # masking layer 0 moves it
