@@ -61,6 +61,8 @@ def main() -> None:
                     help="folder of the records as parquet: written after the runs, or read instead of running when "
                          "--from-records is given (to apply another version's rules to the same records)")
     ap.add_argument("--from-records", action="store_true")
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="drop the gold log-prob columns, so the layer rules fall back to accuracy")
     a = ap.parse_args()
     if a.from_records:
         recs = {k: pd.read_parquet(Path(a.records) / f"{k}.parquet") for k in KINDS}
@@ -73,6 +75,8 @@ def main() -> None:
             Path(a.records).mkdir(parents=True, exist_ok=True)
             for k, r in recs.items():
                 r.to_parquet(Path(a.records) / f"{k}.parquet")
+    if a.accuracy_only:
+        recs = {k: r.drop(columns=["gold_logprob", "plain_gold_logprob"], errors="ignore") for k, r in recs.items()}
     t = verdicts(a.organism, a.organism, recs, n_layers)
     outcome = t["verdict"].str.split(" ").str[0].replace({"does": "does not reproduce"})
     with pd.option_context("display.width", 200, "display.max_colwidth", 90):
