@@ -32,16 +32,24 @@ def by_key(rows, key):
 
 # --- synthetic records --------------------------------------------------------------------------------------------
 
-def masking_records(drop_by_layer, n=160, seed=0, shuffle_per_sample=False, blind=False):
-    """Masking records: every plain answer right; masking layer l makes it wrong with probability drop_by_layer[l]."""
+def masking_records(drop_by_layer, n=160, seed=0, shuffle_per_sample=False, blind=False, logprob=True, curve_of=None):
+    """Masking records: every plain answer right; masking layer l makes it wrong with probability drop_by_layer[l]
+    and lowers the gold answer's log-prob by 3 * drop_by_layer[l] nats (noise SD 0.3). ``curve_of(id)``: a per-sample
+    curve instead (e.g. one for the dev split and another for test)."""
     rng = np.random.default_rng(seed)
-    curve = np.asarray(drop_by_layer, float)
     rows = []
     for i in range(n):
+        sid = f"q{i:04d}"
+        curve = np.asarray(drop_by_layer if curve_of is None else curve_of(sid), float)
         c = curve[rng.permutation(len(curve))] if shuffle_per_sample else curve
+        plain_lp = -0.2 + 0.1 * rng.standard_normal()
         for j, d in enumerate(c):
             wrong = (not blind) and rng.random() < d
-            rows.append(dict(id=f"q{i:04d}", mode="zero", layer=j, plain_score=1.0, score=0.0 if wrong else 1.0))
+            row = dict(id=sid, mode="zero", layer=j, plain_score=1.0, score=0.0 if wrong else 1.0)
+            if logprob:
+                row.update(plain_gold_logprob=plain_lp,
+                           gold_logprob=plain_lp if blind else plain_lp - 3 * d + 0.3 * rng.standard_normal())
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -49,7 +57,7 @@ FUSION_CURVE = [0.8, 0.6, 0.4, 0.15, 0.0, 0.0, 0.0, 0.0]
 REVIEW_CURVE = [0.8, 0.6, 0.4, 0.15, 0.0, 0.0, 0.45, 0.0]  # a dip at layer 6 of 8 (75% of depth)
 
 
-def early_records(acc_by_layer, n=160, seed=0, shuffle_per_sample=False):
+def early_records(acc_by_layer, n=160, seed=0, shuffle_per_sample=False, logprob=False):
     rng = np.random.default_rng(seed)
     acc = np.asarray(acc_by_layer, float)
     rows = []
@@ -58,7 +66,10 @@ def early_records(acc_by_layer, n=160, seed=0, shuffle_per_sample=False):
         if shuffle_per_sample:
             a[:-1] = a[:-1][rng.permutation(len(a) - 1)]
         for j, p in enumerate(a):
-            rows.append(dict(id=f"q{i:04d}", layer=j, score=float(rng.random() < p)))
+            row = dict(id=f"q{i:04d}", layer=j, score=float(rng.random() < p))
+            if logprob:  # the gold log-prob follows the accuracy curve: log of the probability, plus noise
+                row["gold_logprob"] = float(np.log(max(p, 1e-3)) + 0.3 * rng.standard_normal())
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -93,6 +104,8 @@ def attention_records(n=120, seed=0, n_tokens=64, persistent_irrelevant="all", n
                     irr = None
                 elif persistent_irrelevant == "all":
                     irr = n_persistent
+                elif persistent_irrelevant == "none":
+                    irr = 0
                 else:
                     irr = int(rng.binomial(n_persistent, 1 - area))
                 row.update(persistent=persistent, n_tokens=n_tokens, persistent_irrelevant=irr, relevant_area=area)
@@ -103,7 +116,7 @@ def attention_records(n=120, seed=0, n_tokens=64, persistent_irrelevant="all", n
 PRE_LAYER = {"fusion": 1, "shallow": 2, "deep": 6, "all": 3}  # the pre layer each candidate set picks
 
 
-def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevance="concentrated"):
+def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevance="concentrated", post_offset=None):
     """Contrastive records for several settings. ``settings``: {(variant, candidates, rho, lam): (p_fix, p_break)}:
     the chance that the method fixes a wrong plain answer, and that it breaks a right one."""
     rng = np.random.default_rng(seed)
@@ -123,7 +136,8 @@ def contrastive_records(n=400, seed=0, settings=None, with_dlogit=True, relevanc
             row = dict(id=f"q{i:04d}", family="f", variant=variant, candidates=cands, rho=rho, lam=lam,
                        pre_layer=PRE_LAYER.get(cands, 1), score=float(right), plain_score=float(plain[i]),
                        pred="yes" if right else "no", plain_pred="yes" if plain[i] else "no",
-                       ia_relevant_mass=ia, post_relevant_mass=area[i] + 0.1, relevant_area=area[i])
+                       ia_relevant_mass=ia, relevant_area=area[i],
+                       post_relevant_mass=area[i] + 0.1 if post_offset is None else ia - post_offset)
             if changed:
                 row["pred"] = "changed"
             if with_dlogit:
@@ -183,8 +197,8 @@ def test_fusion_shallow_fails_when_the_layers_are_shuffled_or_deep():
     assert not passes(by_key(shuffled, "fusion_shallow"))
     assert not passes(by_key(shuffled, "plateau"))  # late layers now drop as much as any
     deep = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE[::-1]), L)
-    assert by_key(deep, "fusion_shallow")["verdict"] == report.NO
-    assert by_key(deep, "plateau")["verdict"] == report.NO
+    assert by_key(deep, "fusion_shallow")["verdict"].startswith(report.NO + " (opposite")
+    assert by_key(deep, "plateau")["verdict"].startswith(report.NO)
 
 
 def test_a_single_fusion_layer_is_not_placed_by_chance():
@@ -197,6 +211,9 @@ def test_image_blind_model_gets_no_fusion_or_plateau_verdict():
     rows = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, blind=True), L)
     assert all(is_na(r) for r in rows)
     assert "no fusion layer" in by_key(rows, "fusion_shallow")["verdict"]
+    # without the gold log-prob (older records) the rules fall back to accuracy, and the blind model is still n/a
+    acc_only = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, blind=True, logprob=False), L)
+    assert all(is_na(r) for r in acc_only)
 
 
 def test_fusion_na_paths_and_malformed_input():
@@ -207,7 +224,7 @@ def test_fusion_na_paths_and_malformed_input():
 
 
 def test_small_builds_are_inconclusive_and_name_the_n_they_need():
-    rows = report.fusion_verdicts("m", "llava", masking_records([0.3, 0.2, 0.1, 0.05, 0, 0.05, 0, 0.05], n=6), L)
+    rows = report.fusion_verdicts("m", "llava", masking_records([0.3, 0.2, 0.1, 0.05, 0, 0.05, 0, 0.05], n=4), L)
     f = by_key(rows, "fusion_shallow")
     assert f["verdict"].startswith(report.INCONCLUSIVE) and "needs ≈" in f["verdict"]
     assert f["needed_n"] > 6
@@ -219,12 +236,12 @@ def test_review_layer_llava_positive_and_nulls():
     pos = by_key(report.review_verdicts("m", "llava", masking_records(REVIEW_CURVE), None, None, L), "review")
     assert passes(pos) and "layer 6" in pos["effect"]
     # no dip: LLaVA's claim fails, Qwen's (no review layer) holds
-    flat = masking_records(FUSION_CURVE)
+    flat = masking_records(FUSION_CURVE, n=400)
     assert not passes(by_key(report.review_verdicts("m", "llava", flat, None, None, L), "review"))
     assert passes(by_key(report.review_verdicts("m", "qwen2_vl", flat, None, None, L), "review"))
     # a dip makes Qwen's claim fail
     assert by_key(report.review_verdicts("m", "qwen2_vl", masking_records(REVIEW_CURVE), None, None, L),
-                  "review")["verdict"] == report.NO
+                  "review")["verdict"].startswith(report.NO + " (opposite")
     # late layers that all drop a little at random: the dev pick does not replicate on test
     noisy = masking_records([0.8, 0.6, 0.4, 0.15, 0.0, 0.1, 0.1, 0.1], seed=5)
     assert not passes(by_key(report.review_verdicts("m", "llava", noisy, None, None, L), "review"))
@@ -270,7 +287,7 @@ def test_hellinger_positive_and_nulls():
     assert passes(by_key(report.review_verdicts("m", "qwen2_vl", None, hellinger_records(flat_late), None, L),
                          "hellinger"))
     assert by_key(report.review_verdicts("m", "qwen2_vl", None, hellinger_records(RISE), None, L),
-                  "hellinger")["verdict"] == report.NO
+                  "hellinger")["verdict"].startswith(report.NO + " (opposite")
     blank = hellinger_records([0.2] * L, noise=0.0)
     assert is_na(by_key(report.review_verdicts("m", "llava", None, blank, None, L), "hellinger"))
     assert is_na(by_key(report.review_verdicts("m", "llava", None, hellinger_records(RISE[:3]), None, 3),
@@ -493,3 +510,183 @@ def test_too_few_questions_are_inconclusive_whatever_the_data():
     recs = contrastive_records(n=5, relevance="permuted")
     row = by_key(report.contrastive_verdicts("m", recs), "ia_relevant")
     assert row["verdict"].startswith(report.INCONCLUSIVE)
+
+
+# --- the three-way rule, per claim: reproduces / does not reproduce (smaller | opposite) / inconclusive ----------
+
+def _dev_test(dev_curve, test_curve):
+    return lambda sid: dev_curve if stats.split_of(sid) == "dev" else test_curve
+
+
+def _fusion(key):
+    return lambda recs: by_key(report.fusion_verdicts("m", "llava", recs, L), key)
+
+
+def _review(arch):
+    return lambda recs: by_key(report.review_verdicts("m", arch, recs, None, None, L), "review")
+
+
+def _early(recs):
+    return by_key(report.review_verdicts("m", "llava", None, None, recs, L), "early_exit")
+
+
+def _hell(recs):
+    return by_key(report.review_verdicts("m", "llava", None, recs, None, L), "hellinger")
+
+
+def _attn(key):
+    return lambda recs: by_key(report.attention_verdicts("m", recs, L), key)
+
+
+def _contr(key, **kw):
+    return lambda recs: by_key(report.contrastive_verdicts("m", recs, **kw), key)
+
+
+SOFT = ("soft", "fusion", 0.2, 0.1)
+FLAT_DROP = [0.015] * 5 + [0.0] * 3  # the earlier layers matter only a little more than the late ones
+RAMP = list(np.linspace(0.2, 0.9, L))
+BIG = 800  # the new n: a null must not "reproduce" here, and an effect far below the paper's is told apart
+
+# claim -> rule, then the records of: a positive, an effect far below the paper's (None: an absence claim, which
+# states no effect to fall short of), the opposite effect, and a tiny sample
+THREE_WAY = {
+    "fusion_shallow": (_fusion("fusion_shallow"), lambda: masking_records(FUSION_CURVE),
+                       lambda: masking_records([0.01] * 4 + [0.0] * 4, n=BIG),
+                       lambda: masking_records(FUSION_CURVE[::-1]), lambda: masking_records(FUSION_CURVE, n=4)),
+    "plateau": (_fusion("plateau"), lambda: masking_records(FUSION_CURVE), lambda: masking_records(FLAT_DROP, n=BIG),
+                lambda: masking_records(FUSION_CURVE[::-1]), lambda: masking_records(FUSION_CURVE, n=8)),
+    "review (llava)": (_review("llava"), lambda: masking_records(REVIEW_CURVE),
+                       lambda: masking_records(FUSION_CURVE, n=BIG),
+                       lambda: masking_records(None, curve_of=_dev_test(REVIEW_CURVE,
+                                                                        [0.8, 0.6, 0.4, 0.15, 0, 0.45, 0, 0.45])),
+                       lambda: masking_records(REVIEW_CURVE, n=8)),
+    "review (qwen: none)": (_review("qwen2_vl"), lambda: masking_records(FUSION_CURVE, n=400), None,
+                            lambda: masking_records(REVIEW_CURVE), lambda: masking_records(FUSION_CURVE, n=8)),
+    "early_exit": (_early, lambda: early_records(EARLY), lambda: early_records(RAMP, n=BIG),
+                   lambda: early_records([0.0, 0.6, 0.8, 0.85, 0.9, 0.9, 0.9, 0.9]), lambda: early_records(EARLY, n=4)),
+    "hellinger": (_hell, lambda: hellinger_records(RISE), lambda: hellinger_records([0.5, 0.3, 0.2, 0.15, 0.1, 0.1, 0.1, 0.0],
+                                                                                    n=400),
+                  lambda: hellinger_records([0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.1, 0.0]),
+                  lambda: hellinger_records(RISE, n=8)),
+    "noise": (_attn("noise"), lambda: attention_records(), lambda: attention_records(n=BIG, persistent_irrelevant="chance"),
+              lambda: attention_records(persistent_irrelevant="none"), lambda: attention_records(n=4)),
+    "relevant_rises": (_attn("relevant_rises"), lambda: attention_records(ratio_curve=RATIO_RISE),
+                       lambda: attention_records(n=BIG, ratio_curve=np.full(L, 1.5)),
+                       lambda: attention_records(ratio_curve=RATIO_RISE[::-1]),
+                       lambda: attention_records(n=4, ratio_curve=RATIO_RISE)),
+    "contrastive_gain": (_contr("contrastive_gain"), lambda: contrastive_records(),
+                         lambda: contrastive_records(n=4000, settings={SOFT: (0.02, 0.0133)}),
+                         lambda: contrastive_records(settings={SOFT: (0.0, 0.3)}),
+                         lambda: contrastive_records(n=8)),
+    "fusion_candidates": (_contr("fusion_candidates", fusion_from="dev"), lambda: contrastive_records(settings=CANDS),
+                          lambda: contrastive_records(n=6000, settings={k: (0.02, 0.0133) for k in CANDS}),
+                          lambda: contrastive_records(settings={**CANDS, ("soft", "fusion", 0.2, 0.1): (0.0, 0.3)}),
+                          lambda: contrastive_records(n=8, settings=CANDS)),
+    "ia_relevant": (_contr("ia_relevant"), lambda: contrastive_records(),
+                    lambda: contrastive_records(n=BIG, post_offset=0.0),
+                    lambda: contrastive_records(relevance="permuted"), lambda: contrastive_records(n=4)),
+}
+
+
+@pytest.mark.parametrize("claim", list(THREE_WAY))
+def test_three_way_verdict_per_claim(claim):
+    rule, positive, smaller, opposite, tiny = THREE_WAY[claim]
+    assert passes(rule(positive())), claim
+    if smaller is not None:
+        row = rule(smaller())
+        assert row["verdict"].startswith(f"{report.NO} (smaller than reported"), (claim, row["verdict"])
+        assert "needs" not in row["verdict"]  # never "n too small" once the CI excludes the paper's effect
+    row = rule(opposite())
+    assert row["verdict"].startswith(f"{report.NO} (opposite"), (claim, row["verdict"])
+    row = rule(tiny())
+    assert row["verdict"].startswith(report.INCONCLUSIVE) and "needs ≈" in row["verdict"], (claim, row["verdict"])
+    assert row["needed_n"] > row["n"]
+
+
+def test_nulls_never_reproduce_at_the_new_n():
+    assert not passes(_fusion("fusion_shallow")(masking_records(FUSION_CURVE, n=BIG, shuffle_per_sample=True)))
+    assert not passes(_review("llava")(masking_records(FUSION_CURVE, n=BIG, seed=3)))
+    assert not passes(_early(early_records(EARLY, n=BIG, shuffle_per_sample=True)))
+    assert not passes(_attn("noise")(attention_records(n=BIG, persistent_irrelevant="chance")))
+    assert not passes(_attn("relevant_rises")(attention_records(n=BIG, ratio_curve=RATIO_RISE,
+                                                                shuffle_per_sample=True)))
+    assert not passes(_contr("ia_relevant")(contrastive_records(n=BIG, relevance="permuted")))
+    assert all(is_na(r) for r in report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, n=BIG, blind=True),
+                                                         L))
+
+
+def test_early_exit_tells_a_jump_from_a_linear_ramp_at_n_800():
+    ramp = _early(early_records(RAMP, n=BIG))
+    assert not passes(ramp) and "needs" not in ramp["verdict"]
+    assert passes(_early(early_records(EARLY, n=BIG)))
+    # the gold log-prob is the primary measure when recorded
+    lp = _early(early_records([0.05] * 4 + [0.5, 0.7, 0.8, 0.9], logprob=True))
+    assert passes(lp) and lp["measure"].startswith("gold answer")
+
+
+def test_the_decision_is_one_rule():
+    from fusion_utils.report.verdicts import decide
+
+    t = dict(mean=0.01, lo=-0.03, hi=0.05, p=0.6, sd=0.15, n=60)
+    v, need = decide(t, 0.024, n_total=120)
+    assert v.startswith(report.INCONCLUSIVE) and need > 120  # holds 0 and +0.024
+    v, _ = decide({**t, "hi": 0.02}, 0.024, n_total=120)
+    assert v.startswith(report.NO + " (smaller")  # the CI excludes the paper's effect: never "n too small"
+    v, _ = decide({**t, "mean": -0.05, "lo": -0.08, "hi": -0.02, "p": 0.01}, 0.024, n_total=120)
+    assert v.startswith(report.NO + " (opposite")
+    assert decide({**t, "mean": 0.05, "lo": 0.02, "hi": 0.08, "p": 0.01}, 0.024, n_total=120)[0] == report.REPRODUCES
+    # the paper's direction may be negative
+    assert decide({**t, "mean": -0.05, "lo": -0.08, "hi": -0.02, "p": 0.01}, -0.024, n_total=120,
+                  direction=-1)[0] == report.REPRODUCES
+
+
+def test_holm_and_the_verdict_column():
+    adj = stats.holm([0.01, 0.02, 0.5])
+    assert adj == pytest.approx([0.03, 0.04, 0.5])
+    assert stats.holm([0.04, 0.01]) == pytest.approx([0.04, 0.02])  # monotone in the sorted order
+    rows = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE), L)
+    t = report.verdict_table(rows)
+    assert "p (Holm)" in t.columns and t["p (Holm)"].str.startswith("p").all()
+
+
+def test_split_keeps_an_image_and_a_questions_copies_on_one_side():
+    from types import SimpleNamespace as S
+
+    from fusion_utils.report.verdicts import attach_groups
+
+    samples = [S(id=f"g{i}", meta={"imageId": f"img{i // 4}"}) for i in range(80)]
+    samples += [S(id=f"mm{i}", meta={"circular_group": i // 4}) for i in range(80)]
+    recs = pd.DataFrame({"id": [s.id for s in samples], "score": 1.0})
+    dev, test = report.dev_split(attach_groups(recs, samples))
+    assert len(dev) and len(test)
+    side = {i: "dev" for i in dev["id"]} | {i: "test" for i in test["id"]}
+    for k in range(0, 160, 4):
+        group = [samples[k + j].id for j in range(4)]
+        assert len({side[g] for g in group}) == 1
+    # the rules split by the same groups
+    both = masking_records(FUSION_CURVE, n=40).assign(split_group=lambda d: "img" + (d["id"].str[1:].astype(int) // 2)
+                                                      .astype(str))
+    row = _fusion("plateau")(both)
+    assert row["split"].startswith("dev ")
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "vipllava", "instructblip", "qwen2_vl", "qwen2_5_vl"])
+def test_masking_and_early_exit_record_the_gold_logprob(arch):
+    """The primary measure the layer rules read: the gold answer's first-token log-prob, under the mask and plain,
+    and per early-exit layer; the plain value is the final layer's, so the two experiments must agree on it."""
+    from fusion_utils import load_model
+    from fusion_utils.data import load_dataset
+    from fusion_utils.experiments import get_experiment
+    from fusion_utils.testing import tiny_model_dir
+
+    lm = load_model(tiny_model_dir(arch))
+    ds = load_dataset("world", n=2, seed=3)
+    m = get_experiment("masking")(lm, ds, decode="first_token", layers=[0, lm.num_layers - 1], progress=False).records
+    e = get_experiment("early_exit")(lm, ds, decode="first_token", progress=False).records
+    for r in (m, e):
+        assert np.isfinite(r["gold_logprob"]).all() and (r[["gold_logprob", "plain_gold_logprob"]] <= 1e-6).all().all()
+    assert (m.groupby("id")["plain_gold_logprob"].nunique() == 1).all()
+    final = e[e["layer"] == lm.num_layers - 1].set_index("id")["gold_logprob"]
+    plain = m.drop_duplicates("id").set_index("id")["plain_gold_logprob"]
+    np.testing.assert_allclose(plain.loc[final.index].to_numpy(), final.to_numpy(), atol=1e-3)
+    assert (m["gold_logprob"] != m["plain_gold_logprob"]).any()  # masking layer 0 moves it

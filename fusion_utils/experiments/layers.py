@@ -17,7 +17,7 @@ import torch
 
 from ..engine import CaptureAttention, ExitAt, early_exit_logits, intervene
 from ..metrics import hellinger as hellinger_distance
-from .common import Decoding, ExperimentResult, accuracy_by, generate, scorer_of
+from .common import Decoding, ExperimentResult, accuracy_by, first_token_ids, generate, scorer_of
 from .harness import Context, Spec, register, run
 
 
@@ -81,7 +81,9 @@ def generates(lm, sample, decode: str) -> bool:
 @torch.no_grad()
 def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
     """Per sample and layer: the layer's answer (``pred``, scored), its first token and whether that agrees with
-    the final layer's, and the probability the layer gives the final layer's first token.
+    the final layer's, the probability the layer gives the final layer's first token, and the log-probability it
+    gives the GOLD answer's first token (``gold_logprob``; ``plain_gold_logprob`` is the final layer's), the verdict's
+    primary measure: it does not depend on the batch or on how the answer is decoded.
 
     ``decode``: ``"first_token"`` scores the first token; ``"generate"`` each layer's full greedy answer (`ExitAt`);
     ``"auto"`` decides per sample (`generates`): the full answer for a sample with a gold answer longer than one
@@ -93,6 +95,9 @@ def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
     logits = early_exit_logits(lm, b)  # [L, B, V]
     ids = logits.argmax(-1)
     probs = torch.softmax(logits, -1)
+    gold = torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]),
+                        device=logits.device)
+    gold_lp = torch.log_softmax(logits.float(), -1).gather(-1, gold[None, :, None].expand(L, -1, 1))[..., 0]  # [L, B]
     final = ids[-1]
     full = [generates(lm, s, decode) for s in samples]
     picked = [s for s, f in zip(samples, full) if f]
@@ -105,7 +110,8 @@ def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
         for i, s in enumerate(samples):
             rows.append(dict(id=s.id, family=s.family, layer=j, pred=preds[i], first_token=first[i],
                              decode="generate" if full[i] else "first_token", score=ctx.score(preds[i], s),
-                             agrees_final=bool(ids[j, i] == final[i]), p_final_token=float(probs[j, i, final[i]])))
+                             agrees_final=bool(ids[j, i] == final[i]), p_final_token=float(probs[j, i, final[i]]),
+                             gold_logprob=float(gold_lp[j, i]), plain_gold_logprob=float(gold_lp[-1, i])))
     return rows
 
 

@@ -2,7 +2,7 @@
 
 For every decoder layer ℓ and masking mode, the image is masked at ℓ and each sample is answered again. Per layer
 the table gives the accuracy, its drop from the unmasked accuracy, and the change in probability of the model's
-own unmasked first answer token. Fusion layers are those whose masking drops accuracy by more than a threshold;
+own unmasked first answer token; per sample, the gold answer's first-token log-probability under the mask and without. Fusion layers are those whose masking drops accuracy by more than a threshold;
 the review layer is a deep layer, after the plateau where masking stops mattering, whose masking hurts again.
 """
 from __future__ import annotations
@@ -37,13 +37,19 @@ class MaskingParams:
 @torch.no_grad()
 def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str], layers: Sequence[int] | None, window: int,
                   onward: bool, decode: str) -> list[dict]:
-    """Per sample, masking mode and masked layer: the answer under the mask, its score, and the probability of the
-    model's own unmasked first answer token (``p_answer``; ``plain_p`` unmasked)."""
+    """Per sample, masking mode and masked layer: the answer under the mask, its score, the probability of the
+    model's own unmasked first answer token (``p_answer``; ``plain_p`` unmasked) and the log-probability of the GOLD
+    answer's first token (``gold_logprob``; ``plain_gold_logprob`` unmasked).
+
+    The gold log-probability is the verdicts' primary measure for the layer claims: a paired per-sample change that
+    is far less noisy than a 0/1 score. It is the first token's only (read off the sweep's last-position logits, no
+    extra pass), which for one-word answers is the whole answer."""
     decoding = ctx.decoding or Decoding()
     layers = list(range(lm.num_layers)) if layers is None else list(layers)
     b = lm.prepare(samples, post_prompt=ctx.post_prompt)
     plain = generate(lm, b, (), decoding)
     target = torch.tensor(first_token_ids(lm, plain), device=lm.device)
+    gold = torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]), device=lm.device)
     tok = lm.processor.tokenizer
     rows = []
     for mode in modes:
@@ -51,6 +57,9 @@ def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str], layers: Se
         p_plain = torch.softmax(sweep["plain"], -1).gather(-1, target[:, None])[:, 0]
         probs = torch.softmax(sweep["logits"], -1)  # [V, B, vocab]
         p_mask = probs.gather(-1, target[None, :, None].expand(len(layers), -1, 1))[..., 0]
+        g_plain = torch.log_softmax(sweep["plain"].float(), -1).gather(-1, gold[:, None])[:, 0]
+        g_mask = torch.log_softmax(sweep["logits"].float(), -1).gather(
+            -1, gold[None, :, None].expand(len(layers), -1, 1))[..., 0]
         if decode == "generate":
             preds = [generate(lm, b, [MaskImage(j, mode, window, onward)], decoding) for j in layers]
         else:
@@ -62,7 +71,8 @@ def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str], layers: Se
             for v, j in enumerate(layers):
                 rows.append(dict(id=s.id, family=s.family, mode=mode, onward=onward, layer=j, pred=preds[v][i],
                                  score=ctx.score(preds[v][i], s), p_answer=float(p_mask[v, i]),
-                                 plain_pred=plain[i], plain_score=plain_score, plain_p=float(p_plain[i])))
+                                 plain_pred=plain[i], plain_score=plain_score, plain_p=float(p_plain[i]),
+                                 gold_logprob=float(g_mask[v, i]), plain_gold_logprob=float(g_plain[i])))
     return rows
 
 

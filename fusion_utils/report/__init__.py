@@ -4,10 +4,14 @@ A verdict compares what a run measured with what the paper reports, by a rule th
 
 - every rule compares with its chance level (a random token, a shuffled-layer curve, plain decoding);
 - whatever is tuned (ρ, λ, candidate set, fusion or review layer) is chosen on a dev split and judged on a disjoint
-  test split (a stable hash of the sample id, `stats.split_of`);
+  test split (a stable hash of the sample's image or question group, `stats.split_of`, `stats.split_group`);
 - the effect carries its uncertainty (bootstrap CI; McNemar or sign-flip p-value; a shuffled-layer permutation
-  p-value where the claim is about depth), and "reproduces" needs the paper's direction *and* p < 0.05;
-- when the test cannot decide, the verdict says so and names the sample size it would need (80% power);
+  p-value where the claim is about depth) and is decided by one three-way rule (`verdicts.decide`) against the
+  paper's effect, or the smallest effect that would support the claim (named constants in `verdicts`): "reproduces"
+  when the CI excludes zero in the paper's direction, "does not reproduce (smaller than reported | opposite)" when
+  it excludes the paper's effect, "inconclusive" only when it holds both, with the build size that would decide;
+- the layer claims' primary measure is the paired per-sample change of the gold answer's first-token log-probability
+  (accuracy shown beside it), declared in each rule; `verdict_table` adds Holm's family-wise adjusted p-values;
 - when the analysis does not apply (nothing persistent, no relevance labels, a flat curve, a no-op intervention),
   the verdict is "n/a: <reason>" rather than an exception.
 

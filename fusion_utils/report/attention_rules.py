@@ -6,7 +6,18 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .verdicts import decide, decide_depth, fmt_ci, fmt_p, matrix, na_row, needed, verdict_row
+from .verdicts import (
+    NOISE_EXCESS,
+    RELEVANT_RISE,
+    REPRODUCES,
+    decide,
+    decide_depth,
+    fmt_ci,
+    fmt_p,
+    matrix,
+    na_row,
+    verdict_row,
+)
 
 
 def attention_verdicts(model: str, records: pd.DataFrame, n_layers: int, *, seed: int = 0) -> list[dict]:
@@ -28,7 +39,8 @@ def attention_verdicts(model: str, records: pd.DataFrame, n_layers: int, *, seed
 def _noise(model, records, n_layers, seed) -> dict:
     reported = "irrelevant patches stay highlighted at every layer"
     rule = ("per sample with a persistent token (top-k at >= 75% of layers): irrelevant share of its persistent tokens "
-            "minus 1 − relevant area (what a random token gives); mean > 0 with sign-flip p < 0.05")
+            "minus 1 − relevant area (what a random token gives); 95% CI above 0 (sign-flip p < 0.05) and not wholly "
+            f"below {NOISE_EXCESS}, the smallest excess that supports the claim (the paper shows maps, no number)")
     if "n_tokens" not in records.columns or "persistent" not in records.columns:
         raise ValueError("attention_verdicts needs the attention run's records (columns n_tokens, persistent, ...).")
     last = records.dropna(subset=["n_tokens"])
@@ -50,14 +62,14 @@ def _noise(model, records, n_layers, seed) -> dict:
     d = (share - chance).to_numpy()
     t = stats.paired_test(d, seed)
     n = int(ok.sum())
-    need = needed(t["sd"], t["mean"], 1, len(last) / n)
+    v, need = decide(t, NOISE_EXCESS, n_total=len(last), n_judged=n)
     return verdict_row("noise", model, rule=rule, chance=f"1 − relevant area = {chance.mean():.3f}",
                 effect=f"{share.mean():.3f} of persistent tokens irrelevant ({t['mean']:+.3f} vs chance; "
                        f"{n_persist[ok].mean():.1f} persistent tokens per sample)",
                 uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}", n=n, needed=need,
-                verdict=decide(t["mean"], t["p"], len(last), need, n_judged=n), reported=reported,
+                verdict=v, reported=reported,
                 split=f"all {n} samples with a persistent token (nothing is selected)", p=t["p"], value=t["mean"],
-                ci=(t["lo"], t["hi"]))
+                ci=(t["lo"], t["hi"]), paper=NOISE_EXCESS, measure="irrelevant share of persistent tokens")
 
 
 def _relevant_area(last: pd.DataFrame) -> pd.Series:
@@ -74,8 +86,8 @@ def _relevant_rises(model, records, n_layers, seed) -> dict:
     reported = "rises with depth (peak near layer 20 of 32 in the example)"
     q = max(1, n_layers // 4)
     rule = (f"per sample, relevant attention / relevant area (1 = chance) averaged over the last {q} layers minus the "
-            f"first {q}: > 0 (sign-flip), larger than with the layers shuffled (permutation), and the late ratio > 1 "
-            "(sign-flip); all p < 0.05")
+            f"first {q}: 95% CI above 0 (sign-flip p < 0.05) and not wholly below {RELEVANT_RISE}, larger than with the "
+            "layers shuffled (permutation p < 0.05), and the late ratio's CI above 1")
     if "rel_ratio" not in records.columns or records["rel_ratio"].isna().all():
         return na_row("relevant_rises", model, "the image tokens have no relevance labels (no spatial grid, or a dataset "
                    "without relevant regions)", rule=rule, reported=reported)
@@ -95,12 +107,15 @@ def _relevant_rises(model, records, n_layers, seed) -> dict:
     p_perm = stats.layer_permutation_p(curve, rise, seed=seed)
     p = max(t["p"], p_perm, above["p"])
     n = len(R)
-    need = max(needed(t["sd"], t["mean"], 1, 1.0), needed(above["sd"], above["mean"], 1, 1.0))
-    v = decide_depth(min(t["mean"], above["mean"]), max(t["p"], above["p"]), p_perm, n, need)
+    v, need = decide_depth(t, RELEVANT_RISE, p_perm, n_total=n)
+    if v == REPRODUCES:
+        v, need = decide(above, None, n_total=n)
+        v = v if v == REPRODUCES else f"{v}; the late ratio is not above chance"
     return verdict_row("relevant_rises", model, rule=rule, chance="ratio 1 at every layer; shuffled layers: rise 0",
                 effect=f"ratio {early.mean():.2f} (first {q} layers) → {late.mean():.2f} (last {q}), peak at layer "
                        f"{int(np.argmax(curve))}",
                 uncertainty=f"rise {fmt_ci(t['lo'], t['hi'])}, {fmt_p(t['p'])}; shuffled layers {fmt_p(p_perm)}; "
                             f"late ratio > 1: {fmt_p(above['p'])}",
                 n=n, needed=need, verdict=v, reported=reported, split=f"all {n} samples (nothing is selected)", p=p,
-                value=t["mean"], ci=(t["lo"], t["hi"]))
+                value=t["mean"], ci=(t["lo"], t["hi"]), paper=RELEVANT_RISE,
+                measure="relevant attention / relevant area")

@@ -7,44 +7,64 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..paper import LAYERS
+from ..paper import EARLY_EXIT_FROM, LATE_FROM, LAYERS, REVIEW_LAYER, depth_fraction
 from . import stats
 from .stats import ALPHA
-from .verdicts import (  # noqa
+from .verdicts import (
+    EARLY_EXIT_JUMP_SHARE,
+    HELLINGER_RISE,
     INCONCLUSIVE,
+    MIN_ACC_DROP,
+    MIN_LOGPROB,
     NO,
+    PLATEAU_MARGIN,
     REPRODUCES,
     decide,
     decide_absence,
     decide_depth,
     fmt_ci,
     fmt_p,
+    groups_of,
     matrix,
     na_row,
-    needed,
     require,
     paper_family,
-    verdict_row,
     split_rows,
+    verdict_row,
 )
 
+#: the primary measure of the layer claims, declared before any data is seen: the paired per-sample change of the
+#: gold answer's first-token log-probability (nats) when the records carry it, else the 0/1 score (older records)
+MEASURES = {"logprob": ("plain_gold_logprob", "gold_logprob", MIN_LOGPROB, " nats",
+                        "gold answer's first-token log-prob"),
+            "accuracy": ("plain_score", "score", MIN_ACC_DROP, "", "accuracy")}
 
-def masking_drops(records: pd.DataFrame, mode: str | None, who: str) -> pd.DataFrame:
+
+def measure_of(records: pd.DataFrame) -> str:
+    cols = getattr(records, "columns", ())
+    if {"gold_logprob", "plain_gold_logprob"} <= set(cols) and records["gold_logprob"].notna().any():
+        return "logprob"
+    return "accuracy"
+
+
+def masking_drops(records: pd.DataFrame, mode: str | None, who: str, measure: str = "accuracy") -> pd.DataFrame:
+    """Samples x layers of the drop the mask causes in ``measure`` (plain minus masked)."""
     require(records, ["id", "layer", "score", "plain_score"], who)
+    plain, masked = MEASURES[measure][:2]
     r = records
     if mode is not None and "mode" in r.columns:
         r = r[r["mode"] == mode]
-    r = r.assign(drop=r["plain_score"].astype(float) - r["score"].astype(float))
+    r = r.assign(drop=r[plain].astype(float) - r[masked].astype(float))
     return matrix(r, "drop")
 
 
 def late_layers(layers, n_layers: int) -> list[int]:
-    return [j for j in layers if j >= math.ceil(0.625 * n_layers)]
+    return [j for j in layers if j >= math.ceil(depth_fraction(LATE_FROM) * n_layers)]
 
 
 def pick_layers(found: dict, n_layers: int) -> tuple[list[int], int, str]:
     """Fusion layers and the layer the soft mask acts on, from a masking run's findings, with a note saying how
-    they were chosen (no fusion layer found -> the shallow half; no review layer -> 28/32 of depth).
+    they were chosen (no fusion layer found -> the shallow half; no review layer -> the paper's review depth, 0-based layer 28 of 32, the paper's 29).
 
     Pass the findings of the dev split (`dev_split`) when a verdict is to be judged on the test split.
 
@@ -61,7 +81,8 @@ def pick_layers(found: dict, n_layers: int) -> tuple[list[int], int, str]:
     review = found.get("review_layer")
     apply_layer = review if review is not None else default_apply_layer(n_layers)
     notes.append(f"soft mask applied at the review layer {review}" if review is not None else
-                 f"no review layer found, so the soft mask acts at layer {apply_layer} (28/32 of depth)")
+                 f"no review layer found, so the soft mask acts at layer {apply_layer} (the paper's review depth: "
+                 f"0-based layer {REVIEW_LAYER} of 32, the paper's {REVIEW_LAYER + 1})")
     return fusion, apply_layer, "; ".join(notes)
 
 
@@ -77,23 +98,30 @@ def fusion_verdicts(model: str, arch: str, records: pd.DataFrame, n_layers: int,
     ['fusion_shallow', 'plateau']
     """
     rep = LAYERS.get(arch, {})
-    reported = (f"fusion layers {rep['fusion_layers']} of 32" if rep.get("fusion_layers") else
-                "few shallow fusion layers (LLaVA-1.5: 2, 4, 8, 11-13 of 32)")
+    reported = (f"fusion layers {list(rep['reported']['fusion_layers'])} of 32 as printed (indexing base unknown; "
+                f"0-based {rep['fusion_layers']} if 1-based)" if rep.get("fusion_layers") else
+                "few shallow fusion layers (LLaVA-1.5: 2, 4, 8, 11-13 of 32 as printed)")
     if records is None or len(records) == 0:
         return [na_row("fusion_shallow", model, "the masking run has no records", reported=reported),
                 na_row("plateau", model, "the masking run has no records")]
-    D = masking_drops(records, mode, "fusion_verdicts")
+    measure = measure_of(records)
+    D = masking_drops(records, mode, "fusion_verdicts", measure)
     if D.empty:
         return [na_row("fusion_shallow", model, f"no sample has a masking record at every layer (mode {mode!r})",
                     reported=reported), na_row("plateau", model, "no complete masking curve")]
-    return [_fusion_shallow(model, D, n_layers, threshold, reported, seed), _plateau(model, D, n_layers, threshold,
-                                                                                    seed)]
+    A = masking_drops(records, mode, "fusion_verdicts").reindex(index=D.index, columns=D.columns)
+    groups = groups_of(records)
+    return [_fusion_shallow(model, D, A, measure, n_layers, threshold, reported, seed),
+            _plateau(model, D, A, measure, n_layers, seed, groups)]
 
 
-def _fusion_shallow(model, D: pd.DataFrame, n_layers: int, threshold: float, reported: str, seed: int) -> dict:
-    rule = ("per-sample accuracy drop when masking a shallow-half layer minus a deep-half layer > 0 (sign-flip test "
-            "over samples) and larger than on the same curve with its layers shuffled (permutation test); both "
-            "p < 0.05")
+def _fusion_shallow(model, D: pd.DataFrame, A: pd.DataFrame, measure: str, n_layers: int, threshold: float,
+                    reported: str, seed: int) -> dict:
+    _, _, paper, unit, name = MEASURES[measure]
+    rule = (f"primary measure: the per-sample drop of the {name} when masking a shallow-half layer minus a deep-half "
+            f"layer; reproduces when its 95% CI lies above 0 (sign-flip p < 0.05) and the curve beats its layers "
+            f"shuffled (permutation p < 0.05); does not when the CI lies below {paper}{unit}, the smallest effect "
+            "that supports the claim (the paper reports a collapse of accuracy)")
     layers = list(D.columns)
     shallow = [i for i, j in enumerate(layers) if j < n_layers / 2]
     deep = [i for i, j in enumerate(layers) if j >= n_layers / 2]
@@ -102,35 +130,34 @@ def _fusion_shallow(model, D: pd.DataFrame, n_layers: int, threshold: float, rep
     if not shallow or not deep:
         return na_row("fusion_shallow", model, "the masked layers do not cover both halves of depth", rule=rule,
                    reported=reported, n=n)
-    curve = D.mean(axis=0).to_numpy()
-    if not (curve > threshold).any():
-        return na_row("fusion_shallow", model, f"no layer's masking drops accuracy by more than {threshold:.2f}, so there "
-                   "is no fusion layer to place in depth", rule=rule, reported=reported, n=n,
-                   chance="shuffled layers: 0")
+    curve, acc = D.mean(axis=0).to_numpy(), A.mean(axis=0).to_numpy()
+    if not (D.to_numpy() != 0).any():
+        return na_row("fusion_shallow", model, "masking the image changes nothing at any layer (the model does not use "
+                   "the image here), so there is no fusion layer to place in depth", rule=rule, reported=reported,
+                   n=n, chance="shuffled layers: 0")
     X = D.to_numpy()
-    d = X[:, shallow].mean(axis=1) - X[:, deep].mean(axis=1)
-    t = stats.paired_test(d, seed)
+    t = stats.paired_test(X[:, shallow].mean(axis=1) - X[:, deep].mean(axis=1), seed)
 
     def gap(c):
         return c[shallow].mean() - c[deep].mean()
 
     p_perm = stats.layer_permutation_p(curve, gap, seed=seed)
-    min_perm = 1 / math.comb(len(layers), len(shallow))
-    p = max(t["p"], p_perm)
-    if min_perm >= ALPHA:
-        v = f"{INCONCLUSIVE} ({len(layers)} layers are too few for the shuffled-layer test to reach p < 0.05)"
+    if 1 / math.comb(len(layers), len(shallow)) >= ALPHA:
+        v, need = (f"{INCONCLUSIVE} ({len(layers)} layers are too few for the shuffled-layer test to reach p < 0.05)",
+                   float("nan"))
     else:
-        v = decide_depth(t["mean"], t["p"], p_perm, n, needed(t["sd"], t["mean"], 1, 1.0))
-    fusion = [int(j) for j, c in zip(layers, curve) if c > threshold]
+        v, need = decide_depth(t, paper, p_perm, n_total=n, unit=unit)
+    fusion = [int(j) for j, c in zip(layers, acc) if c > threshold]
     return verdict_row("fusion_shallow", model, rule=rule,
                 chance=f"shuffled layers: 0 in expectation (95% of shuffles below "
                        f"{_perm_quantile(curve, gap, seed):+.3f})",
-                effect=f"drop {curve[shallow].mean():.3f} (shallow half) vs {curve[deep].mean():.3f} (deep half): "
-                       f"{t['mean']:+.3f}; layers with drop > {threshold:.2f}: {fusion} of {n_layers}",
+                effect=f"{name} drop {curve[shallow].mean():.3f} (shallow half) vs {curve[deep].mean():.3f} (deep "
+                       f"half): {t['mean']:+.3f}{unit}; beside it, accuracy drop {acc[shallow].mean():.3f} vs "
+                       f"{acc[deep].mean():.3f}; layers with accuracy drop > {threshold:.2f}: {fusion} of {n_layers}",
                 uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}; shuffled layers "
                             f"{fmt_p(p_perm)}",
-                n=n, needed=needed(t["sd"], t["mean"], 1, 1.0), verdict=v, reported=reported, split=split, p=p,
-                value=t["mean"], ci=(t["lo"], t["hi"]))
+                n=n, needed=need, verdict=v, reported=reported, split=split, p=max(t["p"], p_perm),
+                value=t["mean"], ci=(t["lo"], t["hi"]), paper=paper, measure=name)
 
 
 def _perm_quantile(curve, statistic, seed: int, q: float = 0.95, n: int = 500) -> float:
@@ -139,12 +166,14 @@ def _perm_quantile(curve, statistic, seed: int, q: float = 0.95, n: int = 500) -
     return float(np.quantile([statistic(c[rng.permutation(len(c))]) for _ in range(n)], q))
 
 
-def _plateau(model, D: pd.DataFrame, n_layers: int, threshold: float, seed: int) -> dict:
-    late_from = math.ceil(0.625 * n_layers)
-    rule = (f"on test samples, the mean drop over layers >= {late_from} (the dev split's review layer aside) is below "
-            f"{threshold:.2f} (one-sided sign-flip vs the margin) and below the earlier layers' drop (sign-flip); "
-            "both p < 0.05")
-    reported = "masking barely matters after layer 18-20 of 32"
+def _plateau(model, D: pd.DataFrame, A: pd.DataFrame, measure: str, n_layers: int, seed: int, groups: dict) -> dict:
+    late_from = math.ceil(depth_fraction(LATE_FROM) * n_layers)
+    _, _, _, unit, name = MEASURES[measure]
+    margin = PLATEAU_MARGIN[measure]
+    rule = (f"primary measure: the {name} drop masking causes; on test samples, the mean drop over layers >= "
+            f"{late_from} (the dev split's review layer aside) lies below {margin}{unit} (95% CI) and below the "
+            f"earlier layers' drop by more than {margin}{unit} (95% CI above 0, sign-flip p < 0.05)")
+    reported = "masking barely matters after layer 18-20 of 32 (1-based)"
     layers = list(D.columns)
     late = late_layers(layers, n_layers)
     early = [j for j in layers if j < late_from]
@@ -152,42 +181,38 @@ def _plateau(model, D: pd.DataFrame, n_layers: int, threshold: float, seed: int)
         return na_row("plateau", model, f"no masked layer on both sides of layer {late_from} (62.5% of depth)",
                    rule=rule, reported=reported)
     if not (D.to_numpy() != 0).any():
-        return na_row("plateau", model, "masking the image changes no answer at any layer (the model does not use the "
+        return na_row("plateau", model, "masking the image changes nothing at any layer (the model does not use the "
                    "image here), so a plateau says nothing", rule=rule, reported=reported, n=len(D))
     ids = list(D.index)
-    dev_ids, test_ids, na = split_rows("plateau", model, ids, rule=rule, reported=reported, n=len(ids))
+    dev_ids, test_ids, na = split_rows("plateau", model, ids, rule=rule, reported=reported, n=len(ids), groups=groups)
     if na:
         return na
     dev_curve = D.loc[dev_ids, late].mean(axis=0)
-    review = int(dev_curve.idxmax()) if dev_curve.max() > threshold and len(late) > 1 else None
+    review = int(dev_curve.idxmax()) if dev_curve.max() > margin and len(late) > 1 else None
     keep = [j for j in late if j != review]
     T = D.loc[test_ids]
     e = T[keep].mean(axis=1).to_numpy()
-    c = T[early].mean(axis=1).to_numpy() - e
-    te, tc = stats.paired_test(e, seed), stats.paired_test(c, seed)
-    scale = len(ids) / len(test_ids)
-    v_abs, p_below, need_abs = decide_absence(te["mean"], te["sd"], threshold, e, len(ids), scale, seed)
-    need_c = needed(tc["sd"], tc["mean"], 1, scale)
-    need = max(need_abs, need_c)
-    p = max(p_below, tc["p"])
-    if v_abs == REPRODUCES:
-        v = decide(tc["mean"], tc["p"], len(ids), need_c, n_judged=len(test_ids))
-    else:
-        v = v_abs
+    tc = stats.paired_test(T[early].mean(axis=1).to_numpy() - e, seed)
+    v, te, need = decide_absence(e, margin, n_total=len(ids), seed=seed, unit=unit)
+    if v == REPRODUCES:
+        v, need = decide(tc, margin, n_total=len(ids), unit=unit)
+    AT = A.loc[test_ids]
     return verdict_row("plateau", model, rule=rule,
                 chance=f"shuffled layers: late drop = mean drop of all layers ({float(T.to_numpy().mean()):.3f})",
-                effect=f"late drop {te['mean']:+.3f} vs earlier layers {T[early].to_numpy().mean():+.3f}"
+                effect=f"{name} drop {margin - te['mean']:+.3f}{unit} (late) vs {T[early].to_numpy().mean():+.3f} "
+                       f"(earlier); beside it, accuracy drop {AT[keep].to_numpy().mean():+.3f} vs "
+                       f"{AT[early].to_numpy().mean():+.3f}"
                        + ("" if review is None else f" (review layer {review}, picked on dev, excluded)"),
-                uncertainty=f"late drop {fmt_ci(te['lo'], te['hi'])}, below {threshold:.2f}: one-sided "
-                            f"{fmt_p(p_below)}; below earlier layers: {fmt_p(tc['p'])}",
+                uncertainty=f"late drop {fmt_ci(margin - te['hi'], margin - te['lo'])}, below {margin}: "
+                            f"{fmt_p(te['p'])}; earlier minus late {fmt_ci(tc['lo'], tc['hi'])}, {fmt_p(tc['p'])}",
                 n=len(test_ids), needed=need, verdict=v, reported=reported,
-                split=stats.describe_split(len(dev_ids), len(test_ids)), p=p, value=te["mean"],
-                ci=(te["lo"], te["hi"]))
+                split=stats.describe_split(len(dev_ids), len(test_ids)), p=max(te["p"], tc["p"]),
+                value=margin - te["mean"], ci=(margin - te["hi"], margin - te["lo"]), paper=margin, measure=name)
 
 
 def review_verdicts(model: str, arch: str, masking_records: pd.DataFrame | None, hellinger: pd.DataFrame | None,
                     early: pd.DataFrame | None, n_layers: int, *, threshold: float = 0.05, mode: str | None = "zero",
-                    onward: bool = False, margin: float = 0.02, seed: int = 0) -> list[dict]:
+                    onward: bool = False, margin: float = HELLINGER_RISE, seed: int = 0) -> list[dict]:
     """Verdicts on the review layer, the early-exit jump and the late Hellinger rise, from per-sample records.
 
     ``masking_records``: a one-layer masking run's records (``id, layer, score, plain_score``); ``onward=True`` says
@@ -213,25 +238,29 @@ def review_verdicts(model: str, arch: str, masking_records: pd.DataFrame | None,
 
 def _review(model, family, records, n_layers, threshold, mode, onward, seed) -> dict:
     expect = family == "llava"
-    reported = "~29 of 32 (LLaVA family)" if expect else "none (Qwen2/2.5-VL)"
-    late_from = math.ceil(0.625 * n_layers)
-    rule = (f"the layer >= {late_from} whose masking drops accuracy most on the dev split; on test, its drop minus the "
-            "other late layers' (sign-flip) " + ("> 0 with p < 0.05 and the layer at >= 75% of depth" if expect else
-                                                 f"< {threshold:.2f} (one-sided test against that margin)"))
+    reported = (f"~29 of 32, 1-based (0-based {REVIEW_LAYER}; LLaVA family)" if expect else "none (Qwen2/2.5-VL)")
+    late_from = math.ceil(depth_fraction(LATE_FROM) * n_layers)
+    measure = measure_of(records) if records is not None and len(records) else "accuracy"
+    _, _, paper, unit, name = MEASURES[measure]
+    rule = (f"primary measure: the {name} drop masking causes; the layer >= {late_from} with the largest drop on the "
+            "dev split; on test, its drop minus the other late layers' " +
+            (f"has a 95% CI above 0 (sign-flip p < 0.05), not wholly below {paper}{unit}, at >= 75% of depth"
+             if expect else f"has a 95% CI below {paper}{unit} (no review layer)"))
     if onward or (records is not None and "onward" in getattr(records, "columns", ()) and records["onward"].any()):
         return na_row("review", model, "a mask kept from each layer onward hides the image from every later layer, so "
                    "it cannot show a late dip; use the one-layer probe", rule=rule, reported=reported)
     if records is None or len(records) == 0:
         return na_row("review", model, "no masking records", rule=rule, reported=reported)
-    D = masking_drops(records, mode, "review_verdicts")
+    D = masking_drops(records, mode, "review_verdicts", measure)
     late = late_layers(list(D.columns), n_layers)
     if len(late) < 2:
         return na_row("review", model, f"fewer than two masked layers after {late_from} of {n_layers}: a review layer "
                    "cannot be told from the plateau", rule=rule, reported=reported)
     if not (D.to_numpy() != 0).any():
-        return na_row("review", model, "masking the image changes no answer at any layer (the model does not use the "
+        return na_row("review", model, "masking the image changes nothing at any layer (the model does not use the "
                    "image here)", rule=rule, reported=reported, n=len(D))
-    dev_ids, test_ids, na = split_rows("review", model, D.index, rule=rule, reported=reported, n=len(D))
+    dev_ids, test_ids, na = split_rows("review", model, D.index, rule=rule, reported=reported, n=len(D),
+                                       groups=groups_of(records))
     if na:
         return na
     r = int(D.loc[dev_ids, late].mean(axis=0).idxmax())
@@ -239,66 +268,75 @@ def _review(model, family, records, n_layers, threshold, mode, onward, seed) -> 
     T = D.loc[test_ids]
     d = (T[r] - T[others].mean(axis=1)).to_numpy()
     t = stats.paired_test(d, seed)
-    n_all, scale = len(D), len(D) / len(test_ids)
-    split = stats.describe_split(len(dev_ids), len(test_ids))
-    chance = "shuffled layers: the dev-picked layer drops no more than the other late layers on test (0)"
-    effect = f"layer {r} of {n_layers} (dev pick): test drop {T[r].mean():+.3f} vs {T[others].to_numpy().mean():+.3f}"
+    n_all = len(D)
+    AT = masking_drops(records, mode, "review_verdicts").reindex(index=T.index, columns=T.columns)
+    effect = (f"layer {r} of {n_layers} (dev pick): test {name} drop {T[r].mean():+.3f} vs "
+              f"{T[others].to_numpy().mean():+.3f}{unit} (other late layers); beside it, accuracy drop "
+              f"{AT[r].mean():+.3f} vs {AT[others].to_numpy().mean():+.3f}")
     if expect:
-        need = needed(t["sd"], t["mean"], 1, scale)
-        v = decide(t["mean"], t["p"], n_all, need, n_judged=len(test_ids))
+        v, need = decide(t, paper, n_total=n_all, unit=unit)
         if v == REPRODUCES and r < 0.75 * n_layers:
             v = f"{NO} (the dip is at layer {r}, before 75% of depth)"
         p = t["p"]
     else:
-        v, p, need = decide_absence(t["mean"], t["sd"], threshold, d, n_all, scale, seed)
-    return verdict_row("review", model, rule=rule, chance=chance, effect=effect,
-                uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; " + (f"sign-flip {fmt_p(p)}" if expect else
-                                                                f"below {threshold:.2f}: one-sided {fmt_p(p)}"),
-                n=len(test_ids), needed=need, verdict=v, reported=reported, split=split, p=p, value=t["mean"],
-                ci=(t["lo"], t["hi"]))
+        v, ta, need = decide_absence(d, paper, n_total=n_all, seed=seed, unit=unit)
+        p = ta["p"]
+    return verdict_row("review", model, rule=rule,
+                chance="shuffled layers: the dev-picked layer drops no more than the other late layers on test (0)",
+                effect=effect, uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}",
+                n=len(test_ids), needed=need, verdict=v, reported=reported,
+                split=stats.describe_split(len(dev_ids), len(test_ids)), p=p, value=t["mean"],
+                ci=(t["lo"], t["hi"]), paper=paper, measure=name)
 
 
 def _early_exit(model, records, n_layers, seed) -> dict:
-    reported = "jump after ~18 of 32 (56%)"
-    rule = ("with m the last layer below 45% of depth: per sample, mean accuracy after m minus up to m > 0 (sign-flip) "
-            "and larger than with the layers shuffled (permutation, final layer fixed), and half the first-to-final "
-            "gain not yet reached at m (final + first − 2·acc(m) > 0, sign-flip); all p < 0.05")
+    reported = f"jump after ~18 of 32, 1-based (0-based from {EARLY_EXIT_FROM})"
     if len(records) == 0:
-        return na_row("early_exit", model, "no early-exit records", rule=rule, reported=reported)
+        return na_row("early_exit", model, "no early-exit records", rule=RULES_EARLY, reported=reported)
     require(records, ["id", "layer", "score"], "review_verdicts (early exit)")
-    S = matrix(records, "score")
+    lp = "gold_logprob" in records.columns and records["gold_logprob"].notna().any()
+    name, col = ("gold answer's first-token log-prob", "gold_logprob") if lp else ("accuracy", "score")
+    rule = (f"primary measure: each layer's {name}, read off by early exit (independent of the batch); with m the "
+            "last layer below 45% of depth, per sample the straight line from the first to the final layer minus the "
+            f"curve, averaged over layers 1..m (a jump sits below the line, a linear ramp on it), has a 95% CI above "
+            f"0 (sign-flip p < 0.05) and not wholly below {EARLY_EXIT_JUMP_SHARE} of the first-to-final rise; and "
+            "the layers after m beat the layers up to m beyond shuffled layers (permutation, final fixed)")
+    S = matrix(records, col)
     n, L = len(S), S.shape[1]
     if L < 3:
         return na_row("early_exit", model, "fewer than three layers: no jump to locate", rule=rule, reported=reported)
     X = S.to_numpy()
-    m = max(0, min(L - 2, math.ceil(0.45 * L) - 1))
+    m = max(1, min(L - 2, math.ceil(0.45 * L) - 1))
     rise = stats.paired_test(X[:, -1] - X[:, 0], seed)
-    if not (rise["mean"] > 0 and rise["p"] < ALPHA):
+    if not (rise["mean"] > 0 and (rise["p"] < ALPHA or n < stats.min_n_sign_test())):
         return na_row("early_exit", model, f"the early-exit curve is flat (final minus first layer {rise['mean']:+.3f}, "
                    f"{fmt_p(rise['p'])}): no jump to locate", rule=rule, reported=reported, n=n)
-    t = stats.paired_test(X[:, m + 1:].mean(axis=1) - X[:, :m + 1].mean(axis=1), seed)
-    w = stats.paired_test(X[:, -1] + X[:, 0] - 2 * X[:, m], seed)
+    frac = np.arange(1, m + 1) / (L - 1)
+    chord = X[:, :1] + frac[None, :] * (X[:, -1:] - X[:, :1])
+    t = stats.paired_test((chord - X[:, 1:m + 1]).mean(axis=1), seed)
+    paper = EARLY_EXIT_JUMP_SHARE * rise["mean"]
     curve = X.mean(axis=0)
 
     def late_minus_early(c):
         return c[m + 1:].mean() - c[:m + 1].mean()
 
     p_perm = stats.layer_permutation_p(curve, late_minus_early, fixed=[L - 1], seed=seed)
-    p = max(t["p"], w["p"], p_perm)
-    need = max(needed(t["sd"], t["mean"], 1, 1.0), needed(w["sd"], w["mean"], 1, 1.0))
+    v, need = decide_depth(t, paper, p_perm, n_total=n)
     half = curve.min() + 0.5 * (curve[-1] - curve.min())
     jump = int(np.argmax(curve >= half))
+    acc = matrix(records, "score").to_numpy().mean(axis=0) if lp else curve
     return verdict_row("early_exit", model, rule=rule,
-                chance="shuffled layers: accuracy after m equals accuracy up to m (0)",
-                effect=f"accuracy {curve[:m + 1].mean():.2f} (layers 0-{m}) vs {curve[m + 1:].mean():.2f} (after); "
-                       f"{curve[0]:.2f} → {curve[m]:.2f} (layer {m}) → {curve[-1]:.2f} (final); half-way at layer "
-                       f"{jump} of {L} ({jump / L:.0%})",
-                uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}; shuffled layers "
-                            f"{fmt_p(p_perm)}; half-way after m: {fmt_p(w['p'])}",
-                n=n, needed=need,
-                verdict=decide_depth(min(t["mean"], w["mean"]), max(t["p"], w["p"]), p_perm, n, need),
-                reported=reported,
-                split=f"all {n} samples (nothing is selected)", p=p, value=t["mean"], ci=(t["lo"], t["hi"]))
+                chance="a linear ramp (the curve on the straight line: 0) and shuffled layers",
+                effect=f"{name} {curve[0]:.2f} → {curve[m]:.2f} (layer {m}) → {curve[-1]:.2f} (final); below the "
+                       f"straight line by {t['mean']:+.3f} up to layer {m} (the claim needs {paper:+.3f}); half-way "
+                       f"at layer {jump} of {L} ({jump / L:.0%}); beside it, accuracy {acc[0]:.2f} → {acc[m]:.2f} → "
+                       f"{acc[-1]:.2f}",
+                uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}; shuffled layers {fmt_p(p_perm)}",
+                n=n, needed=need, verdict=v, reported=reported, split=f"all {n} samples (nothing is selected)",
+                p=max(t["p"], p_perm), value=t["mean"], ci=(t["lo"], t["hi"]), paper=paper, measure=name)
+
+
+RULES_EARLY = "the early-exit curve stays below the straight line up to 45% of depth, beyond shuffled layers"
 
 
 def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
@@ -307,7 +345,8 @@ def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
     a, b = int(0.5 * n_layers), int(0.75 * n_layers)
     rule = (f"dev split picks the lowest layer in [{a}, {b}) and the highest in [{b}, {n_layers - 1}) (final "
             "excluded); on test, per-sample H(high) − H(low) " +
-            ("> 0 (sign-flip p < 0.05)" if expect else f"< {margin} (one-sided test against that margin)"))
+            (f"has a 95% CI above 0 (sign-flip p < 0.05), not wholly below {margin}" if expect else
+             f"has a 95% CI below {margin}"))
     if len(records) == 0:
         return na_row("hellinger", model, "no Hellinger records", rule=rule, reported=reported)
     require(records, ["id", "layer", "hellinger"], "review_verdicts (Hellinger)")
@@ -320,24 +359,24 @@ def _hellinger(model, family, records, n_layers, margin, seed) -> dict:
     if float(np.nanmax(np.abs(H[mid + late].to_numpy() - H[mid + late].to_numpy().mean()))) < 1e-9:
         return na_row("hellinger", model, "the Hellinger curve is flat: every layer's attention is the same distance "
                    "from the final layer's", rule=rule, reported=reported, n=len(H))
-    dev_ids, test_ids, na = split_rows("hellinger", model, H.index, rule=rule, reported=reported, n=len(H))
+    dev_ids, test_ids, na = split_rows("hellinger", model, H.index, rule=rule, reported=reported, n=len(H),
+                                       groups=groups_of(records))
     if na:
         return na
     lo_l = int(H.loc[dev_ids, mid].mean(axis=0).idxmin())
     hi_l = int(H.loc[dev_ids, late].mean(axis=0).idxmax())
     d = (H.loc[test_ids, hi_l] - H.loc[test_ids, lo_l]).to_numpy()
     t = stats.paired_test(d, seed)
-    n_all, scale = len(H), len(H) / len(test_ids)
+    n_all = len(H)
     if expect:
-        need = needed(t["sd"], t["mean"], 1, scale)
-        v, p = decide(t["mean"], t["p"], n_all, need, n_judged=len(test_ids)), t["p"]
+        (v, need), p = decide(t, margin, n_total=n_all), t["p"]
     else:
-        v, p, need = decide_absence(t["mean"], t["sd"], margin, d, n_all, scale, seed)
+        v, ta, need = decide_absence(d, margin, n_total=n_all, seed=seed)
+        p = ta["p"]
     return verdict_row("hellinger", model, rule=rule, chance="no late rise: 0 (a dev-picked peak on a flat curve does not "
                 "replicate on test)",
                 effect=f"H(layer {hi_l}) − H(layer {lo_l}) = {t['mean']:+.3f} on test",
-                uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; " + (f"sign-flip {fmt_p(p)}" if expect else
-                                                                f"below {margin}: one-sided {fmt_p(p)}"),
+                uncertainty=f"{fmt_ci(t['lo'], t['hi'])}; sign-flip {fmt_p(t['p'])}",
                 n=len(test_ids), needed=need, verdict=v,
                 reported=reported, split=stats.describe_split(len(dev_ids), len(test_ids)), p=p, value=t["mean"],
-                ci=(t["lo"], t["hi"]))
+                ci=(t["lo"], t["hi"]), paper=margin, measure="Hellinger distance to the final layer")

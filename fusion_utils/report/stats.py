@@ -52,17 +52,41 @@ def split_of(sample_id, dev_fraction: float = 0.5, salt: str = SPLIT_SALT) -> st
     return "dev" if int.from_bytes(h[:8], "big") / 2 ** 64 < dev_fraction else "test"
 
 
-def split_ids(ids: Iterable, dev_fraction: float = 0.5) -> tuple[list, list]:
-    """The distinct ids, in first-seen order, as ``(dev, test)``.
+def split_group(sample) -> str:
+    """The key a sample is split by: its image where images repeat, its question where a benchmark copies one.
+
+    GQA asks many questions of one image (``imageId``/``image_id``), a world-fine scene can carry several questions
+    (``scene``), and MMBench's rotated copies of one question share an index (``circular_group``); hashing the question
+    id would put one image, or one question's copies, on both sides of the split. Otherwise the sample id.
+
+    >>> from types import SimpleNamespace as S
+    >>> split_group(S(id="q1", meta={"imageId": "n123"})), split_group(S(id="q2", meta={}))
+    ('image:n123', 'q2')
+    """
+    meta = getattr(sample, "meta", None) or {}
+    if meta.get("circular_group") is not None:
+        return f"mmbench:{meta['circular_group']}"
+    for key in ("imageId", "image_id", "scene_id", "scene"):
+        if meta.get(key) is not None:
+            return f"image:{meta[key]}"
+    return str(sample.id)
+
+
+def split_ids(ids: Iterable, dev_fraction: float = 0.5, groups=None) -> tuple[list, list]:
+    """The distinct ids, in first-seen order, as ``(dev, test)``. ``groups``: a mapping id -> split key
+    (`split_group`), so that ids sharing an image or a question's copies fall on one side; default each id alone.
 
     >>> dev, test = split_ids(range(100))
     >>> len(dev) + len(test), set(dev) & set(test)
     (100, set())
+    >>> dev, test = split_ids(["a", "b", "c"], groups={"a": "img1", "b": "img1", "c": "img2"})
+    >>> ("a" in dev) == ("b" in dev)
+    True
     """
     seen = list(dict.fromkeys(ids))
-    dev = [i for i in seen if split_of(i, dev_fraction) == "dev"]
-    test = [i for i in seen if split_of(i, dev_fraction) == "test"]
-    return dev, test
+    groups = groups or {}
+    side = {i: split_of(groups.get(i, groups.get(str(i), i)), dev_fraction) for i in seen}
+    return [i for i in seen if side[i] == "dev"], [i for i in seen if side[i] == "test"]
 
 
 def describe_split(n_dev: int, n_test: int) -> str:
@@ -198,6 +222,13 @@ def compare_paired(a, b, seed: int = 0) -> dict:
     if is_binary(a, b):
         m = mcnemar(a, b)
         out.update(p=m["p"], b10=m["b10"], b01=m["b01"], test="McNemar (exact)")
+        # a bootstrap cannot resample a discordant pair that never occurred, so with none on one side its CI ends at
+        # 0 there; the exact one-sided 97.5% bound for a zero count (1 − 0.025^(1/n), "rule of three") replaces it
+        zero_bound = 1 - 0.025 ** (1 / max(1, len(a)))
+        if m["b10"] == 0:
+            out["hi"] = max(out["hi"], zero_bound - m["b01"] / max(1, len(a)))
+        if m["b01"] == 0:
+            out["lo"] = min(out["lo"], m["b10"] / max(1, len(a)) - zero_bound)
         n = max(1, len(a))
         out["needed"] = mcnemar_n(m["b10"] / n, m["b01"] / n)
     else:
@@ -250,6 +281,25 @@ def mcnemar_n(p10: float, p01: float, alpha: float = ALPHA, power: float = POWER
     return float(max(math.ceil(n), math.ceil(min_n_sign_test(alpha) / pd_)))
 
 
+# --- multiple comparisons ---------------------------------------------------------------------------------------
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error at ALPHA across the book's claims); NaN stays NaN.
+
+    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03, float("nan")])]
+    [0.03, 0.06, 0.06, nan]
+    """
+    p = np.asarray(list(pvalues), dtype=float)
+    ok = np.flatnonzero(np.isfinite(p))
+    out = np.full(len(p), np.nan)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
 # --- the shuffled-layer null --------------------------------------------------------------------------------------
 
 def layer_permutation_p(curve: Sequence[float], statistic: Callable[[np.ndarray], float], *, fixed: Sequence[int] = (),
@@ -276,6 +326,6 @@ def layer_permutation_p(curve: Sequence[float], statistic: Callable[[np.ndarray]
     return float((hits + 1) / (n_perms + 1))
 
 
-__all__ = ["ALPHA", "POWER", "SPLIT_SALT", "z", "split_of", "split_ids", "describe_split", "bootstrap_ci",
+__all__ = ["ALPHA", "POWER", "SPLIT_SALT", "z", "split_of", "split_group", "split_ids", "holm", "describe_split", "bootstrap_ci",
            "sign_flip_p", "paired_test", "below_margin_p", "mcnemar", "is_binary", "compare_paired",
            "min_n_sign_test", "n_for_mean", "mcnemar_n", "layer_permutation_p"]

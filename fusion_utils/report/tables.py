@@ -6,6 +6,7 @@ import pandas as pd
 
 from ..paper import LATENCY_S, LAYERS
 from .contrastive_rules import gain_row, settings
+from .verdicts import with_holm
 
 
 def label(lm) -> str:
@@ -104,16 +105,18 @@ def gain_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 VERDICT_COLUMNS = ["claim", "model", "rule", "chance", "effect", "uncertainty", "n", "needed n", "verdict",
-                   "reported", "split"]
+                   "p (Holm)", "reported", "split"]
 
 
-def verdict_table(rows: list[dict]) -> pd.DataFrame:
+def verdict_table(rows: list[dict], *, holm: bool = True) -> pd.DataFrame:
     """The verdict rows as the chapters show them: claim, rule, chance level, effect, p-value or CI, n, the n the
-    test would need (80% power, whole build), verdict, the paper's value and the dev/test split.
+    test would need (80% power, whole build), verdict, the p-value adjusted by Holm's method across these rows (the
+    family-wise correction; pass every claim's rows to correct across the book), the paper's value and the split.
 
     >>> verdict_table([]).columns[:4].tolist()
     ['claim', 'model', 'rule', 'chance']
     """
+    rows = with_holm(rows) if holm else rows
     t = pd.DataFrame([{c: r.get(c, "") for c in VERDICT_COLUMNS} for r in rows], columns=VERDICT_COLUMNS)
     t["n"] = pd.to_numeric(t["n"], errors="coerce").astype("Int64")
     return t

@@ -53,11 +53,54 @@ def fmt_ci(lo, hi, scale: float = 1.0, unit: str = "") -> str:
 
 
 def verdict_row(claim, model, *, rule, chance="", effect="", uncertainty="", n=None, needed=None, verdict, reported="",
-         split="", p=float("nan"), value=float("nan"), ci=(float("nan"), float("nan"))) -> dict:
-    """One verdict row: the columns of `verdict_table`, plus the numbers behind them for tests and plots."""
+         split="", p=float("nan"), value=float("nan"), ci=(float("nan"), float("nan")), paper=None,
+         measure="") -> dict:
+    """One verdict row: the columns of `verdict_table`, plus the numbers behind them for tests and plots
+    (``paper``: the effect the rule decides against; ``measure``: the rule's primary measure)."""
     return {"claim": CLAIM_TEXT[claim], "key": claim, "model": model, "rule": rule, "chance": chance,
             "effect": effect, "uncertainty": uncertainty, "n": n, "needed n": fmt_n(needed), "verdict": verdict,
-            "reported": reported, "split": split, "p": p, "value": value, "ci": ci, "needed_n": needed}
+            "reported": reported, "split": split, "p": p, "value": value, "ci": ci, "needed_n": needed,
+            "paper_effect": paper, "measure": measure}
+
+
+def with_holm(rows: list[dict]) -> list[dict]:
+    """The rows with ``p_holm`` (and the shown ``"p (Holm)"``): each row's p-value adjusted by Holm's method across
+    all the rows given, so a claim that "reproduces" on its own p may be seen to fall short family-wise.
+
+    >>> [r["p (Holm)"] for r in with_holm([{"p": 0.01}, {"p": 0.04}, {"p": float("nan")}])]
+    ['p = 0.02', 'p = 0.04', '—']
+    """
+    adjusted = stats.holm(r.get("p", float("nan")) for r in rows)
+    return [{**r, "p_holm": a, "p (Holm)": fmt_p(a)} for r, a in zip(rows, adjusted)]
+
+
+# --- the effect each claim's rule decides against, declared before any data is seen --------------------------------
+# Where the paper gives a number it is used; where it gives only a shape ("collapses", "barely changes", "jumps"),
+# the constant is the smallest effect that would support the claim, and says so.
+
+#: nats of the gold answer's first-token log-probability: a change of about 10% of its probability (log 1.1); the
+#: paper reports accuracy only, so this is the smallest change of the primary measure that supports a layer claim
+MIN_LOGPROB = 0.1
+#: accuracy points (0-1) masking a fusion layer must cost more than a deep layer: the fusion threshold (5 points);
+#: the paper reports a collapse (LLaVA-1.5 fusion layers 2, 4, 8, 11-13 of 32, `paper.LAYERS`), far above it
+MIN_ACC_DROP = 0.05
+#: the late masking effect that "barely changes accuracy" stays below (plateau; Qwen's absent review layer)
+PLATEAU_MARGIN = {"logprob": MIN_LOGPROB, "accuracy": MIN_ACC_DROP}
+#: the share of the first-to-final rise by which the early-exit curve stays below the straight line up to 45% of
+#: depth: a step at 18 of 32 (`paper.CLAIMS["early_exit"]`) gives about 0.22; a linear ramp gives 0
+EARLY_EXIT_JUMP_SHARE = 0.1
+#: Hellinger rise at the review layer over the mid-depth trough (the paper shows a curve, no number)
+HELLINGER_RISE = 0.02
+#: share of persistent tokens irrelevant beyond chance (1 − relevant area); the paper shows maps, no number
+NOISE_EXCESS = 0.05
+#: rise of relevant attention / relevant area (1 = chance) from the first to the last quarter of depth
+RELEVANT_RISE = 0.1
+#: the smallest average gain the paper reports (LLaVA-NeXT: 68.65 − 66.22 = +2.43 points, `paper.MAIN_TABLE`)
+PAPER_GAIN = 0.024
+#: fusion vs shallow candidate set in the paper's ablation (GQA: 69.4 vs 68.3, `paper.CANDIDATE_ABLATION`)
+PAPER_FUSION_MARGIN = 0.011
+#: share of I_A's positive mass on relevant tokens beyond A_post's own: the contrast must sharpen A_post this much
+IA_OVER_POST = 0.05
 
 
 # the rule of each claim in brief, for rows where the analysis did not run far enough to state it in full
@@ -80,70 +123,110 @@ def na_row(claim, model, reason: str, *, rule="", reported="", n=None, chance=""
                 reported=reported, split=split)
 
 
-def split_rows(claim, model, ids, *, rule, reported, n=None):
+def groups_of(records: pd.DataFrame | None, id_col: str = "id") -> dict:
+    """id -> split key from the records' ``split_group`` column (see `attach_groups`), or {} (each id alone)."""
+    if records is None or "split_group" not in getattr(records, "columns", ()):
+        return {}
+    return dict(zip(records[id_col].astype(str), records["split_group"].astype(str)))
+
+
+def attach_groups(records: pd.DataFrame, dataset, id_col: str = "id") -> pd.DataFrame:
+    """The records with a ``split_group`` column from the dataset (`stats.split_group`: the image where images
+    repeat, MMBench's question for its rotated copies), which `dev_split` and every rule then split by."""
+    keys = {str(s.id): stats.split_group(s) for s in dataset}
+    return records.assign(split_group=records[id_col].astype(str).map(keys).fillna(records[id_col].astype(str)))
+
+
+def split_rows(claim, model, ids, *, rule, reported, n=None, groups=None):
     """(dev ids, test ids, None), or (None, None, an n/a row) when the samples are too few for a dev/test split."""
     ids = list(ids)
-    dev_ids, test_ids = stats.split_ids(ids)
+    dev_ids, test_ids = stats.split_ids(ids, groups=groups)
     if len(test_ids) < 2 or not dev_ids:
         return None, None, na_row(claim, model, f"{len(set(map(str, ids)))} samples are too few for a dev/test split",
                                rule=rule, reported=reported, n=n)
     return dev_ids, test_ids, None
 
 
-def decide(effect: float, p: float, n_total: int, needed_total: float, direction: int = 1,
-            n_judged: int | None = None) -> str:
-    """The verdict from an effect, its p-value and the sample size the test would need.
+def n_to_decide(sd: float, mean: float, paper: float | None) -> float:
+    """Samples at which a CI around ``mean`` would exclude zero or the paper's effect, whichever is farther from it,
+    with 80% power (so the verdict is no longer inconclusive). The farther of the two is at least half the paper's
+    effect away, so this is finite whenever the paper states an effect."""
+    gap = abs(mean) if paper is None else max(abs(mean), abs(paper - mean), abs(paper) / 2)
+    if not np.isfinite(gap) or gap == 0:
+        return float("inf")
+    # no spread observed (e.g. no discordant pair): a 0/1 difference at rate q has variance about q
+    return stats.n_for_mean(sd if np.isfinite(sd) and sd > 0 else math.sqrt(max(abs(paper or 0.0), gap)), gap)
 
-    Significant in the paper's direction: reproduces; significant the other way: does not reproduce; not significant:
-    inconclusive when a reachable larger build could decide it, otherwise does not reproduce. ``n_judged``: the
-    samples the test saw (the test split's); below a handful no p-value can reach 0.05, whatever the data.
+
+def decide(t: dict, paper: float | None, *, n_total: int, n_judged: int | None = None, direction: int = 1,
+           p: float | None = None, unit: str = "", show: float = 1.0) -> tuple[str, float]:
+    """The one three-way rule every chapter uses: ``(verdict, needed build size)`` from a paired test ``t``
+    (`stats.paired_test`/`compare_paired`: mean, 95% CI lo/hi, p, sd) and the paper's effect ``paper`` (or the
+    smallest effect that would support the claim), both in the paper's ``direction``.
+
+    - CI entirely on the wrong side of zero: does not reproduce (opposite);
+    - CI entirely below the paper's effect: does not reproduce (smaller than reported), whatever the n;
+    - CI above zero (and p < 0.05): reproduces;
+    - otherwise the CI holds both zero and the paper's effect: inconclusive, with the build size that would decide.
+
+    ``paper=None`` for a claim that an effect stays below a margin (the measure is then margin − effect, and any
+    positive value supports the claim). ``n_judged``: the samples the test saw; below a handful no p-value can
+    reach 0.05 and no CI is trustworthy, so the verdict is inconclusive whatever the data. ``show``/``unit``: how
+    the sentence prints values (100, " points" for accuracy).
+
+    >>> decide(dict(mean=0.03, lo=-0.01, hi=0.07, p=0.2, sd=0.2, n=60), 0.024, n_total=120)[0][:12]
+    'inconclusive'
+    >>> print(decide(dict(mean=0.0, lo=-0.004, hi=0.004, p=0.9, sd=0.02, n=800), 0.024, n_total=800)[0])
+    does not reproduce (smaller than reported: the 95% CI ends at +0.004, below the paper's +0.024)
     """
-    if not (np.isfinite(effect) and np.isfinite(p)):
-        return f"{NA}: the test could not be computed on these records"
-    if p < ALPHA:
-        return REPRODUCES if effect * direction > 0 else NO
-    n_judged = n_total if n_judged is None else n_judged
+    mean, lo, hi, sd = (float(t.get(k, float("nan"))) for k in ("mean", "lo", "hi", "sd"))
+    p = float(t.get("p", float("nan"))) if p is None else p
+    if not all(np.isfinite(x) for x in (mean, lo, hi, p)):
+        return f"{NA}: the test could not be computed on these records", float("nan")
+    n_judged = int(t.get("n", n_total)) if n_judged is None else n_judged
+    scale = n_total / max(1, n_judged)
+    m, a, b = direction * mean, min(direction * lo, direction * hi), max(direction * lo, direction * hi)
+    ref = None if paper is None else direction * paper
+    need = n_to_decide(sd, m, ref) * scale
     floor = stats.min_n_sign_test()
     if 0 < n_judged < floor:
-        need = floor * n_total / n_judged
-        if needed_total is not None and math.isfinite(needed_total):
-            need = max(need, needed_total)
-        return f"{INCONCLUSIVE} (n too small: needs {fmt_n(need)})"
-    if needed_total is not None and math.isfinite(needed_total) and needed_total > n_total:
-        return f"{INCONCLUSIVE} (n too small: needs {fmt_n(needed_total)})"
-    return NO
+        need = max(floor * scale, need if math.isfinite(need) else 0.0)
+        return f"{INCONCLUSIVE} ({n_judged} test samples cannot reach p < 0.05: needs {fmt_n(need)})", need
+    if b < 0:
+        return (f"{NO} (opposite: the 95% CI [{show * lo:+.3g}, {show * hi:+.3g}]{unit} excludes zero on the "
+                "other side from the paper)"), float("nan")
+    if ref is not None and b < ref:
+        return (f"{NO} (smaller than reported: the 95% CI ends at {show * direction * b:+.3g}{unit}, below the "
+                f"paper's {show * paper:+.3g}{unit})"), float("nan")
+    if a > 0 and p < ALPHA:
+        return REPRODUCES, float("nan")
+    held = "zero and the paper's effect" if ref is not None else "zero"
+    return f"{INCONCLUSIVE} (the 95% CI holds {held}; needs {fmt_n(need)})", need
 
 
-def decide_depth(effect: float, p_samples: float, p_layers: float, n_total: int, needed_total: float) -> str:
+def decide_depth(t: dict, paper: float | None, p_layers: float, *, n_total: int, n_judged: int | None = None,
+                 unit: str = "") -> tuple[str, float]:
     """`decide` for a claim about where in depth something happens: the samples must show the effect, and the
     curve must place it beyond what the same curve with its layers shuffled gives. More samples cannot fix the
     second test, so its failure alone is not "n too small"."""
-    if effect > 0 and p_samples < ALPHA <= p_layers:
-        return (f"{INCONCLUSIVE} (the effect's place in depth is within what shuffled layers give; more layers, "
-                "not more samples, could decide it)")
-    return decide(effect, max(p_samples, p_layers), n_total, needed_total)
+    v, need = decide(t, paper, n_total=n_total, n_judged=n_judged, unit=unit)
+    if v == REPRODUCES and not p_layers < ALPHA:
+        return (f"{INCONCLUSIVE} (the effect's place in depth is within what shuffled layers give, {fmt_p(p_layers)}; "
+                "more layers, not more samples, could decide it)"), float("nan")
+    return v, need
 
 
-def decide_absence(mean: float, sd: float, margin: float, diffs, n_total: int, scale: float, seed: int):
-    """Verdict, p-value and needed build size for a claim that an effect is absent (below ``margin``).
-
-    Absence cannot be shown by a non-significant difference (a small build would always "show" it), so the test is
-    one-sided against the margin: H0 says the effect is at least ``margin``.
-    """
-    p_below = stats.below_margin_p(diffs, margin, seed)
-    p_above = stats.sign_flip_p(np.asarray(diffs, float) - margin, seed, alternative="greater")
-    need = stats.n_for_mean(sd, margin - mean, two_sided=False) * scale if mean < margin else float("inf")
-    floor = stats.min_n_sign_test(two_sided=False)
-    if p_below >= ALPHA and len(diffs) < floor:
-        need = max(need if math.isfinite(need) else 0.0, floor * scale)
-        return f"{INCONCLUSIVE} (n too small: needs {fmt_n(need)})", p_below, need
-    if p_below < ALPHA:
-        v = REPRODUCES
-    elif p_above < ALPHA or not (math.isfinite(need) and need > n_total):
-        v = NO
-    else:
-        v = f"{INCONCLUSIVE} (n too small: needs {fmt_n(need)})"
-    return v, p_below, need
+def decide_absence(diffs, margin: float, *, n_total: int, seed: int, unit: str = "") -> tuple[str, dict, float]:
+    """Verdict, the test of ``margin − effect`` and the needed build size for a claim that an effect is absent
+    (stays below ``margin``): `decide` on margin − effect, so the CI must lie below the margin to reproduce and
+    above it to fail; a small build cannot "show" absence by a non-significant difference."""
+    d = np.asarray(diffs, float)
+    t = stats.paired_test(margin - d, seed)
+    v, need = decide(t, None, n_total=n_total, unit=unit)
+    if v.startswith(NO):
+        v = (f"{NO} (opposite: the effect's 95% CI [{margin - t['hi']:+.3g}, {margin - t['lo']:+.3g}]{unit} lies above "
+             f"the margin {margin:+.3g})")
+    return v, t, need
 
 
 def needed(sd, mean, direction: int, scale: float, paper_delta: float | None = None) -> float:
@@ -165,8 +248,10 @@ def require(df: pd.DataFrame, columns, who: str) -> None:
                          f"{missing} (pass the run's .records, not its .summary).")
 
 
-def dev_split(records: pd.DataFrame, id_col: str = "id") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The records of the dev and the test samples (a stable hash of the sample id decides; see `stats.split_of`).
+def dev_split(records: pd.DataFrame, id_col: str = "id", groups: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The records of the dev and the test samples (a stable hash decides; see `stats.split_of`) of the sample's
+    split key: its image or its question's copies when the records carry ``split_group`` (`attach_groups`) or
+    ``groups`` maps id -> key, else the sample id.
 
     Choose anything that is tuned (fusion layers, ρ, λ, candidate set) on the first, judge on the second.
 
@@ -177,7 +262,8 @@ def dev_split(records: pd.DataFrame, id_col: str = "id") -> tuple[pd.DataFrame, 
     """
     if records is None or len(records) == 0:
         return records, records
-    side = records[id_col].map(lambda i: stats.split_of(str(i)))
+    groups = groups or groups_of(records, id_col)
+    side = records[id_col].map(lambda i: stats.split_of(groups.get(str(i), str(i))))
     return records[side == "dev"], records[side == "test"]
 
 
