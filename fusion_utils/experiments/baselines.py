@@ -12,17 +12,29 @@ followed.
   ``[original, crop]``. Not reproduced: its tiling of images above 1024 px (``high_res``).
 - ``vcd`` (visual contrastive decoding, DAMO-NLP-SG/VCD): ``v′`` is the processor's normalised pixel tensor after
   ``add_diffusion_noise`` (sigmoid β schedule, T = 500, √ᾱ ≈ 0.86; seeded per sample), the scores
-  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.1).
+  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.2 as the official run script).
   Runs as one ``generate`` over 2B rows (original rows then noised rows) with a logits processor that combines
-  rows b and B+b and forces the same token into both. Greedy by default like every other method here (the
-  official evaluation samples; ``decoding.do_sample`` does that).
-- ``dola`` (transformers' ``_dola_decoding``): at every step, ``log_softmax(final) − log_softmax(premature)`` after
+  rows b and B+b and forces the same token into both.
+- ``dola`` (voidism/DoLa ``dola_greedy_decode``): at every step, ``log_softmax(final) − log_softmax(premature)`` after
   the relative-top filter (0.1), the premature layer chosen per sample as the candidate with the largest
-  Jensen–Shannon divergence from the final distribution (`methods.dola_contrast`). Candidates are hidden-state
+  divergence from the final distribution as that code computes it (`methods.dola.official_js`) (`methods.dola_contrast`). Candidates are hidden-state
   indices, 0 = the embedding output (`methods.dola_layers`: ``"low"`` = 0, 2, ... below N/2, ``"high"`` = N/2, ...,
   N−2); their logits are ``lm_head(h)`` without the final norm, as in the official code. Greedy.
   ``repetition_penalty`` (default 1.0) is applied to the contrasted scores as in transformers; DoLa recommends 1.2
   for open-ended generation.
+
+- ``cd`` (contrastive decoding, Li et al. 2023; XiangLi1999/ContrastiveDecoding): greedy on
+  ``log p_expert − log p_amateur`` over the plausible tokens (``p_expert ≥ 0.1·max``; `methods.cd_scores`). The
+  amateur (``cd_amateur``: a model id, directory or ``organism:`` name with the same vocabulary) steps beside the
+  expert with its own KV cache (`stepping.Stepper`). On an organism it defaults to the 8-layer organism of the
+  same architecture (the 16-layer ones are the book's models; their tokenizers are identical). Departure: greedy,
+  where the paper runs beam search (short VQA answers; every other row here is greedy too).
+- ``opera`` (shikiw/OPERA ``opera_beam_search``, `experiments.opera`): its defaults (5 beams, 5 candidates, scale
+  50, threshold 15, penalty 1). With answers of at most ``max_new_tokens`` = 16 tokens the window never exceeds 16
+  columns, so the over-trust rollback (which needs more than 15 identical locations at position ≥ 10) cannot fire
+  on VQA answers: the penalty acts through the image-attention term of the first ten tokens.
+- VCD samples as its official evaluation does (``vcd_sample``: temperature 1, top-p 1, seeded per run); set
+  ``vcd_sample=False`` for the greedy variant.
 
 On MMBench (the ``option`` scorer) the summary's ``accuracy`` is CircularEval (lmms-eval's default), with the
 per-row accuracy beside it as ``row_accuracy``.
@@ -41,12 +53,17 @@ from ..engine import CaptureAttention, check_layer, intervene
 from ..engine.replay import head, last_logits_only, record_stream
 from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_contrast, dola_layers, vcd_logits,
                        vicrop_box, vicrop_layer)
+from ..methods.cd import CD_ALPHA, cd_scores
+from ..methods.opera import OPERA_DEFAULTS
 from ..metrics import benchmark_accuracy
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import Decoding, answer, decode_new, generate
 from .harness import Context, Spec, register, run
+from .opera import opera
+from .stepping import Stepper
 
-METHODS = ("plain", "vicrop", "vcd", "dola")
+METHODS = ("plain", "cd", "dola", "opera", "vcd", "vicrop")
+DEFAULT_METHODS = ("plain", "vicrop", "vcd", "dola")  # the cheap ones; cd needs an amateur, opera costs 5 beams
 
 
 def _chunks(samples, n):
@@ -206,7 +223,7 @@ class _VCDProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
-def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.1, noise_step: int = 500,
+def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.2, noise_step: int = 500,
         post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, seed: int = 0,
         batch_size: int = 8) -> list[str]:
     """Visual contrastive decoding as DAMO-NLP-SG/VCD's ``vcd_sample.sample`` with ``add_diffusion_noise``
@@ -263,7 +280,7 @@ class _DoLaProcessor(LogitsProcessor):
 def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: float = 1.0,
          post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8,
          return_details: bool = False):
-    """DoLa answers (greedy), as transformers' ``_dola_decoding`` (`methods.dola_contrast`). ``layers``: ``"low"``,
+    """DoLa answers (greedy), as voidism/DoLa's ``dola_greedy_decode`` (`methods.dola_contrast`). ``layers``: ``"low"``,
     ``"high"`` or hidden-state indices (0 = the embedding output); ``alpha``: the relative-top filter. ``return_details``: also the per-batch processors (premature layers per
     step, the first step's scores)."""
     decoding = decoding or Decoding()
@@ -285,11 +302,72 @@ def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: f
     return (out, details) if return_details else out
 
 
+# --- CD -------------------------------------------------------------------------------------------------------------
+
+AMATEURS: dict = {}  # loaded amateurs by (name, device, dtype): one load per session
+
+
+def default_amateur(lm) -> str | None:
+    """The 8-layer organism of ``lm``'s architecture when ``lm`` is a deeper organism, else None."""
+    from ..organisms import VARIANTS, resolve_name
+
+    if not str(lm.name).startswith("organism:"):
+        return None
+    arch = VARIANTS[resolve_name(lm.name)]
+    small = f"{arch}-8l"
+    return None if resolve_name(lm.name) == small else f"organism:{small}"
+
+
+def load_amateur(lm, amateur: str):
+    """The amateur model, checked to share ``lm``'s vocabulary (CD contrasts the same token ids)."""
+    from ..models import load_model
+
+    key = (str(amateur), str(lm.device), str(lm.dtype))
+    if key not in AMATEURS:
+        AMATEURS[key] = load_model(amateur, device=lm.device, dtype=lm.dtype)
+    am = AMATEURS[key]
+    if am.processor.tokenizer.get_vocab() != lm.processor.tokenizer.get_vocab():
+        raise ValueError(f"CD's amateur {amateur!r} has another vocabulary than {lm.name!r}; pass an amateur with "
+                         "the same tokenizer (cd_amateur=...).")
+    return am
+
+
+class _CDProcessor(LogitsProcessor):
+    """Steps the amateur beside the expert's ``generate`` and returns CD's scores for the expert to take argmax."""
+
+    def __init__(self, stepper: Stepper, alpha: float, temperature: float):
+        self.stepper, self.alpha, self.temperature = stepper, float(alpha), float(temperature)
+
+    def __call__(self, input_ids, scores):
+        st = self.stepper
+        amateur = st.prefill() if st.cache is None else st.step(input_ids[:, -1].to(st.mask.device))
+        return cd_scores(scores, amateur.to(scores.device), self.alpha, self.temperature).to(scores.dtype)
+
+
+@torch.no_grad()
+def cd(lm, samples, *, amateur, alpha: float = CD_ALPHA, amateur_temperature: float = 1.0,
+       post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8) -> list[str]:
+    """Contrastive decoding's answers (greedy on `methods.cd_scores`); ``amateur``: a loaded model or a name."""
+    decoding = Decoding(max_new_tokens=(decoding or Decoding()).max_new_tokens)
+    am = load_amateur(lm, amateur) if isinstance(amateur, str) else amateur
+    out: list[str] = []
+    for chunk in _chunks(list(samples), batch_size):
+        batch = lm.prepare(chunk, post_prompt=post_prompt)
+        proc = _CDProcessor(Stepper(am, am.prepare(chunk, post_prompt=post_prompt)), alpha, amateur_temperature)
+        ids = lm.model.generate(**batch.inputs, **decoding.kwargs(lm.processor.tokenizer),
+                                logits_processor=LogitsProcessorList([proc]))
+        out += decode_new(lm, batch, ids)
+    return out
+
+
 # --- the experiment -------------------------------------------------------------------------------------------------
 
-def resolve(lm, dataset, *, methods: Sequence[str] = METHODS, vicrop_attn_layer: int | None = None,
-            vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1, vcd_noise_step: int = 500,
-            dola_candidates="low", dola_alpha: float = 0.1, dola_repetition_penalty: float = 1.0) -> dict:
+def resolve(lm, dataset, *, methods: Sequence[str] = DEFAULT_METHODS, vicrop_attn_layer: int | None = None,
+            vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.2, vcd_noise_step: int = 500,
+            vcd_sample: bool = True, dola_candidates="low", dola_alpha: float = 0.1,
+            dola_repetition_penalty: float = 1.0, cd_amateur: str | None = None, cd_alpha: float = CD_ALPHA,
+            cd_amateur_temperature: float = 1.0, opera_beams: int = OPERA_DEFAULTS["num_beams"],
+            opera_candidates: int = OPERA_DEFAULTS["num_attn_candidates"]) -> dict:
     methods = list(methods)
     for m in methods:
         if m not in METHODS:
@@ -297,53 +375,64 @@ def resolve(lm, dataset, *, methods: Sequence[str] = METHODS, vicrop_attn_layer:
     if "vicrop" in methods and not lm.spec.spatial:
         raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop -- drop "
                          "'vicrop' from methods.")
+    amateur = cd_amateur if cd_amateur is not None else default_amateur(lm)
+    if "cd" in methods:
+        if amateur is None:
+            raise ValueError(f"CD needs an amateur model for {lm.name}: pass --param 'cd_amateur=<model id or dir>' "
+                             "(a smaller model with the same tokenizer).")
+        load_amateur(lm, amateur)  # fail now, before any sample runs
     return {"methods": methods,
             "vicrop_attn_layer": vicrop_attn_layer if vicrop_attn_layer is not None else vicrop_layer(lm.num_layers),
             "vicrop_window": vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window),
-            "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step,
+            "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step, "vcd_sample": vcd_sample,
             "dola_candidates": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
-            "dola_alpha": dola_alpha, "dola_repetition_penalty": dola_repetition_penalty}
+            "dola_alpha": dola_alpha, "dola_repetition_penalty": dola_repetition_penalty,
+            "cd_amateur": amateur if "cd" in methods else None, "cd_alpha": cd_alpha,
+            "cd_amateur_temperature": cd_amateur_temperature, "opera_beams": int(opera_beams),
+            "opera_candidates": int(opera_candidates)}
 
 
-def baselines_batch(lm, samples, ctx: Context, *, methods: Sequence[str] = METHODS,
-                    vicrop_attn_layer: int | None = None, vicrop_window: int | None = None, vcd_alpha: float = 1.0,
-                    vcd_beta: float = 0.1, vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
-                    dola_repetition_penalty: float = 1.0) -> list[dict]:
-    """Per sample and baseline: the answer and its score."""
+def run_method(lm, m: str, samples, ctx: Context, p: dict) -> list[str]:
+    """One baseline's answers to ``samples`` with the resolved parameters ``p``."""
     decoding, n, pp = ctx.decoding or Decoding(), len(samples), ctx.post_prompt
+    if m == "plain":
+        return plain(lm, samples, post_prompt=pp, decoding=decoding, batch_size=n)
+    if m == "vicrop":
+        return vicrop(lm, samples, layer=p["vicrop_attn_layer"], post_prompt=pp, decoding=decoding,
+                      bbox_size=p["vicrop_window"], batch_size=n)
+    if m == "vcd":
+        dec = Decoding(max_new_tokens=decoding.max_new_tokens, do_sample=bool(p["vcd_sample"]))
+        return vcd(lm, samples, alpha=p["vcd_alpha"], beta=p["vcd_beta"], noise_step=p["vcd_noise_step"],
+                   post_prompt=pp, decoding=dec, seed=ctx.seed, batch_size=n)
+    if m == "dola":
+        return dola(lm, samples, layers=p["dola_candidates"], alpha=p["dola_alpha"],
+                    repetition_penalty=p["dola_repetition_penalty"], post_prompt=pp, decoding=decoding, batch_size=n)
+    if m == "cd":
+        return cd(lm, samples, amateur=p["cd_amateur"], alpha=p["cd_alpha"],
+                  amateur_temperature=p["cd_amateur_temperature"], post_prompt=pp, decoding=decoding, batch_size=n)
+    return opera(lm, samples, post_prompt=pp, decoding=decoding, num_beams=p["opera_beams"],
+                 num_attn_candidates=p["opera_candidates"])
+
+
+def baselines_batch(lm, samples, ctx: Context, **params) -> list[dict]:
+    """Per sample and baseline: the answer, its score and the seconds per sample of that baseline on this batch."""
+    p = dict(params)
     preds, seconds = {}, {}
-    for m in methods:
+    for m in p.get("methods", DEFAULT_METHODS):
         clock = time.perf_counter()
-        if m == "plain":
-            preds[m] = plain(lm, samples, post_prompt=pp, decoding=decoding, batch_size=n)
-        elif m == "vicrop":
-            preds[m] = vicrop(lm, samples, layer=vicrop_attn_layer, post_prompt=pp, decoding=decoding,
-                              bbox_size=vicrop_window, batch_size=n)
-        elif m == "vcd":
-            preds[m] = vcd(lm, samples, alpha=vcd_alpha, beta=vcd_beta, noise_step=vcd_noise_step, post_prompt=pp,
-                           decoding=decoding, seed=ctx.seed, batch_size=n)
-        else:
-            preds[m] = dola(lm, samples, layers=dola_candidates, alpha=dola_alpha,
-                            repetition_penalty=dola_repetition_penalty, post_prompt=pp, decoding=decoding,
-                            batch_size=n)
-        seconds[m] = (time.perf_counter() - clock) / n
+        preds[m] = run_method(lm, m, samples, ctx, p)
+        seconds[m] = (time.perf_counter() - clock) / len(samples)
     return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i], "score": ctx.score(preds[m][i], s),
-             "seconds": seconds[m]} for m in methods for i, s in enumerate(samples)]
+             "seconds": seconds[m]} for m in preds for i, s in enumerate(samples)]
 
 
-def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None = None, batch_size: int = 8,
-              seed: int = 0, decoding: Decoding | None = None, vicrop_attn_layer: int | None = None,
-              vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1,
-              vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
-              dola_repetition_penalty: float = 1.0, progress: bool = True):
-    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: `baselines_summary`
-    (CircularEval as the accuracy on MMBench). ``vicrop_window``: ViCrop's base window side in pixels (default
-    `vicrop_resolution`)."""
+def baselines(lm, dataset, methods: Sequence[str] = DEFAULT_METHODS, *, out: str | None = None, batch_size: int = 8,
+              seed: int = 0, decoding: Decoding | None = None, progress: bool = True, **params):
+    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score, seconds; summary:
+    `baselines_summary` (CircularEval as the accuracy on MMBench). ``params``: those of `resolve` (``cd_amateur``,
+    ``vicrop_window``, ``vcd_sample``, ``opera_beams``, ...)."""
     return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
-               methods=methods, vicrop_attn_layer=vicrop_attn_layer, vicrop_window=vicrop_window,
-               vcd_alpha=vcd_alpha, vcd_beta=vcd_beta, vcd_noise_step=vcd_noise_step,
-               dola_candidates=dola_candidates, dola_alpha=dola_alpha,
-               dola_repetition_penalty=dola_repetition_penalty)
+               methods=methods, **params)
 
 
 def baselines_summary(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> pd.DataFrame:
@@ -363,7 +452,7 @@ def baselines_summary(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> 
     return s
 
 
-__all__ = ["plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
+__all__ = ["cd", "opera", "load_amateur", "default_amateur", "run_method", "DEFAULT_METHODS", "plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
            "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch", "baselines_summary",
            "METHODS"]
 

@@ -23,7 +23,7 @@ class Stepper:
 
     def __init__(self, lm, batch):
         self.lm, self.batch = lm, batch
-        self.cache = None
+        self.cache = self.deltas = None
         self.length = batch.inputs["input_ids"].shape[1]  # cached positions
         self.mask = batch.inputs.get("attention_mask")
 
@@ -31,6 +31,8 @@ class Stepper:
     def prefill(self) -> torch.Tensor:
         out = self.lm.model(**self.batch.inputs, use_cache=True, **last_logits_only(self.lm))
         self.cache = language_model_cache(out)
+        deltas = [v for _, v in rope_state(self.lm) if v is not None]
+        self.deltas = deltas[0] if deltas else None  # M-RoPE's per-row offset, follows the rows as they regroup
         if self.mask is None:
             self.mask = torch.ones(self.batch.inputs["input_ids"].shape, dtype=torch.long,
                                    device=self.batch.inputs["input_ids"].device)
@@ -50,14 +52,15 @@ class Stepper:
         mask = torch.cat([self.mask.index_select(0, rows), self.mask.new_ones(len(tokens), 1)], dim=1)
         position = torch.tensor([self.length], device=tokens.device)
         kw = {}
-        deltas = [v for _, v in rope_state(self.lm) if v is not None]
-        if deltas:  # M-RoPE (Qwen2-VL): the prefill's per-row offset, as generate() continues with
-            pos = (self.length + deltas[0].to(rows.device).index_select(0, rows)).view(1, -1, 1)
-            kw["position_ids"] = pos.expand(3, -1, -1)
+        deltas = None
+        if self.deltas is not None:  # M-RoPE (Qwen2-VL): the prefill's per-row offset, as generate() continues
+            deltas = self.deltas.to(rows.device).index_select(0, rows)
+            kw["position_ids"] = (self.length + deltas).view(1, -1, 1).expand(3, -1, -1)
         out = generator_model(self.lm)(input_ids=tokens[:, None], attention_mask=mask, past_key_values=cache,
                                        cache_position=position, use_cache=True, **kw)
         if keep:
             self.cache, self.mask, self.length = language_model_cache(out) or cache, mask, self.length + 1
+            self.deltas = deltas
         return out.logits[:, -1].float()
 
 
