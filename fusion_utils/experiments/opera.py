@@ -15,6 +15,7 @@ import torch
 from ..engine import AttentionRead, intervene
 from ..methods.opera import (OPERA_DEFAULTS, candidate_logits, candidate_penalty, rejecting_logits,
                              rollback_location, rollback_position)
+from ..prompts import POST_PROMPT
 from .stepping import Stepper
 
 
@@ -151,7 +152,7 @@ def opera_one(lm, batch, *, max_new_tokens: int = 16, num_beams: int = 5, scale_
     return {"tokens": best, "rollbacks": rollbacks}
 
 
-def opera(lm, samples, *, post_prompt=None, decoding=None, **params) -> list[str]:
+def opera(lm, samples, *, post_prompt: str | None = POST_PROMPT, decoding=None, **params) -> list[str]:
     """OPERA's answers, one sample at a time (`opera_one`; ``params``: `methods.opera.OPERA_DEFAULTS`)."""
     max_new = decoding.max_new_tokens if decoding is not None else 16
     kw = {**{k: v for k, v in OPERA_DEFAULTS.items()}, **params}
