@@ -1,0 +1,86 @@
+"""The baseline table's verdict ("ours beats the baselines") and its latency table.
+
+Verdict rule: the best baseline is chosen on the dev split (highest accuracy), and ours is compared with it on the
+test split, paired by question (bootstrap 95% CI of the mean difference, `stats.paired_test`). The effect it is
+judged against is the paper's margin over its best baseline, per backbone (`paper_margins`: 0.37 to 1.05 points).
+
+- "reproduces": the CI lies above zero (ours ahead, the paper's direction);
+- "does not reproduce": the CI lies below the paper's smallest margin (the effect is smaller, or opposite);
+- "inconclusive": the CI holds both zero and the paper's margin; the row names the n that would decide.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..paper import LATENCY_S, MAIN_TABLE
+from . import stats
+
+BASELINE_COLUMNS = ("CD", "DoLa", "OPERA", "ViCrop")
+# our method names for the paper's latency rows
+LATENCY_NAMES = {"cd": "CD", "opera": "OPERA", "vicrop": "ViCrop", "ours": "ours", "sam": "SAM", "clip": "CLIP"}
+
+
+def paper_margins() -> dict:
+    """Per backbone, the paper's accuracy margin of ours over its best baseline, in points.
+
+    >>> {k: round(v, 2) for k, v in paper_margins().items()}
+    {'LLaVA-1.5': 1.05, 'LLaVA-NeXT': 0.92, 'Qwen2.5-VL': 0.37}
+    """
+    t = MAIN_TABLE.set_index("backbone")
+    return {b: float(t.loc[b, "ours"] - t.loc[b, list(BASELINE_COLUMNS)].max()) for b in t.index}
+
+
+def beats_baselines(records: pd.DataFrame, ours: str = "ours", *, margin: float | None = None,
+                    seed: int = 0) -> dict:
+    """The verdict row. ``records``: per-sample ``id, method, score`` for ours (``method == ours``) and the
+    baselines (``plain`` is not a baseline). ``margin``: the paper's effect as a fraction (default: the smallest of
+    `paper_margins`, /100)."""
+    margin = min(paper_margins().values()) / 100 if margin is None else float(margin)
+    base = [m for m in records["method"].unique() if m not in (ours, "plain")]
+    if ours not in set(records["method"]) or not base:
+        return {"verdict": "n/a: needs records of ours and of at least one baseline"}
+    wide = records.pivot_table(index="id", columns="method", values="score", aggfunc="mean")
+    dev, test = stats.split_ids(wide.index.tolist())
+    if len(dev) < 1 or len(test) < 2:
+        return {"verdict": f"n/a: {len(wide)} questions are too few for a dev/test split"}
+    best = max(base, key=lambda m: (wide.loc[dev, m].mean(), -base.index(m)))
+    d = (wide.loc[test, ours] - wide.loc[test, best]).dropna().to_numpy(float)
+    t = stats.paired_test(d, seed)
+    lo, hi = t["lo"], t["hi"]
+    if lo > 0:
+        verdict = "reproduces"
+    elif hi < margin:
+        verdict = "does not reproduce"
+    else:
+        sd = t["sd"] if np.isfinite(t["sd"]) and t["sd"] > 0 else 2 * margin
+        # a CI half-width below margin/2 cannot hold both 0 and the margin
+        need = math.ceil((2 * 1.96 * sd / margin) ** 2) * len(wide) / max(1, len(d))
+        verdict = f"inconclusive (n too small: needs ≈ {int(math.ceil(need))})"
+    return {"claim": "ours beats the best baseline", "best_baseline": best, "n_test": len(d), "mean": t["mean"],
+            "ci": (lo, hi), "paper_margin": margin, "verdict": verdict,
+            "split": stats.describe_split(len(dev), len(test))}
+
+
+def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
+    """method, seconds, ratio to plain, the paper's ratio: one row per method measured (``seconds``: per sample,
+    from one run). The paper's ratio is relative to its "ours" row (it times no plain decoding), blank where the
+    paper does not time the method.
+
+    >>> latency_table({"plain": 1.0, "cd": 2.0, "opera": 4.0}).columns.tolist()
+    ['method', 'seconds', 'ratio to plain', 'paper ratio (to ours)']
+    """
+    if reference not in seconds:
+        raise ValueError(f"latency_table needs the {reference!r} method's seconds to form ratios.")
+    rows = []
+    for m, s in seconds.items():
+        paper = LATENCY_NAMES.get(str(m).lower())
+        ratio = LATENCY_S[paper] / LATENCY_S["ours"] if paper in LATENCY_S else None
+        rows.append({"method": str(m), "seconds": f"{s:.3f}", "ratio to plain": f"{s / seconds[reference]:.2f}",
+                     "paper ratio (to ours)": "" if ratio is None else f"{ratio:.2f}"})
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+__all__ = ["BASELINE_COLUMNS", "paper_margins", "beats_baselines", "latency_table"]
