@@ -35,7 +35,7 @@ def local_scores(window: torch.Tensor, scale_factor: float = 50.0) -> torch.Tens
     ``attn_local_scores`` is in the official code.
 
     >>> local_scores(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), 2.0).tolist()
-    [[1.7881393432617188e-07, 1.1920928955078125e-07]]
+    [1.7881393432617188e-07, 1.1920928955078125e-07]
     """
     a = scale_factor * window.float()
     W = a.shape[-1]
