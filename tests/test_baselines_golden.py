@@ -122,3 +122,37 @@ def test_cd_rejects_another_vocabulary(lm):
     BL.AMATEURS[("x", str(lm.device), str(lm.dtype))] = am
     with pytest.raises(ValueError, match="another vocabulary"):
         BL.load_amateur(lm, "x")
+
+
+def test_opera_roll_back_state():
+    """``roll_back`` returns the state the official code revives and accumulates the rejected choices."""
+    from fusion_utils.experiments.opera import roll_back
+
+    states = [{"step": k, "chosen": torch.tensor([10 * k])} for k in range(6)]
+    locs, rejected = [torch.zeros(1, 1)] * 6, {5: [torch.tensor([0])]}
+    redo = roll_back(states, locs, rejected, 3)
+    assert redo["step"] == 3 and len(states) == 4 and len(locs) == 4
+    assert [int(x) for x in torch.cat(rejected[3])] == [30] and 5 not in rejected
+    states[-1]["chosen"] = torch.tensor([31])  # the redo chose again at step 3
+    states += [{"step": 4, "chosen": torch.tensor([40])}, {"step": 5}]
+    redo = roll_back(states, locs, rejected, 3)
+    assert redo["step"] == 3 and [int(x) for x in torch.cat(rejected[3])] == [30, 31]
+    recent = [{"step": k, "chosen": torch.tensor([k])} for k in range(3)]
+    assert roll_back(recent, [0] * 3, {}, 7)["step"] == 1  # a position this recent: the step before the current
+    assert roll_back([{"step": 0}], [0], {}, 3) is None
+
+
+def test_opera_rollback_fires_and_ends():
+    """With threshold 0 the rollback fires on a tiny Qwen2-VL past ten tokens; decoding still ends, and the
+    answer differs from the one without rollbacks."""
+    from fusion_utils import load_model
+    from fusion_utils.experiments.opera import opera_one
+    from fusion_utils.testing import sample_images, tiny_model_dir
+
+    lm = load_model(tiny_model_dir("qwen2_vl"))
+    b = lm.prepare([Sample("s0", sample_images(1, seed=0)[0], "what is the color of the object ?", ["red"])])
+    kw = dict(max_new_tokens=14, num_beams=2, num_attn_candidates=2)
+    fired = opera_one(lm, b, threshold=0, **kw)
+    plain = opera_one(lm, b, **kw)
+    assert fired["rollbacks"] > 0 and plain["rollbacks"] == 0
+    assert fired["tokens"] != plain["tokens"] and len(fired["tokens"]) <= 14

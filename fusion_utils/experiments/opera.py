@@ -89,6 +89,22 @@ def opera_window(history: torch.Tensor, cand_rows: torch.Tensor, start: int) -> 
     return torch.cat([prev, local[:, :, None]], dim=2)
 
 
+def roll_back(states: list, loc_history: list, rejected_at: dict, pos: int) -> dict | None:
+    """The state to decode again after a rollback to response position ``pos``, as the official code finds it:
+    it drops the ``cur_response_lens − pos − 2`` latest states and takes the second-to-last (so step ``pos``, or
+    the step before the current one when ``pos`` is that recent); the tokens chosen at that step join the
+    step's rejected tokens, and rejections recorded for later steps are forgotten. ``states``: one per step (the
+    current one last), each with the flat indices it ``chosen``."""
+    step = min(pos, len(states) - 2)
+    if step < 0 or "chosen" not in states[step]:
+        return None  # the official code's ``except``: no state to return to, decode on
+    del states[step + 1:], loc_history[step + 1:]
+    for later in [k for k in rejected_at if k > step]:
+        del rejected_at[later]
+    rejected_at.setdefault(step, []).append(states[step]["chosen"])
+    return states[step]
+
+
 @torch.no_grad()
 def opera_one(lm, batch, *, max_new_tokens: int = 16, num_beams: int = 5, scale_factor: float = 50.0,
               threshold: int = 15, num_attn_candidates: int = 5, window_size: int = 512,
@@ -123,16 +139,13 @@ def opera_one(lm, batch, *, max_new_tokens: int = 16, num_beams: int = 5, scale_
             pos = rollback_position(torch.cat(loc_history, -1), loc, retries, threshold=threshold,
                                     num_attn_candidates=K, response_len=window.shape[-1],
                                     history_length=window_size)
-            if pos is not None and 1 <= pos < len(states):
+            redo = roll_back(states, loc_history, rejected_at, pos) if pos is not None else None
+            if redo is not None:
                 rollbacks += 1
-                redo, after = states[pos - 1], states[pos]
-                del states[pos:], loc_history[pos:]
                 gen, beam_scores, hyps = copy.deepcopy(redo["gen"]), redo["scores"], copy.deepcopy(redo["hyps"])
                 history, rows, logits = redo["history"], redo["rows"], redo["logits"]
                 st.cache, st.mask, st.length, st.deltas = redo["cache"]
-                rejected_at.setdefault(pos, []).append(after["chosen"])
-                states.append(redo)
-                next_logits = rejecting_logits(logits, torch.cat(rejected_at[pos]))
+                next_logits = rejecting_logits(logits, torch.cat(rejected_at[len(states) - 1]))
             else:
                 next_logits = candidate_logits(logits, cand_tokens, cand_scores - penalty_weights * penalty)
             scores = torch.log_softmax(next_logits, dim=-1)
@@ -164,4 +177,4 @@ def opera(lm, samples, *, post_prompt: str | None = POST_PROMPT, decoding=None, 
     return out
 
 
-__all__ = ["LastRows", "Hypotheses", "beam_step", "opera_window", "opera_one", "opera"]
+__all__ = ["LastRows", "Hypotheses", "beam_step", "roll_back", "opera_window", "opera_one", "opera"]
