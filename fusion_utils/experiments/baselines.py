@@ -4,12 +4,14 @@ Each follows its official code; the math lives in `fusion_utils.methods`, whose 
 followed.
 
 - ``plain``: greedy answers (`common.answer`).
-- ``vicrop`` ("MLLMs know where to look", ICLR 2025, relative attention, ``rel_attention_llava``): the last prompt
-  token's attention to the image at a middle layer (round(14/32·L); LLaVA-1.5 uses 14) under the task prompt,
+- ``vicrop`` ("MLLMs know where to look", ICLR 2025, saccharomycetes/mllms_know, relative attention,
+  ``rel_attention_llava`` / ``rel_attention_qwen2_5``): the last prompt token's attention to the image at the
+  official layer of the architecture (`methods.VICROP_LAYERS`: 14 of 32 for LLaVA-1.5, 22 of 28 for Qwen2.5-VL;
+  scaled by relative depth on models of another depth, e.g. 7 of 16 and 13 of 16 on the organisms) under the task prompt,
   divided by the same under the generic prompt ``"Write a general description of the image."`` followed by the
   same post-prompt; ViCrop's adaptive window over that map (`methods.vicrop_box`, ``bbox_from_att_image_adaptive``:
   a square of the model's input resolution times 1, 1.2, ..., 2, `vicrop_resolution`), and the answer from
-  ``[original, crop]``. Not reproduced: its tiling of images above 1024 px (``high_res``).
+  ``[original, crop]``. Images with a side above 1024 px are tiled as its ``high_res`` does.
 - ``vcd`` (visual contrastive decoding, DAMO-NLP-SG/VCD): ``v′`` is the processor's normalised pixel tensor after
   ``add_diffusion_noise`` (sigmoid β schedule, T = 500, √ᾱ ≈ 0.86; seeded per sample), the scores
   ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.2 as the official run script).
@@ -43,7 +45,10 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import replace
 from typing import Sequence
+
+import numpy as np
 
 import pandas as pd
 import torch
@@ -51,8 +56,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..engine import CaptureAttention, check_layer, intervene
 from ..engine.replay import head, last_logits_only, record_stream
-from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_contrast, dola_layers, vcd_logits,
-                       vicrop_box, vicrop_layer)
+from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_contrast, dola_layers, high_res_tiles,
+                       merge_tiles, needs_tiling, vcd_logits, vicrop_box, vicrop_layer)
 from ..methods.cd import CD_ALPHA, cd_scores
 from ..methods.opera import OPERA_DEFAULTS
 from ..metrics import benchmark_accuracy
@@ -111,7 +116,7 @@ def relative_attention(lm, samples, *, layer: int | None = None, post_prompt: st
     """Per sample, float32 [image tokens]: task-prompt attention / generic-prompt attention at ``layer``; both
     prompts end with ``post_prompt``, as in ViCrop's ``rel_attention_llava`` and its run script."""
     samples = list(samples)
-    layer = check_layer(vicrop_layer(lm.num_layers) if layer is None else layer, lm.num_layers)
+    layer = check_layer(vicrop_layer(lm.num_layers, lm.spec.model_type) if layer is None else layer, lm.num_layers)
     task = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt), layer)
     generic = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt,
                                              questions=[GENERIC_PROMPT] * len(samples)), layer)
@@ -119,29 +124,50 @@ def relative_attention(lm, samples, *, layer: int | None = None, post_prompt: st
 
 
 def vicrop_boxes(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
-                 eps: float = 1e-6, bbox_size: int | None = None) -> list[tuple]:
+                 eps: float = 1e-6, bbox_size: int | None = None, high_res: bool = True) -> list[tuple]:
     """ViCrop's crop box per sample (pixels): its adaptive window (`methods.vicrop_box`) on the relative attention
-    over the image's primary token grid, windows of ``bbox_size`` (default `vicrop_resolution`) times its ratios."""
+    over the image's primary token grid, windows of ``bbox_size`` (default `vicrop_resolution`) times its ratios.
+    ``high_res``: an image with a side above 1024 px is tiled as ViCrop's ``high_res`` does
+    (`methods.high_res_tiles`), each tile's relative attention computed alone, and the tiles' maps joined
+    (`methods.merge_tiles`) over the whole image."""
     samples = list(samples)
     b = lm.prepare(samples, post_prompt=post_prompt)
     for i in range(len(samples)):
         if not b.grids[i][0].spatial:
             raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop.")
-    rel = relative_attention(lm, samples, layer=layer, post_prompt=post_prompt, eps=eps)
     side = vicrop_resolution(lm) if bbox_size is None else int(bbox_size)
-    views = [b.grids[i][0].primary for i in range(len(samples))]
-    return [vicrop_box(v.to_map(r), s.image.size, side, extent=v.extent) for v, r, s in zip(views, rel, samples)]
+    tiled = [i for i, s in enumerate(samples) if high_res and needs_tiling(s.image.size)]
+    small = [i for i in range(len(samples)) if i not in tiled]
+    boxes: dict[int, tuple] = {}
+    if small:
+        rel = relative_attention(lm, [samples[i] for i in small], layer=layer, post_prompt=post_prompt, eps=eps)
+        for i, r in zip(small, rel):
+            v = b.grids[i][0].primary
+            boxes[i] = vicrop_box(v.to_map(r), samples[i].image.size, side, extent=v.extent)
+    for i in tiled:
+        boxes[i] = vicrop_box(tiled_map(lm, samples[i], layer, post_prompt, eps), samples[i].image.size, side)
+    return [boxes[i] for i in range(len(samples))]
+
+
+def tiled_map(lm, sample, layer, post_prompt, eps) -> np.ndarray:
+    """ViCrop's ``high_res``: the relative-attention maps of the image's tiles, joined in place."""
+    tile_boxes, rows, cols = high_res_tiles(sample.image.size)
+    tiles = [replace(sample, image=sample.image.convert("RGB").crop(bx)) for bx in tile_boxes]
+    rel = relative_attention(lm, tiles, layer=layer, post_prompt=post_prompt, eps=eps)
+    grids = lm.prepare(tiles, post_prompt=post_prompt).grids
+    return merge_tiles([g[0].primary.to_map(r) for g, r in zip(grids, rel)], rows, cols)
 
 
 def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
            decoding: Decoding | None = None, eps: float = 1e-6, bbox_size: int | None = None,
-           batch_size: int = 8, return_boxes: bool = False):
+           batch_size: int = 8, return_boxes: bool = False, high_res: bool = True):
     """ViCrop's answers (its ``vicrop_qa`` with relative attention): the answer to ``[original, crop]``, the crop
     from `vicrop_boxes`. ``return_boxes``: also the boxes."""
     samples = list(samples)
     preds, boxes = [], []
     for chunk in _chunks(samples, batch_size):
-        bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, bbox_size=bbox_size)
+        bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, bbox_size=bbox_size,
+                          high_res=high_res)
         b = lm.prepare(chunk, post_prompt=post_prompt, images=crop_images([s.image for s in chunk], bx))
         preds += generate(lm, b, (), decoding)
         boxes += bx
@@ -382,7 +408,7 @@ def resolve(lm, dataset, *, methods: Sequence[str] = DEFAULT_METHODS, vicrop_att
                              "(a smaller model with the same tokenizer).")
         load_amateur(lm, amateur)  # fail now, before any sample runs
     return {"methods": methods,
-            "vicrop_attn_layer": vicrop_attn_layer if vicrop_attn_layer is not None else vicrop_layer(lm.num_layers),
+            "vicrop_attn_layer": vicrop_attn_layer if vicrop_attn_layer is not None else vicrop_layer(lm.num_layers, lm.spec.model_type),
             "vicrop_window": vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window),
             "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step, "vcd_sample": vcd_sample,
             "dola_candidates": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
