@@ -130,8 +130,9 @@ def opera_one(lm, batch, *, max_new_tokens: int = 16, num_beams: int = 5, scale_
             states.append(dict(gen=copy.deepcopy(gen), scores=beam_scores.clone(), hyps=copy.deepcopy(hyps),
                                history=history, rows=rows, cache=(st.cache, st.mask, st.length, st.deltas), logits=logits))
             cand_scores, cand_tokens = torch.topk(logits, K, dim=-1)
-            st.step(cand_tokens.reshape(-1), rows.repeat_interleave(K), keep=False)
-            cand_rows = reader.rows.view(num_beams, K, -1)
+            # the look-ahead is kept: a chosen candidate's forward is the next step's beam forward
+            ahead, ahead_rows = st.step(cand_tokens.reshape(-1), rows.repeat_interleave(K)), reader.rows
+            cand_rows = ahead_rows.view(num_beams, K, -1)
             window = opera_window(history, cand_rows, S)
             penalty, locs = candidate_penalty(window, cand_rows[..., image].sum(-1), scale_factor)
             per_beam, loc = rollback_location(locs)
@@ -152,15 +153,21 @@ def opera_one(lm, batch, *, max_new_tokens: int = 16, num_beams: int = 5, scale_
             beam_scores, new_tokens, src, done = beam_step(scores, beam_scores, gen, hyps, eos, num_beams, S)
             states[-1]["chosen"] = src * scores.shape[-1] + new_tokens
             gen = [gen[b] + [t] for b, t in zip(src.tolist(), new_tokens.tolist())]
-            logits = st.step(new_tokens, rows[src])
-            rows = torch.arange(num_beams)
-            row = reader.rows[:, S:]  # the chosen tokens' own rows
-            prev = torch.nn.functional.pad(history[src], (0, row.shape[-1] - history.shape[-1]))
-            history = torch.cat([prev, row[:, None]], dim=1)
             if done or len(gen[0]) >= max_new_tokens:
                 break
-    for b in range(num_beams):
-        hyps.add(gen[b], float(beam_scores[b]), S + len(gen[b]))
+            hit = cand_tokens[src] == new_tokens[:, None]  # [beams, K]
+            if redo is None and bool(hit.any(-1).all()):
+                rows = src * K + hit.float().argmax(-1)
+                logits, row = ahead[rows], ahead_rows[rows, S:]
+            else:  # after a rollback, or a token outside the candidates: the official separate forward
+                st.cache, st.mask, st.length, st.deltas = states[-1]["cache"]
+                logits = st.step(new_tokens, states[-1]["rows"][src] if redo is None else rows[src])
+                rows, row = torch.arange(num_beams), reader.rows[:, S:]
+            prev = torch.nn.functional.pad(history[src], (0, row.shape[-1] - history.shape[-1]))
+            history = torch.cat([prev, row[:, None]], dim=1)
+    if not done:  # ``finalize``: running beams join the hypotheses unless the search was already done
+        for b in range(num_beams):
+            hyps.add(gen[b], float(beam_scores[b]), S + len(gen[b]))
     best = max(hyps.beams, key=lambda h: h[0])[1]
     return {"tokens": best, "rollbacks": rollbacks}
 
