@@ -41,3 +41,16 @@ def test_latency_table_is_clean():
     assert list(t.columns) == ["method", "seconds", "ratio to plain", "paper ratio (to ours)"]
     assert t.loc[t["method"] == "cd", "ratio to plain"].item() == "2.00"
     assert not t.isna().any().any() and "nan" not in t.to_string().lower()
+
+
+def test_method_table_has_numeric_rows_and_a_verdict_row():
+    from fusion_utils.report.baselines import method_table
+
+    r = records(40, 0.8, 0.6)
+    summary = r.groupby("method", as_index=False)["score"].mean().rename(columns={"score": "accuracy"})
+    t = method_table({"m": summary}, {"m": beats_baselines(r)})
+    assert list(t["method"])[-1].startswith("verdict") and not t.isna().any().any()
+    row = t.set_index("method")
+    assert float(row.loc["CD", "m"]) == 100 * summary.set_index("method").loc["cd", "accuracy"]
+    assert row.loc["OPERA", "m"] == "not run" and row.loc["OPERA", "paper: LLaVA-1.5"] == "58.11"
+    assert row.loc["VCD", "paper: LLaVA-1.5"] == ""  # the paper has no VCD column

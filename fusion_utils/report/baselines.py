@@ -64,6 +64,40 @@ def beats_baselines(records: pd.DataFrame, ours: str = "ours", *, margin: float 
             "split": stats.describe_split(len(dev), len(test))}
 
 
+NAMES = {"plain": "plain", "cd": "CD", "dola": "DoLa", "opera": "OPERA", "vcd": "VCD", "vicrop": "ViCrop",
+         "ours": "ours"}
+PAPER_BACKBONES = {"LLaVA-1.5": "LLaVA-1.5", "LLaVA-NeXT": "LLaVA-NeXT", "Qwen2.5-VL": "Qwen2.5-VL"}
+
+
+def method_table(summaries: dict, verdicts: dict) -> pd.DataFrame:
+    """The chapter's baseline table: one row per method (accuracy in %, per model, from each model's baselines run
+    ``summaries[model]``), the paper's reported averages beside them, and a last row with each model's verdict on
+    "ours beats the baselines" (``verdicts[model]``: `beats_baselines`) and the paper's margin. Strings throughout,
+    so the table shows no NaN: a method a model did not run reads "not run"."""
+    paper = MAIN_TABLE.set_index("backbone")
+    rows = []
+    for key, name in NAMES.items():
+        row = {"method": name}
+        for model, summary in summaries.items():
+            hit = summary[summary["method"] == key]
+            row[model] = f"{100 * float(hit['accuracy'].iloc[0]):.1f}" if len(hit) else "not run"
+        for b in PAPER_BACKBONES:
+            col = "base" if key == "plain" else name
+            row[f"paper: {b}"] = f"{paper.loc[b, col]:.2f}" if col in paper.columns else ""
+        rows.append(row)
+    last = {"method": "verdict: ours beats the best baseline"}
+    for model in summaries:
+        v = verdicts.get(model, {})
+        ci = v.get("ci")
+        detail = (f" ({100 * v['mean']:+.1f} pts vs {NAMES.get(v['best_baseline'], v['best_baseline'])}, 95% CI "
+                  f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}], n = {v['n_test']})") if ci else ""
+        last[model] = v.get("verdict", "n/a") + detail
+    for b, m in paper_margins().items():
+        last[f"paper: {b}"] = f"+{m:.2f} over the best baseline"
+    rows.append(last)
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
 def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
     """method, seconds, ratio to plain, the paper's ratio: one row per method measured (``seconds``: per sample,
     from one run). The paper's ratio is relative to its "ours" row (it times no plain decoding), blank where the
@@ -83,4 +117,4 @@ def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
-__all__ = ["BASELINE_COLUMNS", "paper_margins", "beats_baselines", "latency_table"]
+__all__ = ["BASELINE_COLUMNS", "NAMES", "paper_margins", "beats_baselines", "method_table", "latency_table"]
