@@ -28,7 +28,7 @@ followed.
 - ``cd`` (contrastive decoding, Li et al. 2023; XiangLi1999/ContrastiveDecoding): greedy on
   ``log p_expert − log p_amateur`` over the plausible tokens (``p_expert ≥ 0.1·max``; `methods.cd_scores`). The
   amateur (``cd_amateur``: a model id, directory or ``organism:`` name with the same vocabulary) steps beside the
-  expert with its own KV cache (`stepping.Stepper`). On an organism it defaults to the 8-layer organism of the
+  expert with its own KV cache (`engine.stepping.Stepper`). On an organism it defaults to the 8-layer organism of the
   same architecture (the 16-layer ones are the book's models; their tokenizers are identical). Departure: greedy,
   where the paper runs beam search (short VQA answers; every other row here is greedy too).
 - ``opera`` (shikiw/OPERA ``opera_beam_search``, `experiments.opera`): its defaults (5 beams, 5 candidates, scale
@@ -70,7 +70,7 @@ from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import Decoding, answer, decode_new, generate
 from .harness import Context, Spec, register, run
 from .opera import opera
-from .stepping import Stepper
+from ..engine.stepping import Stepper
 
 METHODS = ("plain", "cd", "dola", "opera", "vcd", "vicrop", "ours")
 DEFAULT_METHODS = ("plain", "vicrop", "vcd", "dola")  # the cheap ones; cd needs an amateur, opera costs 5 beams

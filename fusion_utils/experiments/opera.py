@@ -16,7 +16,7 @@ from ..engine import AttentionRead, intervene
 from ..methods.opera import (OPERA_DEFAULTS, candidate_logits, candidate_penalty, rejecting_logits,
                              rollback_location, rollback_position)
 from ..prompts import POST_PROMPT
-from .stepping import Stepper
+from ..engine.stepping import Stepper
 
 
 class LastRows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.replay import fork_cache, generator_model, language_model_cache, last_logits_only, rope_state
+from .replay import fork_cache, generator_model, language_model_cache, last_logits_only, rope_state
 
 
 class Stepper:
