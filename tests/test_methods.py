@@ -256,7 +256,8 @@ def test_vcd_logits_contrast_and_cutoff():
 # --- DoLa -----------------------------------------------------------------------------------------------------------
 
 def test_dola_buckets_golden():
-    """transformers' ``_dola_decoding`` bucket rule (the lists voidism/DoLa's scripts pass): hidden-state indices with 0 = the embedding output; a 32-layer model with
+    """transformers' ``_dola_decoding`` bucket rule (the lists voidism/DoLa's scripts pass): hidden-state
+    indices with 0 = the embedding output; a 32-layer model with
     untied embeddings (LLaMA-7B, LLaVA-1.5) contrasts [0, 2, ..., 14] ('low') or [16, ..., 30] ('high')."""
     assert M.dola_layers("low", 32) == list(range(0, 16, 2))
     assert M.dola_layers("high", 32) == list(range(16, 32, 2))

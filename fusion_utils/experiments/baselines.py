@@ -7,19 +7,22 @@ followed.
 - ``vicrop`` ("MLLMs know where to look", ICLR 2025, saccharomycetes/mllms_know, relative attention,
   ``rel_attention_llava`` / ``rel_attention_qwen2_5``): the last prompt token's attention to the image at the
   official layer of the architecture (`methods.VICROP_LAYERS`: 14 of 32 for LLaVA-1.5, 22 of 28 for Qwen2.5-VL;
-  scaled by relative depth on models of another depth, e.g. 7 of 16 and 13 of 16 on the organisms) under the task prompt,
+  scaled by relative depth on models of another depth, e.g. 7 of 16 and 13 of 16 on the organisms) under the task
+  prompt,
   divided by the same under the generic prompt ``"Write a general description of the image."`` followed by the
   same post-prompt; ViCrop's adaptive window over that map (`methods.vicrop_box`, ``bbox_from_att_image_adaptive``:
   a square of the model's input resolution times 1, 1.2, ..., 2, `vicrop_resolution`), and the answer from
   ``[original, crop]``. Images with a side above 1024 px are tiled as its ``high_res`` does.
 - ``vcd`` (visual contrastive decoding, DAMO-NLP-SG/VCD): ``v′`` is the processor's normalised pixel tensor after
   ``add_diffusion_noise`` (sigmoid β schedule, T = 500, √ᾱ ≈ 0.86; seeded per sample), the scores
-  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.2 as the official run script).
+  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.2
+  as the official run script).
   Runs as one ``generate`` over 2B rows (original rows then noised rows) with a logits processor that combines
   rows b and B+b and forces the same token into both.
 - ``dola`` (voidism/DoLa ``dola_greedy_decode``): at every step, ``log_softmax(final) − log_softmax(premature)`` after
   the relative-top filter (0.1), the premature layer chosen per sample as the candidate with the largest
-  divergence from the final distribution as that code computes it (`methods.dola.official_js`) (`methods.dola_contrast`). Candidates are hidden-state
+  divergence from the final distribution as that code computes it
+  (`methods.dola.official_js`) (`methods.dola_contrast`). Candidates are hidden-state
   indices, 0 = the embedding output (`methods.dola_layers`: ``"low"`` = 0, 2, ... below N/2, ``"high"`` = N/2, ...,
   N−2); their logits are ``lm_head(h)`` without the final norm, as in the official code. Greedy.
   ``repetition_penalty`` (default 1.0) is applied to the contrasted scores as in transformers; DoLa recommends 1.2
@@ -311,9 +314,9 @@ class _DoLaProcessor(LogitsProcessor):
 def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: float = 1.0,
          post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8,
          return_details: bool = False):
-    """DoLa answers (greedy), as voidism/DoLa's ``dola_greedy_decode`` (`methods.dola_contrast`). ``layers``: ``"low"``,
-    ``"high"`` or hidden-state indices (0 = the embedding output); ``alpha``: the relative-top filter. ``return_details``: also the per-batch processors (premature layers per
-    step, the first step's scores)."""
+    """DoLa answers (greedy), as voidism/DoLa's ``dola_greedy_decode`` (`methods.dola_contrast`). ``layers``:
+    ``"low"``, ``"high"`` or hidden-state indices (0 = the embedding output); ``alpha``: the relative-top filter.
+    ``return_details``: also the per-batch processors (premature layers per step, the first step's scores)."""
     decoding = decoding or Decoding()
     if decoding.do_sample:
         raise ValueError("DoLa is implemented for greedy decoding (do_sample=False).")
@@ -415,7 +418,8 @@ def resolve(lm, dataset, *, methods: Sequence[str] = DEFAULT_METHODS, vicrop_att
                              "(a smaller model with the same tokenizer).")
         load_amateur(lm, amateur)  # fail now, before any sample runs
     return {"methods": methods,
-            "vicrop_attn_layer": vicrop_attn_layer if vicrop_attn_layer is not None else vicrop_layer(lm.num_layers, lm.spec.model_type),
+            "vicrop_attn_layer": (vicrop_attn_layer if vicrop_attn_layer is not None
+                                  else vicrop_layer(lm.num_layers, lm.spec.model_type)),
             "vicrop_window": vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window),
             "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step, "vcd_sample": vcd_sample,
             "dola_candidates": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
@@ -497,9 +501,10 @@ def baselines_summary(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> 
     return s
 
 
-__all__ = ["cd", "opera", "load_amateur", "default_amateur", "run_method", "DEFAULT_METHODS", "plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
-           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch", "baselines_summary",
-           "METHODS"]
+__all__ = ["cd", "opera", "load_amateur", "default_amateur", "run_method", "DEFAULT_METHODS", "plain", "vicrop",
+           "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd", "vcd_batch",
+           "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch",
+           "baselines_summary", "METHODS"]
 
 
 SPEC = register(Spec("baselines", baselines_batch, baselines_summary, resolve))

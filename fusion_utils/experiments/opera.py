@@ -128,7 +128,8 @@ def opera_one(lm, batch, *, max_new_tokens: int = 16, num_beams: int = 5, scale_
         retries, rejected_at, rollbacks = torch.zeros(window_size), {}, 0
         while True:
             states.append(dict(gen=copy.deepcopy(gen), scores=beam_scores.clone(), hyps=copy.deepcopy(hyps),
-                               history=history, rows=rows, cache=(st.cache, st.mask, st.length, st.deltas), logits=logits))
+                               history=history, rows=rows, logits=logits,
+                               cache=(st.cache, st.mask, st.length, st.deltas)))
             cand_scores, cand_tokens = torch.topk(logits, K, dim=-1)
             # the look-ahead is kept: a chosen candidate's forward is the next step's beam forward
             ahead, ahead_rows = st.step(cand_tokens.reshape(-1), rows.repeat_interleave(K)), reader.rows

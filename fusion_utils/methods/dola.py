@@ -61,9 +61,11 @@ def dola_layers(kind, n_layers: int, tie_word_embeddings: bool = False) -> list[
 
 def relative_top_filter(final_logits: torch.Tensor, base_logits: torch.Tensor, relative_top: float = 0.1,
                         min_tokens_to_keep: int = 1, base_value: float = -1e3) -> tuple[torch.Tensor, torch.Tensor]:
-    """``relative_top_filter`` (and the masking of the base scores after it in ``dola_greedy_decode``): log-softmax both; where the final log-probability lies below
+    """``relative_top_filter`` (and the masking of the base scores after it in ``dola_greedy_decode``): log-softmax
+    both; where the final log-probability lies below
     ``min(max + log relative_top, the min_tokens_to_keep-th largest)``, the final one becomes −inf and the base one
-    ``base_value`` (the official code writes −1e3; the value never matters, since final − base is −inf there). Returns ``(final, base)`` float32.
+    ``base_value`` (the official code writes −1e3; the value never matters, since final − base is −inf there).
+    Returns ``(final, base)`` float32.
 
     >>> f, b = relative_top_filter(torch.tensor([[0.0, -5.0]]), torch.tensor([[0.0, 0.0]]))
     >>> f.isinf().tolist(), round(b[0, 1].item(), 6)
