@@ -54,3 +54,12 @@ def test_method_table_has_numeric_rows_and_a_verdict_row():
     assert float(row.loc["CD", "m"]) == 100 * summary.set_index("method").loc["cd", "accuracy"]
     assert row.loc["OPERA", "m"] == "not run" and row.loc["OPERA", "paper: LLaVA-1.5"] == "58.11"
     assert row.loc["VCD", "paper: LLaVA-1.5"] == ""  # the paper has no VCD column
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from fusion_utils.report import baselines
+
+    r = doctest.testmod(baselines)
+    assert r.attempted > 0 and r.failed == 0
