@@ -38,8 +38,8 @@ followed.
   50, threshold 15, penalty 1). With answers of at most ``max_new_tokens`` = 16 tokens the window never exceeds 16
   columns, so the over-trust rollback (which needs more than 15 identical locations at position ≥ 10) cannot fire
   on VQA answers: the penalty acts through the image-attention term of the first ten tokens.
-- VCD samples as its official evaluation does (``vcd_sample``: temperature 1, top-p 1, seeded per run); set
-  ``vcd_sample=False`` for the greedy variant.
+- VCD samples as its official evaluation does (``vcd_sample``: temperature 1, top-p 1, and transformers' default
+  top-k 50, which the official run inherits; seeded per run); set ``vcd_sample=False`` for the greedy variant.
 
 - ``ours``: the paper's contrastive attention (`contrastive.contrastive_answer`; the crop variant of the CVPR
   version where the image has a grid, else the soft mask), with ``ours_fusion_layers`` / ``ours_apply_layer`` as
@@ -226,21 +226,28 @@ def vcd_batch(lm, samples, *, noise_step: int = 500, seed: int = 0, post_prompt:
     return batch
 
 
+# the official run passes --top_k None, so its sampling keeps transformers' generation-config default of 50
+VCD_TOP_K = 50
+
+
 class _VCDProcessor(LogitsProcessor):
     """Rows [0, B) see v, rows [B, 2B) see v′: choose one token per pair from the contrast, force it into both."""
 
     def __init__(self, B: int, alpha: float, beta: float, do_sample: bool, generator: torch.Generator | None,
-                 temperature: float = 1.0, top_p: float = 1.0):
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = VCD_TOP_K):
         self.B, self.alpha, self.beta = B, float(alpha), float(beta)
         self.do_sample, self.generator = do_sample, generator
-        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.steps: list[torch.Tensor] = []  # chosen tokens per step (for inspection)
 
     def __call__(self, input_ids, scores):
         B = self.B
         cd = vcd_logits(scores[:B], scores[B:2 * B], self.alpha, self.beta)
-        if self.do_sample:
-            probs = torch.softmax(cd / self.temperature, dim=-1)
+        if self.do_sample:  # transformers' warpers in their order: temperature, top-k, top-p
+            cd = cd / self.temperature
+            if 0 < self.top_k < cd.shape[-1]:
+                cd = cd.masked_fill(cd < torch.topk(cd, self.top_k, dim=-1).values[..., -1:], float("-inf"))
+            probs = torch.softmax(cd, dim=-1)
             if self.top_p < 1.0:
                 sp, si = probs.sort(dim=-1, descending=True)
                 drop = sp.cumsum(-1) - sp > self.top_p
