@@ -32,14 +32,22 @@ def test_positive_reproduces_null_never_negative_does_not():
         assert beats_baselines(null)["verdict"] != "reproduces"
     neg = beats_baselines(records(600, 0.4, 0.6))
     assert neg["verdict"] == "does not reproduce"
-    small = beats_baselines(records(20, 0.62, 0.6))
-    assert small["verdict"].startswith(("inconclusive", "does not", "reproduces"))
+    # one loss among ties on the test split: a degenerate bootstrap CI [−x, 0] decides nothing
+    from fusion_utils.report.stats import split_of
+
+    ids = [f"q{i}" for i in range(40)]
+    test_id = next(i for i in ids if split_of(i) == "test")
+    few = pd.concat([pd.DataFrame({"id": ids, "method": m, "score": 1.0}) for m in ("ours", "cd")])
+    few.loc[(few["method"] == "ours") & (few["id"] == test_id), "score"] = 0.0
+    assert beats_baselines(few)["verdict"].startswith("inconclusive (n too small")
 
 
 def test_latency_table_is_clean():
-    t = latency_table({"plain": 0.5, "cd": 1.0, "opera": 2.0, "vicrop": 0.8})
-    assert list(t.columns) == ["method", "seconds", "ratio to plain", "paper ratio (to ours)"]
-    assert t.loc[t["method"] == "cd", "ratio to plain"].item() == "2.00"
+    t = latency_table({"vicrop": 0.8, "plain": 0.5, "cd": 1.0, "opera": 2.0, "ours": 0.7})
+    assert list(t.columns) == ["method", "seconds", "ratio to plain", "ratio to ours", "paper: ratio to ours"]
+    assert list(t["method"]) == ["plain", "CD", "OPERA", "ViCrop", "ours"]
+    assert t.loc[t["method"] == "CD", "ratio to plain"].item() == "2.00"
+    assert t.loc[t["method"] == "CD", "paper: ratio to ours"].item() == f"{2.871 / 1.392:.2f}"
     assert not t.isna().any().any() and "nan" not in t.to_string().lower()
 
 

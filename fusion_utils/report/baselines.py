@@ -7,6 +7,11 @@ judged against is the paper's margin over its best baseline, per backbone (`pape
 - "reproduces": the CI lies above zero (ours ahead, the paper's direction);
 - "does not reproduce": the CI lies below the paper's smallest margin (the effect is smaller, or opposite);
 - "inconclusive": the CI holds both zero and the paper's margin; the row names the n that would decide.
+
+A percentile bootstrap of a handful of 0/±1 differences is degenerate (one loss among ties gives the CI [−x, 0]), so
+a CI is only read once the test split has at least `stats.min_n_sign_test` questions and, when ours and the baseline
+disagree anywhere, at least that many disagreements; below that the verdict is "inconclusive" with the n that would
+give them.
 """
 from __future__ import annotations
 
@@ -50,7 +55,12 @@ def beats_baselines(records: pd.DataFrame, ours: str = "ours", *, margin: float 
     d = (wide.loc[test, ours] - wide.loc[test, best]).dropna().to_numpy(float)
     t = stats.paired_test(d, seed)
     lo, hi = t["lo"], t["hi"]
-    if lo > 0:
+    floor, differ = stats.min_n_sign_test(), int(np.count_nonzero(d))
+    if len(d) < floor or 0 < differ < floor:
+        rate = differ / max(1, len(d)) if differ else 1.0
+        need = math.ceil(floor / rate * len(wide) / max(1, len(d)))
+        verdict = f"inconclusive (n too small: needs ≈ {need})"
+    elif lo > 0:
         verdict = "reproduces"
     elif hi < margin:
         verdict = "does not reproduce"
@@ -99,21 +109,25 @@ def method_table(summaries: dict, verdicts: dict) -> pd.DataFrame:
 
 
 def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
-    """method, seconds, ratio to plain, the paper's ratio: one row per method measured (``seconds``: per sample,
-    from one run). The paper's ratio is relative to its "ours" row (it times no plain decoding), blank where the
-    paper does not time the method.
+    """method, seconds, ratio to plain, ratio to ours, the paper's ratio to its own method: one row per method
+    measured (``seconds``: per sample, from one run), in the baseline table's order. The paper times no plain
+    decoding, so its ratios are to "ours"; compare them with the "ratio to ours" column. Blank where a ratio has no
+    reference.
 
-    >>> latency_table({"plain": 1.0, "cd": 2.0, "opera": 4.0}).columns.tolist()
-    ['method', 'seconds', 'ratio to plain', 'paper ratio (to ours)']
+    >>> latency_table({"plain": 1.0, "cd": 2.0, "opera": 4.0, "ours": 2.0}).columns.tolist()
+    ['method', 'seconds', 'ratio to plain', 'ratio to ours', 'paper: ratio to ours']
     """
     if reference not in seconds:
         raise ValueError(f"latency_table needs the {reference!r} method's seconds to form ratios.")
+    order = {k: i for i, k in enumerate(NAMES)}
     rows = []
-    for m, s in seconds.items():
+    for m, s in sorted(seconds.items(), key=lambda kv: (order.get(str(kv[0]).lower(), len(order)), str(kv[0]))):
         paper = LATENCY_NAMES.get(str(m).lower())
-        ratio = LATENCY_S[paper] / LATENCY_S["ours"] if paper in LATENCY_S else None
-        rows.append({"method": str(m), "seconds": f"{s:.3f}", "ratio to plain": f"{s / seconds[reference]:.2f}",
-                     "paper ratio (to ours)": "" if ratio is None else f"{ratio:.2f}"})
+        rows.append({"method": NAMES.get(str(m).lower(), str(m)), "seconds": f"{s:.3f}",
+                     "ratio to plain": f"{s / seconds[reference]:.2f}",
+                     "ratio to ours": f"{s / seconds['ours']:.2f}" if "ours" in seconds else "",
+                     "paper: ratio to ours": f"{LATENCY_S[paper] / LATENCY_S['ours']:.2f}" if paper in LATENCY_S
+                     else ""})
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
