@@ -9,6 +9,8 @@ layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
 - capture_peak_mem_vs_plain         memory a forward adds on top of the loaded model, capture / plain
 - capture_peak_mem_vs_eager_attentions   capture / (eager attention with output_attentions=True)
 - contrastive_latency_vs_plain      soft contrastive answer (both passes) / plain greedy answer
+- opera_latency_vs_plain            OPERA (5 beams, 5 candidates; bench_baselines.py) / plain greedy answer
+- cd_latency_vs_plain               CD with an 8-layer amateur / plain greedy answer (same run as OPERA's)
 - dp2_speedup_vs_single             one organism run (masking + contrastive on organism:llava, 64 samples): wall time
                                     of 1 process x 1 thread / 2 gloo processes (torchrun) x 1 thread each; the
                                     clock runs from a barrier after the model is loaded to the merged records and
@@ -248,6 +250,9 @@ def main() -> int:
     from bench_contrastive import contrastive_latency_vs_plain
 
     figures["contrastive_latency_vs_plain"] = contrastive_latency_vs_plain()
+    from bench_baselines import baselines_latency_vs_plain
+
+    figures.update(baselines_latency_vs_plain())  # opera_ and cd_latency_vs_plain, side by side in one run
     figures.update(dp_figures(max(5, args.reps // 2)))
     for k, v in figures.items():
         print(f"{k} {v:.4g}")

@@ -17,6 +17,8 @@ N_SAMPLES = 3
 
 def experiment_params(lm) -> dict:
     """Per experiment, the parameters of the pinned run (small, but reaching every code path of the experiment)."""
+    from fusion_utils.testing import tiny_model_dir
+
     L = lm.num_layers
     return {
         "masking": dict(modes=("zero", "knockout"), decode="generate"),
@@ -25,7 +27,10 @@ def experiment_params(lm) -> dict:
         "attention": {},
         "contrastive": dict(fusion_layers=[0, 1], apply_layer=L - 2, candidates=("fusion", "all"),
                             rhos=(0.2, 0.5), lams=(0.0, 0.1)),
-        "baselines": {},
+        # every row; CD's amateur: a 2-layer tiny model of the same architecture (same tokenizer)
+        "baselines": dict(methods=("plain", "cd", "dola", "opera", "vcd", "vicrop", "ours"),
+                          cd_amateur=str(tiny_model_dir(lm.spec.model_type, num_layers=2)),
+                          ours_fusion_layers=[0, 1], ours_apply_layer=L - 2),
     }
 
 

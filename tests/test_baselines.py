@@ -13,7 +13,6 @@ from fusion_utils.data import load_dataset
 from fusion_utils.experiments import baselines as BL
 from fusion_utils.experiments.common import Decoding, answer
 from fusion_utils.methods import diffusion_alphas_bar, vicrop_box
-from fusion_utils.metrics import jensen_shannon
 from fusion_utils.prompts import GENERIC_PROMPT
 from fusion_utils.testing import tiny_model_dir
 
@@ -58,9 +57,10 @@ def _hidden_states_and_logits(lm, batch):
 
 
 @torch.no_grad()
-def test_dola_follows_transformers_dola_decoding(lm, samples):
-    """First step of DoLa against transformers' definition: premature logits ``lm_head(hidden_states[j])`` (index 0
-    = the embedding output, no final norm), the model's logits as the mature ones, JS choice, relative-top filter."""
+def test_dola_follows_the_official_dola_greedy_decode(lm, samples):
+    """First step of DoLa against voidism/DoLa's ``dola_greedy_decode``: premature logits ``lm_head(hidden_states[j])``
+    (index 0 = the embedding output, no final norm), the model's logits as the mature ones, the layer with the
+    largest ``0.5·(kl_div(log p, M) + kl_div(log q, M)).mean(-1)``, relative-top filter."""
     L = lm.num_layers
     cands = list(range(L))  # every index, the embedding output included
     _, details = BL.dola(lm, samples, layers=cands, decoding=DEC, return_details=True)
@@ -70,7 +70,13 @@ def test_dola_follows_transformers_dola_decoding(lm, samples):
     prem = torch.stack([lm.lm_head(hs[j][:, -1]).float() for j in cands])
     p = torch.softmax(final, -1)
     for b in range(batch.size):
-        js = [float(jensen_shannon(p[b], torch.softmax(prem[c, b], -1))) for c in range(len(cands))]
+        js = []
+        for c in range(len(cands)):
+            q = torch.softmax(prem[c, b], -1)
+            M = 0.5 * (p[b] + q)
+            kl1 = torch.nn.functional.kl_div(torch.log_softmax(final[b], -1), M, reduction="none").mean(-1)
+            kl2 = torch.nn.functional.kl_div(torch.log_softmax(prem[c, b], -1), M, reduction="none").mean(-1)
+            js.append(float(0.5 * (kl1 + kl2)))
         j = cands[int(np.argmax(js))]
         assert details[0].premature[0][b] == j
         want = torch.log_softmax(final[b], -1) - torch.log_softmax(prem[j, b], -1)
@@ -126,15 +132,55 @@ def test_summary_uses_circular_eval_on_mmbench():
     assert rows.loc["plain", "accuracy"] == pytest.approx(0.75)  # other benchmarks: the row mean
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
-def test_baselines_experiment(arch):
-    lm = load_model(tiny_model_dir(arch))
-    ds = load_dataset("world", n=3)
-    res = BL.baselines(lm, ds, decoding=Decoding(max_new_tokens=3), batch_size=2, progress=False)
+def test_baselines_experiment_every_method(lm):
+    """Every baseline row, recorded on each architecture (ViCrop where the image tokens have a grid); CD's amateur
+    is a 2-layer tiny model of the same architecture (same tokenizer)."""
+    ds = load_dataset("world", n=2)
+    methods = [m for m in BL.METHODS if lm.spec.spatial or m != "vicrop"]
+    amateur = str(tiny_model_dir(lm.spec.model_type, num_layers=2))
+    res = BL.baselines(lm, ds, methods=methods, cd_amateur=amateur, decoding=Decoding(max_new_tokens=3),
+                       batch_size=2, progress=False)
     r = res.records
-    assert len(r) == 3 * 4 and set(r["method"]) == set(BL.METHODS)
-    assert {"id", "method", "pred", "score"} <= set(r.columns)
-    assert list(res.summary["method"]) == list(BL.METHODS) and res.summary["accuracy"].between(0, 1).all()
+    assert len(r) == 2 * len(methods) and set(r["method"]) == set(methods)
+    assert {"id", "method", "pred", "score", "seconds"} <= set(r.columns) and (r["seconds"] > 0).all()
+    assert list(res.summary["method"]) == methods and res.summary["accuracy"].between(0, 1).all()
+
+
+def test_cd_without_amateur_is_one_clear_error():
+    lm = load_model(tiny_model_dir("llava"))
+    with pytest.raises(ValueError, match="CD needs an amateur"):
+        BL.baselines(lm, load_dataset("world", n=1), methods=("plain", "cd"), progress=False)
+
+
+def test_vicrop_layers_follow_the_official_table():
+    from fusion_utils.methods import VICROP_LAYERS, vicrop_layer
+
+    assert vicrop_layer(32, "llava") == 14 and vicrop_layer(28, "qwen2_5_vl") == 22
+    assert vicrop_layer(16, "llava") == 7 and vicrop_layer(16, "qwen2_vl") == 13  # the organisms: relative depth
+    assert all("ATT_LAYER" in src or "as " in src for _, _, src in VICROP_LAYERS.values())
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_vicrop_tiles_high_resolution_images(arch, monkeypatch):
+    """An image above 1024 px is tiled (ViCrop's ``high_res``): one relative-attention map per tile, joined."""
+    from PIL import Image
+
+    from fusion_utils.data.sample import Sample
+
+    lm = load_model(tiny_model_dir(arch))
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (1100, 2100, 3), dtype=np.uint8))
+    s = [Sample("big", big, "what is the color of the object ?", ["red"])]
+    seen = []
+    rel = BL.relative_attention
+    monkeypatch.setattr(BL, "relative_attention", lambda lm_, ss, **k: seen.append(len(ss)) or rel(lm_, ss, **k))
+    box = BL.vicrop_boxes(lm, s)[0]
+    assert seen == [6]  # rows = ceil(1100 / 1024) = 2, cols = int(2 · 2100 / 1100) = 3
+    l, t, r, b = box
+    assert 0 <= l < r <= 2100 and 0 <= t < b <= 1100
+    seen.clear()
+    BL.vicrop_boxes(lm, s, high_res=False)
+    assert seen == [1]
 
 
 def test_baselines_rejects_vicrop_without_grid():

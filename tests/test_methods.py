@@ -258,7 +258,8 @@ def test_vcd_logits_contrast_and_cutoff():
 # --- DoLa -----------------------------------------------------------------------------------------------------------
 
 def test_dola_buckets_golden():
-    """transformers' ``_dola_decoding``: hidden-state indices with 0 = the embedding output; a 32-layer model with
+    """transformers' ``_dola_decoding`` bucket rule (the lists voidism/DoLa's scripts pass): hidden-state
+    indices with 0 = the embedding output; a 32-layer model with
     untied embeddings (LLaMA-7B, LLaVA-1.5) contrasts [0, 2, ..., 14] ('low') or [16, ..., 30] ('high')."""
     assert M.dola_layers("low", 32) == list(range(0, 16, 2))
     assert M.dola_layers("high", 32) == list(range(16, 32, 2))
@@ -281,12 +282,14 @@ def test_relative_top_filter():
     keep = p >= 0.1 * p.max(-1, keepdim=True).values
     assert torch.equal(torch.isfinite(ff), keep)
     assert torch.allclose(ff[keep], torch.log_softmax(f, -1)[keep])
-    assert torch.allclose(bb[keep], torch.log_softmax(b, -1)[keep]) and bool((bb[~keep] == -1e-3).all())
+    assert torch.allclose(bb[keep], torch.log_softmax(b, -1)[keep]) and bool((bb[~keep] == -1e3).all())
     ff, _ = M.relative_top_filter(f, b, 1e-30, min_tokens_to_keep=5)  # the k-th best is kept even below the ratio
     assert bool((torch.isfinite(ff).sum(-1) >= 5).all())
 
 
-def test_dola_contrast_picks_the_max_js_layer_per_row():
+def test_dola_contrast_picks_the_official_layer_per_row():
+    """voidism/DoLa ``dola_greedy_decode``: ``0.5·(kl_div(log p, M) + kl_div(log q, M)).mean(-1)``, i.e. KL(M ‖ ·)
+    averaged over the vocabulary (not the textbook KL(· ‖ M))."""
     g = torch.Generator().manual_seed(3)
     final, layers = torch.randn(4, 30, generator=g) * 2, torch.randn(3, 4, 30, generator=g) * 2
     cands = [0, 2, 4]
@@ -297,7 +300,7 @@ def test_dola_contrast_picks_the_max_js_layer_per_row():
         for c in range(3):
             q = torch.softmax(layers[c, row].double(), -1).numpy()
             m = (p[row] + q) / 2
-            js.append(0.5 * np.sum(p[row] * np.log(p[row] / m)) + 0.5 * np.sum(q * np.log(q / m)))
+            js.append(0.5 * np.mean(m * np.log(m / p[row])) + 0.5 * np.mean(m * np.log(m / q)))
         best = int(np.argmax(js))
         assert chosen[row] == cands[best]
         want = torch.log_softmax(final[row], -1) - torch.log_softmax(layers[best, row], -1)

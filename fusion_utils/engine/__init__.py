@@ -4,7 +4,8 @@
   of your own: any object with ``compile(site) -> edits``);
 - `intervene`: installs plans for one batch and always removes them;
 - `replay`: record a layer's inputs, run layers k..L, fork a cache, continue ``generate`` from a replayed prompt;
-- `sweeps`: every layer's variant at the cost of little more than one pass.
+- `sweeps`: every layer's variant at the cost of little more than one pass;
+- `stepping`: token-by-token decoding with a KV cache whose rows regroup (beam search, look-ahead, CD's amateur).
 """
 from __future__ import annotations
 

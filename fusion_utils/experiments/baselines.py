@@ -4,25 +4,47 @@ Each follows its official code; the math lives in `fusion_utils.methods`, whose 
 followed.
 
 - ``plain``: greedy answers (`common.answer`).
-- ``vicrop`` ("MLLMs know where to look", ICLR 2025, relative attention, ``rel_attention_llava``): the last prompt
-  token's attention to the image at a middle layer (round(14/32·L); LLaVA-1.5 uses 14) under the task prompt,
+- ``vicrop`` ("MLLMs know where to look", ICLR 2025, saccharomycetes/mllms_know, relative attention,
+  ``rel_attention_llava`` / ``rel_attention_qwen2_5``): the last prompt token's attention to the image at the
+  official layer of the architecture (`methods.VICROP_LAYERS`: 14 of 32 for LLaVA-1.5, 22 of 28 for Qwen2.5-VL;
+  scaled by relative depth on models of another depth, e.g. 7 of 16 and 13 of 16 on the organisms) under the task
+  prompt,
   divided by the same under the generic prompt ``"Write a general description of the image."`` followed by the
   same post-prompt; ViCrop's adaptive window over that map (`methods.vicrop_box`, ``bbox_from_att_image_adaptive``:
   a square of the model's input resolution times 1, 1.2, ..., 2, `vicrop_resolution`), and the answer from
-  ``[original, crop]``. Not reproduced: its tiling of images above 1024 px (``high_res``).
+  ``[original, crop]``. Images with a side above 1024 px are tiled as its ``high_res`` does.
 - ``vcd`` (visual contrastive decoding, DAMO-NLP-SG/VCD): ``v′`` is the processor's normalised pixel tensor after
   ``add_diffusion_noise`` (sigmoid β schedule, T = 500, √ᾱ ≈ 0.86; seeded per sample), the scores
-  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.1).
+  ``(1+α)·l(v) − α·l(v′)`` under the cutoff ``l(v) ≥ log β + max l(v)`` (`methods.vcd_logits`, α = 1, β = 0.2
+  as the official run script).
   Runs as one ``generate`` over 2B rows (original rows then noised rows) with a logits processor that combines
-  rows b and B+b and forces the same token into both. Greedy by default like every other method here (the
-  official evaluation samples; ``decoding.do_sample`` does that).
-- ``dola`` (transformers' ``_dola_decoding``): at every step, ``log_softmax(final) − log_softmax(premature)`` after
+  rows b and B+b and forces the same token into both.
+- ``dola`` (voidism/DoLa ``dola_greedy_decode``): at every step, ``log_softmax(final) − log_softmax(premature)`` after
   the relative-top filter (0.1), the premature layer chosen per sample as the candidate with the largest
-  Jensen–Shannon divergence from the final distribution (`methods.dola_contrast`). Candidates are hidden-state
+  divergence from the final distribution as that code computes it
+  (`methods.dola.official_js`) (`methods.dola_contrast`). Candidates are hidden-state
   indices, 0 = the embedding output (`methods.dola_layers`: ``"low"`` = 0, 2, ... below N/2, ``"high"`` = N/2, ...,
   N−2); their logits are ``lm_head(h)`` without the final norm, as in the official code. Greedy.
   ``repetition_penalty`` (default 1.0) is applied to the contrasted scores as in transformers; DoLa recommends 1.2
   for open-ended generation.
+
+- ``cd`` (contrastive decoding, Li et al. 2023; XiangLi1999/ContrastiveDecoding): greedy on
+  ``log p_expert − log p_amateur`` over the plausible tokens (``p_expert ≥ 0.1·max``; `methods.cd_scores`). The
+  amateur (``cd_amateur``: a model id, directory or ``organism:`` name with the same vocabulary) steps beside the
+  expert with its own KV cache (`engine.stepping.Stepper`). On an organism it defaults to the 8-layer organism of the
+  same architecture (the 16-layer ones are the book's models; their tokenizers are identical). Departure: greedy,
+  where the paper runs beam search (short VQA answers; every other row here is greedy too).
+- ``opera`` (shikiw/OPERA ``opera_beam_search``, `experiments.opera`): its defaults (5 beams, 5 candidates, scale
+  50, threshold 15, penalty 1). With answers of at most ``max_new_tokens`` = 16 tokens the window never exceeds 16
+  columns, so the over-trust rollback (which needs more than 15 identical locations at position ≥ 10) cannot fire
+  on VQA answers: the penalty acts through the image-attention term of the first ten tokens.
+- VCD samples as its official evaluation does (``vcd_sample``: temperature 1, top-p 1, and transformers' default
+  top-k 50, which the official run inherits; seeded per run); set ``vcd_sample=False`` for the greedy variant.
+
+- ``ours``: the paper's contrastive attention (`contrastive.contrastive_answer`; the crop variant of the CVPR
+  version where the image has a grid, else the soft mask), with ``ours_fusion_layers`` / ``ours_apply_layer`` as
+  the contrastive chapter picks them (the shallow half when no fusion layers are given): in the same run, so the
+  "beats the baselines" verdict (`report.baselines`) pairs it with the baselines and one clock times them all.
 
 On MMBench (the ``option`` scorer) the summary's ``accuracy`` is CircularEval (lmms-eval's default), with the
 per-row accuracy beside it as ``row_accuracy``.
@@ -31,7 +53,10 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
 
 import pandas as pd
 import torch
@@ -39,14 +64,19 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..engine import CaptureAttention, check_layer, intervene
 from ..engine.replay import head, last_logits_only, record_stream
-from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_contrast, dola_layers, vcd_logits,
-                       vicrop_box, vicrop_layer)
+from ..methods import (add_diffusion_noise, attention_ratio, crop_images, dola_contrast, dola_layers, high_res_tiles,
+                       merge_tiles, needs_tiling, vcd_logits, vicrop_box, vicrop_layer)
+from ..methods.cd import CD_ALPHA, cd_scores
+from ..methods.opera import OPERA_DEFAULTS
 from ..metrics import benchmark_accuracy
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import Decoding, answer, decode_new, generate
 from .harness import Context, Spec, register, run
+from .opera import opera
+from ..engine.stepping import Stepper
 
-METHODS = ("plain", "vicrop", "vcd", "dola")
+METHODS = ("plain", "cd", "dola", "opera", "vcd", "vicrop", "ours")
+DEFAULT_METHODS = ("plain", "vicrop", "vcd", "dola")  # the cheap ones; cd needs an amateur, opera costs 5 beams
 
 
 def _chunks(samples, n):
@@ -94,7 +124,7 @@ def relative_attention(lm, samples, *, layer: int | None = None, post_prompt: st
     """Per sample, float32 [image tokens]: task-prompt attention / generic-prompt attention at ``layer``; both
     prompts end with ``post_prompt``, as in ViCrop's ``rel_attention_llava`` and its run script."""
     samples = list(samples)
-    layer = check_layer(vicrop_layer(lm.num_layers) if layer is None else layer, lm.num_layers)
+    layer = check_layer(vicrop_layer(lm.num_layers, lm.spec.model_type) if layer is None else layer, lm.num_layers)
     task = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt), layer)
     generic = _last_token_map(lm, lm.prepare(samples, post_prompt=post_prompt,
                                              questions=[GENERIC_PROMPT] * len(samples)), layer)
@@ -102,29 +132,50 @@ def relative_attention(lm, samples, *, layer: int | None = None, post_prompt: st
 
 
 def vicrop_boxes(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
-                 eps: float = 1e-6, bbox_size: int | None = None) -> list[tuple]:
+                 eps: float = 1e-6, bbox_size: int | None = None, high_res: bool = True) -> list[tuple]:
     """ViCrop's crop box per sample (pixels): its adaptive window (`methods.vicrop_box`) on the relative attention
-    over the image's primary token grid, windows of ``bbox_size`` (default `vicrop_resolution`) times its ratios."""
+    over the image's primary token grid, windows of ``bbox_size`` (default `vicrop_resolution`) times its ratios.
+    ``high_res``: an image with a side above 1024 px is tiled as ViCrop's ``high_res`` does
+    (`methods.high_res_tiles`), each tile's relative attention computed alone, and the tiles' maps joined
+    (`methods.merge_tiles`) over the whole image."""
     samples = list(samples)
     b = lm.prepare(samples, post_prompt=post_prompt)
     for i in range(len(samples)):
         if not b.grids[i][0].spatial:
             raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop.")
-    rel = relative_attention(lm, samples, layer=layer, post_prompt=post_prompt, eps=eps)
     side = vicrop_resolution(lm) if bbox_size is None else int(bbox_size)
-    views = [b.grids[i][0].primary for i in range(len(samples))]
-    return [vicrop_box(v.to_map(r), s.image.size, side, extent=v.extent) for v, r, s in zip(views, rel, samples)]
+    tiled = [i for i, s in enumerate(samples) if high_res and needs_tiling(s.image.size)]
+    small = [i for i in range(len(samples)) if i not in tiled]
+    boxes: dict[int, tuple] = {}
+    if small:
+        rel = relative_attention(lm, [samples[i] for i in small], layer=layer, post_prompt=post_prompt, eps=eps)
+        for i, r in zip(small, rel):
+            v = b.grids[i][0].primary
+            boxes[i] = vicrop_box(v.to_map(r), samples[i].image.size, side, extent=v.extent)
+    for i in tiled:
+        boxes[i] = vicrop_box(tiled_map(lm, samples[i], layer, post_prompt, eps), samples[i].image.size, side)
+    return [boxes[i] for i in range(len(samples))]
+
+
+def tiled_map(lm, sample, layer, post_prompt, eps) -> np.ndarray:
+    """ViCrop's ``high_res``: the relative-attention maps of the image's tiles, joined in place."""
+    tile_boxes, rows, cols = high_res_tiles(sample.image.size)
+    tiles = [replace(sample, image=sample.image.convert("RGB").crop(bx)) for bx in tile_boxes]
+    rel = relative_attention(lm, tiles, layer=layer, post_prompt=post_prompt, eps=eps)
+    grids = lm.prepare(tiles, post_prompt=post_prompt).grids
+    return merge_tiles([g[0].primary.to_map(r) for g, r in zip(grids, rel)], rows, cols)
 
 
 def vicrop(lm, samples, *, layer: int | None = None, post_prompt: str | None = POST_PROMPT,
            decoding: Decoding | None = None, eps: float = 1e-6, bbox_size: int | None = None,
-           batch_size: int = 8, return_boxes: bool = False):
+           batch_size: int = 8, return_boxes: bool = False, high_res: bool = True):
     """ViCrop's answers (its ``vicrop_qa`` with relative attention): the answer to ``[original, crop]``, the crop
     from `vicrop_boxes`. ``return_boxes``: also the boxes."""
     samples = list(samples)
     preds, boxes = [], []
     for chunk in _chunks(samples, batch_size):
-        bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, bbox_size=bbox_size)
+        bx = vicrop_boxes(lm, chunk, layer=layer, post_prompt=post_prompt, eps=eps, bbox_size=bbox_size,
+                          high_res=high_res)
         b = lm.prepare(chunk, post_prompt=post_prompt, images=crop_images([s.image for s in chunk], bx))
         preds += generate(lm, b, (), decoding)
         boxes += bx
@@ -175,21 +226,28 @@ def vcd_batch(lm, samples, *, noise_step: int = 500, seed: int = 0, post_prompt:
     return batch
 
 
+# the official run passes --top_k None, so its sampling keeps transformers' generation-config default of 50
+VCD_TOP_K = 50
+
+
 class _VCDProcessor(LogitsProcessor):
     """Rows [0, B) see v, rows [B, 2B) see v′: choose one token per pair from the contrast, force it into both."""
 
     def __init__(self, B: int, alpha: float, beta: float, do_sample: bool, generator: torch.Generator | None,
-                 temperature: float = 1.0, top_p: float = 1.0):
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = VCD_TOP_K):
         self.B, self.alpha, self.beta = B, float(alpha), float(beta)
         self.do_sample, self.generator = do_sample, generator
-        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.steps: list[torch.Tensor] = []  # chosen tokens per step (for inspection)
 
     def __call__(self, input_ids, scores):
         B = self.B
         cd = vcd_logits(scores[:B], scores[B:2 * B], self.alpha, self.beta)
-        if self.do_sample:
-            probs = torch.softmax(cd / self.temperature, dim=-1)
+        if self.do_sample:  # transformers' warpers in their order: temperature, top-k, top-p
+            cd = cd / self.temperature
+            if 0 < self.top_k < cd.shape[-1]:
+                cd = cd.masked_fill(cd < torch.topk(cd, self.top_k, dim=-1).values[..., -1:], float("-inf"))
+            probs = torch.softmax(cd, dim=-1)
             if self.top_p < 1.0:
                 sp, si = probs.sort(dim=-1, descending=True)
                 drop = sp.cumsum(-1) - sp > self.top_p
@@ -206,7 +264,7 @@ class _VCDProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
-def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.1, noise_step: int = 500,
+def vcd(lm, samples, *, alpha: float = 1.0, beta: float = 0.2, noise_step: int = 500,
         post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, seed: int = 0,
         batch_size: int = 8) -> list[str]:
     """Visual contrastive decoding as DAMO-NLP-SG/VCD's ``vcd_sample.sample`` with ``add_diffusion_noise``
@@ -263,9 +321,9 @@ class _DoLaProcessor(LogitsProcessor):
 def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: float = 1.0,
          post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8,
          return_details: bool = False):
-    """DoLa answers (greedy), as transformers' ``_dola_decoding`` (`methods.dola_contrast`). ``layers``: ``"low"``,
-    ``"high"`` or hidden-state indices (0 = the embedding output); ``alpha``: the relative-top filter. ``return_details``: also the per-batch processors (premature layers per
-    step, the first step's scores)."""
+    """DoLa answers (greedy), as voidism/DoLa's ``dola_greedy_decode`` (`methods.dola_contrast`). ``layers``:
+    ``"low"``, ``"high"`` or hidden-state indices (0 = the embedding output); ``alpha``: the relative-top filter.
+    ``return_details``: also the per-batch processors (premature layers per step, the first step's scores)."""
     decoding = decoding or Decoding()
     if decoding.do_sample:
         raise ValueError("DoLa is implemented for greedy decoding (do_sample=False).")
@@ -285,11 +343,103 @@ def dola(lm, samples, *, layers="low", alpha: float = 0.1, repetition_penalty: f
     return (out, details) if return_details else out
 
 
+# --- CD -------------------------------------------------------------------------------------------------------------
+
+AMATEURS: dict = {}  # loaded amateurs by (name, device, dtype): one load per session
+
+
+def default_amateur(lm) -> str | None:
+    """The 8-layer organism of ``lm``'s architecture when ``lm`` is a deeper organism, else None."""
+    from ..organisms import VARIANTS, resolve_name
+
+    if not str(lm.name).startswith("organism:"):
+        return None
+    arch = VARIANTS[resolve_name(lm.name)]
+    small = f"{arch}-8l"
+    return None if resolve_name(lm.name) == small else f"organism:{small}"
+
+
+def load_amateur(lm, amateur: str):
+    """The amateur model, checked to share ``lm``'s vocabulary (CD contrasts the same token ids)."""
+    from ..models import load_model
+
+    key = (str(amateur), str(lm.device), str(lm.dtype))
+    if key not in AMATEURS:
+        AMATEURS[key] = load_model(amateur, device=lm.device, dtype=lm.dtype)
+    am = AMATEURS[key]
+    if am.processor.tokenizer.get_vocab() != lm.processor.tokenizer.get_vocab():
+        raise ValueError(f"CD's amateur {amateur!r} has another vocabulary than {lm.name!r}; pass an amateur with "
+                         "the same tokenizer (cd_amateur=...).")
+    return am
+
+
+class _CDProcessor(LogitsProcessor):
+    """Steps the amateur beside the expert's ``generate`` and returns CD's scores for the expert to take argmax."""
+
+    def __init__(self, stepper: Stepper, alpha: float, temperature: float):
+        self.stepper, self.alpha, self.temperature = stepper, float(alpha), float(temperature)
+
+    def __call__(self, input_ids, scores):
+        st = self.stepper
+        amateur = st.prefill() if st.cache is None else st.step(input_ids[:, -1].to(st.mask.device))
+        return cd_scores(scores, amateur.to(scores.device), self.alpha, self.temperature).to(scores.dtype)
+
+
+@torch.no_grad()
+def cd(lm, samples, *, amateur, alpha: float = CD_ALPHA, amateur_temperature: float = 1.0,
+       post_prompt: str | None = POST_PROMPT, decoding: Decoding | None = None, batch_size: int = 8) -> list[str]:
+    """Contrastive decoding's answers (greedy on `methods.cd_scores`); ``amateur``: a loaded model or a name."""
+    decoding = Decoding(max_new_tokens=(decoding or Decoding()).max_new_tokens)
+    am = load_amateur(lm, amateur) if isinstance(amateur, str) else amateur
+    out: list[str] = []
+    for chunk in _chunks(list(samples), batch_size):
+        batch = lm.prepare(chunk, post_prompt=post_prompt)
+        proc = _CDProcessor(Stepper(am, am.prepare(chunk, post_prompt=post_prompt)), alpha, amateur_temperature)
+        ids = lm.model.generate(**batch.inputs, **decoding.kwargs(lm.processor.tokenizer),
+                                logits_processor=LogitsProcessorList([proc]))
+        out += decode_new(lm, batch, ids)
+    return out
+
+
 # --- the experiment -------------------------------------------------------------------------------------------------
 
-def resolve(lm, dataset, *, methods: Sequence[str] = METHODS, vicrop_attn_layer: int | None = None,
-            vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1, vcd_noise_step: int = 500,
-            dola_candidates="low", dola_alpha: float = 0.1, dola_repetition_penalty: float = 1.0) -> dict:
+@dataclass(frozen=True)
+class BaselinesParams:
+    """``methods``: rows to run (`METHODS`); ``vicrop_*``: ViCrop's attention layer (None: the official one for the
+    architecture, scaled by depth) and crop window; ``vcd_*``: VCD's contrast, plausibility cut-off, noise step and
+    sampling (its official evaluation samples); ``dola_*``: DoLa's candidate layers, cut-off and repetition penalty;
+    ``cd_*``: CD's amateur (a model id or directory with the same tokenizer; None: the 8-layer organism of the same
+    architecture), plausibility α and amateur temperature; ``opera_*``: OPERA's beams and candidates; ``ours_*``:
+    the paper's method as a row of the same run."""
+
+    methods: Sequence[str] = DEFAULT_METHODS
+    vicrop_attn_layer: int | None = None
+    vicrop_window: int | None = None
+    vcd_alpha: float = 1.0
+    vcd_beta: float = 0.2
+    vcd_noise_step: int = 500
+    vcd_sample: bool = True
+    dola_candidates: Any = "low"
+    dola_alpha: float = 0.1
+    dola_repetition_penalty: float = 1.0
+    cd_amateur: str | None = None
+    cd_alpha: float = CD_ALPHA
+    cd_amateur_temperature: float = 1.0
+    opera_beams: int = OPERA_DEFAULTS["num_beams"]
+    opera_candidates: int = OPERA_DEFAULTS["num_attn_candidates"]
+    ours_variant: str | None = None
+    ours_fusion_layers: Sequence[int] | None = None
+    ours_apply_layer: int | None = None
+    ours_rho: float = 0.2
+    ours_lam: float = 0.1
+
+
+def resolve(lm, dataset, *, methods: Sequence[str], vicrop_attn_layer: int | None, vicrop_window: int | None,
+            vcd_alpha: float, vcd_beta: float, vcd_noise_step: int, vcd_sample: bool, dola_candidates,
+            dola_alpha: float, dola_repetition_penalty: float, cd_amateur: str | None, cd_alpha: float,
+            cd_amateur_temperature: float, opera_beams: int, opera_candidates: int, ours_variant: str | None,
+            ours_fusion_layers: Sequence[int] | None, ours_apply_layer: int | None, ours_rho: float,
+            ours_lam: float) -> dict:
     methods = list(methods)
     for m in methods:
         if m not in METHODS:
@@ -297,53 +447,79 @@ def resolve(lm, dataset, *, methods: Sequence[str] = METHODS, vicrop_attn_layer:
     if "vicrop" in methods and not lm.spec.spatial:
         raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop -- drop "
                          "'vicrop' from methods.")
+    amateur = cd_amateur if cd_amateur is not None else default_amateur(lm)
+    if "cd" in methods:
+        if amateur is None:
+            raise ValueError(f"CD needs an amateur model for {lm.name}: pass --param 'cd_amateur=<model id or dir>' "
+                             "(a smaller model with the same tokenizer).")
+        load_amateur(lm, amateur)  # fail now, before any sample runs
     return {"methods": methods,
-            "vicrop_attn_layer": vicrop_attn_layer if vicrop_attn_layer is not None else vicrop_layer(lm.num_layers),
+            "vicrop_attn_layer": (vicrop_attn_layer if vicrop_attn_layer is not None
+                                  else vicrop_layer(lm.num_layers, lm.spec.model_type)),
             "vicrop_window": vicrop_resolution(lm) if vicrop_window is None else int(vicrop_window),
-            "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step,
+            "vcd_alpha": vcd_alpha, "vcd_beta": vcd_beta, "vcd_noise_step": vcd_noise_step, "vcd_sample": vcd_sample,
             "dola_candidates": dola_layers(dola_candidates, lm.num_layers, tied_embeddings(lm)),
-            "dola_alpha": dola_alpha, "dola_repetition_penalty": dola_repetition_penalty}
+            "dola_alpha": dola_alpha, "dola_repetition_penalty": dola_repetition_penalty,
+            "cd_amateur": amateur if "cd" in methods else None, "cd_alpha": cd_alpha,
+            "cd_amateur_temperature": cd_amateur_temperature, "opera_beams": int(opera_beams),
+            "opera_candidates": int(opera_candidates),
+            "ours_variant": ours_variant or ("crop" if lm.spec.spatial else "soft"),
+            "ours_fusion_layers": None if ours_fusion_layers is None else [int(j) for j in ours_fusion_layers],
+            "ours_apply_layer": ours_apply_layer, "ours_rho": ours_rho, "ours_lam": ours_lam}
 
 
-def baselines_batch(lm, samples, ctx: Context, *, methods: Sequence[str] = METHODS,
-                    vicrop_attn_layer: int | None = None, vicrop_window: int | None = None, vcd_alpha: float = 1.0,
-                    vcd_beta: float = 0.1, vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
-                    dola_repetition_penalty: float = 1.0) -> list[dict]:
-    """Per sample and baseline: the answer and its score."""
+def run_method(lm, m: str, samples, ctx: Context, p: dict) -> list[str]:
+    """One baseline's answers to ``samples`` with the resolved parameters ``p``."""
     decoding, n, pp = ctx.decoding or Decoding(), len(samples), ctx.post_prompt
+    if m == "plain":
+        return plain(lm, samples, post_prompt=pp, decoding=decoding, batch_size=n)
+    if m == "vicrop":
+        return vicrop(lm, samples, layer=p["vicrop_attn_layer"], post_prompt=pp, decoding=decoding,
+                      bbox_size=p["vicrop_window"], batch_size=n)
+    if m == "vcd":
+        dec = Decoding(max_new_tokens=decoding.max_new_tokens, do_sample=bool(p["vcd_sample"]))
+        return vcd(lm, samples, alpha=p["vcd_alpha"], beta=p["vcd_beta"], noise_step=p["vcd_noise_step"],
+                   post_prompt=pp, decoding=dec, seed=ctx.seed, batch_size=n)
+    if m == "dola":
+        return dola(lm, samples, layers=p["dola_candidates"], alpha=p["dola_alpha"],
+                    repetition_penalty=p["dola_repetition_penalty"], post_prompt=pp, decoding=decoding, batch_size=n)
+    if m == "cd":
+        return cd(lm, samples, amateur=p["cd_amateur"], alpha=p["cd_alpha"],
+                  amateur_temperature=p["cd_amateur_temperature"], post_prompt=pp, decoding=decoding, batch_size=n)
+    if m == "opera":
+        return opera(lm, samples, post_prompt=pp, decoding=decoding, num_beams=p["opera_beams"],
+                     num_attn_candidates=p["opera_candidates"])
+    # the paper's method in the same run, so the verdict pairs it with the baselines and one clock times them all
+    from .contrastive import contrastive_answer
+
+    fusion = p["ours_fusion_layers"]
+    res = contrastive_answer(lm, samples, variant=p["ours_variant"], candidates="fusion" if fusion else "shallow",
+                             fusion_layers=fusion, rho=p["ours_rho"], lam=p["ours_lam"],
+                             apply_layer=p["ours_apply_layer"], decoding=decoding, post_prompt=pp)
+    return [r["answer"] for r in res]
+
+
+def baselines_batch(lm, samples, ctx: Context, **params) -> list[dict]:
+    """Per sample and baseline: the answer, its score and the seconds per sample of that baseline on this batch."""
+    p = dict(params)
     preds, seconds = {}, {}
-    for m in methods:
+    for m in p.get("methods", DEFAULT_METHODS):
         clock = time.perf_counter()
-        if m == "plain":
-            preds[m] = plain(lm, samples, post_prompt=pp, decoding=decoding, batch_size=n)
-        elif m == "vicrop":
-            preds[m] = vicrop(lm, samples, layer=vicrop_attn_layer, post_prompt=pp, decoding=decoding,
-                              bbox_size=vicrop_window, batch_size=n)
-        elif m == "vcd":
-            preds[m] = vcd(lm, samples, alpha=vcd_alpha, beta=vcd_beta, noise_step=vcd_noise_step, post_prompt=pp,
-                           decoding=decoding, seed=ctx.seed, batch_size=n)
-        else:
-            preds[m] = dola(lm, samples, layers=dola_candidates, alpha=dola_alpha,
-                            repetition_penalty=dola_repetition_penalty, post_prompt=pp, decoding=decoding,
-                            batch_size=n)
-        seconds[m] = (time.perf_counter() - clock) / n
+        preds[m] = run_method(lm, m, samples, ctx, p)
+        seconds[m] = (time.perf_counter() - clock) / len(samples)
     return [{"id": s.id, "family": s.family, "method": m, "pred": preds[m][i], "score": ctx.score(preds[m][i], s),
-             "seconds": seconds[m]} for m in methods for i, s in enumerate(samples)]
+             "seconds": seconds[m]} for m in preds for i, s in enumerate(samples)]
 
 
-def baselines(lm, dataset, methods: Sequence[str] = METHODS, *, out: str | None = None, batch_size: int = 8,
-              seed: int = 0, decoding: Decoding | None = None, vicrop_attn_layer: int | None = None,
-              vicrop_window: int | None = None, vcd_alpha: float = 1.0, vcd_beta: float = 0.1,
-              vcd_noise_step: int = 500, dola_candidates="low", dola_alpha: float = 0.1,
-              dola_repetition_penalty: float = 1.0, progress: bool = True):
-    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score; summary: `baselines_summary`
-    (CircularEval as the accuracy on MMBench). ``vicrop_window``: ViCrop's base window side in pixels (default
-    `vicrop_resolution`)."""
+def baselines(lm, dataset, methods: Sequence[str] | None = None, *, out: str | None = None, batch_size: int = 8,
+              seed: int = 0, decoding: Decoding | None = None, progress: bool = True, **params):
+    """Accuracy of each baseline on ``dataset``. Records: id, family, method, pred, score, seconds; summary:
+    `baselines_summary` (CircularEval as the accuracy on MMBench). Parameters: `BaselinesParams` (``methods`` may be
+    given by position)."""
+    if methods is not None:
+        params["methods"] = methods
     return run(SPEC, lm, dataset, out=out, batch_size=batch_size, seed=seed, decoding=decoding, progress=progress,
-               methods=methods, vicrop_attn_layer=vicrop_attn_layer, vicrop_window=vicrop_window,
-               vcd_alpha=vcd_alpha, vcd_beta=vcd_beta, vcd_noise_step=vcd_noise_step,
-               dola_candidates=dola_candidates, dola_alpha=dola_alpha,
-               dola_repetition_penalty=dola_repetition_penalty)
+               **params)
 
 
 def baselines_summary(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> pd.DataFrame:
@@ -363,9 +539,10 @@ def baselines_summary(df: pd.DataFrame, scorer: str | None = None, ctx=None) -> 
     return s
 
 
-__all__ = ["plain", "vicrop", "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd",
-           "vcd_batch", "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch", "baselines_summary",
-           "METHODS"]
+__all__ = ["cd", "opera", "load_amateur", "default_amateur", "run_method", "DEFAULT_METHODS", "plain", "vicrop",
+           "vicrop_boxes", "vicrop_layer", "vicrop_resolution", "relative_attention", "vcd", "vcd_batch",
+           "dola", "dola_layers", "dola_contrast", "tied_embeddings", "baselines", "baselines_batch",
+           "baselines_summary", "METHODS"]
 
 
-SPEC = register(Spec("baselines", baselines_batch, baselines_summary, resolve))
+SPEC = register(Spec("baselines", baselines_batch, baselines_summary, resolve, params=BaselinesParams))

@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..depth import scaled_layer
 
 FULL_EXTENT = (0.0, 0.0, 1.0, 1.0)
 
@@ -23,6 +22,17 @@ FULL_EXTENT = (0.0, 0.0, 1.0, 1.0)
 VICROP_RATIOS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
 # ViCrop's attention layer for LLaVA-1.5 (`ATT_LAYER = 14`, an index into the 32 decoder layers' attentions)
 VICROP_LAYER_OF_32 = 14
+# ViCrop's attention layer per architecture: (layer, depth of the official model, source). Architectures the
+# official code does not cover take the layer of the official model with the same language model and depth.
+VICROP_LAYERS = {
+    "llava": (14, 32, "saccharomycetes/mllms_know llava_methods.py:14 `ATT_LAYER = 14` (LLaVA-1.5-7B)"),
+    "llava_next": (14, 32, "as llava: no official LLaVA-NeXT entry; same 32-layer Vicuna-7B decoder"),
+    "vipllava": (14, 32, "as llava: no official VipLLaVA entry; same 32-layer Vicuna-7B decoder"),
+    "qwen2_5_vl": (22, 28, "saccharomycetes/mllms_know qwen2_5_methods.py:9 `ATT_LAYER = 22` (Qwen2.5-VL-7B)"),
+    "qwen2_vl": (22, 28, "as qwen2_5_vl: no official Qwen2-VL entry; same 28-layer decoder depth"),
+}
+# ViCrop tiles images above this side (utils.py `high_res_split_threshold(image, res_threshold=1024)`)
+HIGH_RES = 1024
 
 
 def _as_map(value_map) -> np.ndarray:
@@ -172,13 +182,48 @@ def attention_ratio(task, generic, eps: float = 1e-6):
     return task / (generic + eps)
 
 
-def vicrop_layer(n_layers: int) -> int:
-    """ViCrop's attention layer: 14 of 32 (LLaVA-1.5), scaled to the model's depth.
+def vicrop_layer(n_layers: int, arch: str = "llava") -> int:
+    """ViCrop's attention layer for ``arch`` (`VICROP_LAYERS`), scaled by relative depth when the model's depth
+    differs from the official model's (e.g. the 16-layer organisms): ``round(layer / depth · n_layers)``.
 
-    >>> vicrop_layer(32), vicrop_layer(4)
-    (14, 2)
+    >>> vicrop_layer(32), vicrop_layer(28, "qwen2_5_vl"), vicrop_layer(16, "qwen2_vl"), vicrop_layer(4)
+    (14, 22, 13, 2)
     """
-    return scaled_layer(VICROP_LAYER_OF_32, n_layers)
+    layer, depth, _ = VICROP_LAYERS.get(arch, VICROP_LAYERS["llava"])
+    if n_layers == depth:
+        return layer
+    return int(min(n_layers - 1, max(0, round(layer / depth * n_layers))))
+
+
+def high_res_tiles(image_size, res_threshold: int = HIGH_RES):
+    """``(boxes, rows, cols)``: ViCrop's tiles of an image (``high_res_split_threshold``): ``rows = ceil(H / 1024)``,
+    ``cols = int(rows · W / H)`` (at least 1: the official code gives 0 for a tall image), tiles of
+    ``ceil(W / cols) × ceil(H / rows)`` pixels in row-major order (the last may reach past the image, as there).
+
+    >>> high_res_tiles((2000, 1500))
+    ([(0, 0, 1000, 750), (1000, 0, 2000, 750), (0, 750, 1000, 1500), (1000, 750, 2000, 1500)], 2, 2)
+    """
+    W, H = int(image_size[0]), int(image_size[1])
+    rows = int(math.ceil(H / res_threshold))
+    cols = max(1, int(rows * W / H))
+    tw, th = int(math.ceil(W / cols)), int(math.ceil(H / rows))
+    boxes = [(i * tw, j * th, (i + 1) * tw, (j + 1) * th) for j in range(rows) for i in range(cols)]
+    return boxes, rows, cols
+
+
+def needs_tiling(image_size, res_threshold: int = HIGH_RES) -> bool:
+    """Whether ViCrop tiles this image: a side above 1024 px (its README: "high-resolution images (>1K)")."""
+    return max(int(image_size[0]), int(image_size[1])) > res_threshold
+
+
+def merge_tiles(maps, rows: int, cols: int) -> np.ndarray:
+    """The tiles' maps (row-major) as one map, ``np.block`` as ``high_res`` does.
+
+    >>> merge_tiles([np.zeros((2, 2)), np.ones((2, 2))], 1, 2).shape
+    (2, 4)
+    """
+    maps = [_as_map(m) for m in maps]
+    return np.block([maps[j:j + cols] for j in range(0, rows * cols, cols)])
 
 
 def crop_images(images, boxes) -> list[list]:
@@ -194,5 +239,6 @@ def crop_images(images, boxes) -> list[list]:
     return [[im, im.convert("RGB").crop(tuple(int(v) for v in box))] for im, box in zip(images, boxes)]
 
 
-__all__ = ["FULL_EXTENT", "VICROP_RATIOS", "VICROP_LAYER_OF_32", "peak_crop_box", "vicrop_box", "attention_ratio",
+__all__ = ["VICROP_LAYERS", "HIGH_RES", "high_res_tiles", "needs_tiling", "merge_tiles", "FULL_EXTENT", "VICROP_RATIOS",
+           "VICROP_LAYER_OF_32", "peak_crop_box", "vicrop_box", "attention_ratio",
            "vicrop_layer", "crop_images"]

@@ -4,8 +4,10 @@
   ``q(x_T | x_0) = N(√ᾱ_T·x_0, (1 − ᾱ_T)·I)`` of the *processor-normalised* pixel tensor, with
   ``β = sigmoid(linspace(−6, 6, 1000))·(5e-3 − 1e-5) + 1e-5`` and T = 500, which leaves √ᾱ_500 ≈ 0.863 of the image.
 - The contrast and the cutoff: ``vcd_utils/vcd_sample.py`` ``sample``: ``(1 + α)·l(v) − α·l(v′)`` on the tokens
-  whose logit under ``v`` reaches ``log β + max l(v)`` (the adaptive plausibility constraint; α = 1, β = 0.1 in
-  its evaluation scripts).
+  whose logit under ``v`` reaches ``log β + max l(v)`` (the adaptive plausibility constraint). The shipped run
+  script ``experiments/cd_scripts/llava1.5_pope.bash`` uses α = 1, β = 0.2 (``cd_beta=${6:-0.2}``), and that is
+  our default; the Python entry points' argparse defaults say ``--cd_beta 0.1``, which the script overrides. The
+  official evaluation samples (``do_sample=True``, temperature 1, top-p 1).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def add_diffusion_noise(x: torch.Tensor, noise_step: int = 500, *, generator: to
 
 
 def vcd_logits(logits: torch.Tensor, logits_noised: torch.Tensor, alpha: float = 1.0,
-               beta: float = 0.1) -> torch.Tensor:
+               beta: float = 0.2) -> torch.Tensor:
     """float32 [..., V]: ``(1 + α)·l(v) − α·l(v′)``, −inf where ``l(v) < log β + max l(v)`` (VCD's cutoff, which
     keeps the tokens with ``p(v) ≥ β·max p(v)``). α = 0 leaves the plain logits on the kept tokens.
 
