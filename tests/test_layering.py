@@ -17,7 +17,8 @@ LAYERS = {
     "engine": 1, "interventions": 1, "sweeps": 1, "": 1,  # "": the package facade (fusion_utils/__init__.py)
     "methods": 2,
     "experiments": 3,
-    "report": 4, "plots": 4, "widgets": 4, "interactive": 4,
+    "report": 4, "plots": 4, "widgets": 4, "interactive": 4, "figure_html": 4,
+    "verdict_index": 5,
     "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "__main__": 5,
     "precompute": 5,
     # the organisms' registry (names, weights) and model definition are what loading needs; training and evaluation
