@@ -706,7 +706,9 @@ def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = 
     from tqdm.auto import tqdm
 
     t_exec = time.perf_counter()
-    env = child_env(KERNEL_ENV)
+    from .verdict_index import OUT_ENV, files_dir
+
+    env = child_env({**KERNEL_ENV, OUT_ENV: str(files_dir(layout.build_dir))})  # chapters' verdicts, records
     kernel_ready = False
     for d in (layout.chapters, layout.cache):
         d.mkdir(parents=True, exist_ok=True)
@@ -1005,10 +1007,15 @@ def build(params_file: str | os.PathLike, force: bool = False, only: Sequence[st
         _stage(root_p, layout.src)
         report.execute_seconds = execute(report.chapters, layout, kernel=kernel)
         appendix(report, layout, params, prov)
+        from . import verdict_index
+
+        names = [c.name for c in report.chapters]
+        verdict_index.write_page(verdict_index.files_dir(layout.build_dir), layout.generated, names)
         if html:
             t_jb = time.perf_counter()
             say(f"jupyter-book: rendering {layout.name} ...")
             report.html_dir = render(layout, strict=strict, keep_going=keep_going, all_pages=all_pages)
+            verdict_index.publish(verdict_index.files_dir(layout.build_dir), layout.chapters, layout.html, names)
             report.index = layout.builds / "index.html"
             report.jupyter_book_seconds = time.perf_counter() - t_jb
             say(f"jupyter-book: done in {report.jupyter_book_seconds:.1f} s -> {layout.html / 'index.html'}")

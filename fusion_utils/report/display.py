@@ -25,7 +25,7 @@ import pandas as pd
 
 __all__ = ["Table", "table", "masking_runs", "NOT_REPORTED", "paper_value", "paper_layer_row", "holm",
            "verdict_rows", "verdicts_html", "verdicts", "figure", "save_verdicts", "save_records", "downloads_dir",
-           "downloads_html", "OUT_ENV",
+           "downloads_html", "OUT_ENV", "noise_table", "persistent_counts", "noise_frequency_figure",
            "SHORT_CLAIMS", "ci_text", "effect_text", "anchor"]
 
 #: what a cell says where the paper gives no value (never "none found": nothing was looked for)
@@ -86,7 +86,8 @@ def table(df: pd.DataFrame | Sequence[Mapping], *, none: str = "none found", dig
 def masking_runs(runs_dir, *, threshold: float = 0.05, mode: str = "zero") -> pd.DataFrame:
     """One row per masking run recorded under ``runs_dir`` -- every build that shares the run records (each
     parameters file's book writes there), whatever model and data it ran: model, data, questions, depth, fusion
-    layers, plateau and review layer at ``threshold``, and the unmasked accuracy. Runs without a summary yet are
+    layers, plateau and review layer at ``threshold``, and the unmasked accuracy, all from the one-layer probe (as
+    the fusion chapter reads them). Runs without a summary yet, persistent (``onward``) runs and wider windows are
     left out."""
     from ..experiments.masking import find_layers
 
@@ -100,6 +101,11 @@ def masking_runs(runs_dir, *, threshold: float = 0.05, mode: str = "zero") -> pd
             s = pd.read_csv(summary)
         except (OSError, ValueError, KeyError):
             continue  # a run being written: listed once it is complete
+        params = cfg.get("params") or {}
+        if params.get("onward") or int(params.get("window", 1)) != 1:
+            # the persistent probe (zero from ℓ on) or a wider window finds other layers: only the one-layer
+            # probe is what the fusion chapter's table and the verdicts read
+            continue
         s = s[s["mode"] == mode] if "mode" in s.columns else s
         if s.empty:
             continue
@@ -389,3 +395,65 @@ def downloads_html(chapter: str, files: Sequence[Path], *, base: str = "../../_c
              for f in files]
     links.append(f'<a href="{base}/{chapter}/{chapter}.ipynb" download>{chapter}.ipynb (executed notebook)</a>')
     return _HTML('<p class="fu-downloads"><b>Downloads:</b> ' + " · ".join(links) + "</p>")
+
+
+# --- persistent tokens, as the attention chapter states them --------------------------------------------------------
+
+def _persistent_rows(records: pd.DataFrame) -> pd.DataFrame:
+    """The per-sample rows the noise verdict reads: one per question, with relevance labels where it has them."""
+    last = records.dropna(subset=["n_tokens"]) if "n_tokens" in records.columns else records.iloc[0:0]
+    if "persistent_irrelevant" in last.columns and last["persistent_irrelevant"].notna().any():
+        last = last.dropna(subset=["persistent_irrelevant"])
+    return last
+
+
+def noise_table(results: Mapping) -> pd.DataFrame:
+    """One row per model: questions, how many have a persistent token, persistent tokens per such question (the
+    number the noise verdict states), per question over all questions, the irrelevant share and the tokens that
+    persist most often, as text ("token 12 in 5 questions, ...") rather than a list of pairs."""
+    rows = []
+    for name, r in results.items():
+        last = _persistent_rows(r.records)
+        n_persist = last["persistent"].apply(len).astype(float) if len(last) else pd.Series(dtype=float)
+        has = n_persist > 0
+        if "relevant_area" in last.columns:
+            has &= last["relevant_area"].notna()
+        share = None
+        if has.any() and "persistent_irrelevant" in last.columns:
+            share = float((last.loc[has, "persistent_irrelevant"].astype(float) / n_persist[has]).mean())
+        counts = persistent_counts(r.records, top=5)
+        rows.append({"model": name, "questions": int(len(last)), "with a persistent token": int(has.sum()),
+                     "persistent tokens per such question": round(float(n_persist[has].mean()), 1) if has.any()
+                     else None,
+                     "per question (all)": round(float(n_persist.mean()), 3) if len(last) else None,
+                     "irrelevant share": None if share is None else round(share, 3),
+                     "most persistent": ", ".join(f"token {t} ({n}×)" for t, n in zip(counts["token"],
+                                                                                         counts["total"])) or None})
+    return pd.DataFrame(rows)
+
+
+def persistent_counts(records: pd.DataFrame, top: int = 12) -> pd.DataFrame:
+    """Per image token, in how many questions it is persistent: ``irrelevant`` (every persistent token of that
+    question lies off its relevant cells), ``relevant`` (every one on them), ``mixed`` (both kinds: the records do
+    not say which is which), ``total``; the ``top`` most frequent tokens."""
+    counts: dict[int, dict[str, int]] = {}
+    for _, row in _persistent_rows(records).iterrows():
+        toks = list(row["persistent"])
+        irr = row.get("persistent_irrelevant")
+        kind = ("mixed" if irr is None or pd.isna(irr) else "irrelevant" if int(irr) == len(toks) else
+                "relevant" if int(irr) == 0 else "mixed")
+        for t in toks:
+            c = counts.setdefault(int(t), {"irrelevant": 0, "relevant": 0, "mixed": 0})
+            c[kind] += 1
+    df = pd.DataFrame([{"token": t, **c} for t, c in counts.items()],
+                      columns=["token", "irrelevant", "relevant", "mixed"])
+    df["total"] = df[["irrelevant", "relevant", "mixed"]].sum(axis=1)
+    return df.sort_values(["total", "token"], ascending=[False, True]).head(top).reset_index(drop=True)
+
+
+def noise_frequency_figure(records: pd.DataFrame, *, k: int, title: str = ""):
+    """`fusion_utils.plots.noise_frequency` of `persistent_counts`: irrelevant persistences in red."""
+    from ..plots import noise_frequency
+
+    return noise_frequency(persistent_counts(records),
+                           title=f"{title}: tokens in the top-{k} at ≥ 75% of the layers".lstrip(": "))
