@@ -284,3 +284,26 @@ def test_every_interactive_figure_and_chapter_figure_has_a_caption():
         body = src[src.index(f"def {fn}("):]
         body = body[:body.index("\ndef ", 10)] if "\ndef " in body[10:] else body
         assert "caption=" in body, fn
+
+
+def test_make_site_assembles_every_build_with_the_drivers_index(tmp_path, capsys):
+    from conftest import load_script
+
+    site = load_script("assemble_site")
+    builds = tmp_path / "_build"
+    for name in ("default", "llava-1.5-7b"):
+        (builds / name / "html" / "_static").mkdir(parents=True)
+        (builds / name / "html" / "index.html").write_text("<html></html>")
+        (builds / name / "src").mkdir()
+        (builds / name / "build_info.json").write_text(json.dumps({"params_file": f"book/params/{name}.yml",
+                                                                    "models": ["m"], "built_at": name}))
+    (builds / "half" / "html").mkdir(parents=True)  # a build still running: no build_info.json yet
+    assert site.main(["--builds", str(builds), "--out", str(tmp_path / "site")]) == 0
+    index = (tmp_path / "site" / "index.html").read_text()
+    for name in ("default", "llava-1.5-7b"):
+        assert f'href="{name}/html/index.html"' in index
+        assert (tmp_path / "site" / name / "html" / "index.html").is_file()
+        assert not (tmp_path / "site" / name / "src").exists()
+    assert "half" not in index and (tmp_path / "site" / ".nojekyll").is_file()
+    assert site.main(["--builds", str(tmp_path / "none"), "--out", str(tmp_path / "s2")]) == 1
+    assert "run `make book`" in capsys.readouterr().err
