@@ -19,7 +19,7 @@ LAYERS = {
     "experiments": 3,
     "report": 4, "plots": 4, "widgets": 4, "interactive": 4, "figure_html": 4,
     "verdict_index": 5,
-    "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "_sphinx_launch": 5, "__main__": 5,
+    "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "_sphinx_launch": 5, "_sphinx_reader": 5, "__main__": 5,
     "precompute": 5,
     # the organisms' registry (names, weights) and model definition are what loading needs; training and evaluation
     # sit on top of everything

@@ -51,7 +51,7 @@ class Table:
         if v is None or (isinstance(v, float) and not np.isfinite(v)) or (isinstance(v, (list, tuple)) and not v):
             return self.none
         if isinstance(v, (list, tuple)):
-            return ", ".join(self.cell(x) for x in v)
+            return ", ".join(self.cell(x) for x in v) if not _all_ints(v) else int_ranges(v)
         if isinstance(v, (float, np.floating)):  # 56.34, not 56.340; 0.875; 1
             return f"{float(v):.{self.digits}f}".rstrip("0").rstrip(".")
         try:
@@ -76,6 +76,27 @@ class Table:
 
     def __repr__(self) -> str:
         return self.text().to_string(index=False)
+
+
+def _all_ints(v) -> bool:
+    return all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+
+
+def int_ranges(values) -> str:
+    """Layer lists as a reader scans them: runs of consecutive integers as ranges.
+
+    >>> int_ranges([0, 1, 2, 3, 5, 7, 8])
+    '0–3, 5, 7–8'
+    """
+    vals = sorted(int(x) for x in values)
+    parts, i = [], 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        parts.append(str(vals[i]) if j == i else f"{vals[i]}–{vals[j]}")
+        i = j + 1
+    return ", ".join(parts)
 
 
 def table(df: pd.DataFrame | Sequence[Mapping], *, none: str = "none found", digits: int = 3) -> Table:
