@@ -136,17 +136,12 @@ def _as_set(samples, like=None):
 
 
 def _per_batch(name: str, lm, ds, **params) -> pd.DataFrame:
-    """The records of experiment ``name``'s own per-batch function on ``ds`` (one batch), with its parameters
-    resolved as a full run would resolve them: the figures show exactly what the chapters compute."""
-    from .experiments.common import Decoding
-    from .experiments.harness import Context, accepted, get_spec
+    """The records of experiment ``name`` on ``ds`` through the harness itself (parameters resolved, seeded, its
+    batch loop; in memory, one batch): the figures show exactly what the chapters compute."""
+    from .experiments.harness import run
 
-    spec = get_spec(name)
-    if spec.resolve is not None:
-        params = spec.resolve(lm, ds, **params)
-    ctx = Context.of(ds, Decoding() if spec.decodes else None)
-    rows = spec.per_batch(lm, list(ds), ctx, **accepted(spec.per_batch, params))
-    return pd.DataFrame(rows).assign(id=lambda d: d["id"].astype(str)) if rows else pd.DataFrame(columns=["id"])
+    rec = run(name, lm, ds, out=None, batch_size=max(1, len(ds)), progress=False, **params).records
+    return rec.assign(id=rec["id"].astype(str)) if len(rec) else pd.DataFrame(columns=["id"])
 
 
 def _image_layer(image, extent_xy, xref="x", yref="y") -> dict:
