@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -249,12 +250,14 @@ def verdict_rows(rows: Iterable[Mapping], chapter: str = "") -> list[dict]:
     """JSON-safe verdict rows: the `VERDICT_COLUMNS` as text, plus ``key``, ``p``, ``chapter`` and ``anchor``."""
     from . import VERDICT_COLUMNS
 
-    out = []
+    out, seen = [], Counter()
     for r in rows:
         d = {c: ("" if r.get(c) is None else str(r.get(c))) for c in VERDICT_COLUMNS}
         n = _num(r.get("n"))
+        a = anchor(chapter, r)
+        seen[a] += 1  # two rows of one claim and model (e.g. two variants) keep distinct ids
         d.update(n="" if n is None else str(int(n)), key=str(r.get("key") or ""), p=_num(r.get("p")),
-                 chapter=chapter, anchor=anchor(chapter, r))
+                 chapter=chapter, anchor=a if seen[a] == 1 else f"{a}-{seen[a]}")
         out.append(d)
     return out
 
@@ -410,12 +413,21 @@ def save_records(tables: Mapping[str, pd.DataFrame], chapter: str) -> list[Path]
     return out
 
 
-def downloads_html(chapter: str, files: Sequence[Path], *, base: str = "../../_chapter_files") -> _HTML:
-    """Links to the chapter's records and its executed notebook, as the built page reaches them."""
+def downloads_html(chapter: str, files: Sequence[Path], *, params: Mapping | None = None,
+                   base: str = "../../_chapter_files") -> _HTML:
+    """Links to the chapter's records and its executed notebook, as the built page reaches them; ``params``: the
+    chapter's own knobs that decide its numbers (threshold, ρ, λ, ...), listed under the links and written to
+    ``parameters.json`` beside the records."""
     links = [f'<a href="{base}/{chapter}/{_html.escape(Path(f).name)}" download>{_html.escape(Path(f).name)}</a>'
              for f in files]
     links.append(f'<a href="{base}/{chapter}/{chapter}.ipynb" download>{chapter}.ipynb (executed notebook)</a>')
-    return _HTML('<p class="fu-downloads"><b>Downloads:</b> ' + " · ".join(links) + "</p>")
+    out = '<p class="fu-downloads"><b>Downloads:</b> ' + " · ".join(links) + "</p>"
+    if params:
+        (downloads_dir(chapter) / "parameters.json").write_text(json.dumps(dict(params), indent=1, default=str),
+                                                                 encoding="utf-8")
+        knobs = " · ".join(f"<code>{_html.escape(str(k))} = {_html.escape(repr(v))}</code>" for k, v in params.items())
+        out += f'<p class="fu-params"><b>This chapter\'s parameters</b> (beside the build\'s): {knobs}</p>'
+    return _HTML(out)
 
 
 # --- persistent tokens, as the attention chapter states them --------------------------------------------------------
