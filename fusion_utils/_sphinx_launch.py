@@ -1,6 +1,6 @@
-"""Sphinx extension: ``repository.url`` of _config.yml as MyST substitutions for the prose pages, and the launch buttons (Colab, Binder) and repository links of a chapter open the notebook the
-reader can run, ``notebooks/<chapter>.ipynb`` in the repository, not the executed copy the driver writes to
-``book/chapters/`` in the build (which is not in the repository)."""
+"""Sphinx extension: ``repository.url`` of _config.yml as MyST substitutions for the prose pages, and launch
+buttons (Colab, Binder) that open the notebook a reader can run, ``notebooks/<chapter>.ipynb`` in the repository,
+not the executed copy the driver writes to ``book/chapters/`` in the build (which is not in the repository)."""
 from __future__ import annotations
 
 CHAPTERS = "book/chapters/"

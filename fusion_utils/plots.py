@@ -634,16 +634,14 @@ def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str |
         return empty_panel("noise_frequency: no persistent-noise statistics given (no sample was run)", ax=ax,
                            title=title)
     if isinstance(noise, pd.DataFrame):
-        parts = {c: noise[c].tolist() for c in ("irrelevant", "relevant", "mixed")}
-        toks = [str(t) for t in noise["token"]]
+        toks, parts = list(map(str, noise["token"])), {c: list(noise[c]) for c in ("irrelevant", "relevant", "mixed")}
     else:
-        pairs = list(noise["most_common_tokens"]) if "most_common_tokens" in noise else [
-            (int(k), int(v)) for k, v in noise.items()]
+        pairs = noise["most_common_tokens"] if "most_common_tokens" in noise else [(k, v) for k, v in noise.items()]
         toks, parts = [str(t) for t, _ in pairs], {"persistent": [c for _, c in pairs]}
     if not toks:
         return empty_panel("no token was persistent (in the top-k at most layers) in any sample", ax=ax, title=title)
     colors = {"irrelevant": FUSION_COLOR, "relevant": "#2ca02c", "mixed": "#bbbbbb", "persistent": "#7f7f7f"}
-    with figure_style():
+    with figure_style():  # stacked: a token's red part counts the questions where it was irrelevant
         fig, ax = _new_axes(ax, figsize)
         bottom = np.zeros(len(toks))
         for kind, counts in parts.items():
@@ -654,7 +652,9 @@ def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str |
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if len(parts) > 1:
             ax.legend(fontsize=9, loc="upper right", frameon=True)
-        ax.set_title(title or "Tokens that stay in the top-k at most layers")
+        share = None if isinstance(noise, pd.DataFrame) else noise.get("irrelevant_share_of_persistent")
+        ax.set_title((title or "Tokens that stay in the top-k at most layers") + (
+            f" ({share:.0%} of them irrelevant)" if share is not None and np.isfinite(share) else ""))
         fig.tight_layout()
     return fig
 

@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = ["fusion", "review", "attention", "contrastive", "models"]
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
 def _rgb(hex_color: str) -> np.ndarray:
     h = hex_color.lstrip("#")
     return np.array([int(h[i:i + 2], 16) for i in (0, 2, 4)], float)
