@@ -154,7 +154,7 @@ class InteractiveFigure:
 _STYLE = ("<style>.fu-interactive{margin:.5em 0 1em;background:#fff;color:#222;padding:.4em .5em;"
           "border-radius:4px;max-width:100%;overflow-x:auto}.fu-interactive code{color:#222;background:#f1f1f1}"
           ".fu-controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;"
-          "margin:.3em 0;font-size:.9em}.fu-control select{max-width:28em}.fu-control output{display:inline-block;"
+          "margin:.3em 0;font-size:.9em}.fu-control select{max-width:min(28em,85vw)}.fu-control output{display:inline-block;"
           "min-width:3em;font-variant-numeric:tabular-nums}.fu-text{font-size:.9em;margin-top:.2em}"
           ".fu-caption{font-size:.88em;color:#333;margin-top:.3em}</style>")
 
