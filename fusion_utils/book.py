@@ -864,7 +864,10 @@ def appendix(report: BuildReport, layout: Layout, params: dict, prov: Mapping[st
             for c in report.chapters
         ],
     }
-    _write_if_changed(layout.generated / "reproducibility.md", _appendix_markdown(info))
+    from .verdict_index import files_dir, parameters_markdown  # the chapters' own knobs (threshold, ρ, λ, ...)
+
+    own = parameters_markdown(files_dir(layout.build_dir), [c.name for c in report.chapters])
+    _write_if_changed(layout.generated / "reproducibility.md", _appendix_markdown(info) + ("\n" + own if own else ""))
     layout.build_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.build_info, json.dumps(info, indent=2, ensure_ascii=False))
     report.build_info = layout.build_info

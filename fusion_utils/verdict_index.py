@@ -19,7 +19,8 @@ from typing import Sequence
 
 from .report.display import OUT_ENV, holm, verdicts_html
 
-__all__ = ["OUT_ENV", "FILES_URL", "collect", "page_markdown", "write_page", "publish", "files_dir"]
+__all__ = ["OUT_ENV", "FILES_URL", "collect", "page_markdown", "write_page", "publish", "files_dir",
+           "chapter_parameters", "parameters_markdown"]
 
 #: where the chapters' files are served from, relative to the html root
 FILES_URL = "_chapter_files"
@@ -84,3 +85,25 @@ def publish(files: str | Path, executed: str | Path, html: str | Path, chapters:
         if nb.is_file():
             shutil.copy2(nb, d / nb.name)
     return dest
+
+
+def chapter_parameters(files: str | Path, chapters: Sequence[str]) -> dict[str, dict]:
+    """The knobs each chapter used beyond the parameters file (threshold, ρ, λ, k, ...), as it wrote them
+    (``<files>/<chapter>/parameters.json``); chapters that wrote none are left out."""
+    out = {}
+    for ch in chapters:
+        path = Path(files) / ch / "parameters.json"
+        if path.is_file():
+            out[ch] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def parameters_markdown(files: str | Path, chapters: Sequence[str]) -> str:
+    """A section for the reproducibility appendix: every chapter's own knobs, so the appendix lists every
+    parameter that decides a number (the parameters file's values are listed there already)."""
+    rows = [f"| {ch} | " + ", ".join(f"`{k} = {v!r}`" for k, v in knobs.items()) + " |"
+            for ch, knobs in chapter_parameters(files, chapters).items()]
+    if not rows:
+        return ""
+    return ("## The chapters' own parameters\n\nThe notebook defaults each chapter ran with, beside the parameters "
+            "file's values above.\n\n| chapter | parameters |\n|---|---|\n" + "\n".join(rows) + "\n")

@@ -313,3 +313,12 @@ def test_make_site_assembles_every_build_with_the_drivers_index(tmp_path, capsys
     assert "half" not in index and (tmp_path / "site" / ".nojekyll").is_file()
     assert site.main(["--builds", str(tmp_path / "none"), "--out", str(tmp_path / "s2")]) == 1
     assert "run `make book`" in capsys.readouterr().err
+
+
+def test_chapter_parameters_for_the_appendix(tmp_path, monkeypatch):
+    monkeypatch.setenv(D.OUT_ENV, str(tmp_path))
+    D.downloads_html("contrastive", [], params=dict(threshold=0.05, rho=0.2, lam=0.1))
+    assert verdict_index.chapter_parameters(tmp_path, ["fusion", "contrastive"]) == {
+        "contrastive": {"threshold": 0.05, "rho": 0.2, "lam": 0.1}}
+    md = verdict_index.parameters_markdown(tmp_path, ["contrastive"])
+    assert "| contrastive | `threshold = 0.05`, `rho = 0.2`, `lam = 0.1` |" in md
