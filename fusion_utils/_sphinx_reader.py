@@ -17,6 +17,9 @@ CSS = """
 .bd-article table td,.bd-article table th{overflow-wrap:anywhere;word-break:normal;hyphens:auto}
 .bd-article table td code,.bd-article table th code{white-space:normal;overflow-wrap:anywhere}
 .bd-article .cell_output .output{overflow-x:visible}
+.bd-article :not(pre)>code,.bd-article :not(pre)>code span.pre{white-space:normal;overflow-wrap:anywhere}
+.bd-article dt.sig{white-space:normal;overflow-wrap:anywhere;max-width:100%}
+.bd-article pre{max-width:100%;overflow-x:auto}
 .bd-article figure img,.bd-article .cell_output img{max-width:100%;height:auto}
 .bd-article .pst-scrollable-table-container{overflow-x:visible}
 @media (max-width:640px){

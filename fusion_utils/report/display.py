@@ -324,6 +324,8 @@ def verdicts_html(rows: Sequence[Mapping], chapter: str = "", *, holm_p: Sequenc
         if links and a in links:
             claim = f'<a href="{_html.escape(links[a])}">{claim}</a>'
         eff, ci = effect_text(r), ci_text(r)
+        if not eff and str(r.get("verdict", "")).startswith("n/a:"):  # why it does not apply, where the effect would be
+            eff = str(r["verdict"])[4:].strip()
         cells = [_cell("Claim", claim), _cell("Model", _html.escape(str(r.get("model", "")))),
                  _cell("Verdict", _badge(r.get("verdict", ""))),
                  _cell("Effect", _html.escape(eff) + (f"<br><small>{_html.escape(ci)}</small>" if ci else ""))]
