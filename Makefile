@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fusion-utils-installed
 BOOK_PARAMS ?= book/params/default.yml
 
-.PHONY: install test book bench organisms organisms-8l organism-llava-16l organism-qwen2_vl-16l organism-llava-32l \
+.PHONY: install test book site bench organisms organisms-8l organism-llava-16l organism-qwen2_vl-16l organism-llava-32l \
 	organism-qwen2_vl-28l organism-llava-8l \
 	organism-qwen2_vl-8l organisms-eval clean-book help
 
@@ -17,6 +17,7 @@ help:
 	@echo "make book       build the book on the embedded model organisms (book/_build/default/html;"
 	@echo "                BOOK_PARAMS=book/params/<name>.yml builds book/_build/<name>/html beside it;"
 	@echo "                book/_build/index.html lists the builds)"
+	@echo "make site       every build under book/_build/ as one static site with its index (site/; SITE=<dir>)"
 	@echo "make test       run the test suite (CPU, offline)"
 	@echo "make bench      print the performance figures (ratios measured side by side)"
 	@echo "make organisms  retrain the deep (16-layer) model organisms from their seeds (make -j2 organisms: both at once)"
@@ -47,6 +48,12 @@ test: $(STAMP)
 
 book: $(STAMP)
 	$(VENV)/bin/fusion-utils book build --params $(BOOK_PARAMS)
+
+# Every finished build (make book, BOOK_PARAMS=...) under book/_build/, as one static site: site/index.html lists them
+# (the driver's own index page), each under site/<build>/html/. .github/workflows/site.yml publishes it to Pages.
+SITE ?= site
+site: $(STAMP)
+	$(PY) scripts/assemble_site.py --builds book/_build --out $(SITE)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

@@ -27,12 +27,8 @@ from __future__ import annotations
 import base64
 import html as _html
 import io
-import itertools
-import json
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,179 +37,13 @@ __all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_r
            "attention_figure", "contrastive_data", "contrastive_figure", "layers_figure", "threshold_figure",
            "MARKER_CLASS"]
 
-#: CSS class of every figure's root element; the book's Sphinx extension loads plotly.js on pages that have one.
-MARKER_CLASS = "fu-interactive"
+from .figure_html import DIVERGING, MAGMA, MARKER_CLASS, Control, InteractiveFigure, colorbar, plotly_js_path
+from .report.display import Table, masking_runs, table
 
-HEATMAP = "Magma"
-DIVERGING = "RdBu"
+HEATMAP = MAGMA
 RELEVANT_COLOR = "#17becf"
 MASK_COLOR = "#2ca02c"
 LINE_COLORS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9")
-
-
-# --- the figure ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Control:
-    """One select (``kind="select"``) or slider (``kind="slider"``) over ``choices`` shown as ``labels``."""
-
-    name: str
-    choices: list
-    labels: list[str] | None = None
-    kind: str = "select"
-    value: Any = None  # initial value (default: the first)
-
-    def __post_init__(self):
-        if not self.choices:
-            raise ValueError(f"Control {self.name!r} has no values; give it at least one choice.")
-        if self.kind not in ("select", "slider"):
-            raise ValueError(f"Control {self.name!r}: kind must be 'select' or 'slider', not {self.kind!r}.")
-        self.choices = list(self.choices)
-        self.labels = [str(v) for v in self.choices] if self.labels is None else [str(x) for x in self.labels]
-        if self.value is None:
-            self.value = self.choices[0]
-        if self.value not in self.choices:
-            raise ValueError(f"Control {self.name!r}: initial value {self.value!r} is not one of {self.choices}.")
-
-
-@dataclass
-class InteractiveFigure:
-    """Plotly traces for every combination of ``controls``.
-
-    ``traces`` maps an id to a Plotly trace (dict) and ``layouts`` an id to a layout fragment, both shared between
-    states (an image drawn in many states is stored once); ``states`` maps a key (the control value indices joined
-    by ``|``) to ``{"data": [trace ids], "layout": [fragment ids or dicts], "text": html}``, whose fragments update
-    the base ``layout`` key by key, in order. `state` reads one state back as Python data (what the page draws)."""
-
-    title: str
-    controls: list[Control]
-    layout: dict
-    traces: dict = field(default_factory=dict)
-    layouts: dict = field(default_factory=dict)
-    states: dict = field(default_factory=dict)
-    height: int = 380
-    caption: str = ""
-
-    def key(self, **choices) -> str:
-        idx = []
-        for c in self.controls:
-            v = choices.get(c.name, c.value)
-            if v not in c.choices:
-                raise ValueError(f"{v!r} is not a choice of {c.name!r}; choose one of {c.labels}.")
-            idx.append(str(c.choices.index(v)))
-        return "|".join(idx)
-
-    def state(self, **choices) -> dict:
-        """``{"data": [traces], "layout": {...}, "text": ...}`` for the given control values (default: initial)."""
-        st = self.states[self.key(**choices)]
-        layout = dict(self.layout)
-        for part in self._parts(st):
-            layout.update(self.layouts[part] if isinstance(part, str) else part)
-        return {"data": [self.traces[t] for t in st["data"]], "layout": layout, "text": st.get("text", "")}
-
-    @staticmethod
-    def _parts(st: dict) -> list:
-        lay = st.get("layout", [])
-        return lay if isinstance(lay, list) else [lay]
-
-    def check(self) -> None:
-        """Every combination of the controls has a state and every state's traces exist."""
-        for combo in itertools.product(*(range(len(c.choices)) for c in self.controls)):
-            k = "|".join(map(str, combo))
-            if k not in self.states:
-                raise ValueError(f"{self.title}: no state for {dict(zip((c.name for c in self.controls), combo))}.")
-            missing = [t for t in self.states[k]["data"] if t not in self.traces]
-            missing += [p for p in self._parts(self.states[k]) if isinstance(p, str) and p not in self.layouts]
-            if missing:
-                raise ValueError(f"{self.title}: state {k} names unknown traces {missing}.")
-
-    def spec(self) -> dict:
-        return {"controls": [{"name": c.name, "labels": c.labels} for c in self.controls], "layout": self.layout,
-                "traces": self.traces, "layouts": self.layouts, "states": self.states,
-                # no mode bar: it would sit on the last panel's title; zoom by dragging, double-click resets
-                "config": {"responsive": True, "displaylogo": False, "typesetMath": False, "displayModeBar": False}}
-
-    def to_html(self, plotly_js: bool = False) -> str:
-        """The figure as an HTML fragment; ``plotly_js=True`` inlines plotly.js (about 5 MB) so it runs anywhere."""
-        self.check()
-        fid = f"fu-{uuid.uuid4().hex[:10]}"
-        parts = [f'<div class="{MARKER_CLASS}" id="{fid}" data-title="{_html.escape(self.title)}">',
-                 f'<div class="fu-title"><b>{_html.escape(self.title)}</b></div>', '<div class="fu-controls">']
-        for i, c in enumerate(self.controls):
-            j = c.choices.index(c.value)
-            if c.kind == "slider":
-                parts.append(f'<label class="fu-control">{_html.escape(c.name)} <input type="range" min="0" '
-                             f'max="{len(c.choices) - 1}" step="1" value="{j}" data-control="{i}" '
-                             f'aria-label="{_html.escape(c.name)}"> <output>{_html.escape(c.labels[j])}</output></label>')
-            else:
-                opts = "".join(f'<option value="{k}"{" selected" if k == j else ""}>{_html.escape(lab)}</option>'
-                               for k, lab in enumerate(c.labels))
-                parts.append(f'<label class="fu-control">{_html.escape(c.name)} <select data-control="{i}">{opts}'
-                             f'</select></label>')
-        parts.append("</div>")
-        parts.append(f'<div class="fu-plot" style="width:100%;height:{int(self.height)}px"></div>')
-        parts.append('<div class="fu-text"></div>')
-        if self.caption:
-            parts.append(f'<div class="fu-caption">{self.caption}</div>')
-        # "</" inside the JSON would end the <script> element early
-        data = json.dumps(self.spec(), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-        parts.append(f'<script type="application/json" class="fu-spec">{data}</script></div>')
-        if plotly_js:
-            parts.append(f"<script>{plotly_js_path().read_text(encoding='utf-8')}</script>")
-        parts.append(f"<script>{_CONTROLLER.replace('__ID__', fid)}</script>")
-        return "".join([_STYLE, *parts])
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __repr__(self) -> str:
-        return (f"InteractiveFigure({self.title!r}, controls={[c.name for c in self.controls]}, "
-                f"{len(self.states)} states)")
-
-
-_STYLE = ("<style>.fu-interactive{margin:.5em 0 1em}.fu-controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;"
-          "margin:.3em 0;font-size:.9em}.fu-control select{max-width:28em}.fu-control output{display:inline-block;"
-          "min-width:3em;font-variant-numeric:tabular-nums}.fu-text{font-size:.9em;margin-top:.2em}"
-          ".fu-caption{font-size:.85em;color:#555}</style>")
-
-# Swaps the traces when a control moves. It waits for the page (plotly.js may load later in <head> with defer) and
-# says so in the figure instead of failing silently when plotly.js is absent.
-_CONTROLLER = r"""(function(){
-var root=document.getElementById("__ID__");
-function start(){
-  var text=root.querySelector(".fu-text"), plot=root.querySelector(".fu-plot");
-  if(!window.Plotly){text.textContent="This figure needs plotly.js: open it in the built book (make book).";return;}
-  var spec=JSON.parse(root.querySelector(".fu-spec").textContent);
-  var inputs=Array.prototype.slice.call(root.querySelectorAll("[data-control]"));
-  function key(){return inputs.map(function(el){return el.value;}).join("|");}
-  function draw(){
-    inputs.forEach(function(el){var o=el.parentNode.querySelector("output");
-      if(o){o.textContent=spec.controls[+el.getAttribute("data-control")].labels[+el.value];}});
-    var k=key(), st=spec.states[k];
-    var layout=Object.assign({}, spec.layout), parts=st.layout||[];
-    (Array.isArray(parts)?parts:[parts]).forEach(function(p){Object.assign(layout, typeof p==="string"?spec.layouts[p]:p);});
-    window.Plotly.react(plot, st.data.map(function(id){return spec.traces[id];}), layout, spec.config);
-    text.innerHTML=st.text||"";
-    root.setAttribute("data-state", k);
-  }
-  inputs.forEach(function(el){el.addEventListener("input", draw);el.addEventListener("change", draw);});
-  draw();
-}
-if(document.readyState==="loading"){document.addEventListener("DOMContentLoaded", start);}else{start();}
-})();"""
-
-
-def plotly_js_path() -> Path:
-    """plotly.min.js from the installed ``plotly`` package (served by the book, never fetched)."""
-    try:
-        import plotly
-    except ImportError:
-        raise ImportError("The book's interactive figures need the plotly package for plotly.min.js; run "
-                          "`pip install plotly` (or `make book`, which installs it).") from None
-    p = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing; reinstall plotly (`pip install --force-reinstall plotly`).")
-    return p
 
 
 # --- small helpers ------------------------------------------------------------------------------------------------
@@ -306,12 +136,12 @@ def _as_set(samples, like=None):
 
 
 def _per_batch(name: str, lm, ds, **params) -> pd.DataFrame:
-    """The records of experiment ``name``'s own per-batch function on ``ds`` (one batch), with its parameters
-    resolved as a full run would resolve them: the figures show exactly what the chapters compute."""
-    from .experiments.harness import get_spec
+    """The records of experiment ``name`` on ``ds`` through the harness itself (parameters resolved, seeded, its
+    batch loop; in memory, one batch): the figures show exactly what the chapters compute."""
+    from .experiments.harness import run
 
-    rows = get_spec(name).records(lm, ds, **params)
-    return pd.DataFrame(rows).assign(id=lambda d: d["id"].astype(str)) if rows else pd.DataFrame(columns=["id"])
+    rec = run(name, lm, ds, out=None, batch_size=max(1, len(ds)), progress=False, **params).records
+    return rec.assign(id=rec["id"].astype(str)) if len(rec) else pd.DataFrame(columns=["id"])
 
 
 def _image_layer(image, extent_xy, xref="x", yref="y") -> dict:
@@ -441,7 +271,10 @@ def masking_figure(records: pd.DataFrame, *, title: str = "Masking the image at 
     lay["xaxis"].update(title={"text": "masked layer"}, dtick=max(1, len(layers) // 16))
     lay["yaxis"].update(title={"text": "p(first token of the unmasked answer)"}, range=[0, 1.05])
     fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=400,
-                            caption="Dashed: unmasked. The ring marks the chosen layer.")
+                            caption="The probability of the unmasked answer's first token when the image is "
+                                    "masked at each layer (solid) and unmasked (dashed); the ring marks the chosen "
+                                    "layer, whose answer is printed below. Look for the layers where the solid "
+                                    "curve falls: there the answer still reads the image.")
     rec = records.assign(id=records["id"].astype(str))
     for qi, q in enumerate(ids):
         rq = rec[rec["id"] == q]
@@ -516,7 +349,13 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
     lay["xaxis2"].update(title={"text": "layer"}, dtick=max(1, L // 16))
     lay["yaxis2"].update(title={"text": "attention mass"}, rangemode="tozero")
     fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=420,
-                            caption="Outlined cells hold the answer. Each layer's map is renormalised over the image.")
+                            caption="Left: the answer position's attention over the image at the chosen layer "
+                                    "(renormalised over the image; brighter = more, see the colour bar); outlined "
+                                    "cells hold the answer. Right: the attention mass on relevant and irrelevant "
+                                    "tokens at every layer, the chosen layer ringed. Look for the bright cells "
+                                    "moving onto the outline with depth.")
+    lay["margin"]["b"] = 110
+    lay["legend"].update(y=-0.22)  # below the colour bar
     for qi, v in enumerate(views):
         maps = np.asarray(v["maps2d"], float)
         spatial = bool(v.get("spatial", True)) and maps.ndim == 3 and maps.shape[1] > 1
@@ -550,8 +389,9 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
         for j in layers:
             mj = maps[j] if maps.ndim == 3 else np.asarray(maps[j])[None, :]
             hid = f"hm|{qi}|{j}"
-            fig.traces[hid] = _heatmap(mj, geo, 0, opacity=0.6 if image is not None else 1.0, name=f"layer {j}")
-            fig.traces[hid]["showlegend"] = False
+            fig.traces[hid] = _heatmap(mj, geo, 0, opacity=0.6 if image is not None else 1.0, name=f"layer {j}",
+                                       showscale=True)
+            fig.traces[hid].update(showlegend=False, colorbar=colorbar(lay["xaxis"]["domain"], "attention"))
             if ycol is not None:
                 yv = float(rec.loc[rec["layer"] == j, ycol].iloc[0])
                 extra = (f" · mass on relevant tokens {yv:.2f}, on irrelevant "
@@ -613,11 +453,15 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
                         value=0.2 if 0.2 in rhos else rhos[0]),
                 Control("λ", lams, [f"{x:g}" for x in lams], kind="slider", value=0.1 if 0.1 in lams else lams[0])]
     lay = _base_layout(3, image_axes=(0, 1, 2), height=330)
-    lay["legend"].update(y=-0.05)
-    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=360,
-                            caption="Red on I_A: attention gained with depth; blue: lost. Green crosses: the image "
-                                    "tokens the soft mask scales by λ at the apply layer (fainter as λ nears 1, "
-                                    "which leaves them as they are).")
+    lay["margin"]["b"] = 110
+    lay["legend"].update(y=-0.22)  # below the colour bars
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=380,
+                            caption="Left to right: the attention of the pre layer i* and of the final layer over "
+                                    "the image, and their difference I_A. Red on I_A: attention gained with depth "
+                                    "(I_A > 0); blue: lost (I_A < 0), as the colour bar under it reads. Green "
+                                    "crosses: the image tokens the soft mask scales by λ at the apply layer "
+                                    "(fainter as λ nears 1, which leaves them as they are). Look for red on the "
+                                    "outlined answer cells and crosses off them.")
     for qi, s in enumerate(samples):
         for ki, kind in enumerate(sets):
             v = data["views"][kind][qi]
@@ -635,8 +479,10 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
                 tid = f"{key}|{qi}|{ki}"
                 t = _heatmap(vals, geo, i, colorscale=cs, zmid=zmid, opacity=0.7 if image is not None else 1.0,
                              name=key)
-                if key == "I_A":
-                    t.update(zmin=-lim, zmax=lim, reversescale=True)
+                if key == "I_A":  # symmetric, so white is exactly zero and red is exactly "gained"
+                    t.update(zmin=-lim, zmax=lim)
+                t.update(showscale=True, colorbar=colorbar(lay[f"xaxis{_ax(i)}"]["domain"],
+                                                           "I_A (red: gained)" if key == "I_A" else "attention"))
                 t["showlegend"] = False
                 fig.traces[tid] = t
                 ids.append(tid)
@@ -700,14 +546,15 @@ def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFr
     lay["yaxis2"].update(title={"text": "questions"}, rangemode="tozero")
     lay["barmode"] = "stack"
     lay["bargap"] = 0.1
-    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=420)
+    fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=420,
+                            caption="Left: how many questions have each Hellinger distance between the chosen "
+                                    "layer's attention over the image and the final layer's (0 = the same map). "
+                                    "Right: the most common answers read off the chosen layer (early exit), "
+                                    "correct in green. A review layer shows as a late layer whose distances move "
+                                    "right again; early exit shows when the green bars appear.")
     edges = np.linspace(0, 1, 21)
     hists = {j: np.histogram(np.clip(hellinger_records.loc[hellinger_records["layer"] == j, "hellinger"]
                                      .astype(float).to_numpy(), 0, 1), bins=edges)[0] for j in layers}
-    tallest = early_exit_records.groupby(["layer", "pred"]).size().max() if len(early_exit_records) else 1
-    # fixed ranges: moving the layer shows the distributions change, not the axes
-    lay["yaxis"]["range"] = [0, max(1, max(int(c.max()) for c in hists.values())) * 1.05]
-    lay["yaxis2"]["range"] = [0, max(1, int(tallest)) * 1.05]
     for li, j in enumerate(layers):
         h = hellinger_records.loc[hellinger_records["layer"] == j, "hellinger"].astype(float).to_numpy()
         counts = hists[j]
@@ -728,9 +575,14 @@ def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFr
                  if "agrees_final" in e.columns and len(e) else "")
         text = (f"layer {j}: mean Hellinger distance {np.nanmean(h) if len(h) else float('nan'):.3f} over "
                 f"{len(h)} questions · early-exit accuracy {acc:.0%}{agree}")
+        # each layer's axes fit its own bars: one layer where every question gets the same word would otherwise
+        # squash every other layer's bars to the bottom fifth
+        tall = max([1, *(a + b for a, b in zip(ok, bad))])
         fig.states[str(li)] = {"data": [f"h|{li}", f"ok|{li}", f"bad|{li}"], "text": text,
                                "layout": {"annotations": _titles(lay, [f"attention distance at layer {j}",
-                                                                       f"early-exit answers at layer {j}"])}}
+                                                                       f"early-exit answers at layer {j}"]),
+                                          "yaxis": {**lay["yaxis"], "range": [0, max(1, int(counts.max())) * 1.15]},
+                                          "yaxis2": {**lay["yaxis2"], "range": [0, tall * 1.15]}}}
     return fig
 
 
@@ -752,7 +604,9 @@ def threshold_figure(summaries: Mapping[str, pd.DataFrame], *, thresholds: Seque
     lay = _base_layout(1, height=380)
     lay["yaxis"].update(title={"text": "accuracy drop (unmasked − masked)"})
     fig = InteractiveFigure(title, controls, lay, height=400,
-                            caption="Triangles: fusion layers (drop above the threshold, before the plateau).")
+                            caption="Each model's accuracy drop (unmasked − masked) when the image is masked at "
+                                    "one layer. Triangles: the fusion layers the chosen threshold picks (drop above "
+                                    "it, before the plateau). Look for where the curves fall to zero: the plateau.")
     for xi, xkind in enumerate(("relative", "layer")):
         for ti, t in enumerate(thresholds):
             ids, lines = [], []
@@ -789,80 +643,3 @@ def threshold_figure(summaries: Mapping[str, pd.DataFrame], *, thresholds: Seque
             fig.states[f"{ti}|{xi}"] = {"data": ids, "layout": upd,
                                         "text": f"threshold {t:g}<br>" + "<br>".join(lines)}
     return fig
-
-
-# --- tables -------------------------------------------------------------------------------------------------------
-
-class Table:
-    """A table as a reader reads it: no pandas index, "none found" for a missing value or an empty list, floats to
-    ``digits`` places, lists as comma-separated text."""
-
-    def __init__(self, df: pd.DataFrame, *, none: str = "none found", digits: int = 3):
-        self.df, self.none, self.digits = df, none, digits
-
-    def cell(self, v) -> str:
-        if v is None or (isinstance(v, float) and not np.isfinite(v)) or (isinstance(v, (list, tuple)) and not v):
-            return self.none
-        if isinstance(v, (list, tuple)):
-            return ", ".join(self.cell(x) for x in v)
-        if isinstance(v, (float, np.floating)):  # 56.34, not 56.340; 0.875; 1
-            return f"{float(v):.{self.digits}f}".rstrip("0").rstrip(".")
-        try:
-            if pd.isna(v):
-                return self.none
-        except (TypeError, ValueError):
-            pass
-        return str(v)
-
-    def text(self) -> pd.DataFrame:
-        cols = {}
-        for c in self.df.columns:
-            col = self.df[c]
-            vals = pd.to_numeric(col, errors="coerce") if col.dtype.kind == "f" else None
-            # a column of layer indices with a gap turns float in pandas (29.0): shown as the integers they are
-            whole = vals is not None and vals.notna().any() and bool((vals.dropna() % 1 == 0).all())
-            cols[c] = [self.none if whole and pd.isna(v) else str(int(v)) if whole else self.cell(v) for v in col]
-        return pd.DataFrame(cols, columns=self.df.columns)
-
-    def _repr_html_(self) -> str:
-        return self.text().to_html(index=False, escape=True, classes="fu-table")
-
-    def __repr__(self) -> str:
-        return self.text().to_string(index=False)
-
-
-def table(df: pd.DataFrame | Sequence[Mapping], *, none: str = "none found", digits: int = 3) -> Table:
-    """``df`` (or a list of row dicts) shown without the index, with ``none`` where a value is missing."""
-    return Table(df if isinstance(df, pd.DataFrame) else pd.DataFrame(list(df)), none=none, digits=digits)
-
-
-def masking_runs(runs_dir, *, threshold: float = 0.05, mode: str = "zero") -> pd.DataFrame:
-    """One row per masking run recorded under ``runs_dir`` -- every build that shares the run records (each
-    parameters file's book writes there), whatever model and data it ran: model, data, questions, depth, fusion
-    layers, plateau and review layer at ``threshold``, and the unmasked accuracy. Runs without a summary yet are
-    left out."""
-    import json as _json
-
-    from .experiments.masking import find_layers
-
-    rows = []
-    for cfg_path in sorted(Path(runs_dir).glob("masking/*/config.json")):
-        summary = cfg_path.parent / "summary.csv"
-        if not summary.is_file():
-            continue
-        try:
-            cfg = _json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
-            s = pd.read_csv(summary)
-        except (OSError, ValueError, KeyError):
-            continue  # a run being written: listed once it is complete
-        s = s[s["mode"] == mode] if "mode" in s.columns else s
-        if s.empty:
-            continue
-        found = find_layers(s, threshold=threshold)
-        rows.append({"model": cfg["model"]["name"], "data": cfg["dataset"]["name"], "questions": cfg["dataset"]["n"],
-                     "layers": int(s["layer"].max()) + 1, "fusion_layers": found["fusion_layers"],
-                     "plateau_from": found["plateau_start"], "review_layer": found["review_layer"],
-                     "plain_accuracy": float(s["plain_accuracy"].mean())})
-    cols = ["model", "data", "questions", "layers", "fusion_layers", "plateau_from", "review_layer", "plain_accuracy"]
-    # chapters that mask in one mode or in two record two runs of the same model and data: one row each
-    return pd.DataFrame(rows, columns=cols).drop_duplicates(["model", "data", "questions"]).reset_index(drop=True)

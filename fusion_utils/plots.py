@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from typing import Mapping, Sequence
 
 import matplotlib
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -68,7 +67,7 @@ def use_style() -> None:
 
 @contextmanager
 def figure_style():
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=1.0):
         yield
 
 
@@ -300,7 +299,7 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
         if skipped:  # the other models still drawn; say which are missing and why
             _say_empty(ax, "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7)
         # beside the axes, not on them: "best" still covered the curves of several models
-        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
     return fig
 
@@ -365,7 +364,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
                 ax.plot(s["layer"], s["accuracy"], "-o", color=color, ms=3, label="accuracy")
                 if "agreement" in s.columns and s["agreement"].notna().any():
                     ax.plot(s["layer"], s["agreement"], "--", color=color, alpha=0.7, label="agrees with final")
-                    ax.legend(fontsize=7, loc="upper left")
+                    ax.legend(fontsize=9, loc="upper left")
                 ax.set_ylabel("early-exit accuracy")
                 ax.set_title("early exit")
             ax.set_xlabel(LAYER_AXIS)
@@ -562,13 +561,13 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
         axs[0].set_title("relevant vs irrelevant image tokens")
         if skipped:
             _say_empty(axs[0], "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7, width=60)
-        axs[0].legend(fontsize=7, loc="best")
+        axs[0].legend(fontsize=9, loc="best")
         if show_ratio:
             axs[1].axhline(1.0, color="grey", ls="--", lw=1)
             axs[1].set_ylabel("relevant mass / relevant area")
             axs[1].set_title("preference for relevant tokens (1 = none)")
             if len(data) > 1:
-                axs[1].legend(fontsize=7, loc="best")
+                axs[1].legend(fontsize=9, loc="best")
         for ax in axs[: 2 if show_ratio else 1]:
             ax.set_xlabel(LAYER_AXIS)
             integer_layers(ax)
@@ -629,38 +628,41 @@ def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_token
         ax.set_ylabel("attention share")
         integer_layers(ax)
         ax.set_title(title or "Persistent high-attention tokens")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
     return fig
 
 
 def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str | None = None,
                     figsize=(BOOK_WIDTH, 3.0)):
-    """How often each image token is persistent across samples (``attention(...).extra["noise"]``, or a mapping
-    token -> count), with the share of persistent tokens that are irrelevant in the title."""
-    if not noise:
+    """How often each image token is persistent across samples: ``attention(...).extra["noise"]``, a mapping
+    token -> count, or a table with columns ``token``, ``irrelevant``, ``relevant``, ``mixed`` (samples where the
+    token persisted off the relevant cells, on them, or beside tokens of both kinds), drawn as stacked bars."""
+    if noise is None or len(noise) == 0:
         return empty_panel("noise_frequency: no persistent-noise statistics given (no sample was run)", ax=ax,
                            title=title)
-    if "most_common_tokens" in noise:
-        pairs = list(noise["most_common_tokens"])
+    if isinstance(noise, pd.DataFrame):
+        toks, parts = list(map(str, noise["token"])), {c: list(noise[c]) for c in ("irrelevant", "relevant", "mixed")}
     else:
-        pairs = [(int(k), int(v)) for k, v in noise.items()]
-    if not pairs:
-        return empty_panel("no token was persistent (in the top-k at most layers) in any sample", ax=ax,
-                           title=title)
-    toks = [str(t) for t, _ in pairs]
-    counts = [c for _, c in pairs]
-    with figure_style():
+        pairs = noise["most_common_tokens"] if "most_common_tokens" in noise else [(k, v) for k, v in noise.items()]
+        toks, parts = [str(t) for t, _ in pairs], {"persistent": [c for _, c in pairs]}
+    if not toks:
+        return empty_panel("no token was persistent (in the top-k at most layers) in any sample", ax=ax, title=title)
+    colors = {"irrelevant": FUSION_COLOR, "relevant": "#2ca02c", "mixed": "#bbbbbb", "persistent": "#7f7f7f"}
+    with figure_style():  # stacked: a token's red part counts the questions where it was irrelevant
         fig, ax = _new_axes(ax, figsize)
-        ax.bar(toks, counts, color="#d62728", alpha=0.8)
+        bottom = np.zeros(len(toks))
+        for kind, counts in parts.items():
+            ax.bar(toks, counts, bottom=bottom, color=colors[kind], label=kind)
+            bottom += np.asarray(counts, float)
         ax.set_xlabel("image token index" + (f" (of {n_tokens})" if n_tokens else ""))
         ax.set_ylabel("samples where it persists")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        t = title or "Tokens that stay in the top-k at most layers"
-        share = noise.get("irrelevant_share_of_persistent")
-        if share is not None and np.isfinite(share):
-            t += f" ({share:.0%} of them irrelevant)"
-        ax.set_title(t)
+        if len(parts) > 1:
+            ax.legend(fontsize=9, loc="upper right", frameon=True)
+        share = None if isinstance(noise, pd.DataFrame) else noise.get("irrelevant_share_of_persistent")
+        ax.set_title((title or "Tokens that stay in the top-k at most layers") + (
+            f" ({share:.0%} of them irrelevant)" if share is not None and np.isfinite(share) else ""))
         fig.tight_layout()
     return fig
 
@@ -733,7 +735,7 @@ def contrastive_panels(view, *, title: str | None = None, colorbar: bool = True)
 # --- accuracy tables --------------------------------------------------------------------------------------------
 
 def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | None = "model", order=None,
-                  plain: str | None = "plain", ax=None, title: str | None = None, fmt: str = "{:.1f}",
+                  plain: str | None = "plain", ax=None, title: str | None = None, fmt: str | None = None,
                   figsize=(BOOK_WIDTH, 3.6)):
     """Accuracy per method (plain vs contrastive variants vs baselines), bars grouped by ``hue`` (model) when the
     table has that column. The bar of method ``plain`` is hatched and each bar is labelled with its value."""
@@ -741,6 +743,8 @@ def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | N
     if why is not None:
         return empty_panel(why, ax=ax, title=title)
     df = table.dropna(subset=[y])
+    # shares in [0, 1] read as percentages with a decimal: "{:.1f}" labelled 0.91 and 0.94 both "0.9"
+    fmt = fmt or ("{:.1%}" if df[y].between(0, 1).all() else "{:.1f}")
     if hue is not None and hue not in df.columns:
         hue = None
     order = list(order) if order is not None else list(dict.fromkeys(df[x]))
@@ -753,11 +757,12 @@ def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | N
             palette = {h: model_color(h) for h in hues}
             sns.barplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hues, palette=palette, ax=ax,
                         errorbar=None)
-            ax.legend(fontsize=8, title=hue, title_fontsize=8)
+            ax.legend(fontsize=9, title=hue, title_fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                      ncol=min(len(hues), 3), frameon=False)  # below the axes: it never covers a bar
         else:
             sns.barplot(data=df, x=x, y=y, order=order, color=_PALETTE[0], ax=ax, errorbar=None)
         for cont in ax.containers:
-            ax.bar_label(cont, fmt=lambda v: fmt.format(v) if np.isfinite(v) else "", fontsize=7, padding=1)
+            ax.bar_label(cont, fmt=lambda v: fmt.format(v) if np.isfinite(v) else "", fontsize=8, padding=1)
         if plain is not None and plain in order:
             i = order.index(plain)
             for cont in ax.containers:
@@ -797,6 +802,6 @@ def ablation_lines(table, *, x: str = "rho", y: str = "accuracy", hue: str | Non
                 ax.axhline(float(b), color="black", ls="--", lw=1.2, label="plain")
             ax.set_xlabel({"rho": "ρ (share of tokens soft-masked)", "lam": "λ (scale of masked tokens)"}.get(x, x))
             ax.set_title(f"{col} = {cv}" if cv is not None else (title or f"{y} vs {x}"), fontsize=10)
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=9, loc="best")
         axes[0][0].set_ylabel(y)
         return _finish(fig, title if col is not None else None)

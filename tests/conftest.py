@@ -47,3 +47,19 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def real_book(tmp_path_factory):
+    """The real book (book/params/tiny.yml) built once per session with Sphinx warnings as errors: test_book.py
+    and test_book_reader.py both read it."""
+    import time
+
+    from fusion_utils import book
+
+    out = book_out_dir(tmp_path_factory, "real")
+    t0 = time.perf_counter()
+    report = book.build(Path(__file__).resolve().parents[1] / "book" / "params" / "tiny.yml",
+                        root=Path(__file__).resolve().parents[1], out=out, strict=True, all_pages=True)
+    report.wall = time.perf_counter() - t0
+    return out, report

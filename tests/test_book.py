@@ -745,13 +745,7 @@ def test_book_makes_no_network_requests_at_build(skeleton_book):
         assert "fonts.googleapis" not in text, page
 
 
-@pytest.fixture(scope="module")
-def real_book(tmp_path_factory):
-    out = book_out_dir(tmp_path_factory, "real")
-    t0 = time.perf_counter()
-    report = book.build(REPO / "book" / "params" / "tiny.yml", root=REPO, out=out, strict=True, all_pages=True)
-    report.wall = time.perf_counter() - t0
-    return out, report
+# real_book: the session fixture in conftest.py (tests/test_book_reader.py reads the same build)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ jupyter-book; they are loaded when a build starts.
 """
 from __future__ import annotations
 
-from . import appendix, chapter, execute, index, params, plan, precompute, render  # noqa: F401  (the steps)
+from . import appendix, chapter, execute, index, params, plan, precompute, render, verdict_index  # noqa: F401
 from .driver import add_cli, build, clean, main
 from .index import write_index
 from .layout import BookError, Layout, find_root
@@ -51,4 +51,4 @@ from .plan import BuildReport, ChapterResult, cache_key
 # name would hide the module
 __all__ = ["BookError", "BuildReport", "ChapterResult", "Layout", "add_cli", "build", "cache_key", "clean",
            "find_root", "load_params", "main", "validate", "write_index", "appendix", "chapter", "execute", "index",
-           "params", "plan", "precompute", "render"]
+           "params", "plan", "precompute", "render", "verdict_index"]

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from ..runs import atomic_write_text, canonical_json, provenance
 from .layout import Layout, display_path, write_if_changed
 from .plan import BuildReport, models_in
+from .verdict_index import files_dir, parameters_markdown
 
 
 def _versions(prov: Mapping[str, Any]) -> dict[str, str]:
@@ -111,7 +112,8 @@ def appendix(report: BuildReport, layout: Layout, params: dict, prov: Mapping[st
             for c in report.chapters
         ],
     }
-    write_if_changed(layout.generated / "reproducibility.md", _appendix_markdown(info))
+    own = parameters_markdown(files_dir(layout.build_dir), [c.name for c in report.chapters])  # threshold, ρ, λ, ...
+    write_if_changed(layout.generated / "reproducibility.md", _appendix_markdown(info) + ("\n" + own if own else ""))
     layout.build_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.build_info, json.dumps(info, indent=2, ensure_ascii=False))
     report.build_info = layout.build_info

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runs import provenance
+from . import verdict_index
 from .appendix import appendix
 from .execute import execute
 from .index import write_index
@@ -71,10 +72,13 @@ def build(params_file: str | os.PathLike, force: bool = False, only: Sequence[st
         stage(root_p, layout.src)
         report.execute_seconds = execute(report.chapters, layout, kernel=kernel)
         appendix(report, layout, params, prov)
+        names = [c.name for c in report.chapters]
+        verdict_index.write_page(verdict_index.files_dir(layout.build_dir), layout.generated, names)
         if html:
             t_jb = time.perf_counter()
             say(f"jupyter-book: rendering {layout.name} ...")
             report.html_dir = render(layout, strict=strict, keep_going=keep_going, all_pages=all_pages)
+            verdict_index.publish(verdict_index.files_dir(layout.build_dir), layout.chapters, layout.html, names)
             report.index = layout.builds / "index.html"
             report.jupyter_book_seconds = time.perf_counter() - t_jb
             say(f"jupyter-book: done in {report.jupyter_book_seconds:.1f} s -> {layout.html / 'index.html'}")

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 from ..runs import atomic_write_text
 from .layout import BookError, Layout
 from .plan import ChapterResult
+from .verdict_index import OUT_ENV, files_dir
 
 #: What a chapter kernel is told: render the explorers as kernel-free figures (see fusion_utils.widgets).
 KERNEL_ENV = {"FUSION_UTILS_STATIC": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
@@ -207,7 +208,7 @@ def execute(chapters: Sequence[ChapterResult], layout: Layout, *, kernel: str = 
     from tqdm.auto import tqdm
 
     t_exec = time.perf_counter()
-    env = child_env(KERNEL_ENV)
+    env = child_env({**KERNEL_ENV, OUT_ENV: str(files_dir(layout.build_dir))})  # chapters' verdicts, records
     kernel_ready = False
     for d in (layout.chapters, layout.cache):
         d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,200 @@
+"""The kernel-free interactive figure: Plotly traces for every combination of its controls, a few lines of
+JavaScript that swap them, and the explicit colour scales every figure uses (plotly.js knows no "magma")."""
+from __future__ import annotations
+
+import html as _html
+import itertools
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "MARKER_CLASS", "MAGMA", "DIVERGING", "colorbar"]
+
+#: CSS class of every figure's root element; the book's Sphinx extension loads plotly.js on pages that have one.
+MARKER_CLASS = "fu-interactive"
+
+# Explicit stops, so no figure depends on which names a plotly.js version knows: an unknown name silently falls
+# back to the default scale. MAGMA samples matplotlib's magma (the static figures' map) at six points.
+MAGMA = [[0.0, "#000004"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6, "#de4968"], [0.8, "#fe9f6d"],
+         [1.0, "#fcfdbf"]]
+#: low (negative) = blue, zero = white, high (positive) = red: red is attention *gained*, as the captions say
+DIVERGING = [[0.0, "#2166ac"], [0.25, "#67a9cf"], [0.5, "#f7f7f7"], [0.75, "#ef8a62"], [1.0, "#b2182b"]]
+
+
+def colorbar(domain, title: str = "") -> dict:
+    """A horizontal colour bar under the panel spanning ``domain`` (paper x fractions): it never covers a panel."""
+    a, b = domain
+    return {"orientation": "h", "x": (a + b) / 2, "xanchor": "center", "y": -0.02, "yanchor": "top",
+            "len": max(0.1, (b - a) * 0.95), "lenmode": "fraction", "thickness": 8,
+            "title": {"text": title, "side": "top", "font": {"size": 10}}, "tickfont": {"size": 9}}
+
+# --- the figure ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Control:
+    """One select (``kind="select"``) or slider (``kind="slider"``) over ``choices`` shown as ``labels``."""
+
+    name: str
+    choices: list
+    labels: list[str] | None = None
+    kind: str = "select"
+    value: Any = None  # initial value (default: the first)
+
+    def __post_init__(self):
+        if not self.choices:
+            raise ValueError(f"Control {self.name!r} has no values; give it at least one choice.")
+        if self.kind not in ("select", "slider"):
+            raise ValueError(f"Control {self.name!r}: kind must be 'select' or 'slider', not {self.kind!r}.")
+        self.choices = list(self.choices)
+        self.labels = [str(v) for v in self.choices] if self.labels is None else [str(x) for x in self.labels]
+        if self.value is None:
+            self.value = self.choices[0]
+        if self.value not in self.choices:
+            raise ValueError(f"Control {self.name!r}: initial value {self.value!r} is not one of {self.choices}.")
+
+
+@dataclass
+class InteractiveFigure:
+    """Plotly traces for every combination of ``controls``.
+
+    ``traces`` maps an id to a Plotly trace (dict) and ``layouts`` an id to a layout fragment, both shared between
+    states (an image drawn in many states is stored once); ``states`` maps a key (the control value indices joined
+    by ``|``) to ``{"data": [trace ids], "layout": [fragment ids or dicts], "text": html}``, whose fragments update
+    the base ``layout`` key by key, in order. `state` reads one state back as Python data (what the page draws)."""
+
+    title: str
+    controls: list[Control]
+    layout: dict
+    traces: dict = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)
+    states: dict = field(default_factory=dict)
+    height: int = 380
+    caption: str = ""
+
+    def key(self, **choices) -> str:
+        idx = []
+        for c in self.controls:
+            v = choices.get(c.name, c.value)
+            if v not in c.choices:
+                raise ValueError(f"{v!r} is not a choice of {c.name!r}; choose one of {c.labels}.")
+            idx.append(str(c.choices.index(v)))
+        return "|".join(idx)
+
+    def state(self, **choices) -> dict:
+        """``{"data": [traces], "layout": {...}, "text": ...}`` for the given control values (default: initial)."""
+        st = self.states[self.key(**choices)]
+        layout = dict(self.layout)
+        for part in self._parts(st):
+            layout.update(self.layouts[part] if isinstance(part, str) else part)
+        return {"data": [self.traces[t] for t in st["data"]], "layout": layout, "text": st.get("text", "")}
+
+    @staticmethod
+    def _parts(st: dict) -> list:
+        lay = st.get("layout", [])
+        return lay if isinstance(lay, list) else [lay]
+
+    def check(self) -> None:
+        """Every combination of the controls has a state and every state's traces exist."""
+        for combo in itertools.product(*(range(len(c.choices)) for c in self.controls)):
+            k = "|".join(map(str, combo))
+            if k not in self.states:
+                raise ValueError(f"{self.title}: no state for {dict(zip((c.name for c in self.controls), combo))}.")
+            missing = [t for t in self.states[k]["data"] if t not in self.traces]
+            missing += [p for p in self._parts(self.states[k]) if isinstance(p, str) and p not in self.layouts]
+            if missing:
+                raise ValueError(f"{self.title}: state {k} names unknown traces {missing}.")
+
+    def spec(self) -> dict:
+        return {"controls": [{"name": c.name, "labels": c.labels} for c in self.controls], "layout": self.layout,
+                "traces": self.traces, "layouts": self.layouts, "states": self.states,
+                # no mode bar: it would sit on the last panel's title; zoom by dragging, double-click resets
+                "config": {"responsive": True, "displaylogo": False, "typesetMath": False, "displayModeBar": False}}
+
+    def to_html(self, plotly_js: bool = False) -> str:
+        """The figure as an HTML fragment; ``plotly_js=True`` inlines plotly.js (about 5 MB) so it runs anywhere."""
+        self.check()
+        fid = f"fu-{uuid.uuid4().hex[:10]}"
+        parts = [f'<div class="{MARKER_CLASS}" id="{fid}" data-title="{_html.escape(self.title)}">',
+                 f'<div class="fu-title"><b>{_html.escape(self.title)}</b></div>', '<div class="fu-controls">']
+        for i, c in enumerate(self.controls):
+            j = c.choices.index(c.value)
+            if c.kind == "slider":
+                parts.append(f'<label class="fu-control">{_html.escape(c.name)} <input type="range" min="0" '
+                             f'max="{len(c.choices) - 1}" step="1" value="{j}" data-control="{i}" '
+                             f'aria-label="{_html.escape(c.name)}"> <output>{_html.escape(c.labels[j])}</output></label>')
+            else:
+                opts = "".join(f'<option value="{k}"{" selected" if k == j else ""}>{_html.escape(lab)}</option>'
+                               for k, lab in enumerate(c.labels))
+                parts.append(f'<label class="fu-control">{_html.escape(c.name)} <select data-control="{i}">{opts}'
+                             f'</select></label>')
+        parts.append("</div>")
+        parts.append(f'<div class="fu-plot" style="width:100%;height:{int(self.height)}px"></div>')
+        parts.append('<div class="fu-text"></div>')
+        if self.caption:
+            parts.append(f'<div class="fu-caption" role="note"><b>Figure.</b> {self.caption}</div>')
+        # "</" inside the JSON would end the <script> element early
+        data = json.dumps(self.spec(), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+        parts.append(f'<script type="application/json" class="fu-spec">{data}</script></div>')
+        if plotly_js:
+            parts.append(f"<script>{plotly_js_path().read_text(encoding='utf-8')}</script>")
+        parts.append(f"<script>{_CONTROLLER.replace('__ID__', fid)}</script>")
+        return "".join([_STYLE, *parts])
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __repr__(self) -> str:
+        return (f"InteractiveFigure({self.title!r}, controls={[c.name for c in self.controls]}, "
+                f"{len(self.states)} states)")
+
+
+# A light card in light and dark themes alike: plotly draws on white, so the text around it stays dark on white.
+_STYLE = ("<style>.fu-interactive{margin:.5em 0 1em;background:#fff;color:#222;padding:.4em .5em;"
+          "border-radius:4px;max-width:100%;overflow-x:auto}.fu-interactive code{color:#222;background:#f1f1f1}"
+          ".fu-controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;"
+          "margin:.3em 0;font-size:.9em}.fu-control select{max-width:min(28em,85vw)}.fu-control output{display:inline-block;"
+          "min-width:3em;font-variant-numeric:tabular-nums}.fu-text{font-size:.9em;margin-top:.2em}"
+          ".fu-caption{font-size:.88em;color:#333;margin-top:.3em}</style>")
+
+# Swaps the traces when a control moves. It waits for the page (plotly.js may load later in <head> with defer) and
+# says so in the figure instead of failing silently when plotly.js is absent.
+_CONTROLLER = r"""(function(){
+var root=document.getElementById("__ID__");
+function start(){
+  var text=root.querySelector(".fu-text"), plot=root.querySelector(".fu-plot");
+  if(!window.Plotly){text.textContent="This figure needs plotly.js: open it in the built book (make book).";return;}
+  var spec=JSON.parse(root.querySelector(".fu-spec").textContent);
+  var inputs=Array.prototype.slice.call(root.querySelectorAll("[data-control]"));
+  function key(){return inputs.map(function(el){return el.value;}).join("|");}
+  function draw(){
+    inputs.forEach(function(el){var o=el.parentNode.querySelector("output");
+      if(o){o.textContent=spec.controls[+el.getAttribute("data-control")].labels[+el.value];}});
+    var k=key(), st=spec.states[k];
+    var layout=Object.assign({}, spec.layout), parts=st.layout||[];
+    (Array.isArray(parts)?parts:[parts]).forEach(function(p){Object.assign(layout, typeof p==="string"?spec.layouts[p]:p);});
+    window.Plotly.react(plot, st.data.map(function(id){return spec.traces[id];}), layout, spec.config);
+    text.innerHTML=st.text||"";
+    root.setAttribute("data-state", k);
+  }
+  inputs.forEach(function(el){el.addEventListener("input", draw);el.addEventListener("change", draw);});
+  draw();
+}
+if(document.readyState==="loading"){document.addEventListener("DOMContentLoaded", start);}else{start();}
+})();"""
+
+
+def plotly_js_path() -> Path:
+    """plotly.min.js from the installed ``plotly`` package (served by the book, never fetched)."""
+    try:
+        import plotly
+    except ImportError:
+        raise ImportError("The book's interactive figures need the plotly package for plotly.min.js; run "
+                          "`pip install plotly` (or `make book`, which installs it).") from None
+    p = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing; reinstall plotly (`pip install --force-reinstall plotly`).")
+    return p
+
+
