@@ -76,7 +76,7 @@ def test_paper_values_never_read_none_found():
             assert row["fusion_layers"] == D.NOT_REPORTED
         assert row["early_exit"] == D.NOT_REPORTED
     assert D.paper_layer_row("qwen2_vl", ["review_layer"])["review_layer"] == "none (reported)"
-    assert D.paper_layer_row("llava", ["fusion_layers"])["fusion_layers"] == [2, 4, 8, 11, 12, 13]
+    assert list(D.paper_layer_row("llava", ["fusion_layers"])["fusion_layers"]) == list(paper.FUSION_LAYERS)  # 0-based
 
 
 def test_chapters_build_the_papers_rows_through_paper_value():
@@ -137,7 +137,7 @@ def test_fingerprints_come_from_one_function():
     from fusion_utils import book, models
 
     name = "organism:llava"
-    assert book.model_fingerprints([name])[name] == models.checkpoint_fingerprint(name)
+    assert book.plan.model_fingerprints([name])[name] == models.checkpoint_fingerprint(name)
     src = "\n".join(c.source for c in nbformat.read(REPO / "notebooks" / "models.ipynb", 4).cells)
     assert 'row["fingerprint"] = checkpoint_fingerprint(lm.name)' in src
 
