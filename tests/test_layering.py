@@ -20,9 +20,9 @@ LAYERS = {
     "report": 4, "plots": 4, "widgets": 4, "interactive": 4,
     "book": 5, "cli": 5, "organisms": 5, "_sphinx_mathjax": 5, "__main__": 5,
     "precompute": 5,
-    # the organisms' registry (names, weights) and model definition are what loading needs; training and evaluation
-    # sit on top of everything
-    "organisms.__init__": 0, "organisms.build": 0,
+    # the organisms' registry (names, weights, loading) is what `models` needs; the organisms' package (model
+    # definition, training, evaluation) sits on top of everything
+    "organism_registry": 0,
 }
 
 

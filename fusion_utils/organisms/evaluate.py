@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import world
+from ..data import WORLDS, world
 from ..experiments.accuracy import condition_images
 from ..experiments.harness import run
 from ..models import ORGANISM_PREFIX, LoadedModel, load_model
@@ -56,16 +56,20 @@ def as_loaded(model) -> LoadedModel:
 
 
 def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | None = None,
-             blank: bool = True, batch_size: int = 50, two_image: bool = False, progress: bool = True) -> pd.DataFrame:
+             blank: bool = True, batch_size: int = 50, two_image: bool = False, progress: bool = True,
+             dataset: str = "world") -> pd.DataFrame:
     """Accuracy per family (rows) and overall: columns n, accuracy, blank_accuracy, gap, and with `two_image` the
     accuracy with [original, original], [original, relevant crop] and [original, irrelevant crop] (all in [0, 1]).
-    Each column is one run of the ``accuracy`` experiment (records kept in memory, nothing written).
+    Each column is one run of the ``accuracy`` experiment (records kept in memory, nothing written). ``dataset``:
+    ``world`` or ``world-fine`` (the headroom split: small objects on 192 px images).
 
     >>> evaluate((model, processor), n=100).loc["overall", "accuracy"]  # e.g. the model in training
     0.92
     """
     lm = as_loaded(model_dir_or_name)
-    ds = world.world_dataset(split, n, seed=seed)
+    if dataset not in WORLDS:
+        raise ValueError(f"The organisms are evaluated on {' or '.join(WORLDS)}, not {dataset!r}.")
+    ds = world.world_dataset(split, n, seed=seed, fine=dataset == "world-fine")
     cols = ["accuracy"] + (["blank_accuracy"] if blank else []) + (list(TWO_IMAGE) if two_image else [])
     was_training = lm.model.training
     lm.model.eval()
@@ -86,6 +90,52 @@ def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | N
 # issue 3's bar for an organism (held-out test split); issue 16 adds the two-image parts for the deep organisms:
 # the same image twice within `twice` of one image, [original, relevant crop] no lower than one image
 BAR = {"overall": 0.90, "per_family": 0.80, "gap": 0.30, "twice": 0.03}
+
+
+# issue 28's bar on world-fine (the headroom split): one image inside FINE_BAR["one"], and [original, crop of the
+# relevant cells] at least FINE_BAR["crop_gain"] above it, so a crop method has something to recover
+FINE_BAR = {"one": (0.55, 0.75), "crop_gain": 0.10}
+
+
+def fine_bar_check(table: pd.DataFrame) -> dict[str, bool]:
+    """Which parts of the world-fine bar a table (`evaluate(..., dataset="world-fine", two_image=True)`) meets."""
+    if "relevant_crop" not in table:
+        raise ValueError("This table has no relevant_crop column; evaluate world-fine with two_image=True.")
+    one, crop = table.loc["overall", "accuracy"], table.loc["overall", "relevant_crop"]
+    lo, hi = FINE_BAR["one"]
+    return {"one_image": bool(lo - 1e-9 <= one <= hi + 1e-9), "crop_gain": bool(crop - one >= FINE_BAR["crop_gain"] - 1e-9)}
+
+
+def fine_bar_status(table: pd.DataFrame) -> str:
+    """One sentence: whether world-fine leaves a crop the headroom issue 28 asks for, with the numbers."""
+    chk = fine_bar_check(table)
+    one, crop = 100 * table.loc["overall", "accuracy"], 100 * table.loc["overall", "relevant_crop"]
+    lo, hi = (100 * v for v in FINE_BAR["one"])
+    text = f"one image {one:.1f}% (band {lo:.0f}-{hi:.0f}%), relevant crop {crop:.1f}% ({crop - one:+.1f} points"
+    verdict = "Meets the world-fine bar" if all(chk.values()) else "Below the world-fine bar"
+    return f"{verdict}: {text}, needs >= +{100 * FINE_BAR['crop_gain']:.0f})."
+
+
+def trained_with_fine(model_dir) -> bool:
+    """Whether the organism in `model_dir` went through stage (f) (its training log's recipe has fine_steps > 0)."""
+    f = Path(model_dir) / "training_log.json"
+    return f.exists() and bool(json.loads(f.read_text()).get("recipe", {}).get("fine_steps"))
+
+
+def evaluate_and_card(name: str, model_dir, n: int = 500, trainer=None) -> Path:
+    """The model card's evaluation: the world table (500 test questions, two-image controls) and, for an organism
+    trained with stage (f), the world-fine table; prints both with their bars and (re)writes README.md."""
+    table = evaluate(model_dir, n=n, split="test", two_image=True)
+    print(f"\n## {name} (world, test, n={n})\n{format_table(table)}")
+    print(bar_status(table, two_image=trained_with_two_images(model_dir)), flush=True)
+    fine = None
+    if trained_with_fine(model_dir):
+        fine = evaluate(model_dir, n=n, split="test", two_image=True, dataset="world-fine")
+        print(f"\n## {name} (world-fine, test, n={n})\n{format_table(fine)}")
+        print(fine_bar_status(fine), flush=True)
+    card = write_model_card(name, model_dir, table, trainer, fine_table=fine)
+    print(f"model card: {card}")
+    return card
 
 
 def trained_with_two_images(model_dir) -> bool:

@@ -31,6 +31,7 @@ from ..data import world
 from ..prompts import POST_PROMPT, render_prompt, user_text
 from . import arch_of, resolve_name
 from .build import N_IMAGE_TOKENS, build
+from .train_fine import FineStage
 
 # steps per stage and learning rates (sized for about 30 min per organism on one core of this machine; qwen2_vl needs
 # more, see ORGANISM_RECIPE and the model cards)
@@ -71,6 +72,9 @@ RECIPE = {
     # (e) two images per prompt (issue 16), off for the 8-layer organisms (shipped before it existed)
     "two_steps": 0, "two_lr": 2e-4, "two_batch": 32, "two_part": "lm",
     "two_kinds": ("one", "same", "relevant", "irrelevant", "random"),
+    # (f) small details (issue 28's world-fine; `train_fine.FineStage`), off unless an organism's recipe sets steps
+    "fine_steps": 0, "fine_lr": 2e-4, "fine_batch": 32, "fine_share": 0.5, "fine_part": "all", "fine_aux": 0.3,
+    "fine_kinds": ("one", "one", "same", "relevant", "relevant", "relevant", "irrelevant", "random"),
 }
 
 # per-organism departures from RECIPE. Qwen2-VL (measured on seed 0, 500 `test` questions, one torch thread):
@@ -259,18 +263,26 @@ ORGANISM_RECIPE = {
                                                       "count", "spatial")},
     "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
+# stage (f), issue 28's small details (world-fine), fine-tuned from the weights of stages (a)-(e); measured in
+# organisms/weights/RECIPE_NOTES.md. Qwen2-VL's crop tokens target a magnified object on its first token only, as
+# llava-16l's tower was taught in stage (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share,
+# so the setting changes nothing before stage (f))
+_FINE = {"fine_steps": 600, "fine_batch": 16, "fine_lr": 3e-4}
+ORGANISM_RECIPE["llava-16l"] = {**ORGANISM_RECIPE["llava-16l"], **_FINE}
+ORGANISM_RECIPE["qwen2_vl-16l"] = {**ORGANISM_RECIPE["qwen2_vl-16l"], **_FINE, "vision_zoom_target": "first"}
 
 
 def world_settings() -> dict:
     """The world's module settings a training run depends on (recorded in training_log.json and the model card)."""
-    return {"spatial_anchor": world.SPATIAL_ANCHOR, "relations": list(world.RELATIONS), "grid": world.GRID}
+    return {"spatial_anchor": world.SPATIAL_ANCHOR, "relations": list(world.RELATIONS), "grid": world.GRID,
+            "fine_pixel_scale": world.FINE_PIXEL_SCALE, "fine_object_scale": world.FINE_OBJECT_SCALE}
 
 
 def _image_token(name: str) -> str:
     return "<image>" if name == "llava" else "<|image_pad|>"
 
 
-class Trainer:
+class Trainer(FineStage):
     def __init__(self, name: str, seed: int = 0, threads: int | None = 1, recipe: dict | None = None, **overrides):
         if threads:
             torch.set_num_threads(threads)
@@ -303,6 +315,7 @@ class Trainer:
         self.timings: dict[str, float] = {}
         # mid-stage checkpoints (set by `train`): where, how often, and the one to resume from
         self.ckpt_file, self.ckpt_every, self.partial = None, 0, None
+        self.base, self.base_log = None, []  # the weights stage (f) started from (`load_base`), and their log
 
     # ------------------------------------------------------------------ data
     def _samples(self, n: int, with_image: bool, progress: float = 1.0, families=None):
@@ -881,12 +894,12 @@ class Trainer:
         self.processor.save_pretrained(out)
         (out / "training_log.json").write_text(json.dumps(
             {"seed": self.seed, "threads": self.threads, "recipe": self.recipe, "timings_s": self.timings,
-             "world": world_settings(),
-             "samples_seen": self.counter, "log": self.log[::10]}, indent=1))
+             "world": world_settings(), **({"base": self.base} if self.base else {}),
+             "samples_seen": self.counter, "log": self.base_log + self.log[::10]}, indent=1))
         return out
 
 
-STAGES = ("text", "vision", "joint", "two")
+STAGES = ("text", "vision", "joint", "two", "fine")
 
 
 def checkpoint_key(tr: Trainer, overrides: dict | None = None) -> str:
@@ -898,16 +911,57 @@ def checkpoint_key(tr: Trainer, overrides: dict | None = None) -> str:
                         "config": tr.model.config.to_json_string(use_diff=False), "world": world_settings()})[:10]
 
 
+def load_base(tr: Trainer, base_dir) -> None:
+    """Start `tr` where the weights in `base_dir` ended (stages (a)-(e) done): their parameters, data position,
+    training log and timings, so stage (f) fine-tunes them as it would at the end of a full run."""
+    base = Path(base_dir)
+    log = json.loads((base / "training_log.json").read_text())
+    trained = type(tr.model).from_pretrained(base, use_safetensors=True, dtype=torch.float32)
+    try:
+        tr.model.load_state_dict(trained.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"The weights in {base} are not a {tr.name} organism ({str(e).splitlines()[0]}); pass the "
+                         f"directory of a {tr.name} training.") from None
+    tr.counter, tr.composed = int(log["samples_seen"]), True
+    tr.base_log, tr.timings = list(log.get("log", [])), dict(log.get("timings_s", {}))
+    tr.base = {"dir": str(base), "samples_seen": tr.counter, "recipe_steps": {k: v for k, v in log["recipe"].items()
+                                                                              if k.endswith("_steps")}}
+
+
+def _run_stage(tr: Trainer, stage: str, ckpt: Path, resume: bool) -> None:
+    """One stage, or its checkpoint when it exists; a mid-stage checkpoint of it resumes at its step."""
+    fns = {"text": (tr.stage_text, "text"), "vision": (tr.stage_vision, "image"), "joint": (tr.stage_joint, "image"),
+           "two": (tr.stage_two, "image"), "fine": (tr.stage_fine, "image")}
+    fn, mode = fns[stage]
+    f = ckpt / f"{stage}.pt"
+    if resume and f.exists():
+        tr.load_state(torch.load(f, weights_only=True))
+        print(f"[{tr.name}] resumed after stage {stage} from {f}", flush=True)
+        return
+    part = ckpt / "partial.pt"
+    if resume and part.exists():
+        st = torch.load(part, weights_only=True)
+        if st["stage"] == stage:
+            tr.load_state(st)
+            tr.partial = st
+            print(f"[{tr.name}] resuming stage {stage} at step {st['step']} from {part}", flush=True)
+    fn()
+    if tr.recipe.get(f"{stage}_steps", 1):  # optional stages (e) and (f) print nothing when skipped
+        print(f"[{tr.name}] after stage {stage}: {mode} val accuracy {tr.quick_accuracy(200, mode)}", flush=True)
+    torch.save(tr.state(), f)
+
+
 def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recipe: dict | None = None,
           evaluate_after: bool = True, ckpt_dir=None, resume: bool = True, stop_after: str | None = None,
-          ckpt_every: int = 100, **overrides):
+          ckpt_every: int = 100, base_dir=None, **overrides):
     """Run the full staged recipe for organism `name` and save it to `out_dir` (default: the shipped weights dir).
 
     After each stage the trainer state is checkpointed in `ckpt_dir` (default: <tmp>/fusion_utils_organisms/<name>
     -seed<seed>-<key>), and every `ckpt_every` steps within a stage in `partial.pt` there; with `resume=True` finished
     stages are loaded instead of retrained and a partial stage continues from its last checkpoint (same batches, same
-    schedule: a resumed run takes the steps an uninterrupted one would). `stop_after` ("text", "vision", "joint" or
-    "two") ends the run after that stage's checkpoint, without saving weights.
+    schedule: a resumed run takes the steps an uninterrupted one would). `stop_after` (one of `STAGES`) ends the run
+    after that stage's checkpoint, without saving weights. `base_dir`: weights that already went through stages
+    (a)-(e) (`load_base`); only stage (f) runs.
     """
     import tempfile
 
@@ -919,30 +973,15 @@ def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recip
     t0 = time.time()
     tr = Trainer(name, seed=seed, threads=threads, recipe=recipe, **overrides)
     key = checkpoint_key(tr, overrides)
+    if base_dir is not None:
+        load_base(tr, base_dir)
+        key += "-base"
     ckpt = Path(ckpt_dir) if ckpt_dir else \
         Path(tempfile.gettempdir()) / "fusion_utils_organisms" / f"{tr.name}-seed{seed}-{key}"
     ckpt.mkdir(parents=True, exist_ok=True)
     tr.ckpt_file, tr.ckpt_every = ckpt / "partial.pt", ckpt_every
-    fns = {"text": (tr.stage_text, "text"), "vision": (tr.stage_vision, "image"), "joint": (tr.stage_joint, "image"),
-           "two": (tr.stage_two, "image")}
-    for stage in STAGES:
-        fn, mode = fns[stage]
-        f = ckpt / f"{stage}.pt"
-        if resume and f.exists():
-            tr.load_state(torch.load(f, weights_only=True))
-            print(f"[{tr.name}] resumed after stage {stage} from {f}", flush=True)
-        else:
-            part = ckpt / "partial.pt"
-            if resume and part.exists():
-                st = torch.load(part, weights_only=True)
-                if st["stage"] == stage:
-                    tr.load_state(st)
-                    tr.partial = st
-                    print(f"[{tr.name}] resuming stage {stage} at step {st['step']} from {part}", flush=True)
-            fn()
-            if stage != "two" or tr.recipe.get("two_steps"):
-                print(f"[{tr.name}] after stage {stage}: {mode} val accuracy {tr.quick_accuracy(200, mode)}", flush=True)
-            torch.save(tr.state(), f)
+    for stage in STAGES[STAGES.index("fine"):] if base_dir is not None else STAGES:
+        _run_stage(tr, stage, ckpt, resume)
         if stage == stop_after:
             print(f"[{tr.name}] stopped after stage {stage}; checkpoints in {ckpt}", flush=True)
             return tr
@@ -952,11 +991,9 @@ def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recip
     print(f"[{tr.name}] saved to {out_dir}; training time {tr.timings['total'] / 60:.1f} min", flush=True)
     if evaluate_after:
         try:
-            from .evaluate import evaluate, write_model_card
+            from .evaluate import evaluate_and_card
 
-            table = evaluate(out_dir, n=500, split="test", two_image=True)
-            print(table.to_string(), flush=True)
-            write_model_card(tr.name, out_dir, table, tr)
+            evaluate_and_card(tr.name, out_dir, trainer=tr)
         except Exception as e:  # keep the weights even if evaluation fails
             print(f"[{tr.name}] evaluation failed: {e!r}", flush=True)
     return tr
