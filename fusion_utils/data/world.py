@@ -72,7 +72,7 @@ DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
 # native pixels (ViCrop's setting: a photo larger than the model's input, crops taken from the full resolution).
 # The object scale is measured in organisms/weights/RECIPE_NOTES.md (one image 55-75%, relevant crop >= 10 points up)
 FINE_PIXEL_SCALE = 2
-FINE_OBJECT_SCALE = 0.5
+FINE_OBJECT_SCALE = 0.6
 BLANK_RGB = (120, 120, 120)  # the "blank image" background: uniform mid grey
 
 RGB = {
@@ -274,8 +274,8 @@ def make_scene(rng: np.random.Generator, family: str, i: int = 0) -> dict:
 def render(objects: Sequence[dict], rng: np.random.Generator, pixel_scale: int = 1,
            object_scale: float = 1.0) -> Image.Image:
     """Draw the objects over a noisy textured background, on an image of ``IMAGE_SIZE * pixel_scale`` px with objects
-    at ``object_scale`` of their usual size relative to a cell (``world-fine``: 2 and ``FINE_OBJECT_SCALE``). The
-    random draws are the same in number and order for any scale, and scale 1 is the world's image to the byte."""
+    at ``object_scale`` of their usual size relative to a cell (``world-fine``: 2 and ``FINE_OBJECT_SCALE``), each in
+    a random sub-cell of ``CELL`` px. Scale 1 is the world's image to the byte (no sub-cell draw)."""
     size, cell = IMAGE_SIZE * int(pixel_scale), CELL * int(pixel_scale)
     base = rng.uniform(80, 165) + rng.uniform(-15, 15, size=3)
     low = rng.normal(0, 12, size=(4, 4, 3))
@@ -290,9 +290,12 @@ def render(objects: Sequence[dict], rng: np.random.Generator, pixel_scale: int =
     for o in objects:
         col = tuple(int(x) for x in np.clip(np.array(RGB[o["color"]]) + rng.uniform(-25, 25, size=3), 0, 255))
         h = (6.0 if o["size"] == "large" else 3.5) * pixel_scale * object_scale
-        j = (1.5 if o["size"] == "large" else 3.0) * pixel_scale
-        cx = o["col"] * cell + cell / 2 + rng.uniform(-j, j)
-        cy = o["row"] * cell + cell / 2 + rng.uniform(-j, j)
+        j = 1.5 if o["size"] == "large" else 3.0
+        # at a larger scale a cell holds pixel_scale x pixel_scale sub-cells of CELL px (one token each in a crop
+        # at native resolution) and the object sits in one of them, as an object sits in a world cell
+        sub_r, sub_c = (int(v) for v in rng.integers(pixel_scale, size=2)) if pixel_scale > 1 else (0, 0)
+        cx = o["col"] * cell + sub_c * CELL + CELL / 2 + rng.uniform(-j, j)
+        cy = o["row"] * cell + sub_r * CELL + CELL / 2 + rng.uniform(-j, j)
         if o["shape"] == "circle":
             d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=col)
         elif o["shape"] == "square":

@@ -336,26 +336,11 @@ def _world_note(log: dict) -> str:
     return f' -- "what shape is {rel} {anchor}?", `world.SPATIAL_ANCHOR = "{w["spatial_anchor"]}"`'
 
 
-def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> Path:
-    """README.md model card: architecture and sizes, recipe, measured time, seeds, evaluation table."""
-    from transformers import AutoConfig
-
-    out = Path(out_dir)
-    cfg = AutoConfig.from_pretrained(out)
+def _arch_text(cfg) -> str:
+    """The architecture paragraph of a model card, read from the saved config."""
     tc, vc = cfg.text_config, cfg.vision_config
-    n_params = None
-    st = out / "model.safetensors"
-    if st.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(st), "pt") as f:
-            n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    log = json.loads((out / "training_log.json").read_text()) if (out / "training_log.json").exists() else {}
-    timings = log.get("timings_s", {})
-    recipe = log.get("recipe", {})
-    is_llava = cfg.model_type == "llava"
-    if is_llava:
-        arch = (f"`LlavaForConditionalGeneration`: CLIP vision tower ({vc.num_hidden_layers} layers, width "
+    if cfg.model_type == "llava":
+        return (f"`LlavaForConditionalGeneration`: CLIP vision tower ({vc.num_hidden_layers} layers, width "
                 f"{vc.hidden_size}, patch {vc.patch_size} on {vc.image_size} px -> 6x6 patches + CLS; "
                 f"`vision_feature_select_strategy=\"{cfg.vision_feature_select_strategy}\"` drops CLS, "
                 f"`vision_feature_layer={cfg.vision_feature_layer}`), 2-layer GELU MLP projector, Llama decoder "
@@ -364,7 +349,7 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
                 f"36 image tokens per image (one per world cell, "
                 f"row-major), image token id {cfg.image_token_id}. Prompt: LLaVA-1.5 `USER: <image>\\n... ASSISTANT:`.")
     else:
-        arch = (f"`Qwen2VLForConditionalGeneration`: Qwen2-VL vision tower ({vc.depth} blocks, width {vc.embed_dim}, "
+        return (f"`Qwen2VLForConditionalGeneration`: Qwen2-VL vision tower ({vc.depth} blocks, width {vc.embed_dim}, "
                 f"patch {vc.patch_size}, temporal patch {vc.temporal_patch_size}, 2D rotary) -> 12x12 patches, patch "
                 f"merger with `spatial_merge_size={vc.spatial_merge_size}` -> 6x6 = 36 image tokens (one per world "
                 f"cell, row-major), Qwen2 decoder with M-RoPE (mrope_section {tc.rope_parameters.get('mrope_section')}; "
@@ -373,6 +358,56 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
                 f"Image token id {cfg.image_token_id}. Prompt: Qwen2-VL "
                 "chat template with the default system turn. The model needs `mm_token_type_ids` and `image_grid_thw` "
                 "from the processor (a 96x96 image always gives grid_thw = [1, 12, 12]).")
+
+
+def _fine_text(recipe: dict) -> str:
+    """Stage (f) as the model card states it (nothing for organisms trained without it)."""
+    if not recipe.get("fine_steps"):
+        return ""
+    kinds = ", ".join(recipe.get("fine_kinds") or ())
+    return (f"\n5. (f) small details (issue 28), fine-tuned from the weights after (e) (`--base`, see "
+            f"`weights/RECIPE_NOTES.md`): {recipe.get('fine_share')} of the prompts `world-fine` (the same scenes on "
+            f"{world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, objects at {world.FINE_OBJECT_SCALE} of their size "
+            f"relative to a cell), the others `world`; each sample's images drawn from {{{kinds}}}; answer + EOS loss "
+            f"+ {recipe.get('fine_aux')} x the alignment loss of (b+c) on every image token (a crop's tokens target the "
+            f"cells they show); all parameters, {recipe['fine_steps']} steps of batch {recipe.get('fine_batch')} at lr "
+            f"{recipe.get('fine_lr')}.")
+
+
+def _fine_section(fine: pd.DataFrame | None) -> str:
+    """The world-fine table of a model card (issue 28's headroom split), or nothing."""
+    if fine is None:
+        return ""
+    return (f"\n## Evaluation on `world-fine` (the headroom split: the same test questions, objects drawn at "
+            f"{world.FINE_OBJECT_SCALE} of their size on {world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, which "
+            f"the processor shows at 96 px; a crop keeps its native pixels; n={int(fine.loc['overall', 'n'])})\n"
+            f"{format_table(fine)}\n\n{fine_bar_status(fine)} (`fusion-utils organisms eval NAME --dataset "
+            f"world-fine` prints this table.)\n")
+
+
+def _n_params(st: Path) -> int | None:
+    """The parameter count of a safetensors file, read from its header (None when it is missing)."""
+    if not st.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(st), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None, fine_table: pd.DataFrame | None = None) -> Path:
+    """README.md model card: architecture and sizes, recipe, measured time, seeds, evaluation table (and the
+    world-fine table, `fine_table`, for an organism trained with stage (f))."""
+    from transformers import AutoConfig
+
+    out = Path(out_dir)
+    cfg = AutoConfig.from_pretrained(out)
+    n_params = _n_params(out / "model.safetensors")
+    log = json.loads((out / "training_log.json").read_text()) if (out / "training_log.json").exists() else {}
+    timings = log.get("timings_s", {})
+    recipe = log.get("recipe", {})
+    is_llava = cfg.model_type == "llava"
+    arch = _arch_text(cfg)
     mins = {k: f"{v / 60:.1f} min" for k, v in timings.items() if isinstance(v, float)}
     text = f"""# Organism `{name}` (fusion_utils)
 
@@ -409,7 +444,7 @@ Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get(
    (squared error relative to the embeddings' scale + {recipe.get('align_ce', 0.1)} x cross-entropy over scale-free -squared
    distances), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
    {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`){_zoom_text(recipe)}.
-3. {_joint_text(recipe)}{_two_text(recipe)}
+3. {_joint_text(recipe)}{_two_text(recipe)}{_fine_text(recipe)}
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during
 training on `val` (base 1,000,000); evaluation on `test` (base 2,000,000) -- disjoint streams.
@@ -422,7 +457,7 @@ Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organ
 
 {_two_image_note(table, trained_with_two_images(out))}
 {bar_status(table, two_image=trained_with_two_images(out))} (`fusion-utils organisms eval {name}` prints this table.)
-
+{_fine_section(fine_table)}
 ## Reproducibility
 Deterministic in the seed: the data (sample i of a split comes from `numpy.random.default_rng([i, seed])`), the
 initialisation (`torch.manual_seed(seed)`, q/k re-drawn from seed + 1), the order of samples and of the curriculum, the

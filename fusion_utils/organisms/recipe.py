@@ -80,9 +80,10 @@ ORGANISM_RECIPE = {
 # organisms/weights/RECIPE_NOTES.md. Qwen2-VL's crop tokens target a magnified object on its first token only, as
 # llava-16l's tower was taught in stage (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share,
 # so the setting changes nothing before stage (f))
-_FINE = {"fine_steps": 600, "fine_batch": 16, "fine_lr": 3e-4}
-ORGANISM_RECIPE["llava-16l"] = {**ORGANISM_RECIPE["llava-16l"], **_FINE}
-ORGANISM_RECIPE["qwen2_vl-16l"] = {**ORGANISM_RECIPE["qwen2_vl-16l"], **_FINE, "vision_zoom_target": "first"}
+_FINE = {"fine_batch": 16, "fine_lr": 3e-4}
+ORGANISM_RECIPE["llava-16l"] = {**ORGANISM_RECIPE["llava-16l"], **_FINE, "fine_steps": 450}
+ORGANISM_RECIPE["qwen2_vl-16l"] = {**ORGANISM_RECIPE["qwen2_vl-16l"], **_FINE, "fine_steps": 350,
+                                   "vision_zoom_target": "first"}
 
 
 def world_settings() -> dict:
