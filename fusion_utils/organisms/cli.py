@@ -21,6 +21,7 @@ def _names(args, for_eval: bool) -> list[str]:
 def _train(args) -> int:
     from pathlib import Path
 
+    from .recipe import FINE_RECIPE
     from .train import train
 
     names = _names(args, for_eval=False)
@@ -29,7 +30,10 @@ def _train(args) -> int:
         if args.out:
             out = Path(args.out) / name if len(names) > 1 else Path(args.out)
         ckpt = Path(args.ckpt_dir) / name if args.ckpt_dir and len(names) > 1 else args.ckpt_dir
+        if args.fine and name not in FINE_RECIPE:
+            raise SystemExit(f"--fine: stage (f) has a recipe for {', '.join(FINE_RECIPE)} only, not {name}.")
         train(name, out_dir=out, seed=args.seed, threads=args.threads, ckpt_dir=ckpt, resume=not args.no_resume,
+              recipe=FINE_RECIPE[name] if args.fine else None,
               stop_after=args.stop_after, ckpt_every=args.ckpt_every, evaluate_after=not args.no_eval,
               base_dir=args.base)
     return 0
@@ -82,6 +86,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--ckpt-every", type=int, default=100, help="steps between mid-stage checkpoints (0: none)")
     t.add_argument("--base", help="weights that went through stages (a)-(e) (e.g. a checkout of the shipped ones "
                                   "before stage (f), see organisms/weights/RECIPE_NOTES.md): run stage (f) only")
+    t.add_argument("--fine", action="store_true",
+                   help="add stage (f), small details (world-fine), to the recipe (recipe.FINE_RECIPE); with --base, "
+                        "fine-tune those weights")
     t.add_argument("--stop-after", choices=("text", "vision", "joint", "two", "fine"),
                    help="end after this stage's checkpoint (resume later with the same --ckpt-dir)")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")

@@ -76,14 +76,14 @@ ORGANISM_RECIPE = {
                                                       "count", "spatial")},
     "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
-# stage (f), issue 28's small details (world-fine), fine-tuned from the weights of stages (a)-(e); measured in
-# organisms/weights/RECIPE_NOTES.md. Qwen2-VL's crop tokens target a magnified object on its first token only, as
-# llava-16l's tower was taught in stage (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share,
-# so the setting changes nothing before stage (f))
+# stage (f), issue 28's small details (world-fine), fine-tuned from the weights of stages (a)-(e) with
+# `fusion-utils organisms train NAME --base DIR --fine`. Not part of the shipped recipes: the runs of 2026-12-06 (weights/
+# RECIPE_NOTES.md) reached the world-fine crop gain but cost the world bar, so the shipped weights stay those of (a)-(e).
+# Qwen2-VL's crop tokens target a magnified object on its first token only, as llava-16l's tower was taught in stage
+# (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share: the setting changes nothing before (f))
 _FINE = {"fine_batch": 16, "fine_lr": 3e-4}
-ORGANISM_RECIPE["llava-16l"] = {**ORGANISM_RECIPE["llava-16l"], **_FINE, "fine_steps": 450}
-ORGANISM_RECIPE["qwen2_vl-16l"] = {**ORGANISM_RECIPE["qwen2_vl-16l"], **_FINE, "fine_steps": 350,
-                                   "vision_zoom_target": "first"}
+FINE_RECIPE = {"llava-16l": {**_FINE, "fine_steps": 450},
+               "qwen2_vl-16l": {**_FINE, "fine_steps": 350, "vision_zoom_target": "first"}}
 
 
 def world_settings() -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .recipe import ORGANISM_RECIPE, RECIPE, world_settings
+from .recipe import FINE_RECIPE, ORGANISM_RECIPE, RECIPE, world_settings
 from .train_fine import FineStage
 from .train_text import TextStage
 from .train_two import TwoStage
@@ -139,4 +139,4 @@ def train(name: str, out_dir=None, seed: int = 0, threads: int | None = 1, recip
     return tr
 
 
-__all__ = ["RECIPE", "ORGANISM_RECIPE", "STAGES", "Trainer", "world_settings", "checkpoint_key", "load_base", "train"]
+__all__ = ["RECIPE", "ORGANISM_RECIPE", "FINE_RECIPE", "STAGES", "Trainer", "world_settings", "checkpoint_key", "load_base", "train"]
