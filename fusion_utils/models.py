@@ -24,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 def organism_dir(name: str) -> Path:
     """Directory of a shipped model organism (``organism:llava``, ``llava`` or a variant such as ``llava-8l``)."""
-    from .organisms import DEFAULT_VARIANT, VARIANTS, weights_dir
+    from .organism_registry import DEFAULT_VARIANT, VARIANTS, weights_dir
 
     name = name[len(ORGANISM_PREFIX):] if name.startswith(ORGANISM_PREFIX) else name
     # `llava` / `qwen2_vl` name the default variant of each architecture (`llava-8l`, `llava-32l`, ...)
@@ -111,7 +111,7 @@ class LoadedModel:
         """A model already in memory (e.g. one in training) as a `LoadedModel`, so the harness runs on it as on a
         loaded one. The fingerprint is taken now: a model whose weights change afterwards needs wrapping again.
 
-        >>> lm = LoadedModel.wrap(*fusion_utils.organisms.load("llava-8l"), name="llava-8l")
+        >>> lm = LoadedModel.wrap(*fusion_utils.organism_registry.load("llava-8l"), name="llava-8l")
         >>> lm.spec.model_type
         'llava'
         """

@@ -217,7 +217,8 @@ def test_bar_status_names_what_is_missed():
 def test_question_blocks_equal_single_prompts(name):
     """Stage (a)/(d) packing: every question block that shares a scene prefix gives the answer logits of its own
     single evaluation prompt (the 4D mask isolates the blocks; positions, M-RoPE included, restart after the image)."""
-    from fusion_utils.organisms.train import Trainer, render_prompt, user_text
+    from fusion_utils.organisms.train import Trainer
+    from fusion_utils.prompts import render_prompt, user_text
 
     tiny = dict(text_layers=2, width=32, heads=2, ffn=64, vision_layers=1, vision_width=32, vision_ffn=64)
     tr = Trainer(name, seed=0, threads=None, recipe={"blocks": 3}, **tiny)
@@ -666,3 +667,104 @@ def test_depth_comparison_script_runs_the_chapters_analyses(tmp_path):
     assert (tmp_path / "out" / "depth_comparison.png").stat().st_size > 0
     rec = json.loads((tmp_path / "out" / "depth_comparison.json").read_text())
     assert len(rec["fingerprints"]) == 2 and rec["params"]["n"] == 6
+
+
+# ------------------------------------------------------------------------- world-fine and stage (f) (issue 28)
+def test_fine_bar_check_and_status():
+    """World-fine's bar: one image in 55-75%, the relevant crop >= 10 points above it; the sentence names the
+    numbers, and a table without the crop column is refused in one sentence."""
+    import pandas as pd
+
+    from fusion_utils.organisms.evaluate import fine_bar_check, fine_bar_status
+
+    def table(one, crop):
+        return pd.DataFrame({"n": [500], "accuracy": [one], "relevant_crop": [crop]}, index=["overall"])
+
+    assert fine_bar_check(table(0.62, 0.75)) == {"one_image": True, "crop_gain": True}
+    assert fine_bar_check(table(0.62, 0.70)) == {"one_image": True, "crop_gain": False}
+    assert fine_bar_check(table(0.80, 0.95)) == {"one_image": False, "crop_gain": True}
+    assert fine_bar_status(table(0.62, 0.75)).startswith("Meets the world-fine bar: one image 62.0%")
+    assert "+8.0 points" in fine_bar_status(table(0.62, 0.70)) and "Below" in fine_bar_status(table(0.62, 0.70))
+    with pytest.raises(ValueError, match="no relevant_crop column"):
+        fine_bar_check(pd.DataFrame({"n": [5], "accuracy": [0.5]}, index=["overall"]))
+
+
+def test_world_fine_eval_table_has_the_crop_column(capsys):
+    """`fusion-utils organisms eval NAME --dataset world-fine` prints the table with the two-image columns (the
+    relevant crop among them) and the world-fine bar's sentence; evaluate() refuses another dataset."""
+    from fusion_utils.organisms.cli import main
+    from fusion_utils.organisms.evaluate import evaluate
+
+    assert main(["eval", "llava-8l", "--dataset", "world-fine", "--n", "10", "--no-blank"]) == 0
+    out = capsys.readouterr().out
+    assert "## llava-8l (world-fine, test, n=10)" in out and "relevant_crop" in out and "irrelevant_crop" in out
+    assert "world-fine bar: one image" in out
+    t = evaluate("llava-8l", n=10, dataset="world-fine", two_image=True, blank=False, progress=False)
+    assert list(t.columns) == ["n", "accuracy", "same_twice", "relevant_crop", "irrelevant_crop"]
+    with pytest.raises(ValueError, match="evaluated on world or world-fine"):
+        evaluate("llava-8l", n=2, dataset="gqa")
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_fine_stage_tiny(name):
+    """Stage (f) on a tiny config: about `fine_share` of the samples are world-fine (192 px), the second images are
+    crops at the image's own pixels, one alignment target per image token in the processor's order, and a few steps
+    run with finite losses; the same seed draws the same batches."""
+    from fusion_utils.organisms.train import Trainer
+
+    R = {"fine_steps": 2, "fine_batch": 8, "fine_share": 0.5, "fine_kinds": ("one", "same", "relevant", "irrelevant", "random")}
+    tr = Trainer(name, seed=0, threads=None, recipe=R, **TINY)
+    samples = tr._fine_samples(40)
+    sizes = [s.image.size[0] for s in samples]
+    assert set(sizes) == {96, 192} and 10 <= sizes.count(192) <= 30
+    images, boxes = tr._fine_images(samples)
+    for s, ims, box in zip(samples, images, boxes):
+        if box is not None:  # a crop keeps its native pixels: 16 or 32 px a cell
+            cell = s.image.size[0] // 6
+            assert ims[1].size == ((box[3] - box[1]) * cell, (box[2] - box[0]) * cell)
+    enc = tr.encode_two(samples[:8], images[:8])
+    feats = tr.image_tokens(enc)
+    targets = tr._fine_targets(samples[:8], images[:8], boxes[:8], enc)
+    assert len(feats) == sum(len(i) for i in images[:8]) and targets.shape[0] == sum(f.shape[0] for f in feats)
+    again = Trainer(name, seed=0, threads=None, recipe=R, **TINY)
+    assert [s.id for s in again._fine_samples(40)] == [s.id for s in samples]
+    tr.stage_fine(steps=2)
+    fine = [r for r in tr.log if r["stage"] == "fine"]
+    assert len(fine) == 2 and np.isfinite([r["loss"] for r in fine]).all() and 0 <= fine[0]["cell_acc"] <= 1
+
+
+@pytest.fixture(scope="module", params=shipped(DEEP))
+def fine_table(request):
+    from fusion_utils.organisms.evaluate import evaluate
+
+    table = evaluate(request.param, n=BAR_N, split="test", two_image=True, blank=False, dataset="world-fine")
+    print(request.param, table, sep="\n")
+    return request.param, table
+
+
+# the parts of issue 28's world-fine bar each shipped deep organism misses. The shipped weights are those of stages
+# (a)-(e): their towers read world-fine's small objects badly from one image (one image about 30%), and only Qwen2-VL's
+# reads a crop at native resolution (+23 to +25 points); stage (f) (`--fine`, weights/RECIPE_NOTES.md) reached the
+# crop gain but cost the world bar, so it is not shipped. Empty once a shipped organism meets the bar.
+FINE_MISSES: dict[str, set[str]] = {"llava-16l": {"one_image", "crop_gain"}, "qwen2_vl-16l": {"one_image"}}
+
+
+def test_deep_organisms_world_fine_bar(fine_table):
+    """Issue 28: on world-fine's 500 held-out questions each default organism should answer 55-75% from one image,
+    and [original, crop of the relevant cells] >= 10 points more; the parts it misses must be exactly FINE_MISSES'."""
+    from fusion_utils.organisms.evaluate import fine_bar_check
+
+    name, table = fine_table
+    assert {k for k, ok in fine_bar_check(table).items() if not ok} == FINE_MISSES.get(name, set()), (name, table)
+
+
+def test_fine_recipe_is_opt_in():
+    """Stage (f) runs only with `--fine` (its recipe, FINE_RECIPE, exists for the deep organisms only): the default
+    recipes reproduce the shipped weights of stages (a)-(e)."""
+    from fusion_utils.organisms.cli import main
+    from fusion_utils.organisms.train import FINE_RECIPE, ORGANISM_RECIPE, RECIPE
+
+    assert RECIPE["fine_steps"] == 0 and not any(r.get("fine_steps") for r in ORGANISM_RECIPE.values())
+    assert set(FINE_RECIPE) == set(DEEP) and all(r["fine_steps"] > 0 for r in FINE_RECIPE.values())
+    with pytest.raises(SystemExit, match="stage \\(f\\) has a recipe for llava-16l, qwen2_vl-16l only, not llava-8l"):
+        main(["train", "llava-8l", "--fine", "--no-eval"])

@@ -195,3 +195,77 @@ def test_answers_in_tokenizer_vocab(test_set):
         for s in test_set[:30]:
             ids = tok(s.question, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids, s.question
+
+
+# ------------------------------------------------------------------------------------ world-fine (issue 28)
+@pytest.fixture(scope="module")
+def fine_set():
+    return world.world_dataset("test", 40, fine=True)
+
+
+def test_world_fine_is_deterministic_and_pairs_the_world(fine_set, test_set):
+    """Same seed, same pixels; another seed, other pixels; the same scenes, questions and relevance as `world`, drawn
+    on 192 px images; loadable by name, with families."""
+    again = load_dataset("world-fine", n=40)
+    assert fine_set.name == again.name == "world-fine" and again.fingerprint() == fine_set.fingerprint()
+    for a, b, w in zip(fine_set, again, test_set):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert a.image.size == (2 * world.IMAGE_SIZE,) * 2 == (world.IMAGE_SIZE * world.FINE_PIXEL_SCALE,) * 2
+        assert a.id == w.id.replace("world-", "world-fine-", 1) and a.question == w.question
+        assert a.answers == w.answers and np.array_equal(a.relevant, w.relevant)
+        assert a.meta["objects"] == w.meta["objects"] and a.meta["cell_px"] == 2 * world.CELL
+    other = world.world_dataset("test", 5, seed=1, fine=True)
+    assert not any(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(other, fine_set))
+    assert {s.family for s in load_dataset("world-fine:count,spatial", n=6)} == {"count", "spatial"}
+    assert load_dataset("world-fine:count", n=2)[0].id.startswith("world-fine-test-")
+
+
+def test_world_fine_relevance_masks_and_small_objects(fine_set):
+    """The masks are re-derived from the question text and scene, and each relevant object's pixels are inside the
+    relevant crop box of the 192 px image (so the crop shows them at native resolution); objects are drawn smaller:
+    each occupied cell differs from its background over fewer pixels than in `world`."""
+    from fusion_utils.data.second_images import relevant_box
+
+    def ink(img, cell, o):  # pixels of the object's cell far from the cell's border median (the object's paint)
+        a = np.asarray(img).astype(float)[o["row"] * cell:(o["row"] + 1) * cell, o["col"] * cell:(o["col"] + 1) * cell]
+        bg = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+        return float((np.abs(a - bg).sum(-1) > 90).mean())
+
+    share = {"world": [], "fine": []}
+    for s in fine_set:
+        assert np.array_equal(s.relevant, world.relevant_from_meta(s.question, s.family, s.meta["objects"],
+                                                                   s.answers[0]))
+        left, top, right, bottom = relevant_box(s)
+        cell = s.meta["cell_px"]
+        for o in s.meta["objects"]:
+            if s.relevant[o["row"], o["col"]]:
+                assert left <= o["col"] * cell and (o["col"] + 1) * cell <= right
+                assert top <= o["row"] * cell and (o["row"] + 1) * cell <= bottom
+        w = world.make_sample("test", s.meta["index"])
+        for o in s.meta["objects"]:
+            if o["size"] == "large":
+                share["fine"].append(ink(s.image, cell, o))
+                share["world"].append(ink(w.image, world.CELL, o))
+    assert np.mean(share["fine"]) < 0.6 * np.mean(share["world"]), {k: np.mean(v) for k, v in share.items()}
+
+
+def test_world_pixels_unchanged_by_the_fine_renderer():
+    """`render` at scale 1 is the world's image to the byte (the pinned run records and the organisms' training
+    depend on it): a digest of the first test images, as before world-fine existed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in world.world_dataset("test", 30, seed=3):
+        h.update(s.image.tobytes())
+        h.update(s.question.encode())
+    assert h.hexdigest() == "9717c9c23d45a6341349a84d193a1d118ddb7e1f167fd6a0e0e5095a5877ce0c"
+
+
+def test_random_second_image_scales_with_the_image(fine_set):
+    """The 'random' second image is a cell-aligned box of the image it crops, on a world-fine image too."""
+    from fusion_utils.data.second_images import images_for
+
+    for s in fine_set[:10]:
+        _, crop = images_for(s, "random", np.random.default_rng(0))
+        w, h = crop.size
+        assert w % (2 * world.CELL) == 0 and h % (2 * world.CELL) == 0 and 2 <= w // (2 * world.CELL) <= 5

@@ -157,8 +157,8 @@ def images_for(sample, kind: str, rng: np.random.Generator | None = None, image=
     rng = rng if rng is not None else np.random.default_rng(0)
     if kind == "irrelevant":
         return [img, img.crop(irrelevant_box(sample, rng))]
-    if kind == "random":
-        return [img, img.crop(random_box(rng))]
+    if kind == "random":  # cells scaled to the image, so a `world-fine` image (192 px) gets the same cells
+        return [img, img.crop(cells_to_px(*random_cells(rng), size=img.size))]
     raise ValueError(f"Unknown second-image kind {kind!r}; use one of {', '.join(KINDS)}.")
 
 

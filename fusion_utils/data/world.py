@@ -66,6 +66,13 @@ RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "b
 FAMILIES = ("attribute", "identity", "existence", "count", "spatial")
 SPLIT_BASE = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
+# `world-fine`, the headroom split (issue 28): the same scenes and questions, rendered at FINE_PIXEL_SCALE times the
+# resolution (192 px) with objects drawn at FINE_OBJECT_SCALE of their size relative to the cell. A model's 96 px
+# input sees the whole image downsampled, so small objects lose their shape; a crop of the relevant cells keeps its
+# native pixels (ViCrop's setting: a photo larger than the model's input, crops taken from the full resolution).
+# The object scale is measured in organisms/weights/RECIPE_NOTES.md (one image 55-75%, relevant crop >= 10 points up)
+FINE_PIXEL_SCALE = 2
+FINE_OBJECT_SCALE = 0.6
 BLANK_RGB = (120, 120, 120)  # the "blank image" background: uniform mid grey
 
 RGB = {
@@ -264,24 +271,31 @@ def make_scene(rng: np.random.Generator, family: str, i: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ pixels
-def render(objects: Sequence[dict], rng: np.random.Generator) -> Image.Image:
-    """Draw the objects over a noisy textured background."""
+def render(objects: Sequence[dict], rng: np.random.Generator, pixel_scale: int = 1,
+           object_scale: float = 1.0) -> Image.Image:
+    """Draw the objects over a noisy textured background, on an image of ``IMAGE_SIZE * pixel_scale`` px with objects
+    at ``object_scale`` of their usual size relative to a cell (``world-fine``: 2 and ``FINE_OBJECT_SCALE``), each in
+    a random sub-cell of ``CELL`` px. Scale 1 is the world's image to the byte (no sub-cell draw)."""
+    size, cell = IMAGE_SIZE * int(pixel_scale), CELL * int(pixel_scale)
     base = rng.uniform(80, 165) + rng.uniform(-15, 15, size=3)
     low = rng.normal(0, 12, size=(4, 4, 3))
-    low = np.kron(low, np.ones((IMAGE_SIZE // 4, IMAGE_SIZE // 4, 1)))  # blotches
+    low = np.kron(low, np.ones((size // 4, size // 4, 1)))  # blotches
     bg = base[None, None, :] + low
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(3, 8))):  # faint lines
         col = tuple(int(x) for x in np.clip(base + rng.uniform(-45, 45, size=3), 0, 255))
-        xy = [float(v) for v in rng.uniform(0, IMAGE_SIZE, size=4)]
-        d.line(xy, fill=col, width=int(rng.integers(1, 3)))
+        xy = [float(v) for v in rng.uniform(0, size, size=4)]
+        d.line(xy, fill=col, width=int(rng.integers(1, 3)) * int(pixel_scale))
     for o in objects:
         col = tuple(int(x) for x in np.clip(np.array(RGB[o["color"]]) + rng.uniform(-25, 25, size=3), 0, 255))
-        h = 6.0 if o["size"] == "large" else 3.5
+        h = (6.0 if o["size"] == "large" else 3.5) * pixel_scale * object_scale
         j = 1.5 if o["size"] == "large" else 3.0
-        cx = o["col"] * CELL + CELL / 2 + rng.uniform(-j, j)
-        cy = o["row"] * CELL + CELL / 2 + rng.uniform(-j, j)
+        # at a larger scale a cell holds pixel_scale x pixel_scale sub-cells of CELL px (one token each in a crop
+        # at native resolution) and the object sits in one of them, as an object sits in a world cell
+        sub_r, sub_c = (int(v) for v in rng.integers(pixel_scale, size=2)) if pixel_scale > 1 else (0, 0)
+        cx = o["col"] * cell + sub_c * CELL + CELL / 2 + rng.uniform(-j, j)
+        cy = o["row"] * cell + sub_r * CELL + CELL / 2 + rng.uniform(-j, j)
         if o["shape"] == "circle":
             d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=col)
         elif o["shape"] == "square":
@@ -292,7 +306,7 @@ def render(objects: Sequence[dict], rng: np.random.Generator) -> Image.Image:
             t = h * 0.38
             d.rectangle([cx - h, cy - t, cx + h, cy + t], fill=col)
             d.rectangle([cx - t, cy - h, cx + t, cy + h], fill=col)
-    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 9, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 9, size=(size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -309,44 +323,54 @@ def _rng(split: str, seed: int | None, i: int) -> np.random.Generator:
 
 
 def make_sample(split: str, i: int, seed: int | None = None, families: Sequence[str] | None = None,
-                with_image: bool = True) -> Sample:
-    """Sample `i` of `split` (family = families[i % len(families)], so families are balanced)."""
+                with_image: bool = True, fine: bool = False) -> Sample:
+    """Sample `i` of `split` (family = families[i % len(families)], so families are balanced). ``fine``: the
+    ``world-fine`` rendering of the same scene and question (192 px, small objects; see ``FINE_PIXEL_SCALE``)."""
     fams = tuple(families or FAMILIES)
     fam = fams[i % len(fams)]
     if fam not in _BUILDERS:
         raise ValueError(f"Unknown family {fam!r}; use some of {', '.join(FAMILIES)}.")
     rng = _rng(split, seed, i)
     sc = make_scene(rng, fam, i // len(fams))
-    image = render(sc["objects"], rng) if with_image else None
-    meta = {"objects": sc["objects"], "grid": GRID, "cell_px": CELL, "split": split, "index": i,
+    scale, obj = (FINE_PIXEL_SCALE, FINE_OBJECT_SCALE) if fine else (1, 1.0)
+    image = render(sc["objects"], rng, scale, obj) if with_image else None
+    meta = {"objects": sc["objects"], "grid": GRID, "cell_px": CELL * scale, "split": split, "index": i,
             "seed": int(seed or 0), "scene_cells": scene_cells(sc["objects"])}
+    if fine:
+        meta["object_scale"] = obj
     for k in ("target", "anchor", "relation", "query"):
         if k in sc:
             meta[k] = sc[k]
-    sid = f"world-{split}-{int(seed or 0)}-{i}"
+    name = "world-fine" if fine else "world"
+    sid = f"{name}-{split}-{int(seed or 0)}-{i}"
     # every question has a scene of its own, so the scene (the split's group) is the sample
     return Sample(id=sid, image=image, question=sc["question"], answers=[sc["answer"]], relevant=sc["relevant"],
                   family=fam, meta=meta, group=sid)
 
 
 def generate(split: str = "train", n: int | None = None, seed: int | None = None,
-             families: Sequence[str] | None = None, start: int = 0, with_image: bool = True) -> Iterator[Sample]:
+             families: Sequence[str] | None = None, start: int = 0, with_image: bool = True,
+             fine: bool = False) -> Iterator[Sample]:
     """Samples start..start+n-1 of a split (n=None: endless) -- the training stream."""
     i = start
     while n is None or i < start + n:
-        yield make_sample(split, i, seed, families, with_image)
+        yield make_sample(split, i, seed, families, with_image, fine)
         i += 1
 
 
 def world_dataset(split: str = "test", n: int | None = None, seed: int | None = None,
-                  families: Sequence[str] | None = None) -> SampleSet:
-    """The procedural world as a SampleSet (scorer "exact"); deterministic in (split, n, seed, families)."""
+                  families: Sequence[str] | None = None, fine: bool = False) -> SampleSet:
+    """The procedural world as a SampleSet (scorer "exact"); deterministic in (split, n, seed, families).
+    ``fine``: the ``world-fine`` headroom split (same scenes and questions, small objects on 192 px images)."""
     split = split or "test"
     n = DEFAULT_SIZES.get(split, 500) if n is None else int(n)
     fams = tuple(families) if families else FAMILIES
-    samples = list(generate(split, n, seed, fams))
-    return SampleSet("world", samples, "exact", meta={"split": split, "seed": int(seed or 0), "families": fams,
-                                                      "grid": GRID, "image_size": IMAGE_SIZE})
+    samples = list(generate(split, n, seed, fams, fine=fine))
+    meta = {"split": split, "seed": int(seed or 0), "families": fams, "grid": GRID,
+            "image_size": IMAGE_SIZE * (FINE_PIXEL_SCALE if fine else 1)}
+    if fine:
+        meta["object_scale"] = FINE_OBJECT_SCALE
+    return SampleSet("world-fine" if fine else "world", samples, "exact", meta=meta)
 
 
 def relevant_from_meta(question: str, family: str, objects: Sequence[dict], answer: str) -> np.ndarray:
@@ -384,7 +408,7 @@ def relevant_from_meta(question: str, family: str, objects: Sequence[dict], answ
     return _cells_mask((o["row"], o["col"]) for o in hits)
 
 
-__all__ = ["GRID", "CELL", "IMAGE_SIZE", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "ALL_RELATIONS", "SPATIAL_ANCHORS",
+__all__ = ["GRID", "CELL", "IMAGE_SIZE", "FINE_PIXEL_SCALE", "FINE_OBJECT_SCALE", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "ALL_RELATIONS", "SPATIAL_ANCHORS",
            "SPATIAL_ANCHOR", "FAMILIES",
            "VOCABULARY", "ANSWER_WORDS", "SCENE_TOKENS", "SPLIT_BASE", "world_dataset", "generate", "make_sample",
            "make_scene", "render", "blank_image", "scene_cells", "relevant_from_meta"]

@@ -229,6 +229,12 @@ def merge_tiles(maps, rows: int, cols: int) -> np.ndarray:
 def crop_images(images, boxes) -> list[list]:
     """Per sample, ``[image, crop]``: the two-image prompt both crop methods answer from (PIL images, pixel boxes).
 
+    The crop keeps its native pixels, with no upsampling for Qwen: ViCrop's Qwen2.5-VL path (``vicrop_qa`` in
+    ``run.py``, model "qwen2_5", of MLLMs_know_where_to_look's Qwen2.5 port) hands ``image.crop(bbox)`` to the
+    processor as it is (max_pixels 256·28·28, the default minimum), its window at least ``bbox_size`` = 224 px. So a
+    crop gives a Qwen model more tokens per object only when the original is larger than the processor's max_pixels,
+    as on ``world-fine``; the processor's own minimum decides the rest.
+
     >>> from PIL import Image
     >>> [c.size for _, c in crop_images([Image.new("RGB", (8, 8))], [(2, 0, 6, 4)])]
     [(4, 4)]

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from ..data import world
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
-from . import arch_of, resolve_name
+from ..organism_registry import arch_of, model_class, resolve_name
 
 ARCHITECTURES = ("llava", "qwen2_vl")  # the architectures an organism can have (names: organisms.VARIANTS)
 IMAGE_SIZE = world.IMAGE_SIZE
@@ -234,14 +234,6 @@ def build_config(name: str, tokenizer, **overrides):
         cfg.eos_token_id = tokenizer.eos_token_id
         return cfg
     raise ValueError(name)
-
-
-def model_class(name: str):
-    import transformers
-
-    name = arch_of(name)
-    return getattr(transformers, {"llava": "LlavaForConditionalGeneration",
-                                  "qwen2_vl": "Qwen2VLForConditionalGeneration"}[name])
 
 
 def build(name: str, seed: int = 0, **overrides):

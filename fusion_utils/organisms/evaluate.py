@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import world
+from ..data import WORLDS, world
 from ..experiments.accuracy import condition_images
 from ..experiments.harness import run
 from ..models import ORGANISM_PREFIX, LoadedModel, load_model
@@ -56,16 +56,20 @@ def as_loaded(model) -> LoadedModel:
 
 
 def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | None = None,
-             blank: bool = True, batch_size: int = 50, two_image: bool = False, progress: bool = True) -> pd.DataFrame:
+             blank: bool = True, batch_size: int = 50, two_image: bool = False, progress: bool = True,
+             dataset: str = "world") -> pd.DataFrame:
     """Accuracy per family (rows) and overall: columns n, accuracy, blank_accuracy, gap, and with `two_image` the
     accuracy with [original, original], [original, relevant crop] and [original, irrelevant crop] (all in [0, 1]).
-    Each column is one run of the ``accuracy`` experiment (records kept in memory, nothing written).
+    Each column is one run of the ``accuracy`` experiment (records kept in memory, nothing written). ``dataset``:
+    ``world`` or ``world-fine`` (the headroom split: small objects on 192 px images).
 
     >>> evaluate((model, processor), n=100).loc["overall", "accuracy"]  # e.g. the model in training
     0.92
     """
     lm = as_loaded(model_dir_or_name)
-    ds = world.world_dataset(split, n, seed=seed)
+    if dataset not in WORLDS:
+        raise ValueError(f"The organisms are evaluated on {' or '.join(WORLDS)}, not {dataset!r}.")
+    ds = world.world_dataset(split, n, seed=seed, fine=dataset == "world-fine")
     cols = ["accuracy"] + (["blank_accuracy"] if blank else []) + (list(TWO_IMAGE) if two_image else [])
     was_training = lm.model.training
     lm.model.eval()
@@ -86,6 +90,52 @@ def evaluate(model_dir_or_name, n: int = 500, split: str = "test", seed: int | N
 # issue 3's bar for an organism (held-out test split); issue 16 adds the two-image parts for the deep organisms:
 # the same image twice within `twice` of one image, [original, relevant crop] no lower than one image
 BAR = {"overall": 0.90, "per_family": 0.80, "gap": 0.30, "twice": 0.03}
+
+
+# issue 28's bar on world-fine (the headroom split): one image inside FINE_BAR["one"], and [original, crop of the
+# relevant cells] at least FINE_BAR["crop_gain"] above it, so a crop method has something to recover
+FINE_BAR = {"one": (0.55, 0.75), "crop_gain": 0.10}
+
+
+def fine_bar_check(table: pd.DataFrame) -> dict[str, bool]:
+    """Which parts of the world-fine bar a table (`evaluate(..., dataset="world-fine", two_image=True)`) meets."""
+    if "relevant_crop" not in table:
+        raise ValueError("This table has no relevant_crop column; evaluate world-fine with two_image=True.")
+    one, crop = table.loc["overall", "accuracy"], table.loc["overall", "relevant_crop"]
+    lo, hi = FINE_BAR["one"]
+    return {"one_image": bool(lo - 1e-9 <= one <= hi + 1e-9), "crop_gain": bool(crop - one >= FINE_BAR["crop_gain"] - 1e-9)}
+
+
+def fine_bar_status(table: pd.DataFrame) -> str:
+    """One sentence: whether world-fine leaves a crop the headroom issue 28 asks for, with the numbers."""
+    chk = fine_bar_check(table)
+    one, crop = 100 * table.loc["overall", "accuracy"], 100 * table.loc["overall", "relevant_crop"]
+    lo, hi = (100 * v for v in FINE_BAR["one"])
+    text = f"one image {one:.1f}% (band {lo:.0f}-{hi:.0f}%), relevant crop {crop:.1f}% ({crop - one:+.1f} points"
+    verdict = "Meets the world-fine bar" if all(chk.values()) else "Below the world-fine bar"
+    return f"{verdict}: {text}, needs >= +{100 * FINE_BAR['crop_gain']:.0f})."
+
+
+def trained_with_fine(model_dir) -> bool:
+    """Whether the organism in `model_dir` went through stage (f) (its training log's recipe has fine_steps > 0)."""
+    f = Path(model_dir) / "training_log.json"
+    return f.exists() and bool(json.loads(f.read_text()).get("recipe", {}).get("fine_steps"))
+
+
+def evaluate_and_card(name: str, model_dir, n: int = 500, trainer=None) -> Path:
+    """The model card's evaluation: the world table (500 test questions, two-image controls) and, for an organism
+    trained with stage (f), the world-fine table; prints both with their bars and (re)writes README.md."""
+    table = evaluate(model_dir, n=n, split="test", two_image=True)
+    print(f"\n## {name} (world, test, n={n})\n{format_table(table)}")
+    print(bar_status(table, two_image=trained_with_two_images(model_dir)), flush=True)
+    fine = None
+    if trained_with_fine(model_dir):
+        fine = evaluate(model_dir, n=n, split="test", two_image=True, dataset="world-fine")
+        print(f"\n## {name} (world-fine, test, n={n})\n{format_table(fine)}")
+        print(fine_bar_status(fine), flush=True)
+    card = write_model_card(name, model_dir, table, trainer, fine_table=fine)
+    print(f"model card: {card}")
+    return card
 
 
 def trained_with_two_images(model_dir) -> bool:
@@ -286,26 +336,11 @@ def _world_note(log: dict) -> str:
     return f' -- "what shape is {rel} {anchor}?", `world.SPATIAL_ANCHOR = "{w["spatial_anchor"]}"`'
 
 
-def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> Path:
-    """README.md model card: architecture and sizes, recipe, measured time, seeds, evaluation table."""
-    from transformers import AutoConfig
-
-    out = Path(out_dir)
-    cfg = AutoConfig.from_pretrained(out)
+def _arch_text(cfg) -> str:
+    """The architecture paragraph of a model card, read from the saved config."""
     tc, vc = cfg.text_config, cfg.vision_config
-    n_params = None
-    st = out / "model.safetensors"
-    if st.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(st), "pt") as f:
-            n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    log = json.loads((out / "training_log.json").read_text()) if (out / "training_log.json").exists() else {}
-    timings = log.get("timings_s", {})
-    recipe = log.get("recipe", {})
-    is_llava = cfg.model_type == "llava"
-    if is_llava:
-        arch = (f"`LlavaForConditionalGeneration`: CLIP vision tower ({vc.num_hidden_layers} layers, width "
+    if cfg.model_type == "llava":
+        return (f"`LlavaForConditionalGeneration`: CLIP vision tower ({vc.num_hidden_layers} layers, width "
                 f"{vc.hidden_size}, patch {vc.patch_size} on {vc.image_size} px -> 6x6 patches + CLS; "
                 f"`vision_feature_select_strategy=\"{cfg.vision_feature_select_strategy}\"` drops CLS, "
                 f"`vision_feature_layer={cfg.vision_feature_layer}`), 2-layer GELU MLP projector, Llama decoder "
@@ -314,7 +349,7 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
                 f"36 image tokens per image (one per world cell, "
                 f"row-major), image token id {cfg.image_token_id}. Prompt: LLaVA-1.5 `USER: <image>\\n... ASSISTANT:`.")
     else:
-        arch = (f"`Qwen2VLForConditionalGeneration`: Qwen2-VL vision tower ({vc.depth} blocks, width {vc.embed_dim}, "
+        return (f"`Qwen2VLForConditionalGeneration`: Qwen2-VL vision tower ({vc.depth} blocks, width {vc.embed_dim}, "
                 f"patch {vc.patch_size}, temporal patch {vc.temporal_patch_size}, 2D rotary) -> 12x12 patches, patch "
                 f"merger with `spatial_merge_size={vc.spatial_merge_size}` -> 6x6 = 36 image tokens (one per world "
                 f"cell, row-major), Qwen2 decoder with M-RoPE (mrope_section {tc.rope_parameters.get('mrope_section')}; "
@@ -323,6 +358,56 @@ def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None) -> P
                 f"Image token id {cfg.image_token_id}. Prompt: Qwen2-VL "
                 "chat template with the default system turn. The model needs `mm_token_type_ids` and `image_grid_thw` "
                 "from the processor (a 96x96 image always gives grid_thw = [1, 12, 12]).")
+
+
+def _fine_text(recipe: dict) -> str:
+    """Stage (f) as the model card states it (nothing for organisms trained without it)."""
+    if not recipe.get("fine_steps"):
+        return ""
+    kinds = ", ".join(recipe.get("fine_kinds") or ())
+    return (f"\n5. (f) small details (issue 28), fine-tuned from the weights after (e) (`--base`, see "
+            f"`weights/RECIPE_NOTES.md`): {recipe.get('fine_share')} of the prompts `world-fine` (the same scenes on "
+            f"{world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, objects at {world.FINE_OBJECT_SCALE} of their size "
+            f"relative to a cell), the others `world`; each sample's images drawn from {{{kinds}}}; answer + EOS loss "
+            f"+ {recipe.get('fine_aux')} x the alignment loss of (b+c) on every image token (a crop's tokens target the "
+            f"cells they show); all parameters, {recipe['fine_steps']} steps of batch {recipe.get('fine_batch')} at lr "
+            f"{recipe.get('fine_lr')}.")
+
+
+def _fine_section(fine: pd.DataFrame | None) -> str:
+    """The world-fine table of a model card (issue 28's headroom split), or nothing."""
+    if fine is None:
+        return ""
+    return (f"\n## Evaluation on `world-fine` (the headroom split: the same test questions, objects drawn at "
+            f"{world.FINE_OBJECT_SCALE} of their size on {world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, which "
+            f"the processor shows at 96 px; a crop keeps its native pixels; n={int(fine.loc['overall', 'n'])})\n"
+            f"{format_table(fine)}\n\n{fine_bar_status(fine)} (`fusion-utils organisms eval NAME --dataset "
+            f"world-fine` prints this table.)\n")
+
+
+def _n_params(st: Path) -> int | None:
+    """The parameter count of a safetensors file, read from its header (None when it is missing)."""
+    if not st.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(st), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def write_model_card(name: str, out_dir, table: pd.DataFrame, trainer=None, fine_table: pd.DataFrame | None = None) -> Path:
+    """README.md model card: architecture and sizes, recipe, measured time, seeds, evaluation table (and the
+    world-fine table, `fine_table`, for an organism trained with stage (f))."""
+    from transformers import AutoConfig
+
+    out = Path(out_dir)
+    cfg = AutoConfig.from_pretrained(out)
+    n_params = _n_params(out / "model.safetensors")
+    log = json.loads((out / "training_log.json").read_text()) if (out / "training_log.json").exists() else {}
+    timings = log.get("timings_s", {})
+    recipe = log.get("recipe", {})
+    is_llava = cfg.model_type == "llava"
+    arch = _arch_text(cfg)
     mins = {k: f"{v / 60:.1f} min" for k, v in timings.items() if isinstance(v, float)}
     text = f"""# Organism `{name}` (fusion_utils)
 
@@ -359,7 +444,7 @@ Staged, like real MLLMs; loss on the answer token + EOS only; batch {recipe.get(
    (squared error relative to the embeddings' scale + {recipe.get('align_ce', 0.1)} x cross-entropy over scale-free -squared
    distances), {recipe.get('vision_steps')} steps of batch {recipe.get('vision_batch')} at lr
    {recipe.get('vision_lr')}, {recipe.get('blank_frac')} of images blank (uniform grey, all cells `<empty>`){_zoom_text(recipe)}.
-3. {_joint_text(recipe)}{_two_text(recipe)}
+3. {_joint_text(recipe)}{_two_text(recipe)}{_fine_text(recipe)}
 
 Data: the world's `train` split stream (sample i uses `numpy.random.default_rng([i, seed])`); validation during
 training on `val` (base 1,000,000); evaluation on `test` (base 2,000,000) -- disjoint streams.
@@ -372,7 +457,7 @@ Retrain: `fusion-utils organisms train {name}` (or `python -m fusion_utils.organ
 
 {_two_image_note(table, trained_with_two_images(out))}
 {bar_status(table, two_image=trained_with_two_images(out))} (`fusion-utils organisms eval {name}` prints this table.)
-
+{_fine_section(fine_table)}
 ## Reproducibility
 Deterministic in the seed: the data (sample i of a split comes from `numpy.random.default_rng([i, seed])`), the
 initialisation (`torch.manual_seed(seed)`, q/k re-drawn from seed + 1), the order of samples and of the curriculum, the
