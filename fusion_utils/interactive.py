@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import html as _html
 import io
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -38,7 +37,7 @@ __all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_r
            "MARKER_CLASS"]
 
 from .figure_html import DIVERGING, MAGMA, MARKER_CLASS, Control, InteractiveFigure, colorbar, plotly_js_path
-from .report.display import Table, masking_runs, table
+from .report.display import masking_runs, table
 
 HEATMAP = MAGMA
 RELEVANT_COLOR = "#17becf"

@@ -350,7 +350,7 @@ AMATEURS: dict = {}  # loaded amateurs by (name, device, dtype): one load per se
 
 def default_amateur(lm) -> str | None:
     """The 8-layer organism of ``lm``'s architecture when ``lm`` is a deeper organism, else None."""
-    from ..organisms import VARIANTS, resolve_name
+    from ..organism_registry import VARIANTS, resolve_name
 
     if not str(lm.name).startswith("organism:"):
         return None
