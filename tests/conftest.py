@@ -10,14 +10,22 @@ import torch
 
 from fusion_utils import load_model
 from fusion_utils.data.sample import Sample
-from fusion_utils.testing import TINY_ARCHS, sample_images, tiny_model_dir
+from fusion_utils.testing import PAPER_ARCHS, TINY_ARCHS, sample_images, tiny_model_dir
 
 QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how many red objects are there ?"]
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHS)
+@pytest.fixture(scope="module", params=PAPER_ARCHS)
 def lm(request):
-    """Each of the six architectures in turn (module scope: built and loaded once per test file)."""
+    """Each of the paper's six architectures in turn (module scope: built and loaded once per test file). The
+    invariants of tests/test_engine.py and tests/test_core.py run on every architecture (`any_lm` there)."""
+    torch.manual_seed(0)
+    return load_model(tiny_model_dir(request.param))
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def any_lm(request):
+    """Every supported architecture in turn, the paper's six and the newer ones."""
     torch.manual_seed(0)
     return load_model(tiny_model_dir(request.param))
 

@@ -144,6 +144,26 @@ def test_lambda_one_is_plain(lm, samples):
         assert all(any(o["mask"]) for o in out)
 
 
+def test_reuse_falls_back_to_naive_where_the_cache_cannot_be_forked(any_lm, samples):
+    """Every architecture answers through `soft_generate(method="reuse")`: from the first pass's cache where it can be
+    forked, else (sliding-window layers, Gemma 3) by the naive path, with the same answers."""
+    lm = any_lm
+    batch = lm.prepare(samples)
+    masks = _masks(batch)
+    p1 = C.capture_first_pass(lm, batch, record_layer=2, keep_cache=True)
+    got = C.soft_generate(lm, batch, 2, 0.1, masks, DEC, first_pass=p1, return_logits=True)
+    naive = C.soft_generate(lm, batch, 2, 0.1, masks, DEC, method="naive", return_logits=True)
+    torch.testing.assert_close(got[1], naive[1], rtol=1e-4, atol=1e-4)
+    if not reusable(p1.cache):
+        assert got[0] == naive[0]
+
+
+def test_contrastive_answer_runs_on_every_architecture(any_lm, samples):
+    out = C.contrastive_answer(any_lm, samples, variant="soft", candidates="all", rho=0.2, lam=0.1, apply_layer=-1,
+                               decoding=DEC)
+    assert all(isinstance(o["answer"], str) and o["pre_layer"] in range(any_lm.num_layers - 1) for o in out)
+
+
 def test_contrastive_answer_outputs(lm, samples):
     out = C.contrastive_answer(lm, samples, variant="soft", candidates="all", rho=0.2, lam=0.1, apply_layer=-1,
                                decoding=DEC)
