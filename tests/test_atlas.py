@@ -21,7 +21,7 @@ from fusion_utils.experiments.atlas import atlas
 from fusion_utils.experiments.harness import run
 from fusion_utils.models import load_model
 from fusion_utils.runs import open_run
-from fusion_utils.testing import TINY_ARCHS, tiny_model_dir
+from fusion_utils.testing import PAPER_ARCHS, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 N = 6
@@ -116,14 +116,14 @@ def six(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("atlas-six")
     data = load_dataset("world", n=8, seed=0)
     out = {}
-    for arch in TINY_ARCHS:
+    for arch in PAPER_ARCHS:
         lm = load_model(tiny_model_dir(arch))
         res = atlas(lm, data, decode="first_token", out=str(tmp), batch_size=4, progress=False)
         out[arch] = (lm, res, atlas_plots.entry(lm, res))
     return out
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
 def test_relative_depth_is_layer_over_n_layers(six, arch):
     lm, res, e = six[arch]
     L = lm.num_layers
@@ -139,7 +139,7 @@ def test_relative_depth_is_layer_over_n_layers(six, arch):
     np.testing.assert_allclose(x, np.arange(L) / L)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
 def test_columns_agree_with_the_experiments_verdict_inputs(six, arch):
     """The fusion, plateau and review columns are `find_layers` on the masking run's own records, the review test is
     `report.review_verdicts` on them, and the noise share is `persistent_noise` on the attention run's records."""

@@ -157,115 +157,129 @@ def _qwen_text_config(model_type, num_layers, hidden, vocab_size, tok):
 
 def _build(arch: str, num_layers: int, hidden: int, image_size: int):
     """Returns (config, processor, model_class)."""
-    import transformers as tf
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
     if hidden % (TEXT_HEADS * 4):
         raise ValueError(f"hidden_size must be a multiple of {TEXT_HEADS * 4} (4 heads, even rotary halves)")
     if arch in NEW_ARCHS:
         return build_new(arch, num_layers, hidden, image_size)
-
     if arch in ("llava", "llava_next", "vipllava"):
-        tok = _llama_tokenizer(["<image>", "<pad>"], pad_token="<pad>")
-        image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
-        vocab_size = _round_vocab(len(tok))
-        text = _llama_text_config(num_layers, hidden, vocab_size, pad_id)
-        patch = _patch_for(image_size)
-        tokens_square = (image_size // patch) ** 2
-        clip_kw = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       do_center_crop=True, do_resize=True, do_normalize=True, image_mean=OPENAI_CLIP_MEAN,
-                       image_std=OPENAI_CLIP_STD)
-        proc_kw = dict(patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                       image_token="<image>")
-        if arch == "llava":
-            config = tf.LlavaConfig(text_config=text, vision_config=_clip_vision_config(image_size),
-                                    image_token_index=image_id, image_seq_length=tokens_square,
-                                    vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                    projector_hidden_act="gelu", tie_word_embeddings=False, pad_token_id=pad_id)
-            processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(**clip_kw), tokenizer=tok,
-                                          chat_template=LLAVA_CHAT_TEMPLATE, **proc_kw)
-            return config, processor, tf.LlavaForConditionalGeneration
-        if arch == "vipllava":
-            # real llava-hf/vip-llava-7b-hf: LlavaProcessor + CLIPImageProcessor, vision_feature_layer
-            # [-2, -5, -8, -11, 6] over a 24-layer CLIP; kept verbatim over a 12-layer tiny CLIP.
-            config = tf.VipLlavaConfig(text_config=text,
-                                       vision_config=_clip_vision_config(image_size, VIPLLAVA_VISION_LAYERS),
-                                       image_token_index=image_id, image_seq_length=tokens_square,
-                                       vision_feature_layer=[-2, -5, -8, -11, 6], projector_hidden_act="gelu",
-                                       tie_word_embeddings=False, pad_token_id=pad_id)
-            processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(**clip_kw), tokenizer=tok,
-                                          chat_template=VIPLLAVA_CHAT_TEMPLATE, **proc_kw)
-            return config, processor, tf.VipLlavaForConditionalGeneration
-        # llava_next: real pinpoints [[336,672],[672,336],[672,672],[1008,336],[336,1008]] scaled to the base size
-        pinpoints = [[image_size * a, image_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
-        config = tf.LlavaNextConfig(text_config=text, vision_config=_clip_vision_config(image_size),
-                                    image_token_index=image_id, image_seq_length=tokens_square,
-                                    vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                    image_grid_pinpoints=pinpoints, projector_hidden_act="gelu",
-                                    tie_word_embeddings=False, pad_token_id=pad_id)
-        ip = tf.LlavaNextImageProcessor(size={"shortest_edge": image_size},
-                                        crop_size={"height": image_size, "width": image_size},
-                                        image_grid_pinpoints=pinpoints, do_pad=True, image_mean=OPENAI_CLIP_MEAN,
-                                        image_std=OPENAI_CLIP_STD)
-        processor = tf.LlavaNextProcessor(image_processor=ip, tokenizer=tok, chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
-                                          **proc_kw)
-        return config, processor, tf.LlavaNextForConditionalGeneration
-
+        return _build_llava(arch, num_layers, hidden, image_size)
     if arch == "instructblip":
-        tok = _llama_tokenizer(["<image>", "<pad>"], pad_token="<pad>")
-        qtok = _bert_tokenizer()
-        image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
-        text = _llama_text_config(num_layers, hidden, _round_vocab(len(tok)), pad_id)
-        config = tf.InstructBlipConfig(
-            vision_config=dict(hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
-                               num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
-                               image_size=image_size, patch_size=_patch_for(image_size), qkv_bias=True),
-            qformer_config=dict(vocab_size=_round_vocab(len(qtok)), hidden_size=QFORMER_HIDDEN,
-                                num_hidden_layers=QFORMER_LAYERS, num_attention_heads=4,
-                                intermediate_size=2 * QFORMER_HIDDEN, max_position_embeddings=128,
-                                cross_attention_frequency=1, encoder_hidden_size=VISION_HIDDEN, pad_token_id=0),
-            text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_token_index=image_id,
-        )
-        ip = tf.BlipImageProcessor(size={"height": image_size, "width": image_size}, do_resize=True,
-                                   do_normalize=True, do_convert_rgb=True, image_mean=OPENAI_CLIP_MEAN,
-                                   image_std=OPENAI_CLIP_STD)
-        processor = tf.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
-                                             num_query_tokens=NUM_QUERY_TOKENS)
-        return config, processor, tf.InstructBlipForConditionalGeneration
-
+        return _build_instructblip(num_layers, hidden, image_size)
     if arch in ("qwen2_vl", "qwen2_5_vl"):
-        tok = _qwen_tokenizer()
-        vocab_size = _round_vocab(len(tok))
-        patch, merge = _patch_for(image_size), 2
-        factor = patch * merge
-        ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-                   video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-                   vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-                   vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-        text = _qwen_text_config(f"{arch}_text", num_layers, hidden, vocab_size, tok)
-        if arch == "qwen2_vl":
-            vision = dict(depth=VISION_LAYERS, embed_dim=VISION_HIDDEN, hidden_size=hidden, mlp_ratio=2,
-                          num_heads=VISION_HEADS, patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
-                          hidden_act="quick_gelu")
-            config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-            proc_cls, model_cls = tf.Qwen2VLProcessor, tf.Qwen2VLForConditionalGeneration
-        else:
-            # real: window 112 = 4 merged units of 2x2 patches of 14 px; fullatt blocks [7,15,23,31] of 32 (every 4th)
-            vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
-                          num_heads=VISION_HEADS, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=merge,
-                          temporal_patch_size=2, window_size=4 * factor, tokens_per_second=4,
-                          fullatt_block_indexes=[VISION_LAYERS - 1], hidden_act="silu")
-            config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-            proc_cls, model_cls = tf.Qwen2_5_VLProcessor, tf.Qwen2_5_VLForConditionalGeneration
-        # min: 2x2 merged tokens; max: image_size^2 pixels (64 -> at most 4x4 = 16 merged tokens)
-        pix = dict(min_pixels=(2 * factor) ** 2, max_pixels=max(image_size, 2 * factor) ** 2, patch_size=patch,
-                   merge_size=merge, temporal_patch_size=2, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-        ip = tf.Qwen2VLImageProcessor(**pix)
-        vp = tf.Qwen2VLVideoProcessor(**pix)
-        processor = proc_cls(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_CHAT_TEMPLATE)
-        return config, processor, model_cls
-
+        return _build_qwen(arch, num_layers, hidden, image_size)
     raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
+
+
+def _build_llava(arch: str, num_layers: int, hidden: int, image_size: int):
+    import transformers as tf
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    tok = _llama_tokenizer(["<image>", "<pad>"], pad_token="<pad>")
+    image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
+    vocab_size = _round_vocab(len(tok))
+    text = _llama_text_config(num_layers, hidden, vocab_size, pad_id)
+    patch = _patch_for(image_size)
+    tokens_square = (image_size // patch) ** 2
+    clip_kw = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                   do_center_crop=True, do_resize=True, do_normalize=True, image_mean=OPENAI_CLIP_MEAN,
+                   image_std=OPENAI_CLIP_STD)
+    proc_kw = dict(patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   image_token="<image>")
+    if arch == "llava":
+        config = tf.LlavaConfig(text_config=text, vision_config=_clip_vision_config(image_size),
+                                image_token_index=image_id, image_seq_length=tokens_square,
+                                vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                projector_hidden_act="gelu", tie_word_embeddings=False, pad_token_id=pad_id)
+        processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(**clip_kw), tokenizer=tok,
+                                      chat_template=LLAVA_CHAT_TEMPLATE, **proc_kw)
+        return config, processor, tf.LlavaForConditionalGeneration
+    if arch == "vipllava":
+        # real llava-hf/vip-llava-7b-hf: LlavaProcessor + CLIPImageProcessor, vision_feature_layer
+        # [-2, -5, -8, -11, 6] over a 24-layer CLIP; kept verbatim over a 12-layer tiny CLIP.
+        config = tf.VipLlavaConfig(text_config=text,
+                                   vision_config=_clip_vision_config(image_size, VIPLLAVA_VISION_LAYERS),
+                                   image_token_index=image_id, image_seq_length=tokens_square,
+                                   vision_feature_layer=[-2, -5, -8, -11, 6], projector_hidden_act="gelu",
+                                   tie_word_embeddings=False, pad_token_id=pad_id)
+        processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(**clip_kw), tokenizer=tok,
+                                      chat_template=VIPLLAVA_CHAT_TEMPLATE, **proc_kw)
+        return config, processor, tf.VipLlavaForConditionalGeneration
+    # llava_next: real pinpoints [[336,672],[672,336],[672,672],[1008,336],[336,1008]] scaled to the base size
+    pinpoints = [[image_size * a, image_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    config = tf.LlavaNextConfig(text_config=text, vision_config=_clip_vision_config(image_size),
+                                image_token_index=image_id, image_seq_length=tokens_square,
+                                vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                image_grid_pinpoints=pinpoints, projector_hidden_act="gelu",
+                                tie_word_embeddings=False, pad_token_id=pad_id)
+    ip = tf.LlavaNextImageProcessor(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size},
+                                    image_grid_pinpoints=pinpoints, do_pad=True, image_mean=OPENAI_CLIP_MEAN,
+                                    image_std=OPENAI_CLIP_STD)
+    processor = tf.LlavaNextProcessor(image_processor=ip, tokenizer=tok, chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
+                                      **proc_kw)
+    return config, processor, tf.LlavaNextForConditionalGeneration
+
+
+def _build_instructblip(num_layers: int, hidden: int, image_size: int):
+    import transformers as tf
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    tok = _llama_tokenizer(["<image>", "<pad>"], pad_token="<pad>")
+    qtok = _bert_tokenizer()
+    image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
+    text = _llama_text_config(num_layers, hidden, _round_vocab(len(tok)), pad_id)
+    config = tf.InstructBlipConfig(
+        vision_config=dict(hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
+                           num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
+                           image_size=image_size, patch_size=_patch_for(image_size), qkv_bias=True),
+        qformer_config=dict(vocab_size=_round_vocab(len(qtok)), hidden_size=QFORMER_HIDDEN,
+                            num_hidden_layers=QFORMER_LAYERS, num_attention_heads=4,
+                            intermediate_size=2 * QFORMER_HIDDEN, max_position_embeddings=128,
+                            cross_attention_frequency=1, encoder_hidden_size=VISION_HIDDEN, pad_token_id=0),
+        text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_token_index=image_id,
+    )
+    ip = tf.BlipImageProcessor(size={"height": image_size, "width": image_size}, do_resize=True,
+                               do_normalize=True, do_convert_rgb=True, image_mean=OPENAI_CLIP_MEAN,
+                               image_std=OPENAI_CLIP_STD)
+    processor = tf.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
+                                         num_query_tokens=NUM_QUERY_TOKENS)
+    return config, processor, tf.InstructBlipForConditionalGeneration
+
+
+def _build_qwen(arch: str, num_layers: int, hidden: int, image_size: int):
+    import transformers as tf
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    tok = _qwen_tokenizer()
+    vocab_size = _round_vocab(len(tok))
+    patch, merge = _patch_for(image_size), 2
+    factor = patch * merge
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    text = _qwen_text_config(f"{arch}_text", num_layers, hidden, vocab_size, tok)
+    if arch == "qwen2_vl":
+        vision = dict(depth=VISION_LAYERS, embed_dim=VISION_HIDDEN, hidden_size=hidden, mlp_ratio=2,
+                      num_heads=VISION_HEADS, patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
+                      hidden_act="quick_gelu")
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        proc_cls, model_cls = tf.Qwen2VLProcessor, tf.Qwen2VLForConditionalGeneration
+    else:
+        # real: window 112 = 4 merged units of 2x2 patches of 14 px; fullatt blocks [7,15,23,31] of 32 (every 4th)
+        vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
+                      num_heads=VISION_HEADS, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=merge,
+                      temporal_patch_size=2, window_size=4 * factor, tokens_per_second=4,
+                      fullatt_block_indexes=[VISION_LAYERS - 1], hidden_act="silu")
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        proc_cls, model_cls = tf.Qwen2_5_VLProcessor, tf.Qwen2_5_VLForConditionalGeneration
+    # min: 2x2 merged tokens; max: image_size^2 pixels (64 -> at most 4x4 = 16 merged tokens)
+    pix = dict(min_pixels=(2 * factor) ** 2, max_pixels=max(image_size, 2 * factor) ** 2, patch_size=patch,
+               merge_size=merge, temporal_patch_size=2, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    ip = tf.Qwen2VLImageProcessor(**pix)
+    vp = tf.Qwen2VLVideoProcessor(**pix)
+    processor = proc_cls(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_CHAT_TEMPLATE)
+    return config, processor, model_cls
 
 
 # ---------------------------------------------------------------------------------------------------------------
