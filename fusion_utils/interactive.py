@@ -325,6 +325,28 @@ def attention_data(lm, samples, *, dataset=None) -> list[dict]:
     return views
 
 
+def _mass_curves(fig: InteractiveFigure, qi: int, view: Mapping, layers: list[int]) -> tuple[list[str], str | None]:
+    """Add question ``qi``'s attention-mass curves by layer to ``fig``: mass on relevant and irrelevant tokens when
+    its records have them, else the largest token share. Returns the trace ids and the column the marker follows
+    (None: the largest token share)."""
+    rec = view.get("records")
+    curves = []
+    if rec is not None and "rel_mass" in rec.columns and rec["rel_mass"].notna().any():
+        for col, name, color in (("rel_mass", "relevant tokens", "#d55e00"), ("irr_mass", "irrelevant tokens",
+                                                                               "#0072b2")):
+            fig.traces[f"{col}|{qi}"] = {"type": "scatter", "mode": "lines+markers", "x": rec["layer"].tolist(),
+                                         "y": _r(rec[col]), "name": name, "xaxis": "x2", "yaxis": "y2",
+                                         "line": {"color": color}, "marker": {"size": 4}}
+            curves.append(f"{col}|{qi}")
+        return curves, "rel_mass"
+    tokens = np.asarray(view["tokens"], float)
+    fig.traces[f"max|{qi}"] = {"type": "scatter", "mode": "lines+markers", "x": layers,
+                               "y": _r(tokens.max(1)), "name": "largest token share", "xaxis": "x2",
+                               "yaxis": "y2"}
+    curves.append(f"max|{qi}")
+    return curves, None
+
+
 def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None = None,
                      title: str = "Last-token attention over the image", model: str = "",
                      layer: int | None = None) -> InteractiveFigure:
@@ -362,22 +384,7 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
         m0 = maps[0] if maps.ndim == 3 else np.asarray(maps[0])[None, :]
         geo = _grid_geometry(m0, image, v.get("extent"))
         rec = v.get("records")
-        curves = []
-        if rec is not None and "rel_mass" in rec.columns and rec["rel_mass"].notna().any():
-            for col, name, color in (("rel_mass", "relevant tokens", "#d55e00"), ("irr_mass", "irrelevant tokens",
-                                                                                   "#0072b2")):
-                fig.traces[f"{col}|{qi}"] = {"type": "scatter", "mode": "lines+markers", "x": rec["layer"].tolist(),
-                                             "y": _r(rec[col]), "name": name, "xaxis": "x2", "yaxis": "y2",
-                                             "line": {"color": color}, "marker": {"size": 4}}
-                curves.append(f"{col}|{qi}")
-            ycol = "rel_mass"
-        else:
-            tokens = np.asarray(v["tokens"], float)
-            fig.traces[f"max|{qi}"] = {"type": "scatter", "mode": "lines+markers", "x": layers,
-                                       "y": _r(tokens.max(1)), "name": "largest token share", "xaxis": "x2",
-                                       "yaxis": "y2"}
-            curves.append(f"max|{qi}")
-            ycol = None
+        curves, ycol = _mass_curves(fig, qi, v, layers)
         upd: dict = {}
         if spatial:
             _image_panel(upd, 0, image, geo, v.get("relevant"))
@@ -433,6 +440,26 @@ def contrastive_data(lm, samples, *, fusion_layers: Sequence[int], apply_layer: 
                         for s in ds],
             "candidate_sets": list(candidate_sets), "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams],
             "apply_layer": int(apply_layer), "fusion_layers": [int(j) for j in fusion_layers]}
+
+
+def _softmask_text(rec: pd.DataFrame, s: Mapping, kind: str, v: Mapping, rho: float, lam: float,
+                   n_mask: int, apply_layer: int) -> str:
+    """The line under the contrastive figure for one state: the plain answer beside the soft-masked one, read from
+    the record of that question, candidate set, ρ and λ (``n_mask``: the marked tokens, when the record has no
+    count)."""
+    sel = rec[(rec["id"] == s["id"]) & (rec["candidates"] == kind) & (rec["variant"] == "soft")
+              & np.isclose(rec["rho"].astype(float), rho) & np.isclose(rec["lam"].astype(float), lam)]
+    if sel.empty:
+        raise ValueError(f"contrastive_figure: no record for {s['id']}, {kind}, ρ={rho}, λ={lam}; "
+                         "pass contrastive_data's result for the same grid.")
+    row = sel.iloc[0]
+    ans, plain = str(row["pred"]), str(row["plain_pred"])
+    changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
+    n_masked = int(row["n_masked"]) if "n_masked" in row and pd.notna(row["n_masked"]) else n_mask
+    return (f"<b>{_esc(s['question'])}</b> (gold: {_esc(', '.join(s['answers']))}) · candidates "
+            f"{_esc(kind)} → i* = {v['pre']}<br>plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
+            f"soft mask (ρ = {rho:g}: {n_masked} tokens × λ = {lam:g} at layer "
+            f"{apply_layer}): <code>{_esc(ans)}</code>{changed}")
 
 
 def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and the soft mask",
@@ -506,19 +533,7 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
                                        "marker": {"symbol": "x-thin", "size": 7, "opacity": round(max(0.15, 1 - lam), 3),
                                                   "line": {"width": 2, "color": MASK_COLOR}},
                                        "name": f"tokens scaled by λ = {lam:g} (ρ = {rho:g})", "hoverinfo": "skip"}
-                    sel = rec[(rec["id"] == s["id"]) & (rec["candidates"] == kind) & (rec["variant"] == "soft")
-                              & np.isclose(rec["rho"].astype(float), rho) & np.isclose(rec["lam"].astype(float), lam)]
-                    if sel.empty:
-                        raise ValueError(f"contrastive_figure: no record for {s['id']}, {kind}, ρ={rho}, λ={lam}; "
-                                         "pass contrastive_data's result for the same grid.")
-                    row = sel.iloc[0]
-                    ans, plain = str(row["pred"]), str(row["plain_pred"])
-                    changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
-                    n_masked = int(row["n_masked"]) if "n_masked" in row and pd.notna(row["n_masked"]) else int(mask.sum())
-                    text = (f"<b>{_esc(s['question'])}</b> (gold: {_esc(', '.join(s['answers']))}) · candidates "
-                            f"{_esc(kind)} → i* = {v['pre']}<br>plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
-                            f"soft mask (ρ = {rho:g}: {n_masked} tokens × λ = {lam:g} at layer "
-                            f"{data['apply_layer']}): <code>{_esc(ans)}</code>{changed}")
+                    text = _softmask_text(rec, s, kind, v, rho, lam, int(mask.sum()), data["apply_layer"])
                     fig.states[f"{qi}|{ki}|{ri}|{li}"] = {"data": [*ids, mid], "layout": [f"pic|{qi}", f"img|{qi}|{ki}"],
                                                           "text": text}
     return fig

@@ -15,7 +15,8 @@ LAYERS = {
     "engine": 1, "interventions": 1, "sweeps": 1, "": 1,  # "": the package facade (fusion_utils/__init__.py)
     "methods": 2,
     "experiments": 3,
-    "report": 4, "plots": 4, "widgets": 4, "interactive": 4, "atlas_plots": 4, "figure_html": 4,
+    "report": 4, "plots": 4, "plots_style": 4, "plots_tables": 4, "widgets": 4, "interactive": 4, "atlas_plots": 4,
+    "figure_html": 4,
     "book": 5, "cli": 5, "atlas": 5, "organisms": 5, "_sphinx_mathjax": 5, "_sphinx_launch": 5,
     "_sphinx_reader": 5, "__main__": 5,
     # the organisms' registry (names, weights, loading) is what `models` needs; the organisms' package (model

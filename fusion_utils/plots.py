@@ -26,134 +26,29 @@ call `use_style()` once in a notebook to give other figures the same look.
 """
 from __future__ import annotations
 
-import hashlib
-from contextlib import contextmanager
 from typing import Mapping, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.collections import LineCollection
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-BOOK_WIDTH = 8.0
-#: the label of every layer axis: layers are counted from 0, the paper's from 1 (converted in `fusion_utils.paper`)
-LAYER_AXIS = "decoder layer (0-based)"
-FUSION_COLOR = "#d62728"  # red triangles, as in the paper's masking figure
-RELEVANT_COLOR = "#17becf"  # outline of ground-truth relevant cells
-HEATMAP_CMAP = "magma"
-DIVERGING_CMAP = "RdBu_r"
-
-# a fixed colour per architecture (colour-blind palette, in `archs.ARCHS` order); unknown labels get a stable hashed one
-_PALETTE = sns.color_palette("colorblind", 10)
+# the shared look, and the accuracy-table figures, live in their own modules; importing them here keeps
+# `plots.figure_style`, `plots.accuracy_bars` and the rest where chapters and widgets look for them
+from .plots_style import (BOOK_WIDTH, DIVERGING_CMAP, EMPTY_GID, FUSION_COLOR, HEATMAP_CMAP,  # noqa: F401
+                          LAYER_AXIS, RELEVANT_COLOR, as_dict, empty_panel, empty_reason, figure_style, finish,
+                          integer_layers, model_color, new_axes, nothing_in, say_empty, use_style)
+from .plots_tables import ablation_lines, accuracy_bars
 
 __all__ = [
     "BOOK_WIDTH", "use_style", "model_color", "masking_curves", "review_evidence", "attention_heatmaps",
     "relevance_curves", "noise_tokens", "noise_frequency", "contrastive_panels", "accuracy_bars",
     "ablation_lines", "draw_heatmap", "empty_panel", "empty_reason", "LAYER_AXIS",
 ]
-
-
-# --- style and helpers ------------------------------------------------------------------------------------------
-
-def use_style() -> None:
-    """Apply the book's seaborn theme globally (optional; every function here applies it locally anyway)."""
-    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.9)
-
-
-@contextmanager
-def figure_style():
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=1.0):
-        yield
-
-
-def norm(text: str) -> str:
-    return str(text).lower().replace("-", "_").replace(" ", "_").replace(".", "_")
-
-
-def model_color(label: str):
-    """The colour of a model in every figure: its architecture's (the longest `ArchSpec` label or model type found
-    in ``label``), else a stable hashed colour."""
-    from .archs import ARCHS
-
-    key = norm(label)
-    found = [(len(name), i) for i, s in enumerate(ARCHS.values()) for name in (norm(s.label), s.model_type)
-             if name in key]
-    if found:
-        return _PALETTE[max(found)[1] % 7]
-    h = int(hashlib.md5(str(label).encode()).hexdigest(), 16)
-    return _PALETTE[[7, 8, 9][h % 3]]
-
-
-def _as_dict(obj, default_label: str = "model") -> dict:
-    if obj is None:
-        return {}
-    if isinstance(obj, pd.DataFrame):
-        return {default_label: obj}
-    if hasattr(obj, "summary") and isinstance(getattr(obj, "summary"), pd.DataFrame):  # an ExperimentResult
-        return {getattr(obj, "name", default_label): obj.summary}
-    if isinstance(obj, Mapping):
-        return {str(k): (v.summary if hasattr(v, "summary") and not isinstance(v, pd.DataFrame) else v)
-                for k, v in obj.items()}
-    raise TypeError(f"Expected a DataFrame or a dict label -> DataFrame, got {type(obj).__name__}.")
-
-
-def _nothing_in(df, columns: Sequence[str], what: str) -> str | None:
-    """Why ``df`` has nothing to draw (no table, no rows, a column of ``columns`` all NaN), or None when it has.
-    A table of the wrong type or without one of ``columns`` is a bad argument, not an empty result: that raises."""
-    if df is None:
-        return f"{what}: no table given"
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}.")
-    if df.empty:
-        return f"{what}: the table is empty (no sample was run)"
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what}: missing column(s) {', '.join(map(repr, missing))}; "
-                         f"it has {', '.join(map(repr, df.columns))}.")
-    for c in columns:
-        if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().sum() == 0:
-            return f"{what}: column {c!r} is all NaN"
-    return None
-
-
-EMPTY_GID = "empty"
-
-
-def _say_empty(ax, reason: str, *, y: float = 0.5, fontsize: float = 10, width: int = 80) -> None:
-    """Write ``reason`` across ``ax`` (gid ``"empty"``, which `empty_reason` reads back), wrapped at ``width``."""
-    import textwrap
-
-    ax.text(0.5, y, textwrap.fill(str(reason), width), ha="center", va="center", transform=ax.transAxes,
-            fontsize=fontsize, color="dimgray", gid=EMPTY_GID)
-
-
-def empty_panel(reason: str, *, ax=None, title: str | None = None, figsize=(BOOK_WIDTH, 1.6)):
-    """A figure with no data and ``reason`` written across it: what a plot function returns when its input holds
-    nothing to draw (an analysis that found nothing, or does not apply to this model or dataset)."""
-    with figure_style():
-        fig, ax = _new_axes(ax, figsize)
-        ax.set_axis_off()
-        _say_empty(ax, reason)
-        if title:
-            ax.set_title(title)
-        fig.tight_layout()
-    return fig
-
-
-def empty_reason(fig) -> str | None:
-    """The text of an empty panel in ``fig`` (joined when several panels are empty), or None if every panel has
-    data."""
-    texts = [t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.texts if t.get_gid() == EMPTY_GID]
-    return "; ".join(texts) if texts else None
-
-
-def integer_layers(ax, axis: str = "x") -> None:
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
 def _layer_found(found, mode: str | None) -> dict:
@@ -179,24 +74,73 @@ def _reported_list(reported) -> list[dict]:
     return [dict(r) for r in reported]
 
 
-def _finish(fig, title: str | None = None):
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    return fig
-
-
-def _new_axes(ax, figsize):
-    if ax is not None:
-        return ax.figure, ax
-    fig, ax = plt.subplots(figsize=figsize)
-    return fig, ax
-
-
 # --- masking curves ---------------------------------------------------------------------------------------------
 
 _METRIC_LABEL = {"accuracy": "accuracy with the image masked", "drop": "accuracy drop (unmasked − masked)",
                  "delta_p": "Δ p(unmasked answer's first token)"}
+
+
+def _drawable_masking(data: Mapping, mode: str, metric: str) -> tuple[dict, list[str]]:
+    """The summaries of ``data`` with something to draw for ``mode`` (label -> rows of that mode), and why each of
+    the others is left out."""
+    drawable, skipped = {}, []
+    for label, s in data.items():
+        why = nothing_in(s, ["layer", metric], f"masking summary of {label}")
+        if why is None and "mode" in s.columns:
+            if mode not in set(s["mode"]):
+                raise ValueError(f"masking summary of {label} has no mode {mode!r}; it has "
+                                 f"{', '.join(map(repr, sorted(set(s['mode']))))}.")
+            s = s[s["mode"] == mode]
+            if s[metric].notna().sum() == 0:
+                why = f"masking summary of {label}: {metric!r} is all NaN for mode {mode!r}"
+        if why is None:
+            drawable[label] = s
+        else:
+            skipped.append(why)
+    return drawable, skipped
+
+
+def _draw_found_layers(ax, s, found: Mapping, metric: str, color, scale) -> None:
+    """One model's fusion layers (red triangles on its curve), review layer and, for "drop", fusion threshold."""
+    fusion = [j for j in found.get("fusion_layers") or [] if j in set(s["layer"])]
+    if fusion:
+        fy = s.set_index("layer").loc[fusion, metric].to_numpy(float)
+        ax.plot(np.asarray(fusion, float) / scale, fy, ls="none", marker="^",
+                ms=9, color=FUSION_COLOR, mec="white", mew=0.6, zorder=5, gid="fusion")
+    review = found.get("review_layer")
+    if review is not None:
+        rx = review / scale
+        ax.axvline(rx, color=color, ls=":", lw=1.5, gid="review")
+        ax.annotate(f"review L{review}", xy=(rx, 0.02), xycoords=("data", "axes fraction"),
+                    xytext=(3, 0), textcoords="offset points", color=color, fontsize=8, rotation=90,
+                    va="bottom", gid="review")
+    if metric == "drop" and found.get("threshold") is not None:
+        ax.axhline(float(found["threshold"]), color="grey", ls=":", lw=1)
+
+
+def _draw_reported(ax, reported, relative: bool) -> list:
+    """The paper's layers, hollow triangles along the top and its review layer dashed; returns their legend
+    handles."""
+    handles = []
+    for i, rep in enumerate(_reported_list(reported)):
+        n_rep = rep.get("n_layers")
+        if relative and not n_rep:
+            raise ValueError("reported values need 'n_layers' to be placed on a relative depth axis.")
+        scale = n_rep if relative else 1
+        fl = list(rep.get("fusion_layers") or [])
+        trans = ax.get_xaxis_transform()
+        if fl:
+            ax.plot(np.asarray(fl, float) / scale, np.full(len(fl), 0.97 - 0.05 * i), transform=trans,
+                    ls="none", marker="^", ms=9, mfc="none", mec=FUSION_COLOR, mew=1.4, clip_on=False,
+                    gid="reported")
+        if rep.get("review_layer") is not None:
+            ax.axvline(rep["review_layer"] / scale, color="grey", ls="--", lw=1.2, gid="reported_review")
+        lab = rep.get("label", "reported (paper)")
+        handles.append(Line2D([], [], ls="none", marker="^", mfc="none", mec=FUSION_COLOR, mew=1.4, ms=8,
+                              label=f"{lab}: fusion layers"))
+        if rep.get("review_layer") is not None:
+            handles.append(Line2D([], [], color="grey", ls="--", label=f"{lab}: review layer"))
+    return handles
 
 
 def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str = "zero", metric: str = "accuracy",
@@ -214,29 +158,16 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
     """
     if metric not in _METRIC_LABEL:
         raise ValueError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}.")
-    data = _as_dict(summaries)
+    data = as_dict(summaries)
     title = title or f"Masking the image at one layer ({mode})"
     if not data:
         return empty_panel("no masking summaries given", ax=ax, title=title)
     layers_found = dict(layers_found or {})
-    drawable, skipped = {}, []
-    for label, s in data.items():
-        why = _nothing_in(s, ["layer", metric], f"masking summary of {label}")
-        if why is None and "mode" in s.columns:
-            if mode not in set(s["mode"]):
-                raise ValueError(f"masking summary of {label} has no mode {mode!r}; it has "
-                                 f"{', '.join(map(repr, sorted(set(s['mode']))))}.")
-            s = s[s["mode"] == mode]
-            if s[metric].notna().sum() == 0:
-                why = f"masking summary of {label}: {metric!r} is all NaN for mode {mode!r}"
-        if why is None:
-            drawable[label] = s
-        else:
-            skipped.append(why)
+    drawable, skipped = _drawable_masking(data, mode, metric)
     if not drawable:
         return empty_panel("; ".join(skipped), ax=ax, title=title)
     with figure_style():
-        fig, ax = _new_axes(ax, figsize)
+        fig, ax = new_axes(ax, figsize)
         handles = []
         for label, s in drawable.items():
             s = s.sort_values("layer")
@@ -250,40 +181,10 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
                 ax.axhline(float(s["plain_accuracy"].mean()), color=color, ls="--", lw=1.2, alpha=0.8,
                            gid=f"unmasked:{label}")
             found = _layer_found(layers_found.get(label), mode)
-            fusion = [j for j in found.get("fusion_layers") or [] if j in set(s["layer"])]
-            if fusion:
-                fy = s.set_index("layer").loc[fusion, metric].to_numpy(float)
-                ax.plot(np.asarray(fusion, float) / (n_layers if relative else 1), fy, ls="none", marker="^",
-                        ms=9, color=FUSION_COLOR, mec="white", mew=0.6, zorder=5, gid="fusion")
-            review = found.get("review_layer")
-            if review is not None:
-                rx = review / (n_layers if relative else 1)
-                ax.axvline(rx, color=color, ls=":", lw=1.5, gid="review")
-                ax.annotate(f"review L{review}", xy=(rx, 0.02), xycoords=("data", "axes fraction"),
-                            xytext=(3, 0), textcoords="offset points", color=color, fontsize=8, rotation=90,
-                            va="bottom", gid="review")
-            if metric == "drop" and found.get("threshold") is not None:
-                ax.axhline(float(found["threshold"]), color="grey", ls=":", lw=1)
+            _draw_found_layers(ax, s, found, metric, color, n_layers if relative else 1)
         if metric in ("drop", "delta_p"):
             ax.axhline(0.0, color="black", lw=0.8, alpha=0.6)
-        for i, rep in enumerate(_reported_list(reported)):
-            n_rep = rep.get("n_layers")
-            if relative and not n_rep:
-                raise ValueError("reported values need 'n_layers' to be placed on a relative depth axis.")
-            scale = n_rep if relative else 1
-            fl = list(rep.get("fusion_layers") or [])
-            trans = ax.get_xaxis_transform()
-            if fl:
-                ax.plot(np.asarray(fl, float) / scale, np.full(len(fl), 0.97 - 0.05 * i), transform=trans,
-                        ls="none", marker="^", ms=9, mfc="none", mec=FUSION_COLOR, mew=1.4, clip_on=False,
-                        gid="reported")
-            if rep.get("review_layer") is not None:
-                ax.axvline(rep["review_layer"] / scale, color="grey", ls="--", lw=1.2, gid="reported_review")
-            lab = rep.get("label", "reported (paper)")
-            handles.append(Line2D([], [], ls="none", marker="^", mfc="none", mec=FUSION_COLOR, mew=1.4, ms=8,
-                                  label=f"{lab}: fusion layers"))
-            if rep.get("review_layer") is not None:
-                handles.append(Line2D([], [], color="grey", ls="--", label=f"{lab}: review layer"))
+        handles += _draw_reported(ax, reported, relative)
         handles.append(Line2D([], [], ls="none", marker="^", color=FUSION_COLOR, ms=8, label="fusion layers (ours)"))
         if metric == "accuracy":
             handles.append(Line2D([], [], color="grey", ls="--", label="unmasked accuracy"))
@@ -297,7 +198,7 @@ def masking_curves(summaries, layers_found: Mapping | None = None, *, mode: str 
         ax.set_ylabel(_METRIC_LABEL[metric])
         ax.set_title(title)
         if skipped:  # the other models still drawn; say which are missing and why
-            _say_empty(ax, "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7)
+            say_empty(ax, "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7)
         # beside the axes, not on them: "best" still covered the curves of several models
         ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
@@ -325,7 +226,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
         fig, axes = plt.subplots(1, len(panels), figsize=figsize or (BOOK_WIDTH, 3.0), squeeze=False)
         for ax, (name, s) in zip(axes[0], panels):
             s = s.summary if hasattr(s, "summary") and not isinstance(s, pd.DataFrame) else s
-            why = _nothing_in(s, {"masking": ["layer", "drop"], "hellinger": ["layer", "hellinger"],
+            why = nothing_in(s, {"masking": ["layer", "drop"], "hellinger": ["layer", "hellinger"],
                                   "early_exit": ["layer", "accuracy"]}[name],
                               {"masking": "masking summary", "hellinger": "hellinger summary",
                                "early_exit": "early-exit summary"}[name])
@@ -335,7 +236,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
                 s = s[s["mode"] == mode]
             if why is not None:  # this line of evidence is missing; the other panels still show theirs
                 ax.set_axis_off()
-                _say_empty(ax, why, fontsize=8, width=28)
+                say_empty(ax, why, fontsize=8, width=28)
                 ax.set_title({"masking": f"masking ({mode})", "hellinger": "attention vs final layer",
                               "early_exit": "early exit"}[name])
                 continue
@@ -374,7 +275,7 @@ def review_evidence(masking_summary=None, hellinger_summary=None, early_exit_sum
         if review is not None:
             axes[0][0].annotate(f"review L{review}", xy=(review, 0.97), xycoords=("data", "axes fraction"),
                                 xytext=(3, 0), textcoords="offset points", fontsize=8, color=FUSION_COLOR, va="top")
-        return _finish(fig, f"{label}: evidence for a review layer")
+        return finish(fig, f"{label}: evidence for a review layer")
 
 
 # --- attention heatmaps -----------------------------------------------------------------------------------------
@@ -422,7 +323,7 @@ def draw_heatmap(ax, values, image=None, relevant=None, *, alpha: float = 0.6, c
         raise ValueError(f"draw_heatmap: expected a 2-D [rows, cols] map, got shape {v.shape}.")
     if v.size == 0:
         ax.set_axis_off()
-        _say_empty(ax, "no image tokens", fontsize=8, width=20)
+        say_empty(ax, "no image tokens", fontsize=8, width=20)
         return None
     if spatial is None:
         spatial = v.shape[0] > 1
@@ -505,7 +406,7 @@ def attention_heatmaps(maps_layers, image=None, layers: Sequence[int] | None = N
                          alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, spatial=not strip, title=t, extent=extent)
         for ax in flat[n:]:
             fig.delaxes(ax)
-        return _finish(fig, title)
+        return finish(fig, title)
 
 
 # --- relevance curves -------------------------------------------------------------------------------------------
@@ -518,7 +419,7 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
     ``summaries``: an attention summary (or per-layer records of one sample), or ``{label: summary}``.
     ``marker_layer``: put a marker at that layer (used by the explorers).
     """
-    data = _as_dict(summaries)
+    data = as_dict(summaries)
     if not data:
         return empty_panel("relevance_curves: no attention summaries given", title=title)
     skipped = []
@@ -560,7 +461,7 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
         axs[0].set_ylabel("attention mass")
         axs[0].set_title("relevant vs irrelevant image tokens")
         if skipped:
-            _say_empty(axs[0], "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7, width=60)
+            say_empty(axs[0], "not drawn: " + "; ".join(skipped), y=0.04, fontsize=7, width=60)
         axs[0].legend(fontsize=9, loc="best")
         if show_ratio:
             axs[1].axhline(1.0, color="grey", ls="--", lw=1)
@@ -574,7 +475,7 @@ def relevance_curves(summaries, *, ratio: bool = True, marker_layer: int | None 
         if marker_layer is not None:
             for ax in axs[: 2 if show_ratio else 1]:
                 ax.axvline(marker_layer, color="grey", lw=0.8, alpha=0.6)
-        return _finish(fig, title)
+        return finish(fig, title)
 
 
 # --- persistent noise tokens ------------------------------------------------------------------------------------
@@ -612,7 +513,7 @@ def noise_tokens(maps, relevant, *, k: int = 5, persist: float = 0.75, max_token
     persistent = persistent[np.argsort(-counts[persistent])][:max_tokens]
     layers = np.arange(L)
     with figure_style():
-        fig, ax = _new_axes(ax, figsize)
+        fig, ax = new_axes(ax, figsize)
         ax.plot(layers, m[:, rel].mean(1), color="#2ca02c", lw=2.5, label="mean relevant token")
         ax.plot(layers, m[:, ~rel].mean(1), color="grey", lw=2.0, label="mean irrelevant token")
         ax.axhline(1.0 / N, color="black", ls=":", lw=1, label="uniform 1/N")
@@ -650,7 +551,7 @@ def noise_frequency(noise, *, n_tokens: int | None = None, ax=None, title: str |
         return empty_panel("no token was persistent (in the top-k at most layers) in any sample", ax=ax, title=title)
     colors = {"irrelevant": FUSION_COLOR, "relevant": "#2ca02c", "mixed": "#bbbbbb", "persistent": "#7f7f7f"}
     with figure_style():  # stacked: a token's red part counts the questions where it was irrelevant
-        fig, ax = _new_axes(ax, figsize)
+        fig, ax = new_axes(ax, figsize)
         bottom = np.zeros(len(toks))
         for kind, counts in parts.items():
             ax.bar(toks, counts, bottom=bottom, color=colors[kind], label=kind)
@@ -729,79 +630,4 @@ def contrastive_panels(view, *, title: str | None = None, colorbar: bool = True)
             im = panel_row(row, v)
             if colorbar and im is not None:
                 fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.03)
-        return _finish(fig, title)
-
-
-# --- accuracy tables --------------------------------------------------------------------------------------------
-
-def accuracy_bars(table, *, x: str = "method", y: str = "accuracy", hue: str | None = "model", order=None,
-                  plain: str | None = "plain", ax=None, title: str | None = None, fmt: str | None = None,
-                  figsize=(BOOK_WIDTH, 3.6)):
-    """Accuracy per method (plain vs contrastive variants vs baselines), bars grouped by ``hue`` (model) when the
-    table has that column. The bar of method ``plain`` is hatched and each bar is labelled with its value."""
-    why = _nothing_in(table, [x, y], "accuracy table")
-    if why is not None:
-        return empty_panel(why, ax=ax, title=title)
-    df = table.dropna(subset=[y])
-    # shares in [0, 1] read as percentages with a decimal: "{:.1f}" labelled 0.91 and 0.94 both "0.9"
-    fmt = fmt or ("{:.1%}" if df[y].between(0, 1).all() else "{:.1f}")
-    if hue is not None and hue not in df.columns:
-        hue = None
-    order = list(order) if order is not None else list(dict.fromkeys(df[x]))
-    if plain is not None and plain in order:
-        order = [plain] + [o for o in order if o != plain]
-    with figure_style():
-        fig, ax = _new_axes(ax, figsize)
-        if hue is not None:
-            hues = list(dict.fromkeys(df[hue]))
-            palette = {h: model_color(h) for h in hues}
-            sns.barplot(data=df, x=x, y=y, hue=hue, order=order, hue_order=hues, palette=palette, ax=ax,
-                        errorbar=None)
-            ax.legend(fontsize=9, title=hue, title_fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22),
-                      ncol=min(len(hues), 3), frameon=False)  # below the axes: it never covers a bar
-        else:
-            sns.barplot(data=df, x=x, y=y, order=order, color=_PALETTE[0], ax=ax, errorbar=None)
-        for cont in ax.containers:
-            ax.bar_label(cont, fmt=lambda v: fmt.format(v) if np.isfinite(v) else "", fontsize=8, padding=1)
-        if plain is not None and plain in order:
-            i = order.index(plain)
-            for cont in ax.containers:
-                if i < len(cont.patches):
-                    cont.patches[i].set_hatch("//")
-        ax.set_xlabel("")
-        ax.set_ylabel(y)
-        ax.set_title(title or "Accuracy by method")
-        plt.setp(ax.get_xticklabels(), rotation=20 if len(order) > 5 else 0, ha="right" if len(order) > 5 else "center")
-        fig.tight_layout()
-    return fig
-
-
-def ablation_lines(table, *, x: str = "rho", y: str = "accuracy", hue: str | None = "lam", col: str | None = None,
-                   baseline=None, title: str | None = None, figsize=None):
-    """``y`` vs ``x`` (e.g. ρ or λ), one line per value of ``hue``, one panel per value of ``col`` (e.g. candidate
-    set). ``baseline``: a number, or a column of the table (e.g. "plain_accuracy"), drawn as a dashed line."""
-    need = [x, y] + [c for c in (hue, col) if c is not None]
-    why = _nothing_in(table, need, "ablation table")
-    if why is not None:
-        return empty_panel(why, title=title)
-    df = table.dropna(subset=[y])
-    cols = list(dict.fromkeys(df[col])) if col is not None else [None]
-    with figure_style():
-        fig, axes = plt.subplots(1, len(cols), figsize=figsize or (BOOK_WIDTH, 3.2), squeeze=False, sharey=True)
-        for ax, cv in zip(axes[0], cols):
-            sub = df if cv is None else df[df[col] == cv]
-            groups = [(None, sub)] if hue is None else list(sub.groupby(hue, sort=True))
-            pal = sns.color_palette("viridis", max(len(groups), 1))
-            for (hv, g), c in zip(groups, pal):
-                g = g.groupby(x, as_index=False)[y].mean().sort_values(x)
-                ax.plot(g[x], g[y], "-o", color=c, ms=4, label=None if hv is None else f"{hue} = {hv}")
-            b = baseline
-            if isinstance(baseline, str):
-                b = float(sub[baseline].mean()) if baseline in sub.columns else None
-            if b is not None and np.isfinite(b):
-                ax.axhline(float(b), color="black", ls="--", lw=1.2, label="plain")
-            ax.set_xlabel({"rho": "ρ (share of tokens soft-masked)", "lam": "λ (scale of masked tokens)"}.get(x, x))
-            ax.set_title(f"{col} = {cv}" if cv is not None else (title or f"{y} vs {x}"), fontsize=10)
-            ax.legend(fontsize=9, loc="best")
-        axes[0][0].set_ylabel(y)
-        return _finish(fig, title if col is not None else None)
+        return finish(fig, title)

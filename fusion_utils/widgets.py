@@ -155,6 +155,14 @@ def _sample_picker(w, samples):
                       layout=w.Layout(width="420px"))
 
 
+def _explorer_inputs(lm, samples):
+    """What every explorer starts from: the ipywidgets module, ``samples`` as given (the data functions read the
+    dataset's post-prompt from it), the samples as a non-empty list, the model's depth, and the sample picker."""
+    w = _widgets()
+    listed = _samples(samples)
+    return w, samples, listed, lm.num_layers, _sample_picker(w, listed)
+
+
 def _explorer_class():
     if Explorer is None:  # pragma: no cover
         _widgets()
@@ -222,12 +230,9 @@ def _attention_draw(axes, v: dict, layer: int):
 def attention_explorer(lm, samples, *, layer: int | None = None, data: Sequence[dict] | None = None):
     """Sample picker + layer slider over the last token's attention to the image (computed per sample by
     `interactive.attention_data`, cached; ``data`` seeds the cache with that function's result for ``samples``)."""
-    w = _widgets()
-    ds = samples
-    samples = _samples(samples)
-    L = lm.num_layers
+    w, ds, samples, L, picker = _explorer_inputs(lm, samples)
     controls = {
-        "sample": _sample_picker(w, samples),
+        "sample": picker,
         "layer": w.IntSlider(value=L // 2 if layer is None else layer, min=0, max=L - 1, step=1,
                              description="layer", continuous_update=False),
     }
@@ -262,12 +267,9 @@ def masking_explorer(lm, samples, *, layer: int = 0, data: pd.DataFrame | None =
     """Masking mode, layer and window: the answer under the mask, and p(unmasked answer's first token) masked vs
     unmasked (curve over all layers, marker at the chosen one). Computed per (sample, mode, window) by
     `interactive.masking_data`; ``data`` seeds the cache with that function's result."""
-    w = _widgets()
-    ds = samples
-    samples = _samples(samples)
-    L = lm.num_layers
+    w, ds, samples, L, picker = _explorer_inputs(lm, samples)
     controls = {
-        "sample": _sample_picker(w, samples),
+        "sample": picker,
         "mode": w.ToggleButtons(options=["zero", "knockout"], value="zero", description="mask"),
         "layer": w.IntSlider(value=layer, min=0, max=L - 1, description="layer", continuous_update=False),
         "window": w.IntSlider(value=1, min=1, max=L, description="window", continuous_update=False),
@@ -320,12 +322,9 @@ def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer:
     """Candidate set, ρ and λ: A_pre (layer i*) / A_post / I_A (softly masked tokens hatched) and the answer with
     the ρ share of lowest-I_A tokens scaled by λ at ``apply_layer``, against the plain answer. Computed per setting by
     `interactive.contrastive_data`; ``data`` seeds the cache with that function's result."""
-    w = _widgets()
-    ds = samples
-    samples = _samples(samples)
-    L = lm.num_layers
+    w, ds, samples, L, picker = _explorer_inputs(lm, samples)
     controls = {
-        "sample": _sample_picker(w, samples),
+        "sample": picker,
         "kind": w.Dropdown(options=list(CANDIDATE_SETS), value="fusion", description="candidates"),
         "rho": w.FloatSlider(value=rho, min=0.0, max=0.9, step=0.05, description="ρ", continuous_update=False),
         "lam": w.FloatSlider(value=lam, min=0.0, max=1.0, step=0.05, description="λ", continuous_update=False),
