@@ -266,3 +266,39 @@ def test_split_attention_equals_attention_over_all_keys(fused):
     allowed = torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
     ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=0.3)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_split_attention_groups_and_last_row_equal_full_attention(last_only):
+    """`split_attention` over two prefix groups (the full prefix, a shorter one) equals one masked attention over
+    [prefix + own suffix]; with ``last_only`` (a sweep's final layer) its last row still does, and every row repeats
+    it."""
+    from fusion_utils.engine.override import STATE
+    from fusion_utils.engine.prefix import Group, SharedPrefix, split_attention
+
+    torch.manual_seed(0)
+    B, n, kv, g, P, T, D = 2, 3, 2, 2, 7, 5, 8
+    H = kv * g
+    q = torch.randn(n * B, H, T, D)
+    ks, vs = torch.randn(n * B, kv, T, D), torch.randn(n * B, kv, T, D)
+    kp, vp = torch.randn(B, kv, P, D), torch.randn(B, kv, P, D)
+    state = SharedPrefix(B)
+    state.groups = [Group(slice(0, 2 * B), kp, vp), Group(slice(2 * B, 3 * B), kp[:, :, :3], vp[:, :, :3])]
+    state.last_only = last_only
+    module = torch.nn.Module()
+    setattr(module, STATE, state)
+    got, _ = split_attention(module, q, ks, vs, None, scaling=0.3)  # [N, T, H, D]
+    refs = []
+    for rows, p in ((slice(0, 2 * B), P), (slice(2 * B, 3 * B), 3)):
+        m = rows.stop // B - rows.start // B
+        rep = lambda x: x.repeat_interleave(g, dim=1)  # noqa: E731
+        keys = torch.cat([rep(kp[:, :, :p]).repeat(m, 1, 1, 1), rep(ks[rows])], dim=2)
+        values = torch.cat([rep(vp[:, :, :p]).repeat(m, 1, 1, 1), rep(vs[rows])], dim=2)
+        allowed = torch.cat([torch.ones(T, p, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
+        refs.append(torch.nn.functional.scaled_dot_product_attention(q[rows], keys, values, attn_mask=allowed,
+                                                                      scale=0.3))
+    ref = torch.cat(refs).transpose(1, 2)
+    assert got.shape == ref.shape
+    if last_only:
+        ref = ref[:, -1:].expand_as(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -47,6 +47,9 @@ class SharedPrefix:
     def __init__(self, batch_size: int):
         self.B = batch_size
         self.groups: list[Group] = []
+        # the caller reads only the last position of this layer's output (the final layer of a sweep): only the
+        # last query row is attended; the other rows repeat it (the suffix's keys and values still all count)
+        self.last_only = False
 
 
 def attend(q, k, v, scale: float, causal: bool, fused: bool | None = None):
@@ -96,18 +99,28 @@ def split_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     scale = scaling if scaling is not None else D ** -0.5
     if g > 1:  # the suffix is short: repeating its keys and values is cheap
         key, value = (x[:, :, None].expand(N, kv_heads, g, T, D).reshape(N, H, T, D) for x in (key, value))
-    out, lse = attend(query, key, value, scale, causal=True)
+    rows = T
+    if state.last_only:  # the last query reads every suffix key: no causal mask
+        query, rows = query[:, :, -1:], 1
+    out, lse = attend(query, key, value, scale, causal=rows > 1)
     for grp in state.groups:
         if grp.keys.shape[-2] == 0:
             continue
-        q = query[grp.rows]
-        o_p, lse_p = attend(fold(q, state.B, kv_heads), grp.keys, grp.values, scale, causal=False)
-        o_p, lse_p = unfold(o_p, state.B, H, T), unfold(lse_p, state.B, H, T)
-        o_s, lse_s = out[grp.rows], lse[grp.rows]
-        total = torch.logaddexp(lse_p, lse_s)
-        out[grp.rows] = (o_p.float() * torch.exp(lse_p - total)[..., None]
-                         + o_s.float() * torch.exp(lse_s - total)[..., None]).to(out.dtype)
-    return out.transpose(1, 2).contiguous(), None
+        o_p, lse_p = attend(fold(query[grp.rows], state.B, kv_heads), grp.keys, grp.values, scale, causal=False)
+        combine(out, lse, grp.rows, unfold(o_p, state.B, H, rows), unfold(lse_p, state.B, H, rows))
+    out = out.transpose(1, 2)
+    return (out.contiguous() if rows == T else out.expand(N, T, H, D)), None
+
+
+def combine(out, lse, rows, o_p, lse_p) -> None:
+    """out[rows] (attention over the suffix keys, log-sum-exp lse[rows]) becomes the attention over the suffix and
+    the prefix keys: the softmax over the union weighs the prefix part by sigmoid(lse_p - lse_s)."""
+    w = torch.sigmoid(lse_p - lse[rows])[..., None]
+    if out.dtype == torch.float32 and isinstance(rows, slice):  # in place: one pass, no temporaries
+        out[rows].lerp_(o_p, w)
+        return
+    o_s = out[rows].float()
+    out[rows] = (o_s + (o_p.float() - o_s) * w).to(out.dtype)
 
 
 def ensure_registered() -> str:

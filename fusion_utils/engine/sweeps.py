@@ -362,6 +362,7 @@ def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img,
                 groups.append(Group(slice(i * B, e * B), *kv))
                 i = e
             shared.groups = groups
+            shared.last_only = j == L - 1  # only the last position of the final layer is read (the head below)
             res = lm.layers[j](hidden, past_key_values=None, **kw)
             hidden = res[0] if isinstance(res, tuple) else res
     last = head(lm, hidden[:, -1])
