@@ -113,15 +113,12 @@ from .tokenizers import bert_tokenizer as _bert_tokenizer  # noqa: E402
 from .tokenizers import llama_tokenizer as _llama_tokenizer  # noqa: E402
 from .tokenizers import qwen_tokenizer as _qwen_tokenizer  # noqa: E402
 from .tokenizers import round_vocab as _round_vocab  # noqa: E402
+from .new_archs import mrope_section, patch_for  # noqa: E402  (one definition for every tiny model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # configs
 # ---------------------------------------------------------------------------------------------------------------
-def _patch_for(image_size: int) -> int:
-    return 14 if image_size % 14 == 0 else 8
-
-
 def _llama_text_config(num_layers, hidden, vocab_size, pad_id):
     return dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=num_layers, num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_KV_HEADS,
@@ -132,15 +129,7 @@ def _llama_text_config(num_layers, hidden, vocab_size, pad_id):
 def _clip_vision_config(image_size, layers=VISION_LAYERS):
     return dict(model_type="clip_vision_model", hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
                 projection_dim=VISION_HIDDEN, num_hidden_layers=layers, num_attention_heads=VISION_HEADS,
-                image_size=image_size, patch_size=_patch_for(image_size), hidden_act="quick_gelu")
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """Shrink Qwen's [16, 24, 24] (of head_dim/2 = 64) to sum to head_dim / 2, same 1/4 : 3/8 : 3/8 ratio."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
+                image_size=image_size, patch_size=patch_for(image_size), hidden_act="quick_gelu")
 
 
 def _qwen_text_config(model_type, num_layers, hidden, vocab_size, tok):
@@ -149,7 +138,7 @@ def _qwen_text_config(model_type, num_layers, hidden, vocab_size, tok):
                 num_hidden_layers=num_layers, num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_KV_HEADS,
                 max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
                 max_window_layers=num_layers,
-                rope_scaling={"type": "mrope", "mrope_section": _mrope_section(head_dim), "rope_theta": 1000000.0},
+                rope_scaling={"type": "mrope", "mrope_section": mrope_section(head_dim), "rope_theta": 1000000.0},
                 bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), tie_word_embeddings=False)
@@ -178,7 +167,7 @@ def _build_llava(arch: str, num_layers: int, hidden: int, image_size: int):
     image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
     vocab_size = _round_vocab(len(tok))
     text = _llama_text_config(num_layers, hidden, vocab_size, pad_id)
-    patch = _patch_for(image_size)
+    patch = patch_for(image_size)
     tokens_square = (image_size // patch) ** 2
     clip_kw = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                    do_center_crop=True, do_resize=True, do_normalize=True, image_mean=OPENAI_CLIP_MEAN,
@@ -231,7 +220,7 @@ def _build_instructblip(num_layers: int, hidden: int, image_size: int):
     config = tf.InstructBlipConfig(
         vision_config=dict(hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
                            num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
-                           image_size=image_size, patch_size=_patch_for(image_size), qkv_bias=True),
+                           image_size=image_size, patch_size=patch_for(image_size), qkv_bias=True),
         qformer_config=dict(vocab_size=_round_vocab(len(qtok)), hidden_size=QFORMER_HIDDEN,
                             num_hidden_layers=QFORMER_LAYERS, num_attention_heads=4,
                             intermediate_size=2 * QFORMER_HIDDEN, max_position_embeddings=128,
@@ -252,7 +241,7 @@ def _build_qwen(arch: str, num_layers: int, hidden: int, image_size: int):
 
     tok = _qwen_tokenizer()
     vocab_size = _round_vocab(len(tok))
-    patch, merge = _patch_for(image_size), 2
+    patch, merge = patch_for(image_size), 2
     factor = patch * merge
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),

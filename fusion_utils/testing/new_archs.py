@@ -88,6 +88,7 @@ def patch_for(image_size: int) -> int:
 
 
 def mrope_section(head_dim: int) -> list[int]:
+    """Shrink Qwen's [16, 24, 24] (of head_dim/2 = 64) to sum to head_dim / 2, same 1/4 : 3/8 : 3/8 ratio."""
     half = head_dim // 2
     t = half // 4
     h = (half - t) // 2
