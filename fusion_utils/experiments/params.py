@@ -9,9 +9,11 @@ answers a mistake with one sentence listing the valid parameters, before any mod
 ...     layers: tuple[int, ...] | None = None
 >>> parse_params("demo", P, {"rho": 0.5})
 {'rho': 0.5, 'layers': None}
->>> parse_params("demo", P, {"rho": "abc"})
-Traceback (most recent call last):
-ValueError: demo: parameter rho must be a number, got 'abc'; its parameters are rho (a number, default 0.2), layers (a list of integers or None, default None).
+>>> try:
+...     parse_params("demo", P, {"rho": "abc"})
+... except ValueError as err:
+...     print(err)
+demo: parameter rho must be a number, got 'abc'; its parameters are rho (a number, default 0.2), layers (a list of integers or None, default None).
 """
 from __future__ import annotations
 
