@@ -41,6 +41,7 @@ def _close_figures():
 
 
 def test_attention_explorer_recomputes_and_caches(lm, ds):
+    plt.close("all")  # what earlier test modules left open is not the explorer's
     ex = widgets.attention_explorer(lm, ds)
     assert isinstance(ex, ipywidgets.VBox) and ex.state["error"] is None
     assert ex.controls["layer"].max == lm.num_layers - 1
