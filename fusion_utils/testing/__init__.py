@@ -113,7 +113,7 @@ from .tokenizers import bert_tokenizer as _bert_tokenizer  # noqa: E402
 from .tokenizers import llama_tokenizer as _llama_tokenizer  # noqa: E402
 from .tokenizers import qwen_tokenizer as _qwen_tokenizer  # noqa: E402
 from .tokenizers import round_vocab as _round_vocab  # noqa: E402
-from .new_archs import mrope_section, patch_for  # noqa: E402  (one definition for every tiny model)
+from .new_archs import mrope_section, patch_for, qwen_vision_ids  # noqa: E402  (one definition for every tiny model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,10 +243,7 @@ def _build_qwen(arch: str, num_layers: int, hidden: int, image_size: int):
     vocab_size = _round_vocab(len(tok))
     patch, merge = patch_for(image_size), 2
     factor = patch * merge
-    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    ids = qwen_vision_ids(tok)
     text = _qwen_text_config(f"{arch}_text", num_layers, hidden, vocab_size, tok)
     if arch == "qwen2_vl":
         vision = dict(depth=VISION_LAYERS, embed_dim=VISION_HIDDEN, hidden_size=hidden, mlp_ratio=2,

@@ -117,6 +117,14 @@ def build(arch: str, num_layers: int, hidden: int, image_size: int):
     return BUILDERS[arch](num_layers, hidden, image_size)
 
 
+def qwen_vision_ids(tok) -> dict:
+    """The Qwen-VL config's image, video and vision-boundary token ids, read off the tokenizer."""
+    return dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+
+
 def qwen3_vl(num_layers, hidden, image_size):
     import transformers as tf
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -124,10 +132,7 @@ def qwen3_vl(num_layers, hidden, image_size):
     tok = qwen_tokenizer()
     patch, merge = patch_for(image_size), 2
     factor = patch * merge
-    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    ids = qwen_vision_ids(tok)
     head_dim = hidden // TEXT_HEADS
     text = dict(model_type="qwen3_vl_text", vocab_size=round_vocab(len(tok)), **text_dims(num_layers, hidden),
                 max_position_embeddings=32768, rms_norm_eps=1e-6,
