@@ -56,6 +56,33 @@ def test_groups_for_split():
     assert ok[0].group is None and ok[0].group_key == ok[0].id  # no image id: each sample its own group
 
 
+def test_the_harness_splits_records_by_image_where_images_repeat():
+    from fusion_utils.experiments.harness import with_split_groups
+    from fusion_utils.report import verdicts
+
+    from fusion_utils.data import Sample, SampleSet
+
+    gqa = load_benchmark("gqa", source=FIX / "gqa")
+    grouped = with_split_groups(pd.DataFrame({"id": gqa.ids, "score": 1.0}), gqa)
+    assert list(grouped["split_group"]) == [s.group_key for s in gqa]
+    # 60 questions on 6 images, as GQA asks them: hashing the question id alone puts images on both sides
+    qs = SampleSet("gqa-like", [Sample(id=f"q{i}", image=None, question="?", answers=["a"], group=f"img{i % 6}")
+                                for i in range(60)], scorer="vqa")
+    records = pd.DataFrame({"id": qs.ids, "score": 1.0})
+
+    def straddling(recs):
+        dev, test = verdicts.dev_split(recs)
+        assert len(dev) + len(test) == len(qs)
+        return {f"img{int(i[1:]) % 6}" for i in dev["id"]} & {f"img{int(i[1:]) % 6}" for i in test["id"]}
+
+    assert straddling(records), "the check below could not fail: use more questions per image"
+    assert not straddling(with_split_groups(records, qs))
+    # the world: every sample its own group, so its records (and every pinned split) are left as they were
+    world = load_dataset("world", n=6)
+    plain = pd.DataFrame({"id": world.ids, "score": 0.0})
+    assert "split_group" not in with_split_groups(plain, world).columns
+
+
 # --- MMBench: CircularEval in every summary ---------------------------------------------------------------------
 
 def _mmbench_scores():

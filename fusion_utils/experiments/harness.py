@@ -148,6 +148,17 @@ def accepted(fn: Callable, params: dict) -> dict:
     return {k: v for k, v in params.items() if k in sig}
 
 
+def with_split_groups(records, dataset: SampleSet):
+    """``records`` with a ``split_group`` column (`Sample.group_key`) when some samples share an image or are copies
+    of one question, so every verdict's dev/test split keeps them on one side; unchanged when each sample is its own
+    group (the world), so those records and their splits stay as they were."""
+    keys = {str(s.id): s.group_key for s in dataset}
+    if records is None or len(records) == 0 or "id" not in records.columns or all(k == i for i, k in keys.items()):
+        return records
+    ids = records["id"].astype(str)
+    return records.assign(split_group=ids.map(keys).fillna(ids))
+
+
 def run(spec: Spec | str, lm, dataset: SampleSet, *, out: str | None = None, batch_size: int = 8, seed: int = 0,
         decoding: Decoding | None = None, progress: bool = True, **params) -> ExperimentResult:
     """Run ``spec`` on ``dataset``: records streamed to ``out/<name>/<config hash>/`` (resumable), summary, extras."""
@@ -164,10 +175,11 @@ def run(spec: Spec | str, lm, dataset: SampleSet, *, out: str | None = None, bat
 
     records = run_experiment(spec.name, lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
                              seed=seed, progress=progress)
+    records = with_split_groups(records, dataset)
     summary = spec.summarize(records, **accepted(spec.summarize, {**params, "ctx": ctx}))
     extras = spec.extras(records, summary, **accepted(spec.extras, params)) if spec.extras is not None else {}
     return finish(spec.name, records, summary, config, **extras)
 
 
 __all__ = ["Context", "Spec", "SPECS", "BUILTIN", "register", "get_spec", "names", "load_plugins", "run",
-           "accepted", "parse_params"]
+           "accepted", "parse_params", "with_split_groups"]

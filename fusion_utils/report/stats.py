@@ -63,6 +63,9 @@ def split_group(sample) -> str:
     >>> split_group(S(id="q1", meta={"imageId": "n123"})), split_group(S(id="q2", meta={}))
     ('image:n123', 'q2')
     """
+    key = getattr(sample, "group_key", None)
+    if isinstance(key, str) and key != str(sample.id):
+        return key  # the loader's own group (`Sample.group`): the one source where a loader sets it
     meta = getattr(sample, "meta", None) or {}
     if meta.get("circular_group") is not None:
         return f"mmbench:{meta['circular_group']}"
