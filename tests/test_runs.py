@@ -139,3 +139,17 @@ def test_provenance():
     p = provenance()
     assert p["python"].count(".") == 2 and p["torch"] and p["transformers"] and p["time"].endswith("+00:00")
     json.dumps(p)
+
+
+def test_atomic_writes_are_readable_like_any_file_the_user_writes(tmp_path):
+    import stat
+
+    from fusion_utils.runs import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "record.json", "{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "record.json").stat().st_mode)
+    assert mode == 0o644, oct(mode)  # mkstemp alone gives 0600: a served site or a shared runs/ could not read it
