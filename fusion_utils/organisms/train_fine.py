@@ -71,7 +71,7 @@ class FineStage:
         """(f) small details: world and world-fine prompts with one or two images, every parameter trained."""
         R = self.recipe
         steps = R.get("fine_steps", 0) if steps is None else steps
-        part = self._part("fine_part", "all", ("lm", "all"))
+        part = self._part("fine_part", "all", ("lm", "vision", "all"))
         params, opt, sched, bar, t0 = self._begin(part, lr or R["fine_lr"], steps, "(f) small details", "fine")
         for step in bar:
             samples = self._fine_samples(R.get("fine_batch") or R["batch"])
