@@ -44,7 +44,8 @@ RECIPE = {
     # (e) two images per prompt (issue 16), off for the 8-layer organisms (shipped before it existed)
     "two_steps": 0, "two_lr": 2e-4, "two_batch": 32, "two_part": "lm",
     "two_kinds": ("one", "same", "relevant", "irrelevant", "random"),
-    # (f) small details (issue 28's world-fine; `train_fine.FineStage`), off unless an organism's recipe sets steps
+    # (f) small details (issue 28's world-fine; `train_fine.FineStage`), off unless an organism's recipe sets steps;
+    # fine_part: "all", "lm" (decoder) or "vision" (tower + projector)
     "fine_steps": 0, "fine_lr": 2e-4, "fine_batch": 32, "fine_share": 0.5, "fine_part": "all", "fine_aux": 0.3,
     "fine_kinds": ("one", "one", "same", "relevant", "relevant", "relevant", "irrelevant", "random"),
 }
