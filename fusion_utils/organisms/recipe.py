@@ -80,6 +80,9 @@ ORGANISM_RECIPE = {
 # stage (f), issue 28's small details (world-fine), fine-tuned from the weights of stages (a)-(e) with
 # `fusion-utils organisms train NAME --base DIR --fine`. Not part of the shipped recipes: the runs of 2026-12-06 (weights/
 # RECIPE_NOTES.md) reached the world-fine crop gain but cost the world bar, so the shipped weights stay those of (a)-(e).
+# None reached world-fine's one-image band (llava-16l 43-48%, qwen2_vl-16l 30-37%, against 55); with the decoder
+# frozen (fine_part "vision") llava-16l's world nearly held (89.0 against the shipped 91.8, 500 test questions) but the
+# crop's gain fell to +8.7, and qwen2_vl-16l's tower could not move without breaking world.
 # Qwen2-VL's crop tokens target a magnified object on its first token only, as llava-16l's tower was taught in stage
 # (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share: the setting changes nothing before (f))
 _FINE = {"fine_batch": 16, "fine_lr": 3e-4}
