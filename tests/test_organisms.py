@@ -733,6 +733,25 @@ def test_fine_stage_tiny(name):
     assert len(fine) == 2 and np.isfinite([r["loss"] for r in fine]).all() and 0 <= fine[0]["cell_acc"] <= 1
 
 
+@pytest.mark.parametrize("name", DEEP)
+def test_fine_stage_vision_part_keeps_the_decoder(name):
+    """``fine_part`` "vision" (the 2026-12-06 evening runs, weights/RECIPE_NOTES.md): stage (f) moves the tower and
+    projector only; the decoder's weights stay bit-identical. An unknown part is refused with the allowed values."""
+    from fusion_utils.organisms.train import Trainer
+
+    R = {"fine_steps": 2, "fine_batch": 4, "fine_part": "vision", "fine_lr": 1e-3}
+    tr = Trainer(name, seed=0, threads=None, recipe=R, **TINY)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.stage_fine(steps=2)
+    moved = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    is_lm = [n for n in before if n.startswith("model.language_model") or n.startswith("lm_head")]
+    assert is_lm and not moved & set(is_lm), sorted(moved & set(is_lm))[:3]
+    assert moved and all(n not in is_lm for n in moved)
+    bad = Trainer(name, seed=0, threads=None, recipe={**R, "fine_part": "tower"}, **TINY)
+    with pytest.raises(ValueError, match="fine_part='tower': use 'lm' or 'vision' or 'all'"):
+        bad.stage_fine(steps=1)
+
+
 @pytest.fixture(scope="module", params=shipped(DEEP))
 def fine_table(request):
     from fusion_utils.organisms.evaluate import evaluate

@@ -44,7 +44,8 @@ RECIPE = {
     # (e) two images per prompt (issue 16), off for the 8-layer organisms (shipped before it existed)
     "two_steps": 0, "two_lr": 2e-4, "two_batch": 32, "two_part": "lm",
     "two_kinds": ("one", "same", "relevant", "irrelevant", "random"),
-    # (f) small details (issue 28's world-fine; `train_fine.FineStage`), off unless an organism's recipe sets steps
+    # (f) small details (issue 28's world-fine; `train_fine.FineStage`), off unless an organism's recipe sets steps;
+    # fine_part: "all", "lm" (decoder) or "vision" (tower + projector)
     "fine_steps": 0, "fine_lr": 2e-4, "fine_batch": 32, "fine_share": 0.5, "fine_part": "all", "fine_aux": 0.3,
     "fine_kinds": ("one", "one", "same", "relevant", "relevant", "relevant", "irrelevant", "random"),
 }
@@ -79,6 +80,9 @@ ORGANISM_RECIPE = {
 # stage (f), issue 28's small details (world-fine), fine-tuned from the weights of stages (a)-(e) with
 # `fusion-utils organisms train NAME --base DIR --fine`. Not part of the shipped recipes: the runs of 2026-12-06 (weights/
 # RECIPE_NOTES.md) reached the world-fine crop gain but cost the world bar, so the shipped weights stay those of (a)-(e).
+# None reached world-fine's one-image band (llava-16l 43-48%, qwen2_vl-16l 30-37%, against 55); with the decoder
+# frozen (fine_part "vision") llava-16l's world nearly held (89.0 against the shipped 91.8, 500 test questions) but the
+# crop's gain fell to +8.7, and qwen2_vl-16l's tower could not move without breaking world.
 # Qwen2-VL's crop tokens target a magnified object on its first token only, as llava-16l's tower was taught in stage
 # (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share: the setting changes nothing before (f))
 _FINE = {"fine_batch": 16, "fine_lr": 3e-4}

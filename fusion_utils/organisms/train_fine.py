@@ -2,7 +2,8 @@
 
 The world-fine image is rendered at twice the resolution with small objects, so the model's 96 px input sees the
 whole image downsampled and a crop of the relevant cells at its native pixels -- ViCrop's setting. Stage (f)
-fine-tunes every parameter on a mix of world and world-fine prompts (``fine_share`` of them world-fine), each with
+fine-tunes the parameters ``fine_part`` names (every one by default; "vision": the tower and projector only, the
+decoder frozen, so the world answers it learned stay as they were) on a mix of world and world-fine prompts (``fine_share`` of them world-fine), each with
 one image or [original, second image] (``fine_kinds``), answer + EOS loss, plus the alignment loss of stage (b+c) on
 every image token (a crop's tokens target the cells they show, `Trainer.zoom_targets`), so the tower learns to read
 small objects magnified while the decoder learns to answer from the crop.
@@ -71,7 +72,7 @@ class FineStage:
         """(f) small details: world and world-fine prompts with one or two images, every parameter trained."""
         R = self.recipe
         steps = R.get("fine_steps", 0) if steps is None else steps
-        part = self._part("fine_part", "all", ("lm", "all"))
+        part = self._part("fine_part", "all", ("lm", "vision", "all"))
         params, opt, sched, bar, t0 = self._begin(part, lr or R["fine_lr"], steps, "(f) small details", "fine")
         for step in bar:
             samples = self._fine_samples(R.get("fine_batch") or R["batch"])
