@@ -26,7 +26,7 @@ import pandas as pd
 
 __all__ = ["Table", "table", "masking_runs", "NOT_REPORTED", "paper_value", "paper_layer_row", "holm",
            "verdict_rows", "verdicts_html", "verdicts", "figure", "save_verdicts", "save_records", "downloads_dir",
-           "downloads_html", "OUT_ENV", "noise_table", "persistent_counts", "noise_frequency_figure",
+           "downloads_html", "OUT_ENV", "FILES_BASE", "noise_table", "persistent_counts", "noise_frequency_figure",
            "SHORT_CLAIMS", "ci_text", "effect_text", "anchor"]
 
 #: what a cell says where the paper gives no value (never "none found": nothing was looked for)
@@ -386,6 +386,8 @@ def figure(fig, caption: str, *, alt: str | None = None, dpi: int = 150) -> _HTM
 
 #: the environment variable naming the folder a build collects chapter files in (set by the book driver)
 OUT_ENV = "FUSION_UTILS_BOOK_FILES"
+#: where a chapter page (``book/chapters/<name>.html``) reaches its chapter's files in the built site
+FILES_BASE = "../../_chapter_files"
 
 
 def downloads_dir(chapter: str) -> Path:
@@ -416,7 +418,7 @@ def save_records(tables: Mapping[str, pd.DataFrame], chapter: str) -> list[Path]
 
 
 def downloads_html(chapter: str, files: Sequence[Path], *, params: Mapping | None = None,
-                   base: str = "../../_chapter_files") -> _HTML:
+                   base: str = FILES_BASE) -> _HTML:
     """Links to the chapter's records and its executed notebook, as the built page reaches them; ``params``: the
     chapter's own knobs that decide its numbers (threshold, ρ, λ, ...), listed under the links and written to
     ``parameters.json`` beside the records."""
