@@ -18,7 +18,13 @@ data                        figure                                 controls -> w
 `fusion_utils.widgets.explore` calls a data function once and builds from it both this figure and, in a live
 kernel, the ipywidgets explorer.
 
-The figure's HTML loads nothing: it expects ``window.Plotly``, which the book serves from its own ``_static``
+A chapter's explorer offers every question of its build (`every_question`: the picked examples first, then the
+rest by family; a search box narrows a long list by words or family). `InteractiveFigure.beside_page` keeps the
+first three questions' states in the page and writes the others to a script file beside the chapter's downloads,
+which the figure loads from the same folder the first time a reader picks one of them; repeated settings, layout
+fragments and text are stored once (`InteractiveFigure.spec`), and pictures are JPEG.
+
+The figure's HTML loads nothing from elsewhere: it expects ``window.Plotly``, which the book serves from its own ``_static``
 folder (see ``fusion_utils/_sphinx_mathjax.py``); `InteractiveFigure.to_html` with ``plotly_js=True`` inlines
 plotly.js for a stand-alone page or a live notebook.
 """
