@@ -180,7 +180,7 @@ class InteractiveFigure:
                                for k, lab in enumerate(c.labels))
                 if len(c.choices) > SEARCH_FROM:
                     parts.append(f'<label class="fu-control fu-search">search <input type="search" data-filter="{i}" '
-                                 f'placeholder="words of the {_html.escape(c.name)}, or a family" size="22" '
+                                 f'placeholder="words or a family" size="18" '
                                  f'aria-label="search the {len(c.choices)} values of {_html.escape(c.name)}"></label>')
                 parts.append(f'<label class="fu-control">{_html.escape(c.name)} <select data-control="{i}">{opts}'
                              f'</select></label>')
