@@ -240,8 +240,9 @@ def _factor(traces: dict) -> tuple[dict, dict]:
 
 
 def _intern(layouts: dict, states: dict, parts) -> tuple[dict, dict]:
-    """Each state's inline layout fragments stored once among the named ones (titles repeat across questions)."""
-    layouts = dict(layouts)
+    """Each state's inline layout fragments stored once among the named ones (titles repeat across questions), and
+    a picture drawn under several panels stored once per fragment (``"=i"``: the source of its image ``i``)."""
+    layouts = {k: _same_pictures(v) for k, v in layouts.items()}
     seen: dict = {}
     out = {}
     for k, st in states.items():
@@ -253,10 +254,23 @@ def _intern(layouts: dict, states: dict, parts) -> tuple[dict, dict]:
             j = _json(part)
             if j not in seen:
                 seen[j] = f"~{len(seen)}"
-                layouts[seen[j]] = part
+                layouts[seen[j]] = _same_pictures(part)
             names.append(seen[j])
         out[k] = {**st, "layout": names}
     return layouts, out
+
+
+def _same_pictures(fragment: dict) -> dict:
+    images = fragment.get("images") if isinstance(fragment, dict) else None
+    if not images:
+        return fragment
+    first: dict = {}
+    out = []
+    for i, im in enumerate(images):
+        src = im.get("source")
+        j = first.setdefault(src, i) if isinstance(src, str) else i
+        out.append(im if j == i else {**im, "source": f"={j}"})
+    return {**fragment, "images": out}
 
 
 def _snippets(states: dict) -> tuple[dict, dict]:
@@ -317,6 +331,8 @@ function start(){
     }
     var layout=Object.assign({}, spec.layout), parts=st.layout||[];
     (Array.isArray(parts)?parts:[parts]).forEach(function(p){Object.assign(layout, typeof p==="string"?spec.layouts[p]:p);});
+    if(layout.images){layout.images=layout.images.map(function(im, i, all){
+      return /^=\d+$/.test(im.source)?Object.assign({}, im, {source: all[+im.source.slice(1)].source}):im;});}
     window.Plotly.react(plot, st.data.map(trace), layout, spec.config);
     text.innerHTML=Array.isArray(st.text)?st.text.map(function(t){return typeof t==="number"?spec.snippets[t]:t;}).join(""):(st.text||"");
     root.setAttribute("data-state", k);

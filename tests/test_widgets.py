@@ -239,6 +239,9 @@ def _expand(spec: dict, key: str) -> dict:
     layout = dict(spec["layout"])
     for part in st.get("layout", []):
         layout.update(spec["layouts"][part])
+    if "images" in layout:  # a picture under several panels is stored once: "=i" names image i's source
+        layout["images"] = [dict(im, source=layout["images"][int(im["source"][1:])]["source"])
+                            if str(im.get("source", "")).startswith("=") else im for im in layout["images"]]
     text = st.get("text", "")
     text = "".join(spec["snippets"][t] if isinstance(t, int) else t for t in text) if isinstance(text, list) else text
     return {"data": data, "layout": layout, "text": text}
@@ -247,7 +250,17 @@ def _expand(spec: dict, key: str) -> dict:
 def test_compact_spec_draws_what_the_figure_holds(lm, ds):
     import json
 
-    fig = widgets.figure("attention", lm, ds)
+    for fig in (widgets.figure("attention", lm, ds),
+                widgets.figure("contrastive", lm, ds, fusion_layers=[0, 1], apply_layer=lm.num_layers - 2,
+                               candidate_sets=("fusion",), rhos=(0.2,), lams=(0.1,))):
+        _check_compact(fig)
+    spec = json.dumps(fig.spec())
+    assert spec.count("data:image/jpeg") == len(ds), "one picture per question, however many panels draw it"
+
+
+def _check_compact(fig):
+    import json
+
     spec = json.loads(json.dumps(fig.spec()))  # as the page reads it (string keys)
     spec["snippets"] = {int(k): v for k, v in spec["snippets"].items()}
     assert spec["bases"], "the heatmaps' repeated settings are factored out"
