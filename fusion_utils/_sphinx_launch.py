@@ -38,8 +38,17 @@ def repository_substitutions(app, config) -> None:
     config.myst_substitutions = subs
 
 
+def repository_in_code(app, docname, source) -> None:
+    """``{{ repository_url }}`` inside code blocks too (the BibTeX entry, the clone command), where MyST does not
+    substitute: the raw text of a Markdown page gets the URL before it is parsed."""
+    token = "{{ repository_url }}"
+    if source and token in source[0]:
+        source[0] = source[0].replace(token, app.config.myst_substitutions.get("repository_url", ""))
+
+
 def setup(app):
     app.connect("config-inited", repository_substitutions)
+    app.connect("source-read", repository_in_code)
     # after sphinx-book-theme adds its launch buttons (priority 501)
     app.connect("html-page-context", point_at_source_notebooks, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -2,16 +2,22 @@
 JavaScript that swap them, and the explicit colour scales every figure uses (plotly.js knows no "magma")."""
 from __future__ import annotations
 
+import hashlib
 import html as _html
 import itertools
 import json
+import os
+import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["Control", "InteractiveFigure", "plotly_js_path", "MARKER_CLASS", "MAGMA", "DIVERGING", "colorbar"]
 
+#: a select with more values than this gets a search box that narrows its options
+SEARCH_FROM = 12
 #: CSS class of every figure's root element; the book's Sphinx extension loads plotly.js on pages that have one.
 MARKER_CLASS = "fu-interactive"
 
@@ -72,6 +78,8 @@ class InteractiveFigure:
     states: dict = field(default_factory=dict)
     height: int = 380
     caption: str = ""
+    #: set by `beside_page`: (file to write, its URL from the page, how many first-control values stay embedded)
+    outside: tuple | None = None
 
     def key(self, **choices) -> str:
         idx = []
@@ -88,7 +96,9 @@ class InteractiveFigure:
         layout = dict(self.layout)
         for part in self._parts(st):
             layout.update(self.layouts[part] if isinstance(part, str) else part)
-        return {"data": [self.traces[t] for t in st["data"]], "layout": layout, "text": st.get("text", "")}
+        text = st.get("text", "")
+        return {"data": [self.traces[t] for t in st["data"]], "layout": layout,
+                "text": "".join(text) if isinstance(text, list) else text}
 
     @staticmethod
     def _parts(st: dict) -> list:
@@ -107,10 +117,51 @@ class InteractiveFigure:
                 raise ValueError(f"{self.title}: state {k} names unknown traces {missing}.")
 
     def spec(self) -> dict:
+        """What the page's script reads: the states, their traces (repeated settings factored into ``bases``) and
+        their layout fragments (identical inline fragments stored once)."""
+        traces, bases = _factor(self.traces)
+        layouts, states = _intern(self.layouts, self.states, self._parts)
+        states, snippets = _snippets(states)
         return {"controls": [{"name": c.name, "labels": c.labels} for c in self.controls], "layout": self.layout,
-                "traces": self.traces, "layouts": self.layouts, "states": self.states,
+                "bases": bases, "traces": traces, "layouts": layouts, "states": states, "snippets": snippets,
                 # no mode bar: it would sit on the last panel's title; zoom by dragging, double-click resets
                 "config": {"responsive": True, "displaylogo": False, "typesetMath": False, "displayModeBar": False}}
+
+    def beside_page(self, chapter: str, *, keep: int = 3) -> "InteractiveFigure":
+        """In a book build, keep the states of the first ``keep`` values of the first control (the questions) in
+        the page and write the others to a script file beside the chapter's downloads, which the figure loads from
+        the same host when a reader picks one of them: a figure over every question of the build without a huge
+        page. Outside a book build (a notebook run by hand) everything stays in the page. Returns the figure."""
+        from .report.display import FILES_BASE, OUT_ENV, downloads_dir
+
+        if os.environ.get(OUT_ENV) and len(self.controls[0].choices) > keep:
+            slug = re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")[:60]
+            name = f"explorer-{slug}-{hashlib.sha1(self.title.encode()).hexdigest()[:6]}.js"
+            self.outside = (downloads_dir(chapter) / name, f"{FILES_BASE}/{chapter}/{name}", int(keep))
+        return self
+
+    def _split(self, spec: dict) -> tuple[dict, dict | None]:
+        """``spec`` without the states (and the traces and fragments only they use) of the first control's values
+        from ``keep`` on, and those as a separate dict; (spec, None) when the figure is not `beside_page`."""
+        if self.outside is None:
+            return spec, None
+        keep = set(range(self.outside[2])) | {self.controls[0].choices.index(self.controls[0].value)}
+        owner: dict = {"traces": {}, "layouts": {}, "snippets": {}}
+        for k, st in spec["states"].items():
+            q = int(k.split("|")[0])
+            text = st.get("text")
+            for table, ids in (("traces", st["data"]), ("layouts", st.get("layout", [])),
+                               ("snippets", [t for t in text if isinstance(t, int)] if isinstance(text, list) else [])):
+                for i in ids:
+                    owner[table].setdefault(i, set()).add(q)
+        away: dict = {"traces": {}, "layouts": {}, "snippets": {}, "states": {}}
+        for table, owners in owner.items():
+            for i, qs in owners.items():
+                if len(qs) == 1 and not qs & keep:  # used by one question only, and not an embedded one
+                    away[table][i] = spec[table].pop(i)
+        for k in [k for k in spec["states"] if int(k.split("|")[0]) not in keep]:
+            away["states"][k] = spec["states"].pop(k)
+        return spec, away
 
     def to_html(self, plotly_js: bool = False) -> str:
         """The figure as an HTML fragment; ``plotly_js=True`` inlines plotly.js (about 5 MB) so it runs anywhere."""
@@ -127,6 +178,10 @@ class InteractiveFigure:
             else:
                 opts = "".join(f'<option value="{k}"{" selected" if k == j else ""}>{_html.escape(lab)}</option>'
                                for k, lab in enumerate(c.labels))
+                if len(c.choices) > SEARCH_FROM:
+                    parts.append(f'<label class="fu-control fu-search">search <input type="search" data-filter="{i}" '
+                                 f'placeholder="words or a family" size="18" '
+                                 f'aria-label="search the {len(c.choices)} values of {_html.escape(c.name)}"></label>')
                 parts.append(f'<label class="fu-control">{_html.escape(c.name)} <select data-control="{i}">{opts}'
                              f'</select></label>')
         parts.append("</div>")
@@ -134,8 +189,15 @@ class InteractiveFigure:
         parts.append('<div class="fu-text"></div>')
         if self.caption:
             parts.append(f'<div class="fu-caption" role="note"><b>Figure.</b> {self.caption}</div>')
-        # "</" inside the JSON would end the <script> element early
-        data = json.dumps(self.spec(), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+        spec, away = self._split(self.spec())
+        if away is not None:
+            path, url, _ = self.outside
+            name = path.name
+            # a script, not JSON read by fetch: it loads from the same folder over http and from file:// alike
+            path.write_text(f"(window.fuExplorerData=window.fuExplorerData||{{}})[{json.dumps(name)}]="
+                            f"{_json(away)};\n", encoding="utf-8")
+            spec["outside"] = {"url": url, "name": name}
+        data = _json(spec).replace("</", "<\\/")  # "</" inside the JSON would end the <script> element early
         parts.append(f'<script type="application/json" class="fu-spec">{data}</script></div>')
         if plotly_js:
             parts.append(f"<script>{plotly_js_path().read_text(encoding='utf-8')}</script>")
@@ -150,6 +212,81 @@ class InteractiveFigure:
                 f"{len(self.states)} states)")
 
 
+def _json(x) -> str:
+    return json.dumps(x, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+#: data keys, never factored out of a trace (they are what differs between states)
+_DATA_KEYS = {"x", "y", "z", "text", "customdata"}
+
+
+def _factor(traces: dict) -> tuple[dict, dict]:
+    """The settings that several traces repeat (colour scale, colour bar, marker, hover template, ...) moved into
+    shared bases; each trace keeps its data and names its base under ``"@"``. The page merges them back."""
+    enc = {tid: {k: _json(v) for k, v in t.items() if k not in _DATA_KEYS} for tid, t in traces.items()}
+    counts = Counter((k, v) for e in enc.values() for k, v in e.items())
+    bases: dict = {}
+    sig_ids: dict = {}
+    out = {}
+    for tid, t in traces.items():
+        sig = tuple(sorted((k, v) for k, v in enc[tid].items() if counts[(k, v)] > 1))
+        if not sig:
+            out[tid] = t
+            continue
+        bid = sig_ids.setdefault(sig, str(len(sig_ids)))
+        bases.setdefault(bid, {k: t[k] for k, _ in sig})
+        out[tid] = {"@": bid, **{k: v for k, v in t.items() if k not in bases[bid]}}
+    return out, bases
+
+
+def _intern(layouts: dict, states: dict, parts) -> tuple[dict, dict]:
+    """Each state's inline layout fragments stored once among the named ones (titles repeat across questions), and
+    a picture drawn under several panels stored once per fragment (``"=i"``: the source of its image ``i``)."""
+    layouts = {k: _same_pictures(v) for k, v in layouts.items()}
+    seen: dict = {}
+    out = {}
+    for k, st in states.items():
+        names = []
+        for part in parts(st):
+            if isinstance(part, str):
+                names.append(part)
+                continue
+            j = _json(part)
+            if j not in seen:
+                seen[j] = f"~{len(seen)}"
+                layouts[seen[j]] = _same_pictures(part)
+            names.append(seen[j])
+        out[k] = {**st, "layout": names}
+    return layouts, out
+
+
+def _same_pictures(fragment: dict) -> dict:
+    images = fragment.get("images") if isinstance(fragment, dict) else None
+    if not images:
+        return fragment
+    first: dict = {}
+    out = []
+    for i, im in enumerate(images):
+        src = im.get("source")
+        j = first.setdefault(src, i) if isinstance(src, str) else i
+        out.append(im if j == i else {**im, "source": f"={j}"})
+    return {**fragment, "images": out}
+
+
+def _snippets(states: dict) -> tuple[dict, dict]:
+    """A state's text may be a list of parts: the parts several states repeat (a question's line) are stored once
+    in ``snippets`` and named by their index there; the page joins the parts back."""
+    counts = Counter(t for st in states.values() if isinstance(st.get("text"), list) for t in st["text"])
+    index: dict = {}
+    out = {}
+    for k, st in states.items():
+        text = st.get("text")
+        if isinstance(text, list):
+            text = [index.setdefault(t, len(index)) if counts[t] > 1 and len(t) > 12 else t for t in text]
+        out[k] = {**st, "text": text} if "text" in st else st
+    return out, {i: t for t, i in index.items()}
+
+
 # A light card in light and dark themes alike: plotly draws on white, so the text around it stays dark on white.
 _STYLE = ("<style>.fu-interactive{margin:.5em 0 1em;background:#fff;color:#222;padding:.4em .5em;"
           "border-radius:4px;max-width:100%;overflow-x:auto}.fu-interactive code{color:#222;background:#f1f1f1}"
@@ -159,25 +296,62 @@ _STYLE = ("<style>.fu-interactive{margin:.5em 0 1em;background:#fff;color:#222;p
           ".fu-caption{font-size:.88em;color:#333;margin-top:.3em}</style>")
 
 # Swaps the traces when a control moves. It waits for the page (plotly.js may load later in <head> with defer) and
-# says so in the figure instead of failing silently when plotly.js is absent.
+# says so in the figure instead of failing silently when plotly.js is absent. States kept beside the page
+# (`InteractiveFigure.beside_page`) load once, from the same folder, the first time a reader picks one; a search box
+# narrows a long select to the options whose label has every word typed.
 _CONTROLLER = r"""(function(){
 var root=document.getElementById("__ID__");
 function start(){
   var text=root.querySelector(".fu-text"), plot=root.querySelector(".fu-plot");
   if(!window.Plotly){text.textContent="This figure needs plotly.js: open it in the built book (make book).";return;}
-  var spec=JSON.parse(root.querySelector(".fu-spec").textContent);
+  var spec=JSON.parse(root.querySelector(".fu-spec").textContent), away=spec.outside, waiting=null;
   var inputs=Array.prototype.slice.call(root.querySelectorAll("[data-control]"));
   function key(){return inputs.map(function(el){return el.value;}).join("|");}
+  function trace(id){var t=spec.traces[id];if(t["@"]===undefined){return t;}
+    var o=Object.assign({}, spec.bases[t["@"]], t);delete o["@"];return o;}
+  function fetchAway(done){
+    if(waiting){waiting.push(done);return;}
+    waiting=[done];
+    var s=document.createElement("script");
+    function finish(){var d=(window.fuExplorerData||{})[away.name], ok=!!d;
+      if(ok){["traces","layouts","snippets","states"].forEach(function(t){Object.assign(spec[t], d[t]);});}
+      away.tried=true;var w=waiting;waiting=null;w.forEach(function(f){f(ok);});}
+    s.src=away.url;s.async=true;s.onload=finish;s.onerror=finish;document.head.appendChild(s);
+  }
   function draw(){
     inputs.forEach(function(el){var o=el.parentNode.querySelector("output");
       if(o){o.textContent=spec.controls[+el.getAttribute("data-control")].labels[+el.value];}});
     var k=key(), st=spec.states[k];
+    if(!st){
+      if(away&&!away.tried){text.textContent="Loading this question\u2019s data\u2026";
+        fetchAway(function(){if(key()===k){draw();}});return;}
+      text.textContent="This setting\u2019s data ("+(away?away.url:"none")+") did not load: open the book from its "+
+        "folder on a web server (python -m http.server), or pick another question.";
+      root.setAttribute("data-state", k);return;
+    }
     var layout=Object.assign({}, spec.layout), parts=st.layout||[];
     (Array.isArray(parts)?parts:[parts]).forEach(function(p){Object.assign(layout, typeof p==="string"?spec.layouts[p]:p);});
-    window.Plotly.react(plot, st.data.map(function(id){return spec.traces[id];}), layout, spec.config);
-    text.innerHTML=st.text||"";
+    if(layout.images){layout.images=layout.images.map(function(im, i, all){
+      return /^=\d+$/.test(im.source)?Object.assign({}, im, {source: all[+im.source.slice(1)].source}):im;});}
+    window.Plotly.react(plot, st.data.map(trace), layout, spec.config);
+    text.innerHTML=Array.isArray(st.text)?st.text.map(function(t){return typeof t==="number"?spec.snippets[t]:t;}).join(""):(st.text||"");
     root.setAttribute("data-state", k);
   }
+  Array.prototype.slice.call(root.querySelectorAll("[data-filter]")).forEach(function(box){
+    var i=+box.getAttribute("data-filter"), sel=root.querySelector('select[data-control="'+i+'"]');
+    var labels=spec.controls[i].labels;
+    box.addEventListener("input", function(){
+      var words=box.value.toLowerCase().split(/\s+/).filter(Boolean), cur=sel.value, keepCur=false;
+      sel.innerHTML="";
+      labels.forEach(function(lab, j){var l=lab.toLowerCase();
+        if(words.every(function(w){return l.indexOf(w)>=0;})){var o=document.createElement("option");
+          o.value=String(j);o.textContent=lab;sel.appendChild(o);if(String(j)===cur){keepCur=true;}}});
+      if(!sel.options.length){var o=document.createElement("option");o.value=cur;o.textContent="(no match)";
+        sel.appendChild(o);}
+      sel.value=keepCur||!sel.options.length?cur:sel.options[0].value;
+      if(sel.value!==cur){draw();}
+    });
+  });
   inputs.forEach(function(el){el.addEventListener("input", draw);el.addEventListener("change", draw);});
   draw();
 }

@@ -18,7 +18,13 @@ data                        figure                                 controls -> w
 `fusion_utils.widgets.explore` calls a data function once and builds from it both this figure and, in a live
 kernel, the ipywidgets explorer.
 
-The figure's HTML loads nothing: it expects ``window.Plotly``, which the book serves from its own ``_static``
+A chapter's explorer offers every question of its build (`every_question`: the picked examples first, then the
+rest by family; a search box narrows a long list by words or family). `InteractiveFigure.beside_page` keeps the
+first three questions' states in the page and writes the others to a script file beside the chapter's downloads,
+which the figure loads from the same folder the first time a reader picks one of them; repeated settings, layout
+fragments and text are stored once (`InteractiveFigure.spec`), and pictures are JPEG.
+
+The figure's HTML loads nothing from elsewhere: it expects ``window.Plotly``, which the book serves from its own ``_static``
 folder (see ``fusion_utils/_sphinx_mathjax.py``); `InteractiveFigure.to_html` with ``plotly_js=True`` inlines
 plotly.js for a stand-alone page or a live notebook.
 """
@@ -32,7 +38,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_runs", "default_windows", "masking_data", "masking_figure", "attention_data",
+__all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_runs", "default_windows",
+           "every_question", "question_maps", "contrastive_views_by_set", "masking_data", "masking_figure", "attention_data",
            "attention_figure", "contrastive_data", "contrastive_figure", "layers_figure", "threshold_figure",
            "MARKER_CLASS"]
 
@@ -63,14 +70,16 @@ def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _png_uri(image, size: int = 256) -> str | None:
+def _image_uri(image, size: int = 256) -> str | None:
+    """The picture under a heatmap as a JPEG data URI: a sixth of a PNG's bytes (a page holds one per question),
+    and the heatmap over it hides the compression."""
     if image is None:
         return None
     im = image.convert("RGB")
     im.thumbnail((size, size))
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _axes(n: int, gap: float = 0.1, widths: Sequence[float] | None = None) -> list[tuple[float, float]]:
@@ -116,8 +125,19 @@ def _titles(layout: dict, titles: Sequence[str]) -> list:
     return [_panel_title(t, a, b) for t, (a, b) in zip(titles, doms)]
 
 
-def _sample_labels(samples) -> list[str]:
-    return [f"{i + 1}: {_short(s.question, 56)}" for i, s in enumerate(samples)]
+def _question_label(i: int, question: str, family=None) -> str:
+    """``"3: [colour] What colour is ..."``: numbered, with the question's family where the dataset has one, so
+    the figure's search box finds a question by its words or its family."""
+    return f"{i + 1}: " + (f"[{family}] " if family else "") + _short(str(question), 56)
+
+
+def every_question(dataset, first: Sequence = ()) -> list:
+    """Every sample of ``dataset`` for an explorer: ``first`` (the chapter's picked examples, shown on load) and
+    then the rest, grouped by family in the dataset's order within each family."""
+    picked = {str(s.id) for s in first}
+    rest = [s for s in dataset if str(s.id) not in picked]
+    order = {f: i for i, f in enumerate(dict.fromkeys(s.family or "" for s in rest))}
+    return [*first, *sorted(rest, key=lambda s: order[s.family or ""])]
 
 
 def _as_set(samples, like=None):
@@ -146,7 +166,7 @@ def _per_batch(name: str, lm, ds, **params) -> pd.DataFrame:
 def _image_layer(image, extent_xy, xref="x", yref="y") -> dict:
     """A layout image filling the data rectangle (x0, y0, x1, y1) of one panel (y down)."""
     x0, y0, x1, y1 = extent_xy
-    return {"source": _png_uri(image), "xref": xref, "yref": yref, "x": x0, "y": y0, "sizex": x1 - x0,
+    return {"source": _image_uri(image), "xref": xref, "yref": yref, "x": x0, "y": y0, "sizex": x1 - x0,
             "sizey": y1 - y0, "xanchor": "left", "yanchor": "top", "sizing": "stretch", "layer": "below"}
 
 
@@ -260,7 +280,7 @@ def masking_figure(records: pd.DataFrame, *, title: str = "Masking the image at 
     modes = list(dict.fromkeys(records["mode"]))
     windows = sorted(records["window"].unique().tolist())
     layers = sorted(records["layer"].unique().tolist())
-    labels = [f"{i + 1}: {_short(qs.get(q, (q,))[0], 56)}" for i, q in enumerate(ids)]
+    labels = [_question_label(i, qs.get(q, (q,))[0]) for i, q in enumerate(ids)]
     controls = [Control("question", ids, labels), Control("mask", modes), Control("window", windows,
                                                                                    kind="slider"),
                 Control("layer", layers, kind="slider")]
@@ -299,10 +319,10 @@ def masking_figure(records: pd.DataFrame, *, title: str = "Masking the image at 
                     ans = str(by_layer.loc[j, "pred"])
                     changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
                     question, gold = qs.get(q, (q, []))
-                    text = (f"<b>{_esc(question)}</b> (gold: {_esc(', '.join(gold))})<br>unmasked: "
-                            f"<code>{_esc(plain)}</code> · p = {plain_p:.3f} &nbsp;|&nbsp; masked at layer {j} "
+                    text = [f"<b>{_esc(question)}</b> (gold: {_esc(', '.join(gold))})<br>unmasked: "
+                            f"<code>{_esc(plain)}</code> · p = {plain_p:.3f}", f" &nbsp;|&nbsp; masked at layer {j} "
                             f"({_esc(mode)}, window {w}): <code>{_esc(ans)}</code>{changed} · p = {p:.3f} "
-                            f"(Δ {p - plain_p:+.3f})")
+                            f"(Δ {p - plain_p:+.3f})"]
                     combo = [qi, mi, wi, li] if len(windows) > 1 else [qi, mi, li]
                     fig.states["|".join(map(str, combo))] = {"data": [cid, f"plain|{qi}", mid], "text": text}
     return fig
@@ -322,6 +342,20 @@ def attention_data(lm, samples, *, dataset=None) -> list[dict]:
     for v, s in zip(views, ds):
         v["records"] = rec[rec["id"] == str(s.id)].sort_values("layer").reset_index(drop=True)
         v["answers"] = list(s.answers)
+        v["family"] = s.family
+    return views
+
+
+def question_maps(lm, samples, *, batch_size: int = 16, post_prompt=None) -> list[dict]:
+    """`sample_maps` over many samples, ``batch_size`` at a time (a real model's attention maps for a whole
+    benchmark would not fit in one batch), each view with its question's family."""
+    from .experiments.attention import sample_maps
+
+    samples = list(samples)
+    views = []
+    for i in range(0, len(samples), max(1, int(batch_size))):
+        chunk = samples[i:i + max(1, int(batch_size))]
+        views += [dict(v, family=s.family) for v, s in zip(sample_maps(lm, chunk, post_prompt=post_prompt), chunk)]
     return views
 
 
@@ -349,12 +383,13 @@ def _mass_curves(fig: InteractiveFigure, qi: int, view: Mapping, layers: list[in
 
 def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None = None,
                      title: str = "Last-token attention over the image", model: str = "",
-                     layer: int | None = None) -> InteractiveFigure:
+                     layer: int | None = None, dataset=None) -> InteractiveFigure:
     """Question and layer -> the heatmap of that layer over the image (relevant cells outlined), beside the mass on
     relevant and irrelevant tokens by layer with a marker at the chosen layer.
 
     ``views``: `attention_data`'s result, or `sample_maps`'s with ``records`` the attention experiment's records
-    (a chapter's run holds the shown questions already: nothing is computed again)."""
+    (a chapter's run holds the shown questions already: nothing is computed again); ``dataset`` names the
+    questions' families where the views do not."""
     if not views:
         raise ValueError("attention_figure needs at least one view; pass attention_data's result.")
     if records is not None:
@@ -363,7 +398,9 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
                  for v in views]
     L = int(np.asarray(views[0]["tokens"]).shape[0])
     layers = list(range(L))
-    labels = [f"{i + 1}: {_short(v['question'], 56)}" for i, v in enumerate(views)]
+    family = {str(s.id): s.family for s in dataset} if dataset is not None else {}
+    labels = [_question_label(i, v["question"], v.get("family") or family.get(str(v.get("id"))))
+              for i, v in enumerate(views)]
     controls = [Control("question", list(range(len(views))), labels),
                 Control("layer", layers, kind="slider", value=L // 2 if layer is None else int(layer) % L)]
     lay = _base_layout(2, widths=[1, 1.3], image_axes=(0,), height=400)
@@ -410,8 +447,9 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
                                "yaxis": "y2", "marker": {"size": 13, "color": "rgba(0,0,0,0)",
                                                          "line": {"color": "black", "width": 2}},
                                "showlegend": False, "name": f"layer {j}"}
-            text = (f"<b>{_esc(v['question'])}</b> (answer: {_esc(v.get('answer') or ', '.join(v.get('answers', [])))})"
-                    f" · layer {j} of {L}{extra}")
+            # a list: the question's part, the same in all its states, is stored once by the page's spec
+            text = [f"<b>{_esc(v['question'])}</b> (answer: {_esc(v.get('answer') or ', '.join(v.get('answers', [])))})",
+                    f" · layer {j} of {L}{extra}"]
             titles = _titles(lay, [f"layer {j}", "attention mass by layer"])
             fig.layouts.setdefault(f"img|{qi}", upd)
             fig.states[f"{qi}|{j}"] = {"data": [hid, *curves, mid], "text": text,
@@ -424,22 +462,63 @@ def attention_figure(views: Sequence[Mapping], *, records: pd.DataFrame | None =
 def contrastive_data(lm, samples, *, fusion_layers: Sequence[int], apply_layer: int,
                      candidate_sets: Sequence[str] = ("fusion", "shallow", "deep", "all"),
                      rhos: Sequence[float] = (0.1, 0.2, 0.4), lams: Sequence[float] = (0.0, 0.1, 0.5),
-                     dataset=None) -> dict:
+                     dataset=None, records: pd.DataFrame | None = None, complete: int | None = None,
+                     batch_size: int = 16) -> dict:
     """The contrastive experiment's per-batch records on ``samples`` over candidate sets x ρ x λ (soft mask), and per
-    candidate set `contrastive_views` (A_pre, A_post, I_A on the image): everything `contrastive_figure` shows."""
+    candidate set `contrastive_views` (A_pre, A_post, I_A on the image): everything `contrastive_figure` shows.
+
+    ``records``: a chapter's own contrastive records for these samples (any grid); then the experiment runs the
+    whole grid only on the first ``complete`` samples (default: none), and the figure says which settings the
+    chapter did not run for the others. ``batch_size`` bounds the samples per forward pass of the views."""
     from .experiments.common import post_prompt_for
-    from .experiments.contrastive import contrastive_views
 
     ds = _as_set(samples, dataset)
-    records = _per_batch("contrastive", lm, ds, fusion_layers=list(fusion_layers), apply_layer=apply_layer,
-                         variants=("soft",), candidates=tuple(candidate_sets), rhos=tuple(rhos), lams=tuple(lams))
-    pp = post_prompt_for(ds)
-    views = {k: contrastive_views(lm, list(ds), k, list(fusion_layers), post_prompt=pp) for k in candidate_sets}
+    grid = dict(fusion_layers=list(fusion_layers), apply_layer=apply_layer, variants=("soft",),
+                candidates=tuple(candidate_sets), rhos=tuple(rhos), lams=tuple(lams))
+    if records is None:
+        records = _per_batch("contrastive", lm, ds, **grid)
+    else:
+        records = records.assign(id=records["id"].astype(str))
+        records = records[records["variant"] == "soft"] if "variant" in records.columns else records
+        n = min(len(ds), int(complete or 0))
+        if n:
+            full = _per_batch("contrastive", lm, _as_set(list(ds)[:n], ds), **grid)
+            records = pd.concat([full, records[~records["id"].isin(set(full["id"]))]], ignore_index=True)
+    items, step = list(ds), max(1, int(batch_size))
+    views: dict = {k: [] for k in candidate_sets}
+    for i in range(0, len(items), step):
+        for k, vs in contrastive_views_by_set(lm, items[i:i + step], candidate_sets, fusion_layers,
+                                              post_prompt=post_prompt_for(ds)).items():
+            views[k] += vs
     return {"records": records, "views": views,
-            "samples": [dict(id=str(s.id), question=s.question, answers=list(s.answers), relevant=s.relevant)
-                        for s in ds],
+            "samples": [dict(id=str(s.id), question=s.question, answers=list(s.answers), relevant=s.relevant,
+                             family=s.family) for s in ds],
             "candidate_sets": list(candidate_sets), "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams],
             "apply_layer": int(apply_layer), "fusion_layers": [int(j) for j in fusion_layers]}
+
+
+def contrastive_views_by_set(lm, samples, candidate_sets: Sequence[str], fusion_layers: Sequence[int], *,
+                             post_prompt=None) -> dict[str, list[dict]]:
+    """`experiments.contrastive.contrastive_views` for several candidate sets from one captured pass (the sets
+    differ only in which layer is A_pre): {set: views}, each view as that function gives it."""
+    from .experiments.contrastive import capture_first_pass
+    from .methods import candidate_layers, contrastive_map
+
+    samples = list(samples)
+    batch = lm.prepare(samples, post_prompt=post_prompt)
+    p1 = capture_first_pass(lm, batch)
+    cands = {k: candidate_layers(k, lm.num_layers, list(fusion_layers), -1) for k in candidate_sets}
+    out: dict = {k: [] for k in candidate_sets}
+    for b, s in enumerate(samples):
+        maps = p1.maps.sample(b).cpu()
+        view = batch.grids[b][0].primary
+        for k, layers in cands.items():
+            c = contrastive_map(maps, layers, -1)
+            out[k].append({"pre": c["pre"], "post": c["post"], "A_pre": view.to_map(maps[c["pre"]].numpy()),
+                           "A_post": view.to_map(maps[c["post"]].numpy()), "I_A": view.to_map(c["I_A"].numpy()),
+                           "hellinger": c["hellinger"], "image": s.image, "spatial": view.spatial,
+                           "extent": view.extent})
+    return out
 
 
 def _softmask_text(rec: pd.DataFrame, s: Mapping, kind: str, v: Mapping, rho: float, lam: float,
@@ -449,17 +528,24 @@ def _softmask_text(rec: pd.DataFrame, s: Mapping, kind: str, v: Mapping, rho: fl
     count)."""
     sel = rec[(rec["id"] == s["id"]) & (rec["candidates"] == kind) & (rec["variant"] == "soft")
               & np.isclose(rec["rho"].astype(float), rho) & np.isclose(rec["lam"].astype(float), lam)]
-    if sel.empty:
-        raise ValueError(f"contrastive_figure: no record for {s['id']}, {kind}, ρ={rho}, λ={lam}; "
-                         "pass contrastive_data's result for the same grid.")
+    # a list: the head is the same in all nine (ρ, λ) states of a question and candidate set, stored once
+    head = (f"<b>{_esc(s['question'])}</b> (gold: {_esc(', '.join(s['answers']))}) · candidates "
+            f"{_esc(kind)} → i* = {v['pre']}<br>")
+    if sel.empty:  # a chapter's records: it runs a part of the grid on every question
+        ran = rec[rec["id"] == s["id"]]
+        settings = ", ".join(sorted({f"{c} at ρ = {float(r):g}, λ = {float(x):g}"
+                                     for c, r, x in zip(ran["candidates"], ran["rho"], ran["lam"])}))
+        plain = (f"plain: <code>{_esc(ran['plain_pred'].iloc[0])}</code> &nbsp;|&nbsp; " if len(ran) else "")
+        return [head, plain, f"soft mask (ρ = {rho:g}: {n_mask} tokens × λ = {lam:g}): <i>the chapter did not run "
+                             "this setting on this question</i>", f" (it ran {_short(settings, 160) or 'none'}; run "
+                             "the notebook live to compute it)"]
     row = sel.iloc[0]
     ans, plain = str(row["pred"]), str(row["plain_pred"])
     changed = "" if ans == plain else " <b style='color:#b00'>(changed)</b>"
     n_masked = int(row["n_masked"]) if "n_masked" in row and pd.notna(row["n_masked"]) else n_mask
-    return (f"<b>{_esc(s['question'])}</b> (gold: {_esc(', '.join(s['answers']))}) · candidates "
-            f"{_esc(kind)} → i* = {v['pre']}<br>plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
+    return [head, f"plain: <code>{_esc(plain)}</code> &nbsp;|&nbsp; "
             f"soft mask (ρ = {rho:g}: {n_masked} tokens × λ = {lam:g} at layer "
-            f"{apply_layer}): <code>{_esc(ans)}</code>{changed}")
+            f"{apply_layer}): <code>{_esc(ans)}</code>{changed}"]
 
 
 def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and the soft mask",
@@ -473,7 +559,7 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
     sets, rhos, lams = data["candidate_sets"], data["rhos"], data["lams"]
     samples = data["samples"]
     rec = data["records"]
-    labels = [f"{i + 1}: {_short(s['question'], 56)}" for i, s in enumerate(samples)]
+    labels = [_question_label(i, s["question"], s.get("family")) for i, s in enumerate(samples)]
     controls = [Control("question", list(range(len(samples))), labels), Control("candidates", sets),
                 Control("ρ", rhos, [f"{r:g}" for r in rhos], kind="slider",
                         value=0.2 if 0.2 in rhos else rhos[0]),
@@ -519,9 +605,10 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
                 _with_axis_ranges(lay, upd, [0, 1, 2], geo["W"], geo["H"])
             upd["annotations"] = _titles(lay, [f"A_pre (layer i* = {v['pre']})", f"A_post (layer {v['post']})",
                                                "I_A = A_post − A_pre"])
-            # the pictures are the same for every candidate set: stored once per question
+            # the pictures are the same for every candidate set: stored once per question; the axes and the
+            # titles repeat across questions and are stored once by the page's spec
             fig.layouts.setdefault(f"pic|{qi}", {k: upd.pop(k) for k in ("images", "shapes") if k in upd})
-            fig.layouts[f"img|{qi}|{ki}"] = upd
+            axes = {k: upd.pop(k) for k in list(upd) if k.startswith(("xaxis", "yaxis"))}
             for ri, rho in enumerate(rhos):
                 mask = np.asarray(soft_mask_tokens(torch.as_tensor(ia2.ravel()), rho)).astype(bool).reshape(ia2.shape)
                 rr, cc = np.nonzero(mask)
@@ -534,7 +621,7 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
                                                   "line": {"width": 2, "color": MASK_COLOR}},
                                        "name": f"tokens scaled by λ = {lam:g} (ρ = {rho:g})", "hoverinfo": "skip"}
                     text = _softmask_text(rec, s, kind, v, rho, lam, int(mask.sum()), data["apply_layer"])
-                    fig.states[f"{qi}|{ki}|{ri}|{li}"] = {"data": [*ids, mid], "layout": [f"pic|{qi}", f"img|{qi}|{ki}"],
+                    fig.states[f"{qi}|{ki}|{ri}|{li}"] = {"data": [*ids, mid], "layout": [f"pic|{qi}", axes, upd],
                                                           "text": text}
     return fig
 

@@ -335,17 +335,19 @@ def contrastive_explorer(lm, samples, fusion_layers: Sequence[int], apply_layer:
         if key in ex.cache:
             return ex.cache[key]
         s = samples[sample]
-        d = None
-        if data is not None and kind in data["candidate_sets"] and any(np.isclose(rho, data["rhos"])) \
-                and any(np.isclose(lam, data["lams"])):
-            d = data
+
+        def row_of(d):
+            rec = d["records"]
+            return rec[(rec["id"] == str(s.id)) & (rec["candidates"] == kind) & np.isclose(rec["rho"].astype(float), rho)
+                       & np.isclose(rec["lam"].astype(float), lam)]
+
+        # the figure's data, where it has this setting (a chapter's records may hold only part of the grid)
+        d = data if data is not None and kind in data["candidate_sets"] and len(row_of(data)) else None
         if d is None:
             d = interactive.contrastive_data(lm, [s], fusion_layers=fusion_layers, apply_layer=apply_layer,
                                              candidate_sets=(kind,), rhos=(rho,), lams=(lam,), dataset=ds)
             ex.state["computed"] += 1
-        rec = d["records"]
-        row = rec[(rec["id"] == str(s.id)) & (rec["candidates"] == kind) & np.isclose(rec["rho"].astype(float), rho)
-                  & np.isclose(rec["lam"].astype(float), lam)].iloc[0]
+        row = row_of(d).iloc[0]
         qi = [x["id"] for x in d["samples"]].index(str(s.id))
         ex.cache[key] = (row, d["views"][kind][qi])
         return ex.cache[key]

@@ -183,3 +183,105 @@ def test_every_chapter_has_launch_and_download_links(probes):
             url = urllib.parse.urljoin(site.base + page, href)
             with urllib.request.urlopen(url, timeout=30) as resp:
                 assert resp.status == 200 and resp.read(1), url
+
+
+# every explorer offers every question: the last one loads from the file beside the page, and a search box narrows
+# a long list; each figure also says how many questions it offers (checked against the chapter's data below)
+EXPLORER_PROBE = r"""(() => Array.from(document.querySelectorAll('.fu-interactive')).map(f => {
+  const sel = f.querySelector('select[data-control="0"]');
+  return {title: f.getAttribute('data-title'), n: sel ? sel.options.length : 0,
+          label: sel ? f.querySelector('[data-control="0"]').closest('label').textContent.trim().split(' ')[0] : '',
+          search: !!f.querySelector('input[data-filter]'),
+          outside: JSON.parse(f.querySelector('.fu-spec').textContent).outside || null};
+}))()"""
+
+
+def _explorer_pages(html: Path) -> list[str]:
+    return [p for p in _pages(html) if p.startswith("book/chapters/")
+            and 'class="fu-interactive' in (html / p).read_text(encoding="utf-8")]
+
+
+def test_explorers_offer_every_question_and_load_the_rest_beside_the_page(reader_html, tmp_path):
+    require_chromium()
+    site = Site(reader_html)
+    b = Browser(tmp_path)
+    checked = 0
+    try:
+        for page in _explorer_pages(reader_html):
+            b.call("Page.navigate", url=site.base + page)
+            b.wait_for("document.readyState === 'complete'", f"{page} to load")
+            b.wait_for("Array.from(document.querySelectorAll('.fu-interactive')).every(f => f.hasAttribute("
+                       "'data-state'))", f"{page}'s figures to draw")
+            for i, fig in enumerate(b.js(EXPLORER_PROBE)):
+                if fig["label"] != "question":
+                    continue
+                checked += 1
+                root = f"document.querySelectorAll('.fu-interactive')[{i}]"
+                sel = f"{root}.querySelector('select[data-control=\"0\"]')"
+                last = fig["n"] - 1
+                # the last question: beyond the three kept in the page whenever the build has more
+                b.js(f"{sel}.value = '{last}'; {sel}.dispatchEvent(new Event('change')); true")
+                b.wait_for(f"({root}.getAttribute('data-state') || '').split('|')[0] === '{last}'",
+                           f"{page}: {fig['title']}: the last question to draw", timeout=60)
+                text = b.js(f"{root}.querySelector('.fu-text').textContent")
+                assert "did not load" not in text and "Loading" not in text, f"{page}: {fig['title']}: {text[:200]}"
+                assert b.js(f"{root}.querySelector('.fu-plot').data.length > 0"), f"{page}: {fig['title']}: empty plot"
+                if fig["n"] > 3:
+                    assert fig["outside"], f"{page}: {fig['title']}: {fig['n']} questions, all in the page"
+                if fig["search"]:
+                    word = b.js(f"{sel}.options[{last}].textContent.split(/\\s+/).filter(w => w.length > 3)[0]")
+                    box = f"{root}.querySelector('input[data-filter]')"
+                    b.js(f"{box}.value = {json.dumps(word)}; {box}.dispatchEvent(new Event('input')); true")
+                    shown = b.js(f"Array.from({sel}.options).map(o => o.textContent)")
+                    assert 0 < len(shown) < fig["n"] and all(word.lower() in s.lower() for s in shown), (page, word)
+                elif fig["n"] > 12:
+                    raise AssertionError(f"{page}: {fig['title']}: {fig['n']} questions and no search box")
+        remote = [u for u in b.requests() if not u.startswith((site.base, "data:", "blob:", "about:"))]
+        assert not remote, f"requests left the machine: {remote[:5]}"
+        assert not b.errors(), b.errors()[:5]
+    finally:
+        b.close()
+        site.close()
+    assert checked >= 3, "the masking, attention and contrastive explorers"
+
+
+def test_every_explorer_offers_every_question_of_the_build(reader_html):
+    """Each question select holds as many questions as the chapter's run records (downloaded CSVs) name."""
+    import pandas as pd
+
+    for page in _explorer_pages(reader_html):
+        chapter = Path(page).stem
+        files = sorted((reader_html / "_chapter_files" / chapter).glob("*.csv"))
+        if not files:
+            continue
+        n_build = pd.read_csv(files[0], usecols=["id"])["id"].nunique()
+        text = (reader_html / page).read_text(encoding="utf-8")
+        for sel in re.findall(r'question <select data-control="0">(.*?)</select>', text):
+            assert sel.count("<option") == n_build, f"{page}: {sel.count('<option')} of {n_build} questions"
+
+
+def _repository_url() -> str:
+    import yaml
+
+    return yaml.safe_load((REPO / "_config.yml").read_text())["repository"]["url"]
+
+
+def test_the_colab_notebook_names_the_configured_repository():
+    """`repository.url` in _config.yml is the one setting; the Colab notebook's first cell repeats it (Colab runs
+    it before any clone), so the two must agree."""
+    cells = json.loads((REPO / "book" / "colab.ipynb").read_text())["cells"]
+    code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    m = re.search(r'REPOSITORY = "([^"]+)"', code)
+    assert m and m.group(1) == _repository_url(), (
+        f"book/colab.ipynb clones {m.group(1) if m else 'nothing'} but _config.yml's repository.url is "
+        f"{_repository_url()}; set REPOSITORY in book/colab.ipynb's first code cell to the same URL")
+
+
+def test_cite_and_rerun_pages_name_the_configured_repository(reader_html):
+    url = _repository_url()
+    for page in ("book/cite.html", "book/rerun.html"):
+        text = (reader_html / page).read_text(encoding="utf-8")
+        assert url in text and "{{ repository" not in text and "repository.url" in text, page
+    cite = (reader_html / "book" / "cite.html").read_text(encoding="utf-8")
+    assert re.search(r"url\s*=\s*\{" + re.escape(url) + r"\}", re.sub(r"<[^>]+>", "", cite)), \
+        "the companion's BibTeX entry does not carry repository.url"

@@ -249,6 +249,18 @@ def test_static_figure_has_its_caption_and_closes():
         D.figure(plt.figure(), " ")
 
 
+def test_static_figure_is_a_jpeg_only_when_a_picture_makes_its_png_large():
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert "data:image/png" in D.figure(fig, "A line. Look for its slope.")._repr_html_()  # text stays sharp
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.imshow(np.random.default_rng(0).random((300, 500, 3)))  # a photograph's worth of detail
+    html = D.figure(fig, "Noise. Look at nothing.")._repr_html_()
+    assert "data:image/jpeg" in html
+
+
 def test_accuracy_labels_tell_close_values_apart():
     t = pd.DataFrame({"method": ["plain", "crop"], "accuracy": [0.912, 0.934], "model": ["a", "a"]})
     fig = plots.accuracy_bars(t)

@@ -224,3 +224,119 @@ def test_masking_runs_lists_every_recorded_run(lm, ds, tmp_path):
     t = masking_runs(tmp_path)
     assert sorted(t["questions"]) == [1, 2] and set(t["layers"]) == {lm.num_layers}
     assert list(t.columns)[:2] == ["model", "data"]
+
+
+# --- every question of the build: compact spec, states beside the page -------------------------------------------
+
+def _expand(spec: dict, key: str) -> dict:
+    """What the page's script draws for state ``key`` (bases merged, fragments applied, snippets joined)."""
+    st = spec["states"][key]
+    data = []
+    for t in st["data"]:
+        t = dict(spec["traces"][t])
+        base = t.pop("@", None)
+        data.append({**spec["bases"][base], **t} if base is not None else t)
+    layout = dict(spec["layout"])
+    for part in st.get("layout", []):
+        layout.update(spec["layouts"][part])
+    if "images" in layout:  # a picture under several panels is stored once: "=i" names image i's source
+        layout["images"] = [dict(im, source=layout["images"][int(im["source"][1:])]["source"])
+                            if str(im.get("source", "")).startswith("=") else im for im in layout["images"]]
+    text = st.get("text", "")
+    text = "".join(spec["snippets"][t] if isinstance(t, int) else t for t in text) if isinstance(text, list) else text
+    return {"data": data, "layout": layout, "text": text}
+
+
+def test_compact_spec_draws_what_the_figure_holds(lm, ds):
+    import json
+
+    for fig in (widgets.figure("attention", lm, ds),
+                widgets.figure("contrastive", lm, ds, fusion_layers=[0, 1], apply_layer=lm.num_layers - 2,
+                               candidate_sets=("fusion",), rhos=(0.2,), lams=(0.1,))):
+        _check_compact(fig)
+    spec = json.dumps(fig.spec())
+    assert spec.count("data:image/jpeg") == len(ds), "one picture per question, however many panels draw it"
+
+
+def _check_compact(fig):
+    import json
+
+    spec = json.loads(json.dumps(fig.spec()))  # as the page reads it (string keys)
+    spec["snippets"] = {int(k): v for k, v in spec["snippets"].items()}
+    assert spec["bases"], "the heatmaps' repeated settings are factored out"
+    for key in fig.states:
+        assert _expand(spec, key) == json.loads(json.dumps(fig.state(**dict(zip(
+            [c.name for c in fig.controls], [c.choices[int(i)] for c, i in zip(fig.controls, key.split("|"))])))))
+    plain = len(json.dumps({"traces": fig.traces, "states": fig.states, "layouts": fig.layouts}))
+    assert len(json.dumps(spec)) < plain
+
+
+def test_beside_page_keeps_three_questions_and_writes_the_rest(lm, tmp_path, monkeypatch):
+    import json
+
+    from fusion_utils.report.display import OUT_ENV
+
+    ds6 = load_dataset("world", n=5)
+    fig = widgets.figure("masking", lm, ds6, windows=(1,))
+    assert fig.beside_page("ch").outside is None, "a notebook run by hand keeps every state in the page"
+    whole = fig.to_html()
+    monkeypatch.setenv(OUT_ENV, str(tmp_path))
+    html = fig.beside_page("ch", keep=2).to_html()
+    path, url, _ = fig.outside
+    assert path.parent == tmp_path / "ch" and url == f"../../_chapter_files/ch/{path.name}"
+    assert len(html) < len(whole)
+    spec = json.loads(re.search(r'class="fu-spec">(.*?)</script>', html).group(1).replace("<\\/", "</"))
+    text = path.read_text()
+    away = json.loads(text[text.index("]=") + 2:].rstrip().rstrip(";"))
+    assert spec["outside"]["url"] == url and spec["outside"]["name"] == path.name
+    assert {k.split("|")[0] for k in spec["states"]} == {"0", "1"}
+    assert {k.split("|")[0] for k in away["states"]} == {"2", "3", "4"}
+    for part in ("traces", "layouts", "snippets", "states"):  # together, the page and the file hold everything
+        spec[part].update(away[part])
+    spec["snippets"] = {int(k): v for k, v in spec["snippets"].items()}
+    key = f"4|0|{lm.num_layers - 1}"
+    assert _expand(spec, key)["text"] == fig.state(question=fig.controls[0].choices[4], layer=lm.num_layers - 1,
+                                                   mask=fig.controls[1].choices[0])["text"]
+    assert 'type="search"' not in html, "five questions need no search box"
+
+
+def test_contrastive_views_by_set_match_the_experiment(lm, ds):
+    import numpy as np
+
+    from fusion_utils.experiments.contrastive import contrastive_views
+    from fusion_utils.interactive import contrastive_views_by_set
+
+    by = contrastive_views_by_set(lm, list(ds), ("fusion", "shallow", "all"), [0, 1])
+    for kind in ("fusion", "shallow", "all"):
+        ref = contrastive_views(lm, list(ds), kind, [0, 1], post_prompt=None)
+        for a, b in zip(by[kind], ref):
+            assert a["pre"] == b["pre"] and np.allclose(a["I_A"], b["I_A"], atol=1e-6)
+
+
+def test_contrastive_figure_from_a_chapters_partial_records(lm, ds):
+    """The chapter's records hold one (ρ, λ) per candidate set: the explorer runs the whole grid only on the first
+    ``complete`` questions and names the settings it lacks for the others."""
+    from fusion_utils.experiments.harness import run
+
+    L = lm.num_layers
+    kw = dict(fusion_layers=[0, 1], apply_layer=L - 2)
+    chapter = run("contrastive", lm, ds, out=None, progress=False, variants=("soft",), candidates=("fusion",),
+                  rhos=(0.2,), lams=(0.1,), **kw).records
+    fig = widgets.figure("contrastive", lm, ds, candidate_sets=("fusion",), rhos=(0.2, 0.5), lams=(0.1,),
+                         records=chapter, complete=1, **kw)
+    q0, q1 = fig.controls[0].choices
+    assert "did not run" not in fig.state(question=q0, ρ=0.5)["text"]  # complete: computed
+    assert "did not run" in fig.state(question=q1, ρ=0.5)["text"]
+    assert "did not run" not in fig.state(question=q1, ρ=0.2)["text"] and "plain:" in fig.state(question=q1)["text"]
+
+
+def test_every_question_puts_the_picked_first_then_groups_families():
+    from fusion_utils.interactive import every_question
+
+    ds8 = load_dataset("world", n=8)
+    picked = [ds8[5]]
+    order = every_question(ds8, first=picked)
+    assert order[0] is ds8[5] and len(order) == 8 and {s.id for s in order} == {s.id for s in ds8}
+    fams = [s.family for s in order[1:]]
+    assert all(fams.index(f) + fams.count(f) - 1 == len(fams) - 1 - fams[::-1].index(f) for f in set(fams)), \
+        "each family's questions sit together"

@@ -26,7 +26,7 @@ import pandas as pd
 
 __all__ = ["Table", "table", "masking_runs", "NOT_REPORTED", "paper_value", "paper_layer_row", "holm",
            "verdict_rows", "verdicts_html", "verdicts", "figure", "save_verdicts", "save_records", "downloads_dir",
-           "downloads_html", "OUT_ENV", "noise_table", "persistent_counts", "noise_frequency_figure",
+           "downloads_html", "OUT_ENV", "FILES_BASE", "noise_table", "persistent_counts", "noise_frequency_figure",
            "SHORT_CLAIMS", "ci_text", "effect_text", "anchor"]
 
 #: what a cell says where the paper gives no value (never "none found": nothing was looked for)
@@ -365,6 +365,23 @@ FIGURE_CSS = ("<style>.fu-figure{margin:.6em 0 1.2em}.fu-figure img{display:bloc
               "background:#fff;border-radius:3px}.fu-figure figcaption{font-size:.88em;margin-top:.3em}</style>")
 
 
+#: a PNG larger than this is tried as a JPEG too (pictures under heatmaps: a PNG of 700 kB, a JPEG of 130 kB)
+JPEG_FROM = 150_000
+
+
+def _image_uri(png: bytes) -> str:
+    """The figure as a data URI: its PNG, or a JPEG when the PNG is large and the JPEG under half of it (a picture
+    under a heatmap; line and bar charts stay PNG, whose text stays sharp)."""
+    if len(png) > JPEG_FROM:
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").save(out, format="JPEG", quality=90)
+        if out.tell() < len(png) / 2:
+            return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
 def figure(fig, caption: str, *, alt: str | None = None, dpi: int = 150) -> _HTML:
     """A matplotlib figure as a captioned HTML figure (PNG on white, so it reads in dark mode too, and scaled to
     the column): ``caption`` says what is plotted and what to look for. The figure is closed, so the inline
@@ -376,7 +393,7 @@ def figure(fig, caption: str, *, alt: str | None = None, dpi: int = 150) -> _HTM
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     plt.close(fig)
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    uri = _image_uri(buf.getvalue())
     text = alt or caption.split(". ")[0]
     return _HTML(f'{FIGURE_CSS}<figure class="fu-figure"><img src="{uri}" alt="{_html.escape(text)}">'
                  f"<figcaption><b>Figure.</b> {_html.escape(caption)}</figcaption></figure>")
@@ -386,6 +403,8 @@ def figure(fig, caption: str, *, alt: str | None = None, dpi: int = 150) -> _HTM
 
 #: the environment variable naming the folder a build collects chapter files in (set by the book driver)
 OUT_ENV = "FUSION_UTILS_BOOK_FILES"
+#: where a chapter page (``book/chapters/<name>.html``) reaches its chapter's files in the built site
+FILES_BASE = "../../_chapter_files"
 
 
 def downloads_dir(chapter: str) -> Path:
@@ -416,7 +435,7 @@ def save_records(tables: Mapping[str, pd.DataFrame], chapter: str) -> list[Path]
 
 
 def downloads_html(chapter: str, files: Sequence[Path], *, params: Mapping | None = None,
-                   base: str = "../../_chapter_files") -> _HTML:
+                   base: str = FILES_BASE) -> _HTML:
     """Links to the chapter's records and its executed notebook, as the built page reaches them; ``params``: the
     chapter's own knobs that decide its numbers (threshold, ρ, λ, ...), listed under the links and written to
     ``parameters.json`` beside the records."""
