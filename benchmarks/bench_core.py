@@ -1,7 +1,10 @@
 """Performance figures of the intervention core (`make bench`). Prints one `name value` line per figure.
 
 All figures are ratios measured side by side in one run, on a shrunk-width model with realistic depth (32 decoder
-layers) and LLaVA-1.5's sequence (576 image tokens + ~40 text tokens), CPU:
+layers) and LLaVA-1.5's 576 image tokens, CPU. The tiny tokenizer splits the question (`QUESTION`) into 94 text
+tokens, 90 of them after the image: about twice what LLaVA-1.5's own tokenizer would give (18 words and marks a
+copy, plus the chat template: roughly 45, an estimate). That matters for the sweeps, whose cost grows with the text
+after the image (each variant recomputes it) while a naive forward's hardly does.
 
 - zero_sweep_speedup_vs_naive       full 32-layer one-layer-zero sweep: naive (one forward per layer) / shared prefix
 - knockout_sweep_speedup_vs_naive   same for knockout (shared prefix cache, batched question suffixes)

@@ -271,10 +271,11 @@ def test_split_attention_equals_attention_over_all_keys(fused):
 @pytest.mark.parametrize("last_only", [False, True])
 def test_split_attention_groups_and_last_row_equal_full_attention(last_only):
     """`split_attention` over two prefix groups (the full prefix, a shorter one) equals one masked attention over
-    [prefix + own suffix]; with ``last_only`` (a sweep's final layer) its last row still does, and every row repeats
-    it."""
+    [prefix + own suffix]; a sweep's final layer (``last_only``) calls it twice -- a keys-only call that stores the
+    suffix keys and values and stops, then the last position alone, which reads them -- and the last row still
+    does."""
     from fusion_utils.engine.override import STATE
-    from fusion_utils.engine.prefix import Group, SharedPrefix, split_attention
+    from fusion_utils.engine.prefix import Group, KeysRead, SharedPrefix, split_attention
 
     torch.manual_seed(0)
     B, n, kv, g, P, T, D = 2, 3, 2, 2, 7, 5, 8
@@ -284,10 +285,19 @@ def test_split_attention_groups_and_last_row_equal_full_attention(last_only):
     kp, vp = torch.randn(B, kv, P, D), torch.randn(B, kv, P, D)
     state = SharedPrefix(B)
     state.groups = [Group(slice(0, 2 * B), kp, vp), Group(slice(2 * B, 3 * B), kp[:, :, :3], vp[:, :, :3])]
-    state.last_only = last_only
     module = torch.nn.Module()
     setattr(module, STATE, state)
-    got, _ = split_attention(module, q, ks, vs, None, scaling=0.3)  # [N, T, H, D]
+    if last_only:
+        state.keys_only = True
+        with pytest.raises(KeysRead):
+            split_attention(module, q, ks, vs, None, scaling=0.3)
+        assert state.suffix_kv[0] is ks and state.suffix_kv[1] is vs
+        state.keys_only = False
+        # the last position's own key and value are ignored: it reads suffix_kv, which holds them
+        got, _ = split_attention(module, q[:, :, -1:], torch.zeros_like(ks[:, :, -1:]),
+                                 torch.zeros_like(vs[:, :, -1:]), None, scaling=0.3)
+    else:
+        got, _ = split_attention(module, q, ks, vs, None, scaling=0.3)  # [N, T, H, D]
     refs = []
     for rows, p in ((slice(0, 2 * B), P), (slice(2 * B, 3 * B), 3)):
         m = rows.stop // B - rows.start // B
@@ -298,7 +308,7 @@ def test_split_attention_groups_and_last_row_equal_full_attention(last_only):
         refs.append(torch.nn.functional.scaled_dot_product_attention(q[rows], keys, values, attn_mask=allowed,
                                                                       scale=0.3))
     ref = torch.cat(refs).transpose(1, 2)
-    assert got.shape == ref.shape
     if last_only:
-        ref = ref[:, -1:].expand_as(ref)
+        ref = ref[:, -1:]
+    assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -41,15 +41,24 @@ class Group:
     values: torch.Tensor
 
 
+class KeysRead(Exception):
+    """Raised by `split_attention` in a keys-only call (`SharedPrefix.keys_only`) once it has stored the call's
+    keys and values: what the layer computes after its attention is not needed."""
+
+
 class SharedPrefix:
-    """What the attention of the current layer call reads besides the suffix: ``groups`` covers every batch row."""
+    """What the attention of the current layer call reads besides the suffix: ``groups`` covers every batch row.
+
+    A sweep's final layer is called twice, because only its last position's output is read (the head): first with
+    ``keys_only`` set, for every suffix position (the attention stores their keys and values in ``suffix_kv`` and
+    raises `KeysRead`, so the layer's output projection and MLP never run on positions nobody reads), then with the
+    last position alone, which attends to ``suffix_kv`` instead of its own key and value."""
 
     def __init__(self, batch_size: int):
         self.B = batch_size
         self.groups: list[Group] = []
-        # the caller reads only the last position of this layer's output (the final layer of a sweep): only the
-        # last query row is attended; the other rows repeat it (the suffix's keys and values still all count)
-        self.last_only = False
+        self.keys_only = False
+        self.suffix_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def attend(q, k, v, scale: float, causal: bool, fused: bool | None = None):
@@ -93,23 +102,25 @@ def split_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         raise RuntimeError("shared-prefix attention called outside a shared_prefix_attention() block.")
     if dropout or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
         raise Unshareable
+    if state.keys_only:
+        state.suffix_kv = (key, value)
+        raise KeysRead
+    causal = state.suffix_kv is None  # else the queries are the last positions of suffix_kv: they read all of it
+    if not causal:
+        key, value = state.suffix_kv
     N, H, T, D = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, K = key.shape[1], key.shape[2]
     g = H // kv_heads
     scale = scaling if scaling is not None else D ** -0.5
     if g > 1:  # the suffix is short: repeating its keys and values is cheap
-        key, value = (x[:, :, None].expand(N, kv_heads, g, T, D).reshape(N, H, T, D) for x in (key, value))
-    rows = T
-    if state.last_only:  # the last query reads every suffix key: no causal mask
-        query, rows = query[:, :, -1:], 1
-    out, lse = attend(query, key, value, scale, causal=rows > 1)
+        key, value = (x[:, :, None].expand(N, kv_heads, g, K, D).reshape(N, H, K, D) for x in (key, value))
+    out, lse = attend(query, key, value, scale, causal=causal and T > 1)
     for grp in state.groups:
         if grp.keys.shape[-2] == 0:
             continue
         o_p, lse_p = attend(fold(query[grp.rows], state.B, kv_heads), grp.keys, grp.values, scale, causal=False)
-        combine(out, lse, grp.rows, unfold(o_p, state.B, H, rows), unfold(lse_p, state.B, H, rows))
-    out = out.transpose(1, 2)
-    return (out.contiguous() if rows == T else out.expand(N, T, H, D)), None
+        combine(out, lse, grp.rows, unfold(o_p, state.B, H, T), unfold(lse_p, state.B, H, T))
+    return out.transpose(1, 2).contiguous(), None
 
 
 def combine(out, lse, rows, o_p, lse_p) -> None:
@@ -141,4 +152,4 @@ def shared_prefix_attention(lm, batch_size: int):
         yield state
 
 
-__all__ = ["Group", "SharedPrefix", "Unshareable", "shared_prefix_attention", "split_attention", "attend"]
+__all__ = ["Group", "KeysRead", "SharedPrefix", "Unshareable", "shared_prefix_attention", "split_attention", "attend"]

@@ -27,9 +27,10 @@ import torch
 
 from .intervene import intervene
 from .plans import AttentionEdit, MaskImage, Plan, block_edges, check_layer, image_blocks, layer_window
-from .prefix import Group, Unshareable, shared_prefix_attention
-from .replay import (Ambiguous, fork_cache, head, language_model_cache, layer_kv, position_slice, record_decoder_call,
-                     record_inputs, record_outputs, reusable, set_layer_kv, text_after_image_start, tile)
+from .prefix import Group, KeysRead, Unshareable, shared_prefix_attention
+from .replay import (Ambiguous, fork_cache, head, language_model_cache, last_logits_only, layer_kv, position_slice,
+                     record_decoder_call, record_inputs, record_outputs, reusable, set_layer_kv, text_after_image_start,
+                     tile)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def one_layer_zero_sweep(lm, batch, layers, window):
 def suffix_sweep(lm, batch, layers, window, onward, mode):
     L, B, S = lm.num_layers, batch.size, batch.seq_len
     with record_inputs(lm) as rec:
-        out = lm.model(**batch.inputs, use_cache=True)
+        out = lm.model(**batch.inputs, use_cache=True, **last_logits_only(lm))
     plain = out.logits[:, -1].float()
     cache = language_model_cache(out)
     if not reusable(cache):
@@ -362,11 +363,36 @@ def shared_suffix_pass(lm, rec, layers, windows, start, prefix_kv, zero_kv, img,
                 groups.append(Group(slice(i * B, e * B), *kv))
                 i = e
             shared.groups = groups
-            shared.last_only = j == L - 1  # only the last position of the final layer is read (the head below)
+            if j == L - 1:  # only the last position of the final layer is read (the head below)
+                hidden = final_layer(lm, j, hidden, shared, kw, kwargs, n, P, S, B, img.device)
+                break
             res = lm.layers[j](hidden, past_key_values=None, **kw)
             hidden = res[0] if isinstance(res, tuple) else res
     last = head(lm, hidden[:, -1])
     return {v: last[i * B:(i + 1) * B] for i, v in enumerate(active)}
+
+
+def final_layer(lm, j, hidden, shared, kw, kwargs, n, P, S, B, device):
+    """The last layer for the last position: one call reads every suffix position's keys and values and stops at
+    the attention (`KeysRead`); a second runs the last position alone through the whole layer, attending to them."""
+    shared.keys_only = True
+    try:
+        lm.layers[j](hidden, past_key_values=None, **kw)
+    except KeysRead:
+        pass
+    finally:
+        shared.keys_only = False
+    if shared.suffix_kv is None:
+        raise Unshareable  # the layer never called its attention (a model we do not know): take the unshared path
+    last = position_slice({k: v for k, v in kwargs.items() if k != "attention_mask"}, S - 1, S, S, S, B, device)
+    kw_last = {k: tile(v, B, n) for k, v in last.items()}
+    if "attention_mask" in kw:
+        kw_last["attention_mask"] = None
+    try:
+        res = lm.layers[j](hidden[:, -1:], past_key_values=None, **kw_last)
+    finally:
+        shared.suffix_kv = None
+    return res[0] if isinstance(res, tuple) else res
 
 
 @torch.no_grad()
