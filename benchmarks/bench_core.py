@@ -1,9 +1,11 @@
 """Performance figures of the intervention core (`make bench`). Prints one `name value` line per figure.
 
 All figures are ratios measured side by side in one run, on a shrunk-width model with realistic depth (32 decoder
-layers) and LLaVA-1.5's 576 image tokens, CPU. The tiny tokenizer splits the question (`QUESTION`) into 94 text
-tokens, 90 of them after the image: about twice what LLaVA-1.5's own tokenizer would give (18 words and marks a
-copy, plus the chat template: roughly 45, an estimate). That matters for the sweeps, whose cost grows with the text
+layers) and LLaVA-1.5's 576 image tokens, CPU. The question (`QUESTION`) is one VQA question: the tiny tokenizer
+gives 57 text tokens, 53 of them after the image, where LLaVA-1.5's own tokenizer gives roughly 45 with its chat
+template (an estimate: 18 words and marks, the template's "USER: ... ASSISTANT:" and its answer-format line). Until
+issue 27 the question was written twice (94 text tokens, 90 after the image), against this docstring's "~40 text
+tokens". That matters for the sweeps, whose cost grows with the text
 after the image (each variant recomputes it) while a naive forward's hardly does.
 
 - zero_sweep_speedup_vs_naive       full 32-layer one-layer-zero sweep: naive (one forward per layer) / shared prefix
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-QUESTION = "what is the color of the small object left of the large red circle in this picture ? " * 2
+QUESTION = "what is the color of the small object left of the large red circle in this picture ?"
 
 
 def bench_model():
