@@ -134,8 +134,7 @@ def test_summary_uses_circular_eval_on_mmbench():
 
 def test_baselines_experiment_every_method(lm):
     """Every baseline row, recorded on each architecture (ViCrop and the crop bounds where the image tokens have a
-    grid); CD's amateur
-    is a 2-layer tiny model of the same architecture (same tokenizer)."""
+    grid); CD's amateur is a 2-layer tiny model of the same architecture (same tokenizer)."""
     ds = load_dataset("world", n=2)
     methods = [m for m in BL.METHODS if lm.spec.spatial or m not in ("vicrop", "oracle_crop", "random_crop")]
     amateur = str(tiny_model_dir(lm.spec.model_type, num_layers=2))
