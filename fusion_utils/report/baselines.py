@@ -1,4 +1,8 @@
-"""The baseline table's verdict ("ours beats the baselines") and its latency table.
+"""The baseline table's verdict ("ours beats the baselines"), its share of the oracle gain, and its latency table.
+
+Where a run has the bounds (`experiments.bounds`: the oracle crop of the ground-truth relevant cells, a random crop
+of its size), each method is also read as its share of the oracle's gain over plain (`oracle_shares`), with a paired
+bootstrap CI over questions; the bounds are never "the best baseline".
 
 Verdict rule: the best baseline is chosen on the dev split (highest accuracy), and ours is compared with it on the
 test split, paired by question (bootstrap 95% CI of the mean difference, `stats.paired_test`). The effect it is
