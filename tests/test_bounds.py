@@ -160,6 +160,11 @@ def test_share_is_undefined_when_the_oracle_gain_ci_holds_zero():
     cell = table.loc["oracle crop (upper bound)", "m: share of the oracle gain"]
     assert cell.startswith(RB.SHARE_NA) and "95% CI" in cell
     assert RB.oracle_shares(r[r["method"] != "oracle_crop"]).empty
+    worse = r.copy()  # an oracle that loses: its CI lies below zero, and the cell says so
+    worse.loc[worse["method"] == "oracle_crop", "score"] = 0.0
+    below = RB.oracle_shares(worse).set_index("method")
+    assert below.loc["oracle_crop", "oracle_gain_hi"] < 0
+    assert RB.share_text(below.loc["vicrop"].to_dict() | {"method": "vicrop"}) == RB.SHARE_NA_BELOW
 
 
 def test_method_table_has_the_bounds_the_share_and_the_papers_gain():

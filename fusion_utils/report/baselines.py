@@ -85,6 +85,7 @@ PAPER_BACKBONES = {"LLaVA-1.5": "LLaVA-1.5", "LLaVA-NeXT": "LLaVA-NeXT", "Qwen2.
 
 
 SHARE_NA = "n/a (oracle gain not above zero: the CI holds 0)"
+SHARE_NA_BELOW = "n/a (oracle gain not above zero: the CI lies below 0)"
 
 
 def oracle_shares(records: pd.DataFrame, *, seed: int = 0, n_boot: int = stats.N_BOOT, level: float = 0.95,
@@ -147,14 +148,15 @@ def oracle_shares(records: pd.DataFrame, *, seed: int = 0, n_boot: int = stats.N
 
 def share_text(row) -> str:
     """One cell of the method table's share column (``row``: a row of `oracle_shares`)."""
+    na = SHARE_NA_BELOW if row["oracle_gain_hi"] < 0 else SHARE_NA
     if row["method"] == "plain":
         return "0 (the reference)"
     if row["method"] == "oracle_crop":
         ci = f"oracle gain {100 * row['gain']:+.1f} pts, 95% CI [{100 * row['oracle_gain_lo']:+.1f}, " \
              f"{100 * row['oracle_gain_hi']:+.1f}]"
-        return f"1 (the bound; {ci})" if row["defined"] else f"{SHARE_NA}; {ci}"
+        return f"1 (the bound; {ci})" if row["defined"] else f"{na}; {ci}"
     if not row["defined"]:
-        return SHARE_NA
+        return na
     return f"{row['share']:.2f} [{row['share_lo']:.2f}, {row['share_hi']:.2f}] ({100 * row['gain']:+.1f} pts)"
 
 
@@ -238,5 +240,5 @@ def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
-__all__ = ["BASELINE_COLUMNS", "NAMES", "SHARE_NA", "paper_margins", "beats_baselines", "oracle_shares", "share_text",
+__all__ = ["BASELINE_COLUMNS", "NAMES", "SHARE_NA", "SHARE_NA_BELOW", "paper_margins", "beats_baselines", "oracle_shares", "share_text",
            "paper_gain_text", "method_table", "latency_table"]
