@@ -133,10 +133,10 @@ def test_summary_uses_circular_eval_on_mmbench():
 
 
 def test_baselines_experiment_every_method(lm):
-    """Every baseline row, recorded on each architecture (ViCrop where the image tokens have a grid); CD's amateur
-    is a 2-layer tiny model of the same architecture (same tokenizer)."""
+    """Every baseline row, recorded on each architecture (ViCrop and the crop bounds where the image tokens have a
+    grid); CD's amateur is a 2-layer tiny model of the same architecture (same tokenizer)."""
     ds = load_dataset("world", n=2)
-    methods = [m for m in BL.METHODS if lm.spec.spatial or m != "vicrop"]
+    methods = [m for m in BL.METHODS if lm.spec.spatial or m not in ("vicrop", "oracle_crop", "random_crop")]
     amateur = str(tiny_model_dir(lm.spec.model_type, num_layers=2))
     res = BL.baselines(lm, ds, methods=methods, cd_amateur=amateur, decoding=Decoding(max_new_tokens=3),
                        batch_size=2, progress=False)

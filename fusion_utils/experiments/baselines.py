@@ -46,6 +46,11 @@ followed.
   the contrastive chapter picks them (the shallow half when no fusion layers are given): in the same run, so the
   "beats the baselines" verdict (`report.baselines`) pairs it with the baselines and one clock times them all.
 
+- ``oracle_crop`` / ``random_crop`` (`experiments.bounds`): not baselines but the bounds the contrastive chapter
+  places every method between, read from the question's ground-truth relevant cells (only the world marks them): the
+  crop of the relevant cells (upper) and a crop of the same size at a seeded random position (lower). They never
+  count as "the best baseline" (`report.baselines.beats_baselines`).
+
 On MMBench (the ``option`` scorer) the summary's ``accuracy`` is CircularEval (lmms-eval's default), with the
 per-row accuracy beside it as ``row_accuracy``.
 """
@@ -72,10 +77,11 @@ from ..metrics import benchmark_accuracy
 from ..prompts import GENERIC_PROMPT, POST_PROMPT
 from .common import Decoding, answer, decode_new, generate
 from .harness import Context, Spec, register, run
+from .bounds import BOUNDS, oracle_crop, random_crop, require_relevance
 from .opera import opera
 from ..engine.stepping import Stepper
 
-METHODS = ("plain", "cd", "dola", "opera", "vcd", "vicrop", "ours")
+METHODS = ("plain", "cd", "dola", "opera", "vcd", "vicrop", "ours", *BOUNDS)
 DEFAULT_METHODS = ("plain", "vicrop", "vcd", "dola")  # the cheap ones; cd needs an amateur, opera costs 5 beams
 
 
@@ -447,6 +453,11 @@ def resolve(lm, dataset, *, methods: Sequence[str], vicrop_attn_layer: int | Non
     if "vicrop" in methods and not lm.spec.spatial:
         raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid; ViCrop needs one to crop -- drop "
                          "'vicrop' from methods.")
+    if set(BOUNDS) & set(methods):
+        if not lm.spec.spatial:
+            raise ValueError(f"{lm.spec.label}'s image tokens have no spatial grid, so it is given no crops -- drop "
+                             "'oracle_crop' and 'random_crop' from methods.")
+        require_relevance(list(dataset), f"dataset {getattr(dataset, 'name', 'this dataset')!r}")
     amateur = cd_amateur if cd_amateur is not None else default_amateur(lm)
     if "cd" in methods:
         if amateur is None:
@@ -486,6 +497,10 @@ def run_method(lm, m: str, samples, ctx: Context, p: dict) -> list[str]:
     if m == "cd":
         return cd(lm, samples, amateur=p["cd_amateur"], alpha=p["cd_alpha"],
                   amateur_temperature=p["cd_amateur_temperature"], post_prompt=pp, decoding=decoding, batch_size=n)
+    if m == "oracle_crop":
+        return oracle_crop(lm, samples, post_prompt=pp, decoding=decoding)
+    if m == "random_crop":
+        return random_crop(lm, samples, seed=ctx.seed, post_prompt=pp, decoding=decoding)
     if m == "opera":
         return opera(lm, samples, post_prompt=pp, decoding=decoding, num_beams=p["opera_beams"],
                      num_attn_candidates=p["opera_candidates"])

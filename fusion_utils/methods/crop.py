@@ -111,6 +111,56 @@ def _widen(lo: float, hi: float, min_len: float, size: float) -> tuple[float, fl
     return max(0.0, lo), min(float(size), hi)
 
 
+def cells_crop_box(cells, image_size, *, pad: int = 1, min_side: float = 0.25) -> tuple[int, int, int, int]:
+    """The crop box of a given set of cells, by the paper-variant crop's box rule (`peak_crop_box`): the bounding box
+    of the True cells of ``cells`` (a bool grid ``[rows, cols]`` laid uniformly over the whole image), padded by
+    ``pad`` cells, each side widened to at least ``min_side`` of the image's, clipped to the image. With the cells a
+    question is about (ground truth) it is the oracle crop: the box a crop method would draw if its map were perfect.
+
+    >>> m = np.zeros((6, 6), bool); m[2, 3] = True
+    >>> cells_crop_box(m, (192, 192))
+    (64, 32, 160, 128)
+    """
+    m = np.asarray(cells, dtype=bool)
+    if m.ndim != 2 or not m.any():
+        raise ValueError(f"A crop of cells needs a 2-D bool grid with at least one True cell, got shape {m.shape} "
+                         f"with {int(m.sum())} True; pass the cells the crop must hold.")
+    W, H = int(image_size[0]), int(image_size[1])
+    rows, cols = m.shape
+    rr, cc = np.nonzero(m)
+    r0, r1 = max(0, rr.min() - pad), min(rows, rr.max() + 1 + pad)
+    c0, c1 = max(0, cc.min() - pad), min(cols, cc.max() + 1 + pad)
+    gx, gy = _grid_to_px(FULL_EXTENT, image_size, rows, cols)
+    left, right = _widen(gx(c0), gx(c1), min_side * W, W)
+    top, bottom = _widen(gy(r0), gy(r1), min_side * H, H)
+    box = (int(math.floor(left)), int(math.floor(top)), int(math.ceil(right)), int(math.ceil(bottom)))
+    return (max(0, box[0]), max(0, box[1]), min(W, max(box[2], box[0] + 1)), min(H, max(box[3], box[1] + 1)))
+
+
+def random_crop_box(like, image_size, grid, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A box of the size of the pixel box ``like`` at a random position (drawn from ``rng``), aligned to the cells of
+    a ``grid`` = (rows, cols) laid over the image as ``like`` is, and inside the image: the random crop, a crop that
+    knows nothing about where to look. Only its position is drawn, so it keeps the size a crop method's box rule
+    gives (the oracle's box), and a method that beats it has chosen *where* better than chance.
+
+    >>> b = random_crop_box((64, 32, 160, 128), (192, 192), (6, 6), np.random.default_rng(0))
+    >>> (b[2] - b[0], b[3] - b[1]), all(v % 32 == 0 for v in b)
+    ((96, 96), True)
+    """
+    W, H = int(image_size[0]), int(image_size[1])
+    w, h = int(like[2]) - int(like[0]), int(like[3]) - int(like[1])
+    rows, cols = (int(v) for v in grid)
+    if not (0 < w <= W and 0 < h <= H):
+        raise ValueError(f"random_crop_box got a box of {w} x {h} px for an image of {W} x {H}; pass a box inside the "
+                         "image.")
+    lefts = sorted({round(c * W / cols) for c in range(cols)} | {0})
+    tops = sorted({round(r * H / rows) for r in range(rows)} | {0})
+    lefts = [x for x in lefts if x + w <= W] or [0]
+    tops = [y for y in tops if y + h <= H] or [0]
+    x, y = lefts[int(rng.integers(len(lefts)))], tops[int(rng.integers(len(tops)))]
+    return x, y, x + w, y + h
+
+
 def vicrop_box(att_map, image_size, bbox_size: float, *, extent=FULL_EXTENT,
                ratios: Sequence[float] = VICROP_RATIOS) -> tuple[int, int, int, int]:
     """ViCrop's adaptive window, as ``bbox_from_att_image_adaptive`` (MLLMs_know_where_to_look, ``utils.py``).
@@ -245,6 +295,6 @@ def crop_images(images, boxes) -> list[list]:
     return [[im, im.convert("RGB").crop(tuple(int(v) for v in box))] for im, box in zip(images, boxes)]
 
 
-__all__ = ["VICROP_LAYERS", "HIGH_RES", "high_res_tiles", "needs_tiling", "merge_tiles", "FULL_EXTENT", "VICROP_RATIOS",
+__all__ = ["cells_crop_box", "random_crop_box", "VICROP_LAYERS", "HIGH_RES", "high_res_tiles", "needs_tiling", "merge_tiles", "FULL_EXTENT", "VICROP_RATIOS",
            "VICROP_LAYER_OF_32", "peak_crop_box", "vicrop_box", "attention_ratio",
            "vicrop_layer", "crop_images"]

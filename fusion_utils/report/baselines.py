@@ -1,4 +1,8 @@
-"""The baseline table's verdict ("ours beats the baselines") and its latency table.
+"""The baseline table's verdict ("ours beats the baselines"), its share of the oracle gain, and its latency table.
+
+Where a run has the bounds (`experiments.bounds`: the oracle crop of the ground-truth relevant cells, a random crop
+of its size), each method is also read as its share of the oracle's gain over plain (`oracle_shares`), with a paired
+bootstrap CI over questions; the bounds are never "the best baseline".
 
 Verdict rule: the best baseline is chosen on the dev split (highest accuracy), and ours is compared with it on the
 test split, paired by question (bootstrap 95% CI of the mean difference, `stats.paired_test`). The effect it is
@@ -20,7 +24,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..paper import LATENCY_S, MAIN_TABLE
+from ..experiments.bounds import BOUNDS
+from ..paper import LATENCY_S, MAIN_TABLE, main_gains
 from . import stats
 
 BASELINE_COLUMNS = ("CD", "DoLa", "OPERA", "ViCrop")
@@ -44,7 +49,7 @@ def beats_baselines(records: pd.DataFrame, ours: str = "ours", *, margin: float 
     baselines (``plain`` is not a baseline). ``margin``: the paper's effect as a fraction (default: the smallest of
     `paper_margins`, /100)."""
     margin = min(paper_margins().values()) / 100 if margin is None else float(margin)
-    base = [m for m in records["method"].unique() if m not in (ours, "plain")]
+    base = [m for m in records["method"].unique() if m not in (ours, "plain", *BOUNDS)]
     if ours not in set(records["method"]) or not base:
         return {"verdict": "n/a: needs records of ours and of at least one baseline"}
     wide = records.pivot_table(index="id", columns="method", values="score", aggfunc="mean")
@@ -74,23 +79,127 @@ def beats_baselines(records: pd.DataFrame, ours: str = "ours", *, margin: float 
             "split": stats.describe_split(len(dev), len(test))}
 
 
-NAMES = {"plain": "plain", "cd": "CD", "dola": "DoLa", "opera": "OPERA", "vcd": "VCD", "vicrop": "ViCrop",
-         "ours": "ours"}
+NAMES = {"plain": "plain", "random_crop": "random crop (lower bound)", "cd": "CD", "dola": "DoLa", "opera": "OPERA",
+         "vcd": "VCD", "vicrop": "ViCrop", "ours": "ours", "oracle_crop": "oracle crop (upper bound)"}
 PAPER_BACKBONES = {"LLaVA-1.5": "LLaVA-1.5", "LLaVA-NeXT": "LLaVA-NeXT", "Qwen2.5-VL": "Qwen2.5-VL"}
 
 
-def method_table(summaries: dict, verdicts: dict) -> pd.DataFrame:
+SHARE_NA = "n/a (oracle gain not above zero: the CI holds 0)"
+SHARE_NA_BELOW = "n/a (oracle gain not above zero: the CI lies below 0)"
+
+
+def oracle_shares(records: pd.DataFrame, *, seed: int = 0, n_boot: int = stats.N_BOOT, level: float = 0.95,
+                  plain: str = "plain", oracle: str = "oracle_crop") -> pd.DataFrame:
+    """Each method's share of the oracle crop's gain, ``(method − plain) / (oracle − plain)``, with a paired
+    bootstrap CI.
+
+    ``records``: per-sample ``id, method, score`` of one baselines run that holds ``plain`` and ``oracle`` (the
+    questions every method answered are kept, so every share is on the same questions). The bootstrap resamples
+    questions, and one resample of question indices serves every method: the numerator and denominator of a share
+    move together, as do two methods' shares. Percentile CI of the ratio over the resamples.
+
+    The share is only defined when the oracle gains: when the oracle gain's CI reaches 0 or below, every share reads
+    `SHARE_NA` rather than a ratio over noise (its denominator could be zero or negative). The rare resamples whose
+    oracle gain is not positive even so give the share its limit from above, ±inf, which widens the CI rather than
+    flipping its sign.
+
+    Columns: method, n, accuracy, gain (method − plain), share, share_lo, share_hi, oracle_gain_lo, oracle_gain_hi,
+    defined (bool). Empty without ``plain`` or ``oracle``.
+
+    >>> r = pd.DataFrame({"id": list(range(8)) * 3, "method": ["plain"] * 8 + ["oracle_crop"] * 8 + ["m"] * 8,
+    ...                   "score": [0] * 8 + [1] * 8 + [1, 0] * 4})
+    >>> t = oracle_shares(r).set_index("method")
+    >>> [float(t.loc[m, "share"]) for m in ("plain", "oracle_crop", "m")]
+    [0.0, 1.0, 0.5]
+    """
+    cols = ["method", "n", "accuracy", "gain", "share", "share_lo", "share_hi", "oracle_gain_lo", "oracle_gain_hi",
+            "defined"]
+    if records is None or len(records) == 0 or not {plain, oracle} <= set(records["method"]):
+        return pd.DataFrame(columns=cols)
+    order = list(dict.fromkeys(records["method"]))
+    wide = records.pivot_table(index="id", columns="method", values="score", aggfunc="mean")[order].dropna()
+    x = wide.to_numpy(float)
+    n = len(x)
+    if n == 0:
+        return pd.DataFrame(columns=cols)
+    ip, io = order.index(plain), order.index(oracle)
+    idx = np.random.default_rng(np.random.SeedSequence(int(seed))).integers(0, n, size=(n_boot, n))
+    means = x[idx].mean(axis=1)  # [resample, method]: every method on the same resampled questions
+    num = means - means[:, [ip]]
+    den = num[:, io]
+    a = (1 - level) / 2
+    den_lo, den_hi = (float(v) for v in np.quantile(den, [a, 1 - a]))
+    acc = x.mean(axis=0)
+    gain = acc - acc[ip]
+    defined = den_lo > 0 and gain[io] > 0
+    rows = []
+    for j, m in enumerate(order):
+        share = lo = hi = float("nan")
+        if defined:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(den > 0, num[:, j] / den, np.sign(num[:, j]) * np.inf)
+            share = float(gain[j] / gain[io])
+            lo, hi = (float(v) for v in np.quantile(ratio, [a, 1 - a], method="inverted_cdf"))
+        rows.append({"method": m, "n": n, "accuracy": float(acc[j]), "gain": float(gain[j]), "share": share,
+                     "share_lo": lo, "share_hi": hi, "oracle_gain_lo": den_lo, "oracle_gain_hi": den_hi,
+                     "defined": defined})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def share_text(row) -> str:
+    """One cell of the method table's share column (``row``: a row of `oracle_shares`)."""
+    na = SHARE_NA_BELOW if row["oracle_gain_hi"] < 0 else SHARE_NA
+    if row["method"] == "plain":
+        return "0 (the reference)"
+    if row["method"] == "oracle_crop":
+        ci = f"oracle gain {100 * row['gain']:+.1f} pts, 95% CI [{100 * row['oracle_gain_lo']:+.1f}, " \
+             f"{100 * row['oracle_gain_hi']:+.1f}]"
+        return f"1 (the bound; {ci})" if row["defined"] else f"{na}; {ci}"
+    if not row["defined"]:
+        return na
+    return f"{row['share']:.2f} [{row['share_lo']:.2f}, {row['share_hi']:.2f}] ({100 * row['gain']:+.1f} pts)"
+
+
+def paper_gain_text(key: str) -> str:
+    """The paper's gain over the base model for a method, in points, as the range over its backbones."""
+    if key == "plain":
+        return "0 (the base)"
+    if key in BOUNDS:
+        return "none: needs ground-truth relevance"
+    g = main_gains().set_index("backbone")
+    col = NAMES.get(key, key)
+    if col not in g.columns:
+        return ""
+    lo, hi = float(g[col].min()), float(g[col].max())
+    return f"{lo:+.2f} to {hi:+.2f}"
+
+
+def method_table(summaries: dict, verdicts: dict, shares: dict | None = None) -> pd.DataFrame:
     """The chapter's baseline table: one row per method (accuracy in %, per model, from each model's baselines run
     ``summaries[model]``), the paper's reported averages beside them, and a last row with each model's verdict on
     "ours beats the baselines" (``verdicts[model]``: `beats_baselines`) and the paper's margin. Strings throughout,
-    so the table shows no NaN: a method a model did not run reads "not run"."""
+    so the table shows no NaN: a method a model did not run reads "not run".
+
+    ``shares[model]``: `oracle_shares` of that model's run; where given, a column "<model>: share of the oracle gain"
+    per model (`share_text`) and the paper's gain over its base model (points, range over backbones) beside them.
+    The bound rows (oracle and random crop) appear only when some model ran them."""
     paper = MAIN_TABLE.set_index("backbone")
+    shares = {m: t for m, t in (shares or {}).items() if len(t)}
+    ran = {str(k) for s in summaries.values() for k in s["method"]}
     rows = []
     for key, name in NAMES.items():
+        if key in BOUNDS and key not in ran:
+            continue
         row = {"method": name}
         for model, summary in summaries.items():
             hit = summary[summary["method"] == key]
             row[model] = f"{100 * float(hit['accuracy'].iloc[0]):.1f}" if len(hit) else "not run"
+            if model in shares:
+                sh = shares[model].set_index("method")
+                row[f"{model}: share of the oracle gain"] = (share_text(sh.loc[key].to_dict() | {"method": key})
+                                                             if key in sh.index else "not run")
+        if shares:
+            row["paper: gain over base (points)"] = paper_gain_text(key)
         for b in PAPER_BACKBONES:
             col = "base" if key == "plain" else name
             row[f"paper: {b}"] = f"{paper.loc[b, col]:.2f}" if col in paper.columns else ""
@@ -105,7 +214,7 @@ def method_table(summaries: dict, verdicts: dict) -> pd.DataFrame:
     for b, m in paper_margins().items():
         last[f"paper: {b}"] = f"+{m:.2f} over the best baseline"
     rows.append(last)
-    return pd.DataFrame(rows).reset_index(drop=True)
+    return pd.DataFrame(rows).fillna("").reset_index(drop=True)
 
 
 def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
@@ -131,4 +240,5 @@ def latency_table(seconds: dict, *, reference: str = "plain") -> pd.DataFrame:
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
-__all__ = ["BASELINE_COLUMNS", "NAMES", "paper_margins", "beats_baselines", "method_table", "latency_table"]
+__all__ = ["BASELINE_COLUMNS", "NAMES", "SHARE_NA", "SHARE_NA_BELOW", "paper_margins", "beats_baselines", "oracle_shares", "share_text",
+           "paper_gain_text", "method_table", "latency_table"]
