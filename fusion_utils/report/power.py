@@ -103,7 +103,8 @@ def describe(power: Mapping, key: str) -> str:
     """One sentence for a verdict row: the pilot, what this claim needed and what was drawn."""
     need = power["needed"].get(key)
     need_s = ("— (the rule does not apply on the pilot)" if need is None else
-              "∞ (no effect in the paper's direction on the pilot)" if not math.isfinite(need) else f"≈ {need}")
+              "∞ (no effect in the paper's direction on the pilot)" if not math.isfinite(need) else
+              "none beyond the pilot's (the rule judges every question)" if need == 0 else f"≈ {need}")
     capped = need is not None and (not math.isfinite(need) or need > power["drawn"]) and power["drawn"] >= power["cap"]
     return (f"pilot {power['pilot']} dev questions; this claim needed {need_s} test questions; drawn "
             f"{power['drawn']}" + (f" (the cap {power['cap']} binds)" if capped else ""))
