@@ -46,6 +46,9 @@ def test_needed_n_converts_a_pilot_build_size_into_test_questions():
     # a rule that judges every sample counts the final build's dev questions (the pilot's 60)
     every = dict(split, n=60, needed_n=400.0, split="all 60 samples (nothing is selected)")
     assert power.needed_test_n(every, 60) == 340
+    # one that judges a subset (6 of 60 questions have a persistent token) needs questions, not judged samples
+    subset = dict(every, n=6, needed_n=4000.0, split="all 6 samples with a persistent token (nothing is selected)")
+    assert power.needed_test_n(subset, 60) == 3940
     assert power.needed_test_n(dict(split, verdict="n/a: no records"), 60) is None
     # a decided row: the n that would decide again at its effect (from the CI's width), smaller for a larger effect
     decided = dict(key="b", model="m", verdict=report.REPRODUCES, needed_n=float("nan"), n=60, value=0.3,

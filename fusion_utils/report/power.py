@@ -56,22 +56,23 @@ def needed_test_n(row: Mapping, n_pilot: int) -> float | None:
     apply (n/a). Inconclusive rows state their needed build size (`verdicts.decide`), turned here into judged samples;
     a decided row's n is the one that would decide again at the observed effect (from its CI's width); a claim with
     no effect in the paper's direction needs ∞ (the cap). A rule that judges on every sample counts the dev questions
-    of the final build, so it needs only the rest from the test side."""
+    of the final build, so it needs only the rest from the test side; one that judges a subset (questions with a
+    persistent token) needs questions in proportion."""
     verdict = str(row.get("verdict") or "")
     if verdict.startswith(NA):
         return None
     n = int(row.get("n") or 0)
-    need = row.get("needed_n")
-    if need is not None and not (isinstance(need, float) and math.isnan(need)):
-        judged = float(need) * (n / n_pilot if n_pilot and n else 1.0)  # a build size -> samples the rule judges
-    else:
+    build = row.get("needed_n")  # the pilot-sized build that would decide (`verdicts.decide`)
+    if build is None or (isinstance(build, float) and math.isnan(build)):
         value, paper = float(row.get("value", float("nan"))), row.get("paper_effect")
         if not np.isfinite(value):
             return float("inf")
         judged = n_to_decide(_sd_from_ci(row, n), value, None if paper is None else float(paper))
-    if _judges_all(row):
-        judged -= n_pilot
-    return max(0.0, judged)
+        build = judged * n_pilot / max(1, n)  # judged samples -> questions, at the pilot's share judged
+    build = float(build)
+    if _judges_all(row):  # every question counts, the final build's dev questions (the pilot's) among them
+        return max(0.0, build - n_pilot)
+    return max(0.0, build * n / max(1, n_pilot))  # the test side is judged: the build's share of it
 
 
 def draw_size(needs: Iterable[float | None], cap: int, floor: int = 0) -> int:
