@@ -64,7 +64,7 @@ def test_with_power_records_pilot_needed_and_drawn_n_in_each_row():
     for r in rows:
         assert r["pilot_n"] == 60 and r["drawn_test_n"] == pw["drawn"] >= 60
         assert r["needed_test_n"] == pw["needed"][f"{r['key']} · m"]
-        assert r["power"].startswith("pilot 60 dev questions")
+        assert r["power"].startswith("pilot of 60 dev questions")
     from fusion_utils.report.display import verdict_rows
 
     saved = verdict_rows(rows, "fusion")

@@ -101,14 +101,19 @@ def choose(pilot_rows: Iterable[Mapping], *, n_pilot: int, cap: int, floor: int 
 
 
 def describe(power: Mapping, key: str) -> str:
-    """One sentence for a verdict row: the pilot, what this claim needed and what was drawn."""
+    """One sentence for a verdict row: the pilot, what this claim needed and what was drawn.
+
+    >>> describe(dict(pilot=60, needed={"a · m": 125}, drawn=200, cap=200), "a · m")
+    'pilot of 60 dev questions; this claim needed ≈ 125 test questions; 200 drawn'
+    """
     need = power["needed"].get(key)
-    need_s = ("— (the rule does not apply on the pilot)" if need is None else
-              "∞ (no effect in the paper's direction on the pilot)" if not math.isfinite(need) else
-              "none beyond the pilot's (the rule judges every question)" if need == 0 else f"≈ {need}")
+    need_s = ("the rule did not apply on the pilot" if need is None else
+              "no test n decides it (no effect in the paper's direction on the pilot)" if not math.isfinite(need)
+              else "no test questions beyond the pilot's (the rule judges every question)" if need == 0
+              else f"≈ {need} test questions")
     capped = need is not None and (not math.isfinite(need) or need > power["drawn"]) and power["drawn"] >= power["cap"]
-    return (f"pilot {power['pilot']} dev questions; this claim needed {need_s} test questions; drawn "
-            f"{power['drawn']}" + (f" (the cap {power['cap']} binds)" if capped else ""))
+    return (f"pilot of {power['pilot']} dev questions; this claim needed {need_s}; {power['drawn']} drawn"
+            + (f" (the cap of {power['cap']} binds)" if capped else ""))
 
 
 def with_power(rows: Iterable[Mapping], power: Mapping | None) -> list[dict]:
