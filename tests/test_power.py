@@ -108,3 +108,19 @@ def test_nulls_never_reproduce_at_the_drawn_n():
     blind = report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, n=n, blind=True), L)
     assert all(r["verdict"].startswith(report.NA) for r in blind)
     assert np.isfinite(pw["drawn"])
+
+
+@pytest.mark.parametrize("name", ["default", "evidence"])
+def test_the_power_parameters_files_validate_and_build_into_their_own_folder(name):
+    from pathlib import Path
+
+    from fusion_utils.book.layout import Layout, build_name
+    from fusion_utils.book.params import validate
+
+    root = Path(__file__).resolve().parents[1]
+    f = root / "book" / "params" / f"{name}.yml"
+    params = validate(f, Layout(root, root, build_name(f)))  # every chapter override is a declared parameter
+    caps = {c: o.get("test_cap") for c, o in params["chapters"].items() if o.get("test_cap")}
+    assert set(caps) == {"fusion", "review", "attention"}
+    assert set(caps.values()) == ({200} if name == "default" else {2000})
+    assert build_name(f) == name  # book/_build/<name>
