@@ -6,7 +6,10 @@ split key), so every rule runs on the pilot unchanged, picks on half of it and j
 the n that would decide. `needed_test_n` turns a pilot row into the number of *test* questions the claim needs;
 `draw_size` takes the largest over a chapter's claims, between a floor and the cap; `with_power` records the pilot
 n, the needed n and the drawn n in each final verdict row. The test questions themselves come from the other side
-of the verdicts' own hash (`fusion_utils.book.chapter.load_split`), so no question the pilot saw is ever judged.
+of the verdicts' own hash (`fusion_utils.book.chapter.load_split`), so no question the pilot saw is ever on the test
+side. Rules that select nothing on dev (fusion shallow, early exit, the attention rules) judge every question of the
+final build, the pilot's among them: their n was chosen after one look at those questions, a two-stage design whose
+first stage only sets the n, never a setting.
 
 >>> rows = [dict(key="a", model="m", verdict="inconclusive (…)", needed_n=400.0, n=30, value=0.1, ci=(-0.1, 0.3),
 ...              paper_effect=0.1, split="dev 30 / test 30")]
