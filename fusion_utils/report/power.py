@@ -110,12 +110,12 @@ def describe(power: Mapping, key: str) -> str:
     'pilot of 60 dev questions; this claim needed ≈ 125 test questions; 200 drawn'
     """
     need = power["needed"].get(key)
-    need_s = ("the rule did not apply on the pilot" if need is None else
-              "no test n decides it (no effect in the paper's direction on the pilot)" if not math.isfinite(need)
-              else "no test questions beyond the pilot's (the rule judges every question)" if need == 0
-              else f"≈ {need} test questions")
+    need_s = ("the claim's rule did not apply on the pilot, so it asked for none" if need is None else
+              "no test n decides this claim (no effect in the paper's direction on the pilot)" if not math.isfinite(need)
+              else "this claim needed no test questions beyond the pilot's (its rule judges every question)"
+              if need == 0 else f"this claim needed ≈ {need} test questions")
     capped = need is not None and (not math.isfinite(need) or need > power["drawn"]) and power["drawn"] >= power["cap"]
-    return (f"pilot of {power['pilot']} dev questions; this claim needed {need_s}; {power['drawn']} drawn"
+    return (f"pilot of {power['pilot']} dev questions; {need_s}; {power['drawn']} drawn"
             + (f" (the cap of {power['cap']} binds)" if capped else ""))
 
 
