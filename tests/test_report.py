@@ -201,10 +201,39 @@ def test_fusion_shallow_fails_when_the_layers_are_shuffled_or_deep():
     assert by_key(deep, "plateau")["verdict"].startswith(report.NO)
 
 
-def test_a_single_fusion_layer_is_not_placed_by_chance():
-    # one collapsing layer in 8: a shuffled curve puts it in the shallow half half of the time, so it cannot pass
+def test_a_single_fusion_layer_is_placed_by_the_samples_not_by_chance():
+    # one collapsing layer in 8, the same layer in every sample: the model fuses there, and the samples show it
     rows = report.fusion_verdicts("m", "llava", masking_records([0.9] + [0.0] * 7), L)
+    assert passes(by_key(rows, "fusion_shallow"))
+    # the same layer at a random depth in each sample: nothing places it, so the rule must not pass
+    rows = report.fusion_verdicts("m", "llava", masking_records([0.9] + [0.0] * 7, shuffle_per_sample=True), L)
     assert not passes(by_key(rows, "fusion_shallow"))
+
+
+def test_two_shallow_fusion_layers_of_16_reproduce_and_the_layer_test_gains_power_with_n():
+    # the Qwen2-VL organism's shape (default build: drop 0.186 nats in the shallow half vs 0.007 in the deep half).
+    # Shuffling the 16 layers of the *mean* curve gave p = 0.14 there and cannot go below C(8,2)/C(16,2) = 0.23 for
+    # two effect-carrying layers however many samples: this test fails on that statistic.
+    curve = [0.5, 0.4] + [0.0] * 14
+    rows = report.fusion_verdicts("m", "qwen2_vl", masking_records(curve, n=120), 16)
+    f = by_key(rows, "fusion_shallow")
+    assert passes(f), f["verdict"]
+    assert stats.layer_permutation_p(np.asarray(curve), lambda c: c[:8].mean() - c[8:].mean()) > 0.2  # the old floor
+
+    def gap(c):
+        return c[:8].mean() - c[8:].mean()
+
+    for seed in range(4):  # one shallow layer in noise: the layer test's power comes from the samples
+        rng = np.random.default_rng(seed)
+        weak = rng.normal(0, 0.5, (1000, 16))
+        weak[:, 0] += 0.3
+        p_small, p_big = stats.layer_shuffle_p(weak[:10], gap), stats.layer_shuffle_p(weak, gap)
+        assert p_big < 0.01 and p_big < p_small, (seed, p_small, p_big)
+    # no depth structure at all: the test rejects at about its level (5%), not more
+    rng = np.random.default_rng(7)
+    rejections = [stats.layer_shuffle_p(rng.normal(0, 1.0, (60, 16)), gap, seed=i, n_perms=400) < 0.05
+                  for i in range(40)]
+    assert sum(rejections) <= 6
 
 
 def test_image_blind_model_gets_no_fusion_or_plateau_verdict():

@@ -6,14 +6,19 @@ from typing import Iterable, Iterator
 
 from ..report.tables import label
 
-__all__ = ["check_params", "load_data", "iter_models", "label"]
+__all__ = ["check_params", "load_data", "load_split", "load_pilot", "choose_test_n", "iter_models", "label"]
 
 
 _DTYPES = ("float32", "bfloat16", "float16", None)
 
 
-def check_params(*, models, dataset, samples, device, dtype, seed, source=None, **knobs) -> None:
-    """Validate a chapter's papermill parameters; raise ValueError with one sentence naming the fix."""
+def check_params(*, models, dataset, samples, device, dtype, seed, source=None, test_cap=None, **knobs) -> None:
+    """Validate a chapter's papermill parameters; raise ValueError with one sentence naming the fix.
+
+    ``test_cap``: None (``samples`` questions, split into dev and test by the verdicts' hash) or the most test
+    questions a claim may draw; then ``samples`` is the pilot's size, in dev questions (see `load_pilot`)."""
+    if test_cap is not None and (not isinstance(test_cap, int) or isinstance(test_cap, bool) or test_cap < 1):
+        raise ValueError(f"test_cap must be None or a positive integer (test questions per claim), got {test_cap!r}.")
     if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:
         raise ValueError(f"models must be a non-empty list of model names, e.g. ['organism:llava'], got {models!r}.")
     from ..data import BENCHMARKS
@@ -41,6 +46,53 @@ def load_data(dataset: str, samples: int, seed: int, source=None):
     from ..data import load_dataset
 
     return load_dataset(dataset, n=samples, source=source, seed=seed if dataset.startswith("world") else None)
+
+
+def load_split(dataset: str, dev: int, test: int, seed: int, source=None):
+    """The first ``dev`` dev-side and the first ``test`` test-side questions of the dataset's stream, in stream
+    order, by the verdicts' own hash of each question's split key (`report.stats.split_of` of `split_group`: the
+    image or a question's copies where they repeat). Rules re-split these records by the same hash, so a test
+    question is never on the dev side. The same seed gives the same questions, and a larger ``test`` (or ``dev``)
+    keeps the smaller draw's questions as its first ones (the stream is read from its start; a dataset too short for
+    the draw gives all it has)."""
+    from ..data import SampleSet
+    from ..report import stats
+
+    want = {"dev": int(dev), "test": int(test)}
+    m = max(16, 2 * (want["dev"] + want["test"]) + 16)
+    while True:
+        ds = load_data(dataset, m, seed, source)
+        sides = [stats.split_of(stats.split_group(s)) for s in ds]
+        if (len(ds) < m or sum(x == "dev" for x in sides) >= want["dev"]
+                and sum(x == "test" for x in sides) >= want["test"]):
+            break
+        m *= 2
+    taken = {"dev": 0, "test": 0}
+    picked = []
+    for s, side in zip(ds, sides):
+        if taken[side] < want[side]:
+            taken[side] += 1
+            picked.append(s)
+    return SampleSet(ds.name, picked, ds.scorer, meta={**ds.meta, "dev": taken["dev"], "test": taken["test"]})
+
+
+def load_pilot(dataset: str, samples: int, seed: int, source=None, test_cap=None):
+    """The questions a chapter runs first: without ``test_cap``, its whole build (`load_data`); with it, the pilot:
+    ``samples`` dev-side questions only, from which `choose_test_n` decides how many test questions to draw."""
+    if test_cap is None:
+        return load_data(dataset, samples, seed, source)
+    return load_split(dataset, samples, 0, seed, source)
+
+
+def choose_test_n(pilot_rows, pilot, test_cap: int, *, floor: int | None = None) -> dict:
+    """The power record from the chapter's verdict rows on its pilot (`report.power.choose`): the test questions
+    each claim needs and how many to draw, at least ``floor`` (default: as many as the pilot has, so a claim decided
+    on the pilot is judged on no fewer questions) and at most ``test_cap``."""
+    from ..report import power
+
+    n_pilot = len(pilot)
+    return power.choose(pilot_rows, n_pilot=n_pilot, cap=test_cap,
+                        floor=min(test_cap, n_pilot if floor is None else floor))
 
 
 def iter_models(models: Iterable[str], device: str = "cpu", dtype=None) -> Iterator:

@@ -24,11 +24,11 @@ Depths are relative (layer / number of layers) so the rules apply to models of a
 True
 
 Modules: `verdicts` (the outcomes, the row, the decision), `layer_rules`, `attention_rules`, `contrastive_rules`
-(one per chapter's claims), `tables` and `stats`.
+(one per chapter's claims), `tables`, `stats` and `power` (the test n chosen by a pilot on the dev split).
 """
 from __future__ import annotations
 
-from . import stats
+from . import power, stats
 from .attention_rules import attention_verdicts
 from .contrastive_rules import contrastive_verdicts, usable_candidates
 from .layer_rules import fusion_verdicts, pick_layers, review_verdicts
@@ -60,7 +60,7 @@ from .verdicts import (
 )
 
 __all__ = ["pick_examples", "method_table", "candidate_table", "model_row", "reported_model_table", "gain_table", "label",
-           "usable_candidates", "pick_layers", "dev_split", "stats",
+           "usable_candidates", "pick_layers", "dev_split", "stats", "power",
            "fusion_verdicts", "review_verdicts", "attention_verdicts", "contrastive_verdicts", "verdict_table",
            "latency_table", "latency_from_records", "CLAIM_TEXT", "RULES", "VERDICT_COLUMNS", "LATENCY_ALIASES",
            "REPRODUCES", "PARTLY", "NO", "INCONCLUSIVE", "NA", "LLAVA_FAMILY", "QWEN_FAMILY"]

@@ -104,7 +104,7 @@ def _relevant_rises(model, records, n_layers, seed) -> dict:
     def rise(c):
         return c[-q:].mean() - c[:q].mean()
 
-    p_perm = stats.layer_permutation_p(curve, rise, seed=seed)
+    p_perm = stats.layer_shuffle_p(X, rise, seed=seed)
     p = max(t["p"], p_perm, above["p"])
     n = len(R)
     v, need = decide_depth(t, RELEVANT_RISE, p_perm, n_total=n)

@@ -258,6 +258,10 @@ def verdict_rows(rows: Iterable[Mapping], chapter: str = "") -> list[dict]:
         seen[a] += 1  # two rows of one claim and model (e.g. two variants) keep distinct ids
         d.update(n="" if n is None else str(int(n)), key=str(r.get("key") or ""), p=_num(r.get("p")),
                  chapter=chapter, anchor=a if seen[a] == 1 else f"{a}-{seen[a]}")
+        if r.get("power"):  # the sample size chosen by power (`report.power.with_power`)
+            need = r.get("needed_test_n")
+            d.update(power=str(r["power"]), pilot_n=_num(r.get("pilot_n")), drawn_test_n=_num(r.get("drawn_test_n")),
+                     needed_test_n=None if need is None else (_num(need) if math.isfinite(need) else "inf"))
         out.append(d)
     return out
 
@@ -301,6 +305,7 @@ def _details(rows: Sequence[Mapping], chapter: str) -> str:
                  ("Rule", r.get("rule")), ("Chance level", r.get("chance")), ("Split", r.get("split")),
                  ("Effect", r.get("effect")), ("Test, p-value and CI", _plain_number(str(r.get("uncertainty") or ""))),
                  ("n", r.get("n")), ("n that would decide (80% power)", r.get("needed n")),
+                 ("Sample size chosen by power", r.get("power")),
                  ("The paper", r.get("reported"))]
         lis = "".join(f"<li><b>{k}:</b> {_html.escape(str(v))}</li>" for k, v in facts
                       if v is not None and str(v) not in ("", "nan", "<NA>"))

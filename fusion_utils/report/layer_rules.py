@@ -119,8 +119,8 @@ def _fusion_shallow(model, D: pd.DataFrame, A: pd.DataFrame, measure: str, n_lay
                     reported: str, seed: int) -> dict:
     _, _, paper, unit, name = MEASURES[measure]
     rule = (f"primary measure: the per-sample drop of the {name} when masking a shallow-half layer minus a deep-half "
-            f"layer; reproduces when its 95% CI lies above 0 (sign-flip p < 0.05) and the curve beats its layers "
-            f"shuffled (permutation p < 0.05); does not when the CI lies below {paper}{unit}, the smallest effect "
+            f"layer; reproduces when its 95% CI lies above 0 (sign-flip p < 0.05) and the curve beats each sample's "
+            f"layers shuffled (permutation p < 0.05); does not when the CI lies below {paper}{unit}, the smallest effect "
             "that supports the claim (the paper reports a collapse of accuracy)")
     layers = list(D.columns)
     shallow = [i for i, j in enumerate(layers) if j < n_layers / 2]
@@ -141,16 +141,12 @@ def _fusion_shallow(model, D: pd.DataFrame, A: pd.DataFrame, measure: str, n_lay
     def gap(c):
         return c[shallow].mean() - c[deep].mean()
 
-    p_perm = stats.layer_permutation_p(curve, gap, seed=seed)
-    if 1 / math.comb(len(layers), len(shallow)) >= ALPHA:
-        v, need = (f"{INCONCLUSIVE} ({len(layers)} layers are too few for the shuffled-layer test to reach p < 0.05)",
-                   float("nan"))
-    else:
-        v, need = decide_depth(t, paper, p_perm, n_total=n, unit=unit)
+    p_perm = stats.layer_shuffle_p(X, gap, seed=seed)
+    v, need = decide_depth(t, paper, p_perm, n_total=n, unit=unit)
     fusion = [int(j) for j, c in zip(layers, acc) if c > threshold]
     return verdict_row("fusion_shallow", model, rule=rule,
-                chance=f"shuffled layers: 0 in expectation (95% of shuffles below "
-                       f"{_perm_quantile(curve, gap, seed):+.3f})",
+                chance=f"each sample's layers shuffled: 0 in expectation (95% of shuffles below "
+                       f"{stats.layer_shuffle_quantile(X, gap, seed=seed):+.3f})",
                 effect=f"{name} drop {curve[shallow].mean():.3f} (shallow half) vs {curve[deep].mean():.3f} (deep "
                        f"half): {t['mean']:+.3f}{unit}; beside it, accuracy drop {acc[shallow].mean():.3f} vs "
                        f"{acc[deep].mean():.3f}; layers with accuracy drop > {threshold:.2f}: {fusion} of {n_layers}",
@@ -158,12 +154,6 @@ def _fusion_shallow(model, D: pd.DataFrame, A: pd.DataFrame, measure: str, n_lay
                             f"{fmt_p(p_perm)}",
                 n=n, needed=need, verdict=v, reported=reported, split=split, p=max(t["p"], p_perm),
                 value=t["mean"], ci=(t["lo"], t["hi"]), paper=paper, measure=name)
-
-
-def _perm_quantile(curve, statistic, seed: int, q: float = 0.95, n: int = 500) -> float:
-    rng = np.random.default_rng(seed)
-    c = np.asarray(curve, float)
-    return float(np.quantile([statistic(c[rng.permutation(len(c))]) for _ in range(n)], q))
 
 
 def _plateau(model, D: pd.DataFrame, A: pd.DataFrame, measure: str, n_layers: int, seed: int, groups: dict) -> dict:
@@ -320,7 +310,7 @@ def _early_exit(model, records, n_layers, seed) -> dict:
     def late_minus_early(c):
         return c[m + 1:].mean() - c[:m + 1].mean()
 
-    p_perm = stats.layer_permutation_p(curve, late_minus_early, fixed=[L - 1], seed=seed)
+    p_perm = stats.layer_shuffle_p(X, late_minus_early, fixed=[L - 1], seed=seed)
     v, need = decide_depth(t, paper, p_perm, n_total=n)
     half = curve.min() + 0.5 * (curve[-1] - curve.min())
     jump = int(np.argmax(curve >= half))

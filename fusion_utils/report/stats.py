@@ -305,9 +305,59 @@ def holm(pvalues) -> list[float]:
 
 # --- the shuffled-layer null --------------------------------------------------------------------------------------
 
+def layer_shuffle_p(X, statistic: Callable[[np.ndarray], float], *, fixed: Sequence[int] = (), seed: int = 0,
+                    n_perms: int = N_PERMS, chunk: int = 50) -> float:
+    """One-sided p that ``statistic`` of the mean curve of ``X`` (samples x layers) is as large as when each sample's
+    layers are shuffled independently (a randomization test of "within a sample, layers are exchangeable").
+
+    This is the shuffled-layer chance level of a claim about *where in depth* something happens, with the sample as
+    the unit: its power grows with the number of samples. Shuffling the layers of the *mean* curve instead
+    (`layer_permutation_p`) treats the layers as the only replicates, so its p cannot fall below
+    C(L/2, k) / C(L, k) when k of L layers carry the effect, however many samples there are (0.23 for two shallow
+    fusion layers of 16): it could never confirm "a few shallow layers" on a 16-layer model.
+    ``fixed``: layer positions that stay put (e.g. the final layer, the reference of an early-exit curve).
+
+    >>> X = np.zeros((60, 16)); X[:, :2] = 1.0 + np.random.default_rng(0).normal(0, 0.3, (60, 2))
+    >>> layer_shuffle_p(X, lambda c: c[:8].mean() - c[8:].mean()) < 0.01
+    True
+    >>> layer_permutation_p(X.mean(axis=0), lambda c: c[:8].mean() - c[8:].mean()) > 0.2
+    True
+    """
+    X = np.asarray(X, dtype=float)
+    if X.ndim != 2 or len(X) == 0:
+        return float("nan")
+    obs = statistic(X.mean(axis=0))
+    free = np.array([i for i in range(X.shape[1]) if i not in set(fixed)], dtype=int)
+    rng = _rng(seed)
+    tol = 1e-12 * max(1.0, abs(obs))
+    hits, done = 0, 0
+    while done < n_perms:
+        b = min(chunk, n_perms - done)
+        order = np.argsort(rng.random((b, X.shape[0], len(free))), axis=2)
+        curves = np.broadcast_to(X.mean(axis=0), (b, X.shape[1])).copy()
+        curves[:, free] = np.take_along_axis(np.broadcast_to(X[:, free], order.shape), order, axis=2).mean(axis=1)
+        hits += int(sum(statistic(c) >= obs - tol for c in curves))
+        done += b
+    return float((hits + 1) / (n_perms + 1))
+
+
+def layer_shuffle_quantile(X, statistic: Callable[[np.ndarray], float], *, q: float = 0.95, seed: int = 0,
+                           n_perms: int = 200) -> float:
+    """The ``q`` quantile of ``statistic`` over mean curves of ``X`` with each sample's layers shuffled (the chance
+    level `layer_shuffle_p` compares with, for a verdict's "chance" column)."""
+    X = np.asarray(X, dtype=float)
+    rng = _rng(seed)
+    order = np.argsort(rng.random((n_perms,) + X.shape), axis=2)
+    curves = np.take_along_axis(np.broadcast_to(X, order.shape), order, axis=2).mean(axis=1)
+    return float(np.quantile([statistic(c) for c in curves], q))
+
+
 def layer_permutation_p(curve: Sequence[float], statistic: Callable[[np.ndarray], float], *, fixed: Sequence[int] = (),
                         seed: int = 0, n_perms: int = N_PERMS) -> float:
     """One-sided p that ``statistic(curve)`` is as large as on the same values with the layers shuffled.
+
+    The layers of one curve are the only replicates here, so the p-value has a floor set by how many layers carry
+    the effect, not by the evidence; the verdict rules use `layer_shuffle_p` (per-sample shuffles) instead.
 
     ``fixed``: layer positions that stay put (e.g. the final layer, which is the reference of an early-exit curve).
     This is the chance level of a claim about *where in depth* something happens: a curve whose layers were put in
@@ -331,4 +381,5 @@ def layer_permutation_p(curve: Sequence[float], statistic: Callable[[np.ndarray]
 
 __all__ = ["ALPHA", "POWER", "SPLIT_SALT", "z", "split_of", "split_group", "split_ids", "holm", "describe_split", "bootstrap_ci",
            "sign_flip_p", "paired_test", "below_margin_p", "mcnemar", "is_binary", "compare_paired",
-           "min_n_sign_test", "n_for_mean", "mcnemar_n", "layer_permutation_p"]
+           "min_n_sign_test", "n_for_mean", "mcnemar_n", "layer_permutation_p", "layer_shuffle_p",
+           "layer_shuffle_quantile"]

@@ -207,12 +207,15 @@ def decide(t: dict, paper: float | None, *, n_total: int, n_judged: int | None =
 def decide_depth(t: dict, paper: float | None, p_layers: float, *, n_total: int, n_judged: int | None = None,
                  unit: str = "") -> tuple[str, float]:
     """`decide` for a claim about where in depth something happens: the samples must show the effect, and the
-    curve must place it beyond what the same curve with its layers shuffled gives. More samples cannot fix the
-    second test, so its failure alone is not "n too small"."""
+    mean curve must place it beyond what it gives with each sample's layers shuffled (`stats.layer_shuffle_p`, whose
+    power grows with the samples like the paired test's). When only the second test fails, the needed n is the
+    paired test's at half its observed effect (a conservative guess: the shuffle test has no closed-form power)."""
     v, need = decide(t, paper, n_total=n_total, n_judged=n_judged, unit=unit)
     if v == REPRODUCES and not p_layers < ALPHA:
+        n_judged = int(t.get("n", n_total)) if n_judged is None else n_judged
+        need = stats.n_for_mean(float(t.get("sd", float("nan"))), float(t["mean"]) / 2) * n_total / max(1, n_judged)
         return (f"{INCONCLUSIVE} (the effect's place in depth is within what shuffled layers give, {fmt_p(p_layers)}; "
-                "more layers, not more samples, could decide it)"), float("nan")
+                f"needs {fmt_n(max(need, n_total + 1))})"), max(need, n_total + 1)
     return v, need
 
 
