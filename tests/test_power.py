@@ -121,6 +121,7 @@ def test_the_power_parameters_files_validate_and_build_into_their_own_folder(nam
     f = root / "book" / "params" / f"{name}.yml"
     params = validate(f, Layout(root, root, build_name(f)))  # every chapter override is a declared parameter
     caps = {c: o.get("test_cap") for c, o in params["chapters"].items() if o.get("test_cap")}
-    assert set(caps) == {"fusion", "review", "attention"}
-    assert set(caps.values()) == ({200} if name == "default" else {2000})
+    # the default build keeps a fixed n within its time budget; the evidence build chooses n by power
+    assert set(caps) == (set() if name == "default" else {"fusion", "review", "attention"})
+    assert set(caps.values()) <= {2000}
     assert build_name(f) == name  # book/_build/<name>
