@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_runs", "default_windows",
-           "every_question", "question_maps", "contrastive_views_by_set", "masking_data", "masking_figure", "attention_data",
+           "every_question", "question_maps", "masking_data", "masking_figure", "attention_data",
            "attention_figure", "contrastive_data", "contrastive_figure", "layers_figure", "threshold_figure",
            "MARKER_CLASS"]
 
@@ -471,6 +471,7 @@ def contrastive_data(lm, samples, *, fusion_layers: Sequence[int], apply_layer: 
     whole grid only on the first ``complete`` samples (default: none), and the figure says which settings the
     chapter did not run for the others. ``batch_size`` bounds the samples per forward pass of the views."""
     from .experiments.common import post_prompt_for
+    from .experiments.contrastive import contrastive_views_by_set
 
     ds = _as_set(samples, dataset)
     grid = dict(fusion_layers=list(fusion_layers), apply_layer=apply_layer, variants=("soft",),
@@ -495,30 +496,6 @@ def contrastive_data(lm, samples, *, fusion_layers: Sequence[int], apply_layer: 
                              family=s.family) for s in ds],
             "candidate_sets": list(candidate_sets), "rhos": [float(r) for r in rhos], "lams": [float(x) for x in lams],
             "apply_layer": int(apply_layer), "fusion_layers": [int(j) for j in fusion_layers]}
-
-
-def contrastive_views_by_set(lm, samples, candidate_sets: Sequence[str], fusion_layers: Sequence[int], *,
-                             post_prompt=None) -> dict[str, list[dict]]:
-    """`experiments.contrastive.contrastive_views` for several candidate sets from one captured pass (the sets
-    differ only in which layer is A_pre): {set: views}, each view as that function gives it."""
-    from .experiments.contrastive import capture_first_pass
-    from .methods import candidate_layers, contrastive_map
-
-    samples = list(samples)
-    batch = lm.prepare(samples, post_prompt=post_prompt)
-    p1 = capture_first_pass(lm, batch)
-    cands = {k: candidate_layers(k, lm.num_layers, list(fusion_layers), -1) for k in candidate_sets}
-    out: dict = {k: [] for k in candidate_sets}
-    for b, s in enumerate(samples):
-        maps = p1.maps.sample(b).cpu()
-        view = batch.grids[b][0].primary
-        for k, layers in cands.items():
-            c = contrastive_map(maps, layers, -1)
-            out[k].append({"pre": c["pre"], "post": c["post"], "A_pre": view.to_map(maps[c["pre"]].numpy()),
-                           "A_post": view.to_map(maps[c["post"]].numpy()), "I_A": view.to_map(c["I_A"].numpy()),
-                           "hellinger": c["hellinger"], "image": s.image, "spatial": view.spatial,
-                           "extent": view.extent})
-    return out
 
 
 def _softmask_text(rec: pd.DataFrame, s: Mapping, kind: str, v: Mapping, rho: float, lam: float,

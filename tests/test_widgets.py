@@ -303,8 +303,7 @@ def test_beside_page_keeps_three_questions_and_writes_the_rest(lm, tmp_path, mon
 def test_contrastive_views_by_set_match_the_experiment(lm, ds):
     import numpy as np
 
-    from fusion_utils.experiments.contrastive import contrastive_views
-    from fusion_utils.interactive import contrastive_views_by_set
+    from fusion_utils.experiments.contrastive import contrastive_views, contrastive_views_by_set
 
     by = contrastive_views_by_set(lm, list(ds), ("fusion", "shallow", "all"), [0, 1])
     for kind in ("fusion", "shallow", "all"):

@@ -202,19 +202,29 @@ def contrastive_views(lm, samples, candidates="fusion", fusion_layers: Sequence[
                       post_prompt: str | None = POST_PROMPT) -> list[dict]:
     """For figures: per sample, ``A_pre``, ``A_post`` and ``I_A`` as 2-D arrays on the primary view of its image
     (rows x cols), with the pre / post layer indices, the Hellinger distances and the image."""
+    (views,) = contrastive_views_by_set(lm, samples, [candidates], fusion_layers, post, post_prompt=post_prompt).values()
+    return views
+
+
+def contrastive_views_by_set(lm, samples, candidate_sets: Sequence, fusion_layers: Sequence[int] | None = None,
+                             post: int = -1, *, post_prompt: str | None = None) -> dict:
+    """`contrastive_views` for several candidate sets from one captured pass (the sets differ only in which layer
+    is A_pre): {set: views}, keyed by the set's name, or by its position when it is a list of layers."""
     samples = list(samples)
-    cands = _resolve_candidates(candidates, lm, fusion_layers, post)
+    cands = {k if isinstance(k, str) else i: _resolve_candidates(k, lm, fusion_layers, post)
+             for i, k in enumerate(candidate_sets)}
     batch = lm.prepare(samples, post_prompt=post_prompt)
     p1 = capture_first_pass(lm, batch)
-    out = []
+    out: dict = {k: [] for k in cands}
     for b, s in enumerate(samples):
         maps = p1.maps.sample(b).cpu()
-        c = contrastive_map(maps, cands, post)
         view = batch.grids[b][0].primary
-        out.append({"pre": c["pre"], "post": c["post"], "A_pre": view.to_map(maps[c["pre"]].numpy()),
-                    "A_post": view.to_map(maps[c["post"]].numpy()), "I_A": view.to_map(c["I_A"].numpy()),
-                    "hellinger": c["hellinger"], "image": s.image, "spatial": view.spatial,
-                    "extent": view.extent})
+        for k, layers in cands.items():
+            c = contrastive_map(maps, layers, post)
+            out[k].append({"pre": c["pre"], "post": c["post"], "A_pre": view.to_map(maps[c["pre"]].numpy()),
+                           "A_post": view.to_map(maps[c["post"]].numpy()), "I_A": view.to_map(c["I_A"].numpy()),
+                           "hellinger": c["hellinger"], "image": s.image, "spatial": view.spatial,
+                           "extent": view.extent})
     return out
 
 
@@ -377,7 +387,7 @@ def contrastive_summary(df: pd.DataFrame, ctx=None, scorer: str | None = None) -
 
 __all__ = ["CANDIDATE_SETS", "SOFT_MASKS", "candidate_layers", "contrastive_map", "soft_mask_tokens", "crop_box",
            "default_apply_layer", "soft_mask_plan", "capture_first_pass", "FirstPass", "soft_generate_reuse",
-           "contrastive_answer", "soft_generate", "contrastive_views", "contrastive", "contrastive_batch", "contrastive_summary"]
+           "contrastive_answer", "soft_generate", "contrastive_views", "contrastive_views_by_set", "contrastive", "contrastive_batch", "contrastive_summary"]
 
 
 SPEC = register(Spec("contrastive", contrastive_batch, contrastive_summary, resolve, params=ContrastiveParams))
