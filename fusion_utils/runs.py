@@ -47,7 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["Run", "open_run", "config_hash", "canonical_json", "provenance"]
+__all__ = ["Run", "open_run", "config_hash", "canonical_json", "provenance", "sibling_key", "adopt"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,3 +503,64 @@ def open_run(root: str | os.PathLike, experiment: str, config: Mapping[str, Any]
         f.write(json.dumps({**prov, "ids_done_before": done}, default=_json_default) + "\n")
     run.refresh()  # other ranks may append before this one asks what is done
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# siblings: runs that differ only in their questions
+# ----------------------------------------------------------------------------------------------------------------
+#: the parts of a run's configuration that say which questions it ran (the dataset's ids, their count and content
+#: fingerprint, and the draw's dev/test counts from `book.chapter.load_split`); two runs equal in all the rest are
+#: siblings, and a question's records in one are what the other would compute for it
+QUESTION_FIELDS = ("ids", "n", "fingerprint")
+DRAW_META = ("dev", "test")
+
+
+def sibling_key(config: Mapping[str, Any]) -> str:
+    """The hash of ``config`` without the fields that name its questions (`QUESTION_FIELDS`, `DRAW_META`).
+
+    >>> a = {"experiment": "m", "dataset": {"name": "world", "ids": ["q1"], "n": 1, "meta": {"test": 0}}}
+    >>> b = {"experiment": "m", "dataset": {"name": "world", "ids": ["q1", "q2"], "n": 2, "meta": {"test": 1}}}
+    >>> sibling_key(a) == sibling_key(b), config_hash(a) == config_hash(b)
+    (True, False)
+    """
+    c = json.loads(canonical_json(config))
+    ds = {k: v for k, v in (c.get("dataset") or {}).items() if k not in QUESTION_FIELDS}
+    ds["meta"] = {k: v for k, v in (ds.get("meta") or {}).items() if k not in DRAW_META}
+    return config_hash({**c, "dataset": ds})
+
+
+def adopt(run: Run, ids: Iterable[Any]) -> int:
+    """Copy into ``run`` the records of the questions ``ids`` that its siblings under the same experiment folder
+    already hold (runs whose configuration differs only in its questions, `sibling_key`); returns how many
+    questions were adopted. A chapter that runs a pilot and then a larger draw, or two chapters whose draws overlap,
+    thus compute each question once. Only for experiments whose records depend on the question alone, not on the
+    rest of its batch or on a random stream shared across batches (`experiments.harness.Spec.per_question`); the
+    adopted records may differ from a fresh computation by float rounding of a different batch's padding.
+    """
+    want = [str(i) for i in ids]
+    missing = set(want) - run.done_ids()
+    if not missing:
+        return 0
+    key = sibling_key(run.config)
+    found: dict[str, list[dict]] = {}
+    for cfg in sorted(run.dir.parent.glob("*/config.json")):
+        if cfg.parent == run.dir:
+            continue
+        try:
+            doc = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # a folder being written, or not a run: nothing to adopt from it
+        if doc.get("experiment") != run.experiment or sibling_key(doc.get("config") or {}) != key:
+            continue
+        sib = Run(cfg.parent, run.experiment, doc["config"], doc.get("key", ""), doc.get("hash", ""))
+        here: dict[str, list[dict]] = {}
+        for r in sib._iter_records():
+            rid = str(r.get("id"))
+            if rid in missing and rid not in found:
+                here.setdefault(rid, []).append(r)
+        found.update(here)
+    taken = [i for i in dict.fromkeys(want) if i in found]
+    for i in taken:
+        run.append(found[i])
+    return len(taken)
+

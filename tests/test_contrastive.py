@@ -12,7 +12,7 @@ from fusion_utils import ScaleImage, intervene, load_model
 from fusion_utils.adapters import ImageGrid, View
 from fusion_utils.data import load_dataset
 from fusion_utils.experiments import contrastive as C
-from fusion_utils.experiments.common import Decoding, generate
+from fusion_utils.experiments.common import Decoding, generate, gold_logprobs
 from fusion_utils.metrics import hellinger
 from fusion_utils.testing import tiny_model_dir
 
@@ -203,6 +203,17 @@ def test_contrastive_experiment(arch, tmp_path):
             "plain_score", "ia_relevant_mass", "post_relevant_mass"} <= set(r.columns)
     lam1 = r[(r["variant"] == "soft") & (r["lam"] == 1.0)]
     assert (lam1["pred"] == lam1["plain_pred"]).all()
+    # the gold answer's first-token log-prob: unchanged by a factor-1 mask, changed by a crop, and the plain one
+    # equal to a plain forward's
+    np.testing.assert_allclose(lam1["gold_logprob"], lam1["plain_gold_logprob"], atol=1e-4)
+    crop = r[r["variant"] == "crop"]
+    assert (crop["gold_logprob"] - crop["plain_gold_logprob"]).abs().max() > 1e-4
+    batch = lm.prepare(list(ds), post_prompt=res.config["prompt"]["post_prompt"])
+    with torch.no_grad():
+        logits = lm.model(**batch.inputs).logits[:, -1].float()
+    want = dict(zip([s.id for s in ds], gold_logprobs(lm, list(ds), logits)))
+    got = r.drop_duplicates("id").set_index("id")["plain_gold_logprob"]
+    np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-4)
     assert r["post_relevant_mass"].between(0, 1).all()
     s = res.summary
     assert len(s) == 2 * 3 and {"accuracy", "plain_accuracy", "gain"} <= set(s.columns)

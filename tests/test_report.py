@@ -503,8 +503,38 @@ def test_soft_and_crop_records_together():
     assert [(r["verdict"], r["effect"], r["uncertainty"]) for r in rows] == \
         [(r["verdict"], r["effect"], r["uncertainty"]) for r in shuffled]  # row order does not matter
     cands = [r for r in rows if r["key"] == "fusion_candidates"]
-    assert len(cands) == 2 and all(passes(r) for r in cands)
-    assert "ρ" not in cands[1]["effect"]  # the crop variant has no ρ or λ
+    # one verdict per model: the crop's (the CVPR version's method, whose ablation the paper reports)
+    assert len(cands) == 1 and passes(cands[0]) and cands[0]["rule"].startswith("crop:")
+    assert "ρ" not in cands[0]["effect"]  # the crop variant has no ρ or λ
+    soft_only = recs[recs.variant == "soft"]
+    assert by_key(report.contrastive_verdicts("m", soft_only, fusion_from="dev"),
+                  "fusion_candidates")["rule"].startswith("soft:")
+
+
+def with_gold(recs, shifts, sd=0.3, seed=0):
+    """The records with ``gold_logprob`` / ``plain_gold_logprob``: per question a plain log-prob, and per candidate
+    set that plus ``shifts[set]`` nats and noise of ``sd``."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(recs["id"].unique())
+    base = dict(zip(ids, rng.normal(-1.0, 0.8, len(ids))))
+    plain = recs["id"].map(base)
+    return recs.assign(plain_gold_logprob=plain, gold_logprob=plain + recs["candidates"].map(shifts)
+                       + sd * rng.standard_normal(len(recs)))
+
+
+def test_fusion_candidates_on_the_gold_logprob():
+    same = {k: (0.1, 0.05) for k in CANDS}  # accuracy alone: no set differs
+    recs = contrastive_records(n=120, settings=same)
+    up = with_gold(recs, {"fusion": 0.4, "shallow": 0.0, "deep": -0.1, "all": 0.0})
+    row = _cand(up, fusion_from="dev")
+    assert passes(row) and "nats" in row["effect"] and "beside it, accuracy" in row["effect"]
+    assert "log-prob" in row["rule"] and row["paper_effect"] == report.verdicts.MIN_LOGPROB
+    null = with_gold(recs, {k: 0.0 for k in ("fusion", "shallow", "deep", "all")})
+    assert not passes(_cand(null, fusion_from="dev"))
+    big_null = with_gold(contrastive_records(n=2000, settings=same), {k: 0.0 for k in ("fusion", "shallow", "deep", "all")})
+    assert _cand(big_null, fusion_from="dev")["verdict"].startswith(f"{report.NO} (smaller than reported")
+    partial = up.assign(gold_logprob=up["gold_logprob"].where(up.index % 7 != 0))  # old records mixed in
+    assert "points" in _cand(partial, fusion_from="dev")["effect"]  # falls back to accuracy
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])

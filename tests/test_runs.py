@@ -153,3 +153,47 @@ def test_atomic_writes_are_readable_like_any_file_the_user_writes(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "record.json").stat().st_mode)
     assert mode == 0o644, oct(mode)  # mkstemp alone gives 0600: a served site or a shared runs/ could not read it
+
+
+def _world_config(ids, **params):
+    return {"experiment": "masking", "model": {"fingerprint": "abc"}, "params": params,
+            "dataset": {"name": "world", "ids": list(ids), "n": len(ids), "fingerprint": "f" + "".join(ids),
+                        "meta": {"test": len(ids), "image_size": 96}}}
+
+
+def test_adopt_copies_only_a_siblings_records_of_the_asked_questions(tmp_path):
+    small = open_run(tmp_path, "masking", _world_config(["q1", "q2"], layer=3))
+    small.append([{"id": "q1", "v": 1}, {"id": "q1", "v": 2}])
+    small.append({"id": "q2", "v": 3})
+    other = open_run(tmp_path, "masking", _world_config(["q1", "q3"], layer=4))  # another parameter: not a sibling
+    other.append({"id": "q3", "v": 9})
+    big = open_run(tmp_path, "masking", _world_config(["q1", "q2", "q3"], layer=3))
+    assert runs.adopt(big, ["q1", "q2", "q3"]) == 2
+    got = big.records()
+    assert got.groupby("id")["v"].apply(list).to_dict() == {"q1": [1, 2], "q2": [3]}  # q3 is not adopted from `other`
+    assert runs.adopt(big, ["q1", "q2", "q3"]) == 0  # nothing twice
+    assert len(big.records()) == 3
+
+
+def test_a_run_adopts_its_siblings_records_and_computes_only_the_rest(tmp_path):
+    from fusion_utils.data import load_dataset
+    from fusion_utils.experiments.common import run_experiment
+
+    ds = load_dataset("world", n=5)
+    seen = []
+
+    def per_batch(lm, samples):
+        seen.extend(s.id for s in samples)
+        return [{"id": s.id, "x": len(s.question)} for s in samples]
+
+    class LM:  # run_experiment reads the spec's model type for its bar only
+        spec = type("S", (), {"model_type": "tiny"})
+
+    run_experiment("probe", LM, ds[:3], per_batch, config=_world_config(ds[:3].ids), out=str(tmp_path), adopt=True)
+    assert seen == ds[:3].ids
+    seen.clear()
+    recs = run_experiment("probe", LM, ds, per_batch, config=_world_config(ds.ids), out=str(tmp_path), adopt=True)
+    assert seen == ds.ids[3:] and list(recs["id"]) == ds.ids
+    seen.clear()
+    run_experiment("probe", LM, ds, per_batch, config=_world_config(ds.ids, other=1), out=str(tmp_path), adopt=True)
+    assert seen == ds.ids  # another configuration adopts nothing

@@ -109,7 +109,7 @@ class AttentionParams:
 SPEC = register(Spec("attention", attention_batch, attention_summary,
                      resolve=lambda lm, dataset, k, persist: dict(k=k, persist=persist, relevant_at=RELEVANT_AT),
                      extras=lambda records, summary: {"noise": persistent_noise(records)}, decodes=False,
-                     params=AttentionParams))
+                     params=AttentionParams, per_question=True))
 
 
 def attention(lm, dataset, *, out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True,

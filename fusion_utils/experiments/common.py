@@ -70,12 +70,27 @@ def decode_new(lm, batch, out: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def generate(lm, batch, plans: Sequence = (), decoding: Decoding | None = None) -> list[str]:
-    """Greedy (or sampled) answers for a prepared batch, with ``plans`` installed for prefill and every step."""
+def generate(lm, batch, plans: Sequence = (), decoding: Decoding | None = None, *, first_logits: bool = False):
+    """Greedy (or sampled) answers for a prepared batch, with ``plans`` installed for prefill and every step.
+    ``first_logits``: also the logits the first answer token was chosen from (float32 [batch, vocab]; the prefill's
+    last position, read from the same generate call, no extra pass)."""
     decoding = decoding or Decoding()
+    kw = decoding.kwargs(lm.processor.tokenizer)
+    if first_logits:
+        kw.update(output_logits=True, return_dict_in_generate=True)
     with intervene(lm, batch, *plans):
-        out = lm.model.generate(**batch.inputs, **decoding.kwargs(lm.processor.tokenizer))
-    return decode_new(lm, batch, out)
+        out = lm.model.generate(**batch.inputs, **kw)
+    if not first_logits:
+        return decode_new(lm, batch, out)
+    return decode_new(lm, batch, out.sequences), out.logits[0].float()
+
+
+def gold_logprobs(lm, samples, logits: torch.Tensor) -> list[float]:
+    """Per sample, the log-probability of its gold answer's first token under ``logits`` (float32 [batch, vocab]):
+    the paired, low-noise measure the verdicts prefer to a 0/1 score (see `experiments.masking`)."""
+    gold = torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]),
+                        device=logits.device)
+    return torch.log_softmax(logits.float(), -1).gather(-1, gold[:, None])[:, 0].tolist()
 
 
 def answer(lm, samples, *, plans: Sequence = (), post_prompt: str | None = POST_PROMPT,
@@ -185,23 +200,26 @@ def record_batch(run, chunk, records: list[dict]) -> None:
 
 
 def run_experiment(name: str, lm, dataset: SampleSet, per_batch: Callable, *, config: dict, out: str | None = None,
-                   batch_size: int = 8, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                   batch_size: int = 8, seed: int = 0, progress: bool = True, adopt: bool = False) -> pd.DataFrame:
     """Feed the samples not yet recorded to ``per_batch`` and return every record.
 
     With ``out`` set, records go to ``out/<name>/<config hash>/records.jsonl`` as each batch completes, and a run
-    killed midway resumes where it stopped. Without it, records stay in memory.
+    killed midway resumes where it stopped. Without it, records stay in memory. ``adopt``: first copy the records
+    that sibling runs (the same configuration on other questions) hold for these questions (`runs.adopt`).
 
     Under a launcher (torchrun, accelerate launch) the ranks share the work: see `run_distributed`.
     """
     if distributed.setup():
         return run_distributed(name, lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                               seed=seed, progress=progress)
+                               seed=seed, progress=progress, adopt=adopt)
     run = None
     done: set[str] = set()
     if out is not None:
-        from ..runs import open_run
+        from ..runs import adopt as adopt_records, open_run
 
         run = open_run(out, name, config)
+        if adopt:
+            adopt_records(run, dataset.ids)
         done = run.done_ids()
     todo = [s for s in dataset if str(s.id) not in done]
     rows: list[dict] = []
@@ -240,7 +258,7 @@ def failed_sample(lm, per_batch: Callable, chunk, err: BaseException) -> tuple[s
 
 
 def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, config: dict, out: str | None,
-                    batch_size: int, seed: int, progress: bool) -> pd.DataFrame:
+                    batch_size: int, seed: int, progress: bool, adopt: bool = False) -> pd.DataFrame:
     """`run_experiment` on one rank of a data-parallel job (every rank calls it with the same arguments).
 
     - Split: the samples not yet recorded are cut into batches exactly as one process would cut them; batch k goes
@@ -260,12 +278,14 @@ def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, c
     run = None
     done: set[str] = set()
     if out is not None:
-        from ..runs import open_run
+        from ..runs import adopt as adopt_records, open_run
 
         if r == 0:
             run = open_run(out, name, config)
             run.merge_shards()  # an earlier run killed before its merge
             run.clear_notes()  # an earlier session's progress and failures are not this one's
+            if adopt:
+                adopt_records(run, dataset.ids)
         distributed.barrier()
         if r != 0:
             run = open_run(out, name, config, shard=r)
@@ -333,6 +353,6 @@ def finish(name: str, records: pd.DataFrame, summary: pd.DataFrame, config: dict
     return ExperimentResult(name, records, summary, config, run_dir, extra)
 
 
-__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "scorer_of", "accuracy_by", "first_token_ids",
+__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "scorer_of", "accuracy_by", "first_token_ids", "gold_logprobs",
            "run_experiment", "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything", "run_distributed",
            "failed_sample"]

@@ -40,7 +40,7 @@ from ..engine.replay import (continue_generate, fork_cache, head, language_model
 from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
                        peak_crop_box, soft_mask_tokens)
 from ..prompts import POST_PROMPT
-from .common import Decoding, accuracy_by, decode_new, generate, scorer_of
+from .common import Decoding, accuracy_by, decode_new, generate, gold_logprobs, scorer_of
 from .harness import Context, Spec, register, run
 
 VARIANTS = ("soft", "crop")
@@ -304,6 +304,7 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
     p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
                             keep_cache=soft and method == "reuse")
     first_seconds = (time.perf_counter() - clock) / len(samples)  # shared by every setting of this batch
+    plain_gold = gold_logprobs(lm, samples, p1.logits)
     records = []
     for cname, cands in candidates.items():
         cons = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
@@ -323,23 +324,25 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
                     seconds = first_seconds + (time.perf_counter() - clock) / len(samples)
                     dlogit = (logits - p1.logits).abs().amax(-1).tolist()
                     settings.append(("soft", float(rho), float(lam), preds,
-                                     [{"dlogit": d, "n_masked": k, "seconds": seconds}
-                                      for d, k in zip(dlogit, n_masked)]))
+                                     [{"dlogit": d, "n_masked": k, "seconds": seconds, "gold_logprob": g}
+                                      for d, k, g in zip(dlogit, n_masked, gold_logprobs(lm, samples, logits))]))
         if "crop" in variants:
             clock = time.perf_counter()
             boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
                      for b, (c, s) in enumerate(zip(cons, samples))]
             cb = lm.prepare(samples, post_prompt=ctx.post_prompt,
                             images=crop_images([s.image for s in samples], boxes))
-            preds = generate(lm, cb, (), decoding)
+            preds, logits = generate(lm, cb, (), decoding, first_logits=True)
             seconds = first_seconds + (time.perf_counter() - clock) / len(samples)
-            settings.append(("crop", None, None, preds, [{"seconds": seconds}] * len(samples)))
+            settings.append(("crop", None, None, preds, [{"seconds": seconds, "gold_logprob": g}
+                                                         for g in gold_logprobs(lm, samples, logits)]))
         for variant, rho, lam, preds, acted in settings:
             for b, s in enumerate(samples):
                 records.append({"id": s.id, "family": s.family, "variant": variant, "candidates": cname,
                                 "rho": rho, "lam": lam, "pre_layer": cons[b]["pre"], "pred": preds[b],
                                 "score": ctx.score(preds[b], s), "plain_pred": plain[b],
-                                "plain_score": ctx.score(plain[b], s), "plain_seconds": plain_seconds, **acted[b],
+                                "plain_score": ctx.score(plain[b], s), "plain_gold_logprob": plain_gold[b],
+                                "plain_seconds": plain_seconds, **acted[b],
                                 **extra[b]})
     return records
 
@@ -351,8 +354,9 @@ def contrastive(lm, dataset, *, out: str | None = None, batch_size: int = 8, see
 
     Settings: soft = candidates x ρ x λ; crop = candidates (ρ and λ do not apply; recorded as None). Records (one
     per sample per setting): id, family, variant, candidates, rho, lam, pre_layer, pred, score, plain_pred,
-    plain_score; for soft, ``dlogit`` (largest change of a last-position logit the mask caused: 0 means the mask
-    did nothing) and ``n_masked`` (image tokens masked); plus, where the sample has a ``relevant`` mask, the share of
+    plain_score, ``gold_logprob`` and ``plain_gold_logprob`` (the gold answer's first-token log-probability with
+    the setting and without it); for soft, ``dlogit`` (largest change of a last-position logit the mask caused: 0
+    means the mask did nothing) and ``n_masked`` (image tokens masked); plus, where the sample has a ``relevant`` mask, the share of
     I_A's positive mass and of A_post's mass on relevant tokens (``ia_relevant_mass``, ``post_relevant_mass``;
     ``relevant_area`` is the chance level).
     Summary: accuracy per setting, the plain accuracy on the same samples and the gain.
@@ -390,4 +394,5 @@ __all__ = ["CANDIDATE_SETS", "SOFT_MASKS", "candidate_layers", "contrastive_map"
            "contrastive_answer", "soft_generate", "contrastive_views", "contrastive_views_by_set", "contrastive", "contrastive_batch", "contrastive_summary"]
 
 
-SPEC = register(Spec("contrastive", contrastive_batch, contrastive_summary, resolve, params=ContrastiveParams))
+SPEC = register(Spec("contrastive", contrastive_batch, contrastive_summary, resolve, params=ContrastiveParams,
+                    per_question=True))

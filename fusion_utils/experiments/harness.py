@@ -58,6 +58,9 @@ class Spec:
     decodes: bool = True  # answers are generated: the decoding settings are part of the run's configuration
     summary_params: tuple[str, ...] = ()  # parameters only the summary and extras read (not part of the run key)
     params: type | None = None  # the frozen dataclass of parameters and defaults
+    # a question's records depend on the question alone (not on its batch, nor on a random stream across batches):
+    # a run then adopts the records its sibling runs already hold for its questions (`runs.adopt`)
+    per_question: bool = False
 
     def parse(self, **given) -> dict:
         """``given`` checked against `params` and completed with its defaults (``given`` itself without one)."""
@@ -174,7 +177,7 @@ def run(spec: Spec | str, lm, dataset: SampleSet, *, out: str | None = None, bat
         return spec.per_batch(lm, samples, ctx, **batch_params)
 
     records = run_experiment(spec.name, lm, dataset, per_batch, config=config, out=out, batch_size=batch_size,
-                             seed=seed, progress=progress)
+                             seed=seed, progress=progress, adopt=spec.per_question)
     records = with_split_groups(records, dataset)
     summary = spec.summarize(records, **accepted(spec.summarize, {**params, "ctx": ctx}))
     extras = spec.extras(records, summary, **accepted(spec.extras, params)) if spec.extras is not None else {}

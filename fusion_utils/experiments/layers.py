@@ -55,7 +55,7 @@ class HellingerParams:
 HELLINGER = register(Spec("hellinger", hellinger_batch, hellinger_summary,
                           resolve=lambda lm, dataset, reference: {"reference": reference % lm.num_layers},
                           extras=lambda records, summary, reference: {"reference": reference}, decodes=False,
-                          params=HellingerParams))
+                          params=HellingerParams, per_question=True))
 
 
 def hellinger(lm, dataset, *, out: str | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True,
@@ -139,7 +139,7 @@ def resolve_early_exit(lm, dataset, decode: str) -> dict:
 
 
 EARLY_EXIT = register(Spec("early_exit", early_exit_batch, early_exit_summary, resolve=resolve_early_exit,
-                           params=EarlyExitParams))
+                           params=EarlyExitParams, per_question=True))
 
 
 def early_exit(lm, dataset, *, decoding: Decoding | None = None, out: str | None = None, batch_size: int = 8,

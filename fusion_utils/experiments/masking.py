@@ -149,4 +149,4 @@ def find_layers(summary: pd.DataFrame, *, threshold: float = 0.05, plateau_len: 
 
 
 SPEC = register(Spec("masking", masking_batch, masking_summary, resolve, extras, summary_params=("threshold",),
-                     params=MaskingParams))
+                     params=MaskingParams, per_question=True))

@@ -8,6 +8,7 @@ import pandas as pd
 from . import stats
 from .verdicts import (
     IA_OVER_POST,
+    MIN_LOGPROB,
     NO,
     PAPER_FUSION_MARGIN,
     PAPER_GAIN,
@@ -102,12 +103,23 @@ def contrastive_verdicts(model: str, records: pd.DataFrame, *, fusion_from: str 
     require(records, ["id", "variant", "candidates", "score", "plain_score"], "contrastive_verdicts")
     r = settings(records)
     rows = [gain_row(model, r, seed)]
-    for variant in sorted(r["variant"].unique(), key=lambda v: (v != "soft", v)):
-        row = _candidates(model, r[r["variant"] == variant], variant, fusion_from, seed)
-        if row is not None:
-            rows.append(row)
+    # the ablation table belongs to the paper's CVPR version, whose method is the crop: the crop is judged when it
+    # ran, the soft mask (v1, which reports no ablation) only in its place; one verdict per model either way
+    variant = "crop" if (r["variant"] == "crop").any() else "soft"
+    row = _candidates(model, r[r["variant"] == variant], variant, fusion_from, seed)
+    if row is not None:
+        rows.append(row)
     rows.append(_ia_relevant(model, r, seed))
     return rows
+
+
+def measure_of(r: pd.DataFrame) -> tuple[str, str, float, float, str]:
+    """The candidate-set rule's primary measure, declared before the data: the gold answer's first-token
+    log-probability when every record carries it (a paired per-question measure, far less noisy than a 0/1 score),
+    else accuracy. Returns (column, plain column, the effect that supports the claim, display scale, unit)."""
+    if {"gold_logprob", "plain_gold_logprob"} <= set(r.columns) and r["gold_logprob"].notna().all():
+        return "gold_logprob", "plain_gold_logprob", MIN_LOGPROB, 1.0, " nats"
+    return "score", "plain_score", PAPER_FUSION_MARGIN, 100.0, " points"
 
 
 def gain_row(model, r: pd.DataFrame, seed) -> dict:
@@ -154,10 +166,14 @@ def gain_row(model, r: pd.DataFrame, seed) -> dict:
 
 def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict | None:
     reported = "fusion set best (GQA 69.4 vs shallow 68.3, all 65.4, deep 60.3)"
-    rule = (f"{variant}: on the test split, the fusion candidate set beats every other set on the same questions: "
-            "each pair's 95% CI above 0 (McNemar or sign-flip, p < 0.05); does not reproduce when any pair's CI lies "
-            f"wholly below the paper's margin over the shallow set, {100 * PAPER_FUSION_MARGIN:+.1f} points; the "
-            "fusion layers must come from the dev split")
+    col, _, paper, show, unit = measure_of(r)
+    name = "the gold answer's first-token log-prob" if col == "gold_logprob" else "accuracy"
+    bar = (f"{MIN_LOGPROB} nats, the smallest change of this measure that supports a claim (the paper reports "
+           f"accuracy only: {100 * PAPER_FUSION_MARGIN:+.1f} points over the shallow set)" if col == "gold_logprob"
+           else f"the paper's margin over the shallow set, {100 * PAPER_FUSION_MARGIN:+.1f} points")
+    rule = (f"{variant}: primary measure {name}; on the test split, the fusion candidate set beats every other set "
+            "on the same questions: each pair's 95% CI above 0 (McNemar or sign-flip, p < 0.05); does not reproduce "
+            f"when any pair's CI lies wholly below {bar}; the fusion layers must come from the dev split")
     sets = r["candidates"].unique()
     if len(sets) < 2:
         return None
@@ -182,7 +198,7 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
     _, test_ids = stats.split_ids(r["id"].tolist(), groups=groups)
     test = set(map(str, test_ids))
     f = fusion[fusion["id"].astype(str).isin(test)].set_index("id")
-    comps, same = {}, []
+    comps, same, accs = {}, [], {}
     for other in sorted(s for s in r["candidates"].unique() if s != "fusion"):
         o = r[(r["candidates"] == other) & r["id"].astype(str).isin(test)].set_index("id")
         ids = f.index.intersection(o.index)
@@ -191,8 +207,9 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
         if "pre_layer" in f.columns and len(ids) and (f.loc[ids, "pre_layer"] == o.loc[ids, "pre_layer"]).all():
             same.append(other)
         elif len(ids) >= 2:
-            comps[other] = stats.compare_paired(f.loc[ids, "score"].to_numpy(float),
-                                                o.loc[ids, "score"].to_numpy(float), seed)
+            comps[other] = stats.compare_paired(f.loc[ids, col].to_numpy(float), o.loc[ids, col].to_numpy(float),
+                                                seed)
+            accs[other] = float((f.loc[ids, "score"] - o.loc[ids, "score"]).mean())
     if not comps:
         why = (f"the fusion set picks the same pre layer as {same} on every test question" if same else
                "too few test samples shared by the candidate sets")
@@ -202,18 +219,19 @@ def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict
     p = max(c["p"] for c in comps.values())
     eff = comps[worst]["mean"]
     n_test = max(c["n"] for c in comps.values())
-    v, need = _all_pairs({k: decide(c, PAPER_FUSION_MARGIN, n_total=n_all, show=100, unit=" points")
-                          for k, c in comps.items()})
-    diffs = ", ".join(f"{k} {100 * c['mean']:+.1f}" for k, c in comps.items())
+    v, need = _all_pairs({k: decide(c, paper, n_total=n_all, show=show, unit=unit) for k, c in comps.items()})
+    diffs = ", ".join(f"{k} {show * c['mean']:+.{1 if show == 100 else 3}f}" for k, c in comps.items())
+    beside = ("" if col == "score" else "; beside it, accuracy " +
+              ", ".join(f"{k} {100 * a:+.1f}" for k, a in accs.items()) + " points")
     return verdict_row("fusion_candidates", model, rule=rule,
-                chance="every candidate set equal: 0 points between them",
-                effect=f"fusion minus {diffs} points" + ("" if rho == "-" else f" (ρ={rho}, λ={lam})")
+                chance=f"every candidate set equal: 0{unit} between them",
+                effect=f"fusion minus {diffs}{unit}" + beside + ("" if rho == "-" else f" (ρ={rho}, λ={lam})")
                        + (f"; not compared: {same} (same pre layer as fusion on every question)" if same else ""),
                 uncertainty="; ".join(f"vs {k}: {c['test']} {fmt_p(c['p'])}" for k, c in comps.items()),
                 n=n_test, needed=need, verdict=v, reported=reported,
                 split=stats.describe_split(*map(len, stats.split_ids(r["id"].tolist(), groups=groups))) +
                 "; fusion layers picked on dev", p=p, value=eff, ci=(comps[worst]["lo"], comps[worst]["hi"]),
-                paper=PAPER_FUSION_MARGIN, measure="accuracy (0/1 per question)")
+                paper=paper, measure=f"{name} (fusion minus the other set)")
 
 
 def _all_pairs(decided: dict) -> tuple[str, float]:

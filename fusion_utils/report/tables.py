@@ -48,12 +48,19 @@ def method_table(runs: dict) -> pd.DataFrame:
 
 
 def candidate_table(runs: dict) -> pd.DataFrame:
+    """Per model, variant and candidate set of each chapter run's ``"main"`` result: accuracy, plain accuracy, the
+    gain, and the mean change of the gold answer's first-token log-prob (nats; NaN for records without it)."""
     rows = []
     for name, r in runs.items():
-        s = r["main"].summary
-        for _, c in s[s["variant"] == "soft"].iterrows():
-            rows.append(dict(model=name, candidates=c["candidates"], accuracy=float(c["accuracy"]),
-                             plain=float(c["plain_accuracy"]), gain=float(c["gain"])))
+        s, rec = r["main"].summary, r["main"].records
+        lp = {}
+        if {"gold_logprob", "plain_gold_logprob"} <= set(rec.columns):
+            d = rec.assign(d=rec["gold_logprob"] - rec["plain_gold_logprob"])
+            lp = d.groupby(["variant", "candidates"])["d"].mean().to_dict()
+        for _, c in s.iterrows():
+            rows.append(dict(model=name, variant=c["variant"], candidates=c["candidates"],
+                             accuracy=float(c["accuracy"]), plain=float(c["plain_accuracy"]), gain=float(c["gain"]),
+                             logprob_gain=float(lp.get((c["variant"], c["candidates"]), float("nan")))))
     return pd.DataFrame(rows)
 
 
