@@ -257,6 +257,22 @@ def failed_sample(lm, per_batch: Callable, chunk, err: BaseException) -> tuple[s
     return f"the batch of samples {[s.id for s in chunk]!r}", err
 
 
+def open_rank_run(out: str, name: str, config: dict, adopt_ids=None):
+    """This rank's view of a data-parallel run: rank 0 opens it, merges what a killed run left, clears old notes and
+    adopts the siblings' records of ``adopt_ids`` (if given); after a barrier the other ranks open their shards."""
+    from ..runs import adopt, open_run
+
+    r = distributed.rank()
+    if r == 0:
+        run = open_run(out, name, config)
+        run.merge_shards()  # an earlier run killed before its merge
+        run.clear_notes()  # an earlier session's progress and failures are not this one's
+        if adopt_ids is not None:
+            adopt(run, adopt_ids)
+    distributed.barrier()
+    return run if r == 0 else open_run(out, name, config, shard=r)
+
+
 def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, config: dict, out: str | None,
                     batch_size: int, seed: int, progress: bool, adopt: bool = False) -> pd.DataFrame:
     """`run_experiment` on one rank of a data-parallel job (every rank calls it with the same arguments).
@@ -275,21 +291,8 @@ def run_distributed(name: str, lm, dataset: SampleSet, per_batch: Callable, *, c
       merged records (in dataset order), so each returns the same table.
     """
     r, world = distributed.rank(), distributed.world_size()
-    run = None
-    done: set[str] = set()
-    if out is not None:
-        from ..runs import adopt as adopt_records, open_run
-
-        if r == 0:
-            run = open_run(out, name, config)
-            run.merge_shards()  # an earlier run killed before its merge
-            run.clear_notes()  # an earlier session's progress and failures are not this one's
-            if adopt:
-                adopt_records(run, dataset.ids)
-        distributed.barrier()
-        if r != 0:
-            run = open_run(out, name, config, shard=r)
-        done = run.done_ids()
+    run = None if out is None else open_rank_run(out, name, config, dataset.ids if adopt else None)
+    done: set[str] = set() if run is None else run.done_ids()
     todo = [s for s in dataset if str(s.id) not in done]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     mine: list[tuple[int, list[dict]]] = []
