@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fusion_utils import report
@@ -125,3 +126,25 @@ def test_the_power_parameters_files_validate_and_build_into_their_own_folder(nam
     assert set(caps) == (set() if name == "default" else {"fusion", "review", "attention"})
     assert set(caps.values()) <= {2000}
     assert build_name(f) == name  # book/_build/<name>
+
+
+def test_widen_draws_what_the_dev_pilot_needs_and_keeps_the_build_s_questions():
+    data = chapter.load_data("world", 40, 3)
+    dev = {s.id for s in data if stats.split_of(stats.split_group(s)) == "dev"}
+    recs = pd.DataFrame({"id": data.ids, "x": range(40)})
+    pilot = chapter.dev_pilot(recs, data)
+    assert set(pilot["id"]) == dev and pilot["split_group"].str.startswith(power.PILOT_SALT).all()
+    needs = [dict(key="hellinger", model="m", verdict="inconclusive (…)", needed_n=300.0, n=len(dev) // 2,
+                  split="dev 10 / test 10")]
+    pw, wide = chapter.widen(needs, data, 500, "world", 3)
+    assert pw["drawn"] > 40 - len(dev) and pw["pilot"] == len(dev)
+    assert set(data.ids) <= set(wide.ids)  # every question of the build is in the draw: its records are adopted
+    side = [stats.split_of(stats.split_group(s)) for s in wide]
+    assert side.count("dev") == len(dev) and side.count("test") == pw["drawn"]
+    capped, small = chapter.widen(needs, data, 25, "world", 3)
+    assert capped["drawn"] == 25 and len(small) == len(dev) + 25
+    decided = [dict(needs[0], verdict="reproduces", needed_n=float("nan"), value=0.5, ci=(0.4, 0.6))]
+    assert chapter.widen(decided, data, 500, "world", 3)[0]["drawn"] == 40 - len(dev)  # no fewer than the build's
+    with pytest.raises(ValueError, match="layers_cap must be None or a positive integer"):
+        chapter.check_params(models=["organism:llava"], dataset="world", samples=8, device="cpu", dtype=None, seed=0,
+                             layers_cap=0)

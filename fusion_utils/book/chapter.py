@@ -6,7 +6,8 @@ from typing import Iterable, Iterator
 
 from ..report.tables import label
 
-__all__ = ["check_params", "load_data", "load_split", "load_pilot", "choose_test_n", "iter_models", "label"]
+__all__ = ["check_params", "load_data", "load_split", "load_pilot", "choose_test_n", "dev_pilot", "widen",
+           "iter_models", "label"]
 
 
 _DTYPES = ("float32", "bfloat16", "float16", None)
@@ -17,8 +18,9 @@ def check_params(*, models, dataset, samples, device, dtype, seed, source=None, 
 
     ``test_cap``: None (``samples`` questions, split into dev and test by the verdicts' hash) or the most test
     questions a claim may draw; then ``samples`` is the pilot's size, in dev questions (see `load_pilot`)."""
-    if test_cap is not None and (not isinstance(test_cap, int) or isinstance(test_cap, bool) or test_cap < 1):
-        raise ValueError(f"test_cap must be None or a positive integer (test questions per claim), got {test_cap!r}.")
+    for name, cap in (("test_cap", test_cap), ("layers_cap", knobs.pop("layers_cap", None))):
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"{name} must be None or a positive integer (test questions per claim), got {cap!r}.")
     if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:
         raise ValueError(f"models must be a non-empty list of model names, e.g. ['organism:llava'], got {models!r}.")
     from ..data import BENCHMARKS
@@ -93,6 +95,28 @@ def choose_test_n(pilot_rows, pilot, test_cap: int, *, floor: int | None = None)
     n_pilot = len(pilot)
     return power.choose(pilot_rows, n_pilot=n_pilot, cap=test_cap,
                         floor=min(test_cap, n_pilot if floor is None else floor))
+
+
+def dev_pilot(records, data):
+    """The records of ``data``'s dev-side questions, as a pilot (`report.power.as_pilot`): what a rule run on them
+    says about the test n its claim needs, without a look at any test question."""
+    from ..report import power, stats
+
+    dev = {str(s.id) for s in data if stats.split_of(stats.split_group(s)) == "dev"}
+    return power.as_pilot(records[records["id"].astype(str).isin(dev)])
+
+
+def widen(pilot_rows, data, cap: int, dataset: str, seed: int, source=None):
+    """``(power record, draw)`` for claims whose ``pilot_rows`` were judged on the dev questions of ``data`` (a fixed
+    build, `dev_pilot`): the test questions each needs (`choose_test_n`, never fewer than ``data`` has, at most
+    ``cap``), and the draw of ``data``'s dev questions with that many test questions. ``data`` being the first
+    questions of the stream (`load_data`), the draw holds all of them, so runs adopt their records
+    (`runs.adopt`) and compute only the new questions."""
+    from ..report import power, stats
+
+    n_dev = sum(stats.split_of(stats.split_group(s)) == "dev" for s in data)
+    pw = power.choose(pilot_rows, n_pilot=n_dev, cap=cap, floor=min(cap, len(data) - n_dev))
+    return pw, load_split(dataset, n_dev, pw["drawn"], seed, source)
 
 
 def iter_models(models: Iterable[str], device: str = "cpu", dtype=None) -> Iterator:
