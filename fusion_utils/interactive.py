@@ -44,6 +44,7 @@ __all__ = ["Control", "InteractiveFigure", "plotly_js_path", "table", "masking_r
            "MARKER_CLASS"]
 
 from .figure_html import DIVERGING, MAGMA, MARKER_CLASS, Control, InteractiveFigure, colorbar, plotly_js_path
+from .metrics import benchmark_accuracy
 from .report.display import masking_runs, table
 
 HEATMAP = MAGMA
@@ -606,9 +607,11 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
 # --- the layer story: Hellinger and early exit --------------------------------------------------------------------
 
 def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFrame, *, model: str = "",
-                  top: int = 8, title: str = "Each layer's attention and early-exit answer") -> InteractiveFigure:
+                  top: int = 8, title: str = "Each layer's attention and early-exit answer",
+                  scorer: str | None = None) -> InteractiveFigure:
     """Layer -> the distribution over questions of that layer's Hellinger distance to the final layer's attention,
-    and of the answer read off that layer (early exit), correct and wrong stacked."""
+    and of the answer read off that layer (early exit), correct and wrong stacked. ``scorer``: the dataset's
+    (``dataset.scorer``), so the accuracy shown is the benchmark's own (MMBench: CircularEval)."""
     for df, cols, what in ((hellinger_records, {"layer", "hellinger"}, "hellinger"),
                            (early_exit_records, {"layer", "pred", "score"}, "early_exit")):
         if not cols <= set(df.columns):
@@ -648,7 +651,7 @@ def layers_figure(hellinger_records: pd.DataFrame, early_exit_records: pd.DataFr
                                   "yaxis": "y2", "marker": {"color": "#009e73"}}
         fig.traces[f"bad|{li}"] = {"type": "bar", "x": order, "y": bad, "name": "wrong", "xaxis": "x2",
                                    "yaxis": "y2", "marker": {"color": "#d55e00"}}
-        acc = float(e["score"].mean()) if len(e) else float("nan")
+        acc = benchmark_accuracy(e["id"], e["score"], scorer) if len(e) else float("nan")
         agree = (f", agrees with the final layer on {float(e['agrees_final'].mean()):.0%}"
                  if "agrees_final" in e.columns and len(e) else "")
         text = (f"layer {j}: mean Hellinger distance {np.nanmean(h) if len(h) else float('nan'):.3f} over "

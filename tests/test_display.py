@@ -335,3 +335,16 @@ def test_chapter_parameters_for_the_appendix(tmp_path, monkeypatch):
         "contrastive": {"threshold": 0.05, "rho": 0.2, "lam": 0.1}}
     md = verdict_index.parameters_markdown(tmp_path, ["contrastive"])
     assert "| contrastive | `threshold = 0.05`, `rho = 0.2`, `lam = 0.1` |" in md
+
+
+def test_layers_figure_reports_the_benchmarks_own_accuracy():
+    from fusion_utils import interactive as I
+
+    # MMBench: question 7 asked twice (options rotated), right once: CircularEval counts it wrong; question 8 right
+    early = pd.DataFrame({"id": ["7", "1000007", "8", "1000008"], "layer": 0, "pred": ["A", "B", "C", "C"],
+                          "score": [1.0, 0.0, 1.0, 1.0]})
+    hell = pd.DataFrame({"id": early["id"], "layer": 0, "hellinger": 0.1})
+    circular = I.layers_figure(hell, early, scorer="option")
+    per_row = I.layers_figure(hell, early)
+    assert "early-exit accuracy 50%" in circular.states["0"]["text"]
+    assert "early-exit accuracy 75%" in per_row.states["0"]["text"]
