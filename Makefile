@@ -42,9 +42,12 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
+# Two pytest-xdist workers, one per core (one torch thread each, tests/conftest.py); the real book's readers share
+# one worker (xdist_group). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	@bash scripts/ensure_chromium.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 book: $(STAMP)
 	$(VENV)/bin/fusion-utils book build --params $(BOOK_PARAMS)

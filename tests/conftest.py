@@ -14,6 +14,11 @@ from fusion_utils.testing import PAPER_ARCHS, TINY_ARCHS, sample_images, tiny_mo
 
 QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how many red objects are there ?"]
 
+# `make test` runs two pytest-xdist workers, each its own process: one torch thread each, so they share the two cores
+# instead of four threads contending for them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module", params=PAPER_ARCHS)
 def lm(request):

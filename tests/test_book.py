@@ -39,6 +39,9 @@ import yaml
 from fusion_utils import book
 from fusion_utils.book import driver as book_driver, params as book_params, plan as book_plan
 
+# the real book is built once per worker that asks for it: keep its readers on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("real_book")
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "book"
 PARAMS = "book/params/fixture.yml"

@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 from test_book import REAL_CHAPTERS, Browser, Site, built, require_chromium, toc_pages
 
+# the real book is built once per worker that asks for it: keep its readers on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("real_book")
+
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (1280, 390)
 
