@@ -18,6 +18,7 @@ QUESTIONS = ["what is the color of the object ?", "what shape is it ?", "how man
 # instead of four threads contending for them
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and one for the processes a test starts (book kernels, torchrun workers)
 
 
 @pytest.fixture(scope="module", params=PAPER_ARCHS)
