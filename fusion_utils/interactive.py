@@ -547,7 +547,7 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
     lay["legend"].update(y=-0.22)  # below the colour bars
     fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=380,
                             caption="Left to right: the attention of the pre layer i* and of the final layer over "
-                                    "the image, and their difference I_A. Red on I_A: attention gained with depth "
+                                    "the image (L: the layer, 0-based), and their difference I_A. Red on I_A: attention gained with depth "
                                     "(I_A > 0); blue: lost (I_A < 0), as the colour bar under it reads. Green "
                                     "crosses: the image tokens the soft mask scales by λ at the apply layer "
                                     "(fainter as λ nears 1, which leaves them as they are). Look for red on the "
@@ -581,8 +581,8 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
                 for i in range(3):
                     _image_panel(upd, i, image, geo, s.get("relevant"))
                 _with_axis_ranges(lay, upd, [0, 1, 2], geo["W"], geo["H"])
-            upd["annotations"] = _titles(lay, [f"A_pre (layer i* = {v['pre']})", f"A_post (layer {v['post']})",
-                                               "I_A = A_post − A_pre"])
+            # short enough for three panels side by side on a phone (390 px); the text under the figure says i*
+            upd["annotations"] = _titles(lay, [f"A_pre · L{v['pre']}", f"A_post · L{v['post']}", "I_A"])
             # the pictures are the same for every candidate set: stored once per question; the axes and the
             # titles repeat across questions and are stored once by the page's spec
             fig.layouts.setdefault(f"pic|{qi}", {k: upd.pop(k) for k in ("images", "shapes") if k in upd})
