@@ -66,6 +66,10 @@ FUSION_LAYERS = paper_layers(FUSION_LAYERS_REPORTED)  # [1, 3, 7, 10, 11, 12], r
 FUSION_LAYERS_IF_ZERO_BASED = list(FUSION_LAYERS_REPORTED)
 FUSION_BASE_NOTE = ("the paper does not say whether its fusion layers {2, 4, 8, 11, 12, 13} count from 0 or 1; "
                     "read here as 1-based like its other layer numbers (0-based 1, 3, 7, 10, 11, 12)")
+#: the candidate-set ablation's "shallow (<16)" and "deep (>17)" of 32, read 1-based like the paper's other numbers
+SHALLOW_BELOW_REPORTED, DEEP_ABOVE_REPORTED = 16, 17
+SHALLOW_END = paper_layer(SHALLOW_BELOW_REPORTED)  # 15: the shallow set is 0-based layers 0-14
+DEEP_FROM = after_paper_layer(DEEP_ABOVE_REPORTED)  # 17: the deep set is 0-based layers 17-31
 
 
 def depth_fraction(layer0: int, n_layers: int = PAPER_N_LAYERS) -> float:
@@ -142,4 +146,4 @@ __all__ = ["CITATION", "SOURCE_NOTE", "LAYERS", "CLAIMS", "MAIN_TABLE", "CANDIDA
            "depth_fraction", "REVIEW_LAYER", "REVIEW_LAYER_REPORTED", "PLATEAU_FROM", "LATE_FROM",
            "PLATEAU_AFTER_REPORTED", "EARLY_EXIT_FROM", "EARLY_EXIT_AFTER_REPORTED", "HELLINGER_FLAT_FROM",
            "HELLINGER_FLAT_AFTER_REPORTED", "FUSION_LAYERS", "FUSION_LAYERS_REPORTED", "FUSION_LAYERS_IF_ZERO_BASED",
-           "FUSION_BASE_NOTE"]
+           "FUSION_BASE_NOTE", "SHALLOW_BELOW_REPORTED", "DEEP_ABOVE_REPORTED", "SHALLOW_END", "DEEP_FROM"]

@@ -27,8 +27,9 @@ def _masks(batch, seed=0, p=0.5):
 # --- pure functions --------------------------------------------------------------------------------------------------
 
 def test_candidate_layers():
-    assert C.candidate_layers("shallow", 32) == list(range(16))
-    assert C.candidate_layers("deep", 32) == list(range(18, 31))  # > 17, post layer 31 excluded
+    assert C.candidate_layers("shallow", 32) == list(range(15))  # the paper's "< 16", 1-based
+    assert C.candidate_layers("deep", 32) == list(range(17, 31))  # its "> 17" (1-based), post layer 31 excluded
+    assert C.candidate_layers("shallow", 16) == list(range(8)) and C.candidate_layers("deep", 16) == list(range(9, 15))
     assert C.candidate_layers("all", 32) == list(range(31))
     assert C.candidate_layers("fusion", 32, [13, 2, 4, 31]) == [2, 4, 13]
     with pytest.raises(ValueError, match="fusion_layers"):

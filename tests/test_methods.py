@@ -75,8 +75,8 @@ def test_scaled_layers_follow_the_32_layer_choices():
 
 def test_candidate_sets_of_the_paper():
     assert M.CANDIDATE_SETS == ("fusion", "shallow", "deep", "all")
-    assert M.candidate_layers("shallow", 32) == list(range(16))  # < 16 of 32
-    assert M.candidate_layers("deep", 32) == list(range(18, 31))  # > 17, the post layer excluded
+    assert M.candidate_layers("shallow", 32) == list(range(15))  # < 16 of 32, 1-based
+    assert M.candidate_layers("deep", 32) == list(range(17, 31))  # > 17, 1-based; the post layer excluded
     assert M.candidate_layers("all", 8, post=3) == [0, 1, 2, 4, 5, 6, 7]
     assert M.candidate_layers([5, -2, 5], 8) == [5, 6]
     with pytest.raises(ValueError, match="fusion_layers"):

@@ -14,6 +14,7 @@ import torch
 
 from ..metrics import hellinger
 from ..depth import layer_index
+from ..paper import DEEP_FROM, PAPER_N_LAYERS, SHALLOW_END
 
 # the candidate sets of the paper's ablation (Table 5); a list of layers is accepted wherever a set name is
 CANDIDATE_SETS = ("fusion", "shallow", "deep", "all")
@@ -22,11 +23,12 @@ CANDIDATE_SETS = ("fusion", "shallow", "deep", "all")
 def candidate_layers(kind, n_layers: int, fusion_layers: Sequence[int] | None = None, post: int = -1) -> list[int]:
     """Candidate pre layers (0-based decoder layers, sorted), never including the post layer.
 
-    ``"fusion"``: the given ``fusion_layers``; ``"shallow"``: layers < L/2 (paper: < 16 of 32); ``"deep"``: layers
-    > L/2 + 1 (paper: > 17 of 32); ``"all"``: every layer; or an explicit list of layers.
+    ``"fusion"``: the given ``fusion_layers``; ``"shallow"``: the paper's "< 16" of 32 (1-based; 0-based layers
+    0-14), ``"deep"``: its "> 17" (0-based 17-31), both scaled to the model's depth (`paper.SHALLOW_END`,
+    `paper.DEEP_FROM`); ``"all"``: every layer; or an explicit list of layers.
 
-    >>> candidate_layers("deep", 32)[:3], candidate_layers("fusion", 32, [13, 2, 31])
-    ([18, 19, 20], [2, 13])
+    >>> candidate_layers("deep", 32)[:3], candidate_layers("shallow", 32)[-1], candidate_layers("fusion", 32, [13, 2])
+    ([17, 18, 19], 14, [2, 13])
     """
     L = int(n_layers)
     post = layer_index(post, L)
@@ -38,9 +40,9 @@ def candidate_layers(kind, n_layers: int, fusion_layers: Sequence[int] | None = 
                              "masking costs the most accuracy).")
         layers = [layer_index(int(j), L) for j in fusion_layers]
     elif kind == "shallow":
-        layers = [j for j in range(L) if j < L / 2]
+        layers = [j for j in range(L) if j < SHALLOW_END * L / PAPER_N_LAYERS]
     elif kind == "deep":
-        layers = [j for j in range(L) if j > L / 2 + 1]
+        layers = [j for j in range(L) if j >= DEEP_FROM * L / PAPER_N_LAYERS]
     elif kind == "all":
         layers = list(range(L))
     else:
