@@ -93,4 +93,5 @@ FINE_RECIPE = {"llava-16l": {**_FINE, "fine_steps": 450},
 def world_settings() -> dict:
     """The world's module settings a training run depends on (recorded in training_log.json and the model card)."""
     return {"spatial_anchor": world.SPATIAL_ANCHOR, "relations": list(world.RELATIONS), "grid": world.GRID,
-            "fine_pixel_scale": world.FINE_PIXEL_SCALE, "fine_object_scale": world.FINE_OBJECT_SCALE}
+            "fine_pixel_scale": world.FINE_PIXEL_SCALE, "fine_object_scale": world.FINE_OBJECT_SCALE,
+            "fine_subcell": world.FINE_SUBCELL}
