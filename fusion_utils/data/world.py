@@ -70,13 +70,15 @@ DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
 # resolution (192 px) with objects drawn at FINE_OBJECT_SCALE of their size relative to the cell. A model's 96 px
 # input sees the whole image downsampled, so small objects lose their shape; a crop of the relevant cells keeps its
 # native pixels (ViCrop's setting: a photo larger than the model's input, crops taken from the full resolution).
-# The object scale is measured in organisms/weights/RECIPE_NOTES.md (one image 55-75%, relevant crop >= 10 points up)
+# No setting measured so far gives both default organisms issue 28's bar (one image 55-75%, relevant crop >= 10 points
+# up; organisms/weights/RECIPE_NOTES.md, stage (f), three sessions): a 3-cell crop reaches both towers as 96 px, two
+# tokens a cell, so an object shows on one crop token only off its cell's centre, where the 96 px view's token loses it
 FINE_PIXEL_SCALE = 2
 FINE_OBJECT_SCALE = 0.6
 # where each object sits in its cell: FINE_SUBCELL of the way from the cell's centre to the centre of a random
-# sub-cell of CELL px (1: at the sub-cell centre, one token in a crop at native pixels; 0: centred, as in `world`, where
-# the 96 px view's token reads it). Third session of stage (f): at 0 the view reads small objects and training raises
-# one image and crop alike; at 1 only Qwen2-VL's native crop reads them (RECIPE_NOTES.md)
+# sub-cell of CELL px (1: at the sub-cell centre, one token in a crop at native pixels; 0: centred, as in `world`).
+# Centred, one image is in the band and the crop adds 4 points at most (llava-16l) or loses (qwen2_vl-16l); at 1 only
+# Qwen2-VL's crop gains (+24) and one image is about 30%
 FINE_SUBCELL = 1.0
 BLANK_RGB = (120, 120, 120)  # the "blank image" background: uniform mid grey
 
