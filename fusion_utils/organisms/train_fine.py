@@ -3,10 +3,12 @@
 The world-fine image is rendered at twice the resolution with small objects, so the model's 96 px input sees the
 whole image downsampled and a crop of the relevant cells at its native pixels -- ViCrop's setting. Stage (f)
 fine-tunes the parameters ``fine_part`` names (every one by default; "vision": the tower and projector only, the
-decoder frozen, so the world answers it learned stay as they were) on a mix of world and world-fine prompts (``fine_share`` of them world-fine), each with
-one image or [original, second image] (``fine_kinds``), answer + EOS loss, plus the alignment loss of stage (b+c) on
-every image token (a crop's tokens target the cells they show, `Trainer.zoom_targets`), so the tower learns to read
-small objects magnified while the decoder learns to answer from the crop.
+decoder frozen, so the world answers it learned stay as they were; "projector": the merger / projector only) on a mix
+of world and world-fine prompts (``fine_share`` of them world-fine), each with one image or [original, second image]
+(``fine_kinds``), answer + EOS loss, plus the alignment loss of stage (b+c) on every image token (a crop's tokens
+target the cells they show, `Trainer.zoom_targets`, or with ``fine_crop_aux`` "centres" the objects whose drawn
+centres they hold), so the tower learns to read small objects magnified while the decoder learns to answer from the
+crop.
 """
 from __future__ import annotations
 
