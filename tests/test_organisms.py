@@ -748,8 +748,60 @@ def test_fine_stage_vision_part_keeps_the_decoder(name):
     assert is_lm and not moved & set(is_lm), sorted(moved & set(is_lm))[:3]
     assert moved and all(n not in is_lm for n in moved)
     bad = Trainer(name, seed=0, threads=None, recipe={**R, "fine_part": "tower"}, **TINY)
-    with pytest.raises(ValueError, match="fine_part='tower': use 'lm' or 'vision' or 'all'"):
+    with pytest.raises(ValueError, match="fine_part='tower': use 'lm' or 'vision' or 'projector' or 'all'"):
         bad.stage_fine(steps=1)
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_fine_stage_projector_part_moves_only_the_projector(name):
+    """``fine_part`` "projector" (third session of stage (f)): only the merger (Qwen2-VL) or the projector (LLaVA)
+    moves; the tower and the decoder stay bit-identical."""
+    from fusion_utils.organisms.train import Trainer
+
+    tr = Trainer(name, seed=0, threads=None, recipe={"fine_steps": 2, "fine_batch": 4, "fine_part": "projector",
+                                                     "fine_lr": 1e-3}, **TINY)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.stage_fine(steps=2)
+    moved = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("merger" in n or "multi_modal_projector" in n for n in moved), sorted(moved)[:3]
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_fine_crop_targets_follow_the_drawn_centres(name, monkeypatch):
+    """``fine_crop_aux`` "centres": in a relevant crop of a world-fine image, the token under each object's drawn
+    centre targets that object and every other token `<empty>`, so a crop's target holds each object it shows
+    once; "none" leaves a crop's tokens without a target (-1), and an unknown mode is refused."""
+    from fusion_utils.data import world
+    from fusion_utils.data.second_images import cells_to_px, relevant_cells
+    from fusion_utils.organisms.train import Trainer
+
+    monkeypatch.setattr(world, "FINE_SUBCELL", 1.0)
+    tr = Trainer(name, seed=0, threads=None, recipe={"fine_crop_aux": "centres"}, **TINY)
+    for i in range(6):
+        s = world.make_sample("test", i, fine=True)
+        box = relevant_cells(s)
+        img = s.image.convert("RGB")
+        l, t, r, b = cells_to_px(*box, size=img.size)
+        enc = tr.encode_two([s], [[img, img.crop((l, t, r, b))]])
+        got = tr._crop_targets(s, box, enc, 1)
+        inside = [world.scene_token(o) for o, (x, y) in zip(s.meta["objects"], s.meta["centres"])
+                  if l <= x < r and t <= y < b]
+        names = sorted(world.SCENE_TOKENS[k] for k in got.tolist() if k)
+        assert len(got) == tr.image_tokens(enc)[1].shape[0]
+        if name.startswith("qwen") or (r - l) == (b - t):  # CLIP's centre square keeps a square crop whole
+            assert names == sorted(inside), (s.id, names, inside)
+        gh, gw = (int(v) for v in enc["image_grid_thw"][1, 1:] // 2) if name.startswith("qwen") else (6, 6)
+        if name.startswith("qwen") or (r - l) == (b - t):  # each target sits on the token whose pixels hold the centre
+            for k in np.nonzero(got.numpy())[0]:
+                x0, y0 = l + (k % gw) * (r - l) / gw, t + (k // gw) * (b - t) / gh
+                here = [world.scene_token(o) for o, (x, y) in zip(s.meta["objects"], s.meta["centres"])
+                        if x0 <= x < x0 + (r - l) / gw and y0 <= y < y0 + (b - t) / gh]
+                assert world.SCENE_TOKENS[int(got[k])] in here, (s.id, k, here)
+    tr.recipe["fine_crop_aux"] = "none"
+    assert (tr._crop_targets(s, box, enc, 1) == -1).all()
+    tr.recipe["fine_crop_aux"] = "nearest"
+    with pytest.raises(ValueError, match="fine_crop_aux='nearest'"):
+        tr._crop_targets(s, box, enc, 1)
 
 
 @pytest.fixture(scope="module", params=shipped(DEEP))

@@ -269,3 +269,28 @@ def test_random_second_image_scales_with_the_image(fine_set):
         _, crop = images_for(s, "random", np.random.default_rng(0))
         w, h = crop.size
         assert w % (2 * world.CELL) == 0 and h % (2 * world.CELL) == 0 and 2 <= w // (2 * world.CELL) <= 5
+
+
+def test_world_fine_subcell_offset_moves_objects(monkeypatch):
+    """`FINE_SUBCELL` places each object between its cell's centre (0, where the 96 px view's token reads it, as in
+    `world`) and a random sub-cell's centre (1, the default: one token in a crop at native pixels); the images at 1 are
+    the ones of the shipped setting (the test above), and 0 moves every large object back to its cell's centre."""
+    def offsets(sub):
+        monkeypatch.setattr(world, "FINE_SUBCELL", sub)
+        out = []
+        for i in range(12):
+            s = world.make_sample("test", i, fine=True)
+            a, cell = np.asarray(s.image).astype(float), s.meta["cell_px"]
+            for o in s.meta["objects"]:
+                if o["size"] != "large":
+                    continue
+                c = a[o["row"] * cell:(o["row"] + 1) * cell, o["col"] * cell:(o["col"] + 1) * cell]
+                bg = np.median(np.concatenate([c[0], c[-1], c[:, 0], c[:, -1]]), axis=0)
+                ys, xs = np.nonzero(np.abs(c - bg).sum(-1) > 90)
+                if len(xs) > 10:
+                    out.append((abs(xs.mean() + 0.5 - cell / 2), abs(ys.mean() + 0.5 - cell / 2)))
+        return np.array(out)
+
+    centred, sub = offsets(0.0), offsets(1.0)
+    assert len(centred) > 10 and len(sub) > 10
+    assert np.median(centred) < 3.5 and np.median(sub) > 5.5, (np.median(centred), np.median(sub))

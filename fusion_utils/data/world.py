@@ -70,9 +70,16 @@ DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
 # resolution (192 px) with objects drawn at FINE_OBJECT_SCALE of their size relative to the cell. A model's 96 px
 # input sees the whole image downsampled, so small objects lose their shape; a crop of the relevant cells keeps its
 # native pixels (ViCrop's setting: a photo larger than the model's input, crops taken from the full resolution).
-# The object scale is measured in organisms/weights/RECIPE_NOTES.md (one image 55-75%, relevant crop >= 10 points up)
+# No setting measured so far gives both default organisms issue 28's bar (one image 55-75%, relevant crop >= 10 points
+# up; organisms/weights/RECIPE_NOTES.md, stage (f), three sessions): a 3-cell crop reaches both towers as 96 px, two
+# tokens a cell, so an object shows on one crop token only off its cell's centre, where the 96 px view's token loses it
 FINE_PIXEL_SCALE = 2
 FINE_OBJECT_SCALE = 0.6
+# where each object sits in its cell: FINE_SUBCELL of the way from the cell's centre to the centre of a random
+# sub-cell of CELL px (1: at the sub-cell centre, one token in a crop at native pixels; 0: centred, as in `world`).
+# Centred, one image is in the band and the crop adds 4 points at most (llava-16l) or loses (qwen2_vl-16l); at 1 only
+# Qwen2-VL's crop gains (+24) and one image is about 30%
+FINE_SUBCELL = 1.0
 BLANK_RGB = (120, 120, 120)  # the "blank image" background: uniform mid grey
 
 RGB = {
@@ -272,10 +279,12 @@ def make_scene(rng: np.random.Generator, family: str, i: int = 0) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ pixels
 def render(objects: Sequence[dict], rng: np.random.Generator, pixel_scale: int = 1,
-           object_scale: float = 1.0) -> Image.Image:
+           object_scale: float = 1.0, subcell: float = 1.0, centres: list | None = None) -> Image.Image:
     """Draw the objects over a noisy textured background, on an image of ``IMAGE_SIZE * pixel_scale`` px with objects
-    at ``object_scale`` of their usual size relative to a cell (``world-fine``: 2 and ``FINE_OBJECT_SCALE``), each in
-    a random sub-cell of ``CELL`` px. Scale 1 is the world's image to the byte (no sub-cell draw)."""
+    at ``object_scale`` of their usual size relative to a cell (``world-fine``: 2 and ``FINE_OBJECT_SCALE``), each
+    ``subcell`` of the way from its cell's centre to a random sub-cell's of ``CELL`` px (``FINE_SUBCELL``; 0: centred,
+    its jitter scaled with the image). Scale 1 is the world's image to the byte (no sub-cell draw). ``centres``: a list
+    that receives each object's drawn centre (x, y) in pixels, in the order of ``objects``."""
     size, cell = IMAGE_SIZE * int(pixel_scale), CELL * int(pixel_scale)
     base = rng.uniform(80, 165) + rng.uniform(-15, 15, size=3)
     low = rng.normal(0, 12, size=(4, 4, 3))
@@ -293,9 +302,16 @@ def render(objects: Sequence[dict], rng: np.random.Generator, pixel_scale: int =
         j = 1.5 if o["size"] == "large" else 3.0
         # at a larger scale a cell holds pixel_scale x pixel_scale sub-cells of CELL px (one token each in a crop
         # at native resolution) and the object sits in one of them, as an object sits in a world cell
-        sub_r, sub_c = (int(v) for v in rng.integers(pixel_scale, size=2)) if pixel_scale > 1 else (0, 0)
-        cx = o["col"] * cell + sub_c * CELL + CELL / 2 + rng.uniform(-j, j)
-        cy = o["row"] * cell + sub_r * CELL + CELL / 2 + rng.uniform(-j, j)
+        if subcell > 0 and pixel_scale > 1:
+            sub_r, sub_c = (int(v) for v in rng.integers(pixel_scale, size=2))
+            f = float(subcell)
+            cx = o["col"] * cell + cell / 2 + f * ((sub_c + 0.5) * CELL - cell / 2) + rng.uniform(-j, j)
+            cy = o["row"] * cell + cell / 2 + f * ((sub_r + 0.5) * CELL - cell / 2) + rng.uniform(-j, j)
+        else:
+            cx = o["col"] * cell + cell / 2 + rng.uniform(-j, j) * pixel_scale
+            cy = o["row"] * cell + cell / 2 + rng.uniform(-j, j) * pixel_scale
+        if centres is not None:
+            centres.append((float(cx), float(cy)))
         if o["shape"] == "circle":
             d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=col)
         elif o["shape"] == "square":
@@ -333,11 +349,14 @@ def make_sample(split: str, i: int, seed: int | None = None, families: Sequence[
     rng = _rng(split, seed, i)
     sc = make_scene(rng, fam, i // len(fams))
     scale, obj = (FINE_PIXEL_SCALE, FINE_OBJECT_SCALE) if fine else (1, 1.0)
-    image = render(sc["objects"], rng, scale, obj) if with_image else None
+    centres: list = []
+    image = render(sc["objects"], rng, scale, obj, FINE_SUBCELL, centres) if with_image else None
     meta = {"objects": sc["objects"], "grid": GRID, "cell_px": CELL * scale, "split": split, "index": i,
             "seed": int(seed or 0), "scene_cells": scene_cells(sc["objects"])}
     if fine:
         meta["object_scale"] = obj
+        if with_image:  # where each object was drawn (px of this image), for the crop targets of stage (f)
+            meta["centres"] = centres
     for k in ("target", "anchor", "relation", "query"):
         if k in sc:
             meta[k] = sc[k]
@@ -369,7 +388,7 @@ def world_dataset(split: str = "test", n: int | None = None, seed: int | None = 
     meta = {"split": split, "seed": int(seed or 0), "families": fams, "grid": GRID,
             "image_size": IMAGE_SIZE * (FINE_PIXEL_SCALE if fine else 1)}
     if fine:
-        meta["object_scale"] = FINE_OBJECT_SCALE
+        meta["object_scale"], meta["subcell"] = FINE_OBJECT_SCALE, FINE_SUBCELL
     return SampleSet("world-fine" if fine else "world", samples, "exact", meta=meta)
 
 

@@ -85,6 +85,8 @@ ORGANISM_RECIPE = {
 # crop's gain fell to +8.7, and qwen2_vl-16l's tower could not move without breaking world.
 # Qwen2-VL's crop tokens target a magnified object on its first token only, as llava-16l's tower was taught in stage
 # (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share: the setting changes nothing before (f))
+# A third session (RECIPE_NOTES.md) found that target wrong for world-fine's off-centre objects (`fine_crop_aux`
+# "centres" puts each on the token under its drawn centre) and measured `world.FINE_SUBCELL`; still no run met both bars
 _FINE = {"fine_batch": 16, "fine_lr": 3e-4}
 FINE_RECIPE = {"llava-16l": {**_FINE, "fine_steps": 450},
                "qwen2_vl-16l": {**_FINE, "fine_steps": 350, "vision_zoom_target": "first"}}
@@ -93,4 +95,5 @@ FINE_RECIPE = {"llava-16l": {**_FINE, "fine_steps": 450},
 def world_settings() -> dict:
     """The world's module settings a training run depends on (recorded in training_log.json and the model card)."""
     return {"spatial_anchor": world.SPATIAL_ANCHOR, "relations": list(world.RELATIONS), "grid": world.GRID,
-            "fine_pixel_scale": world.FINE_PIXEL_SCALE, "fine_object_scale": world.FINE_OBJECT_SCALE}
+            "fine_pixel_scale": world.FINE_PIXEL_SCALE, "fine_object_scale": world.FINE_OBJECT_SCALE,
+            "fine_subcell": world.FINE_SUBCELL}

@@ -183,7 +183,8 @@ class TrainerBase:
     def _set_trainable(self, part: str):
         for n, p in self.model.named_parameters():
             is_lm = n.startswith("model.language_model") or n.startswith("lm_head")
-            p.requires_grad = {"lm": is_lm, "vision": not is_lm, "all": True}[part]
+            is_proj = "merger" in n or "multi_modal_projector" in n
+            p.requires_grad = {"lm": is_lm, "vision": not is_lm, "projector": is_proj, "all": True}[part]
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _begin(self, part: str, lr: float, steps: int, desc: str, stage: str | None = None):
