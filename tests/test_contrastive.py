@@ -12,7 +12,7 @@ from fusion_utils import ScaleImage, intervene, load_model
 from fusion_utils.adapters import ImageGrid, View
 from fusion_utils.data import load_dataset
 from fusion_utils.experiments import contrastive as C
-from fusion_utils.experiments.common import Decoding, generate, gold_logprobs
+from fusion_utils.experiments.common import Decoding, generate, gold_logprobs, gold_token_ids
 from fusion_utils.metrics import hellinger
 from fusion_utils.testing import tiny_model_dir
 
@@ -212,7 +212,7 @@ def test_contrastive_experiment(arch, tmp_path):
     batch = lm.prepare(list(ds), post_prompt=res.config["prompt"]["post_prompt"])
     with torch.no_grad():
         logits = lm.model(**batch.inputs).logits[:, -1].float()
-    want = dict(zip([s.id for s in ds], gold_logprobs(lm, list(ds), logits)))
+    want = dict(zip([s.id for s in ds], gold_logprobs(logits, gold_token_ids(lm, list(ds))).tolist()))
     got = r.drop_duplicates("id").set_index("id")["plain_gold_logprob"]
     np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-4)
     assert r["post_relevant_mass"].between(0, 1).all()

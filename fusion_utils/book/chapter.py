@@ -18,7 +18,7 @@ def check_params(*, models, dataset, samples, device, dtype, seed, source=None, 
 
     ``test_cap``: None (``samples`` questions, split into dev and test by the verdicts' hash) or the most test
     questions a claim may draw; then ``samples`` is the pilot's size, in dev questions (see `load_pilot`)."""
-    caps = {"test_cap": test_cap, **{k: knobs.pop(k) for k in [k for k in knobs if k.endswith("_cap")]}}
+    caps = {"test_cap": test_cap, **{k: v for k, v in knobs.items() if k.endswith("_cap")}}
     for name, cap in caps.items():  # test_cap, and a chapter's caps for its cheaper claims (layers_cap, gain_cap)
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise ValueError(f"{name} must be None or a positive integer (test questions per claim), got {cap!r}.")

@@ -85,12 +85,17 @@ def generate(lm, batch, plans: Sequence = (), decoding: Decoding | None = None, 
     return decode_new(lm, batch, out.sequences), out.logits[0].float()
 
 
-def gold_logprobs(lm, samples, logits: torch.Tensor) -> list[float]:
-    """Per sample, the log-probability of its gold answer's first token under ``logits`` (float32 [batch, vocab]):
-    the paired, low-noise measure the verdicts prefer to a 0/1 score (see `experiments.masking`)."""
-    gold = torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]),
-                        device=logits.device)
-    return torch.log_softmax(logits.float(), -1).gather(-1, gold[:, None])[:, 0].tolist()
+def gold_token_ids(lm, samples) -> torch.Tensor:
+    """The first token id of each sample's (first) gold answer, as the model would generate it, on its device."""
+    return torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]), device=lm.device)
+
+
+def gold_logprobs(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """The log-probability (float32) of each sample's gold first token ``gold`` ([batch], `gold_token_ids`) under
+    ``logits`` ([..., batch, vocab]; e.g. one row per layer first): the paired, low-noise measure the verdicts
+    prefer to a 0/1 score."""
+    idx = gold.to(logits.device).expand(*logits.shape[:-1])[..., None]
+    return torch.log_softmax(logits.float(), -1).gather(-1, idx)[..., 0]
 
 
 def answer(lm, samples, *, plans: Sequence = (), post_prompt: str | None = POST_PROMPT,
@@ -356,6 +361,6 @@ def finish(name: str, records: pd.DataFrame, summary: pd.DataFrame, config: dict
     return ExperimentResult(name, records, summary, config, run_dir, extra)
 
 
-__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "scorer_of", "accuracy_by", "first_token_ids", "gold_logprobs",
+__all__ = ["Decoding", "answer", "generate", "decode_new", "score", "scorer_of", "accuracy_by", "first_token_ids", "gold_token_ids", "gold_logprobs",
            "run_experiment", "base_config", "post_prompt_for", "ExperimentResult", "finish", "seed_everything", "run_distributed",
            "failed_sample"]

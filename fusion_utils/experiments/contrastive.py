@@ -40,7 +40,7 @@ from ..engine.replay import (continue_generate, fork_cache, head, language_model
 from ..methods import (CANDIDATE_SETS, candidate_layers, contrastive_map, crop_images, default_apply_layer,
                        peak_crop_box, soft_mask_tokens)
 from ..prompts import POST_PROMPT
-from .common import Decoding, accuracy_by, decode_new, generate, gold_logprobs, scorer_of
+from .common import Decoding, accuracy_by, decode_new, generate, gold_logprobs, gold_token_ids, scorer_of
 from .harness import Context, Spec, register, run
 
 VARIANTS = ("soft", "crop")
@@ -304,7 +304,8 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
     p1 = capture_first_pass(lm, batch, record_layer=apply_layer if soft and method == "reuse" else None,
                             keep_cache=soft and method == "reuse")
     first_seconds = (time.perf_counter() - clock) / len(samples)  # shared by every setting of this batch
-    plain_gold = gold_logprobs(lm, samples, p1.logits)
+    gold = gold_token_ids(lm, samples)  # once per batch: every setting reads the same gold tokens
+    plain_gold = gold_logprobs(p1.logits, gold).tolist()
     records = []
     for cname, cands in candidates.items():
         cons = [contrastive_map(p1.maps.sample(b), cands, post) for b in range(batch.size)]
@@ -325,7 +326,7 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
                     dlogit = (logits - p1.logits).abs().amax(-1).tolist()
                     settings.append(("soft", float(rho), float(lam), preds,
                                      [{"dlogit": d, "n_masked": k, "seconds": seconds, "gold_logprob": g}
-                                      for d, k, g in zip(dlogit, n_masked, gold_logprobs(lm, samples, logits))]))
+                                      for d, k, g in zip(dlogit, n_masked, gold_logprobs(logits, gold).tolist())]))
         if "crop" in variants:
             clock = time.perf_counter()
             boxes = [crop_box(c["I_A"], batch.grids[b][0], s.image.size, frac=frac, min_side=min_side)
@@ -335,7 +336,7 @@ def contrastive_batch(lm, samples, ctx: Context, *, apply_layer: int, candidates
             preds, logits = generate(lm, cb, (), decoding, first_logits=True)
             seconds = first_seconds + (time.perf_counter() - clock) / len(samples)
             settings.append(("crop", None, None, preds, [{"seconds": seconds, "gold_logprob": g}
-                                                         for g in gold_logprobs(lm, samples, logits)]))
+                                                         for g in gold_logprobs(logits, gold).tolist()]))
         for variant, rho, lam, preds, acted in settings:
             for b, s in enumerate(samples):
                 records.append({"id": s.id, "family": s.family, "variant": variant, "candidates": cname,

@@ -17,7 +17,7 @@ import torch
 
 from ..engine import CaptureAttention, ExitAt, early_exit_logits, intervene
 from ..metrics import hellinger as hellinger_distance
-from .common import Decoding, ExperimentResult, accuracy_by, first_token_ids, generate, scorer_of
+from .common import Decoding, ExperimentResult, accuracy_by, generate, gold_logprobs, gold_token_ids, scorer_of
 from .harness import Context, Spec, register, run
 
 
@@ -95,9 +95,7 @@ def early_exit_batch(lm, samples, ctx: Context, *, decode: str) -> list[dict]:
     logits = early_exit_logits(lm, b)  # [L, B, V]
     ids = logits.argmax(-1)
     probs = torch.softmax(logits, -1)
-    gold = torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]),
-                        device=logits.device)
-    gold_lp = torch.log_softmax(logits.float(), -1).gather(-1, gold[None, :, None].expand(L, -1, 1))[..., 0]  # [L, B]
+    gold_lp = gold_logprobs(logits, gold_token_ids(lm, samples))  # [L, B]
     final = ids[-1]
     full = [generates(lm, s, decode) for s in samples]
     picked = [s for s, f in zip(samples, full) if f]

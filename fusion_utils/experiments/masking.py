@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..engine import MaskImage, masking_sweep
-from .common import Decoding, accuracy_by, first_token_ids, generate, scorer_of
+from .common import Decoding, accuracy_by, first_token_ids, generate, gold_logprobs, gold_token_ids, scorer_of
 from .harness import Context, Spec, register, run
 
 
@@ -49,7 +49,7 @@ def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str], layers: Se
     b = lm.prepare(samples, post_prompt=ctx.post_prompt)
     plain = generate(lm, b, (), decoding)
     target = torch.tensor(first_token_ids(lm, plain), device=lm.device)
-    gold = torch.tensor(first_token_ids(lm, [s.answers[0] if s.answers else "" for s in samples]), device=lm.device)
+    gold = gold_token_ids(lm, samples)
     tok = lm.processor.tokenizer
     rows = []
     for mode in modes:
@@ -57,9 +57,7 @@ def masking_batch(lm, samples, ctx: Context, *, modes: Sequence[str], layers: Se
         p_plain = torch.softmax(sweep["plain"], -1).gather(-1, target[:, None])[:, 0]
         probs = torch.softmax(sweep["logits"], -1)  # [V, B, vocab]
         p_mask = probs.gather(-1, target[None, :, None].expand(len(layers), -1, 1))[..., 0]
-        g_plain = torch.log_softmax(sweep["plain"].float(), -1).gather(-1, gold[:, None])[:, 0]
-        g_mask = torch.log_softmax(sweep["logits"].float(), -1).gather(
-            -1, gold[None, :, None].expand(len(layers), -1, 1))[..., 0]
+        g_plain, g_mask = gold_logprobs(sweep["plain"], gold), gold_logprobs(sweep["logits"], gold)
         if decode == "generate":
             preds = [generate(lm, b, [MaskImage(j, mode, window, onward)], decoding) for j in layers]
         else:

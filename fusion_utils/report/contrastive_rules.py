@@ -113,13 +113,13 @@ def contrastive_verdicts(model: str, records: pd.DataFrame, *, fusion_from: str 
     return rows
 
 
-def measure_of(r: pd.DataFrame) -> tuple[str, str, float, float, str]:
+def measure_of(r: pd.DataFrame) -> tuple[str, float, float, str]:
     """The candidate-set rule's primary measure, declared before the data: the gold answer's first-token
     log-probability when every record carries it (a paired per-question measure, far less noisy than a 0/1 score),
-    else accuracy. Returns (column, plain column, the effect that supports the claim, display scale, unit)."""
+    else accuracy. Returns (column, the effect that supports the claim, display scale, unit)."""
     if {"gold_logprob", "plain_gold_logprob"} <= set(r.columns) and r["gold_logprob"].notna().all():
-        return "gold_logprob", "plain_gold_logprob", MIN_LOGPROB, 1.0, " nats"
-    return "score", "plain_score", PAPER_FUSION_MARGIN, 100.0, " points"
+        return "gold_logprob", MIN_LOGPROB, 1.0, " nats"
+    return "score", PAPER_FUSION_MARGIN, 100.0, " points"
 
 
 def gain_row(model, r: pd.DataFrame, seed) -> dict:
@@ -166,7 +166,7 @@ def gain_row(model, r: pd.DataFrame, seed) -> dict:
 
 def _candidates(model, r: pd.DataFrame, variant: str, fusion_from, seed) -> dict | None:
     reported = "fusion set best (GQA 69.4 vs shallow 68.3, all 65.4, deep 60.3)"
-    col, _, paper, show, unit = measure_of(r)
+    col, paper, show, unit = measure_of(r)
     name = "the gold answer's first-token log-prob" if col == "gold_logprob" else "accuracy"
     bar = (f"{MIN_LOGPROB} nats, the smallest change of this measure that supports a claim (the paper reports "
            f"accuracy only: {100 * PAPER_FUSION_MARGIN:+.1f} points over the shallow set)" if col == "gold_logprob"
