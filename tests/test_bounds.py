@@ -145,8 +145,8 @@ def test_share_ci_comes_from_paired_resamples():
 
 
 def test_share_is_undefined_when_the_oracle_gain_ci_holds_zero():
-    """Like llava on world-fine with the shipped weights: the oracle adds about nothing, so no share is a ratio over
-    noise; the table says why."""
+    """A model that a perfect crop does not help (like both organisms on `world` itself): the oracle adds about
+    nothing, so no share is a ratio over noise; the table says why."""
     r = synthetic(150, 0.3, 0.3, 0.5, seed=2)
     t = RB.oracle_shares(r).set_index("method")
     assert not t["defined"].any() and t["share"].isna().all()

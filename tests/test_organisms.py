@@ -813,16 +813,15 @@ def fine_table(request):
     return request.param, table
 
 
-# the parts of issue 28's world-fine bar each shipped deep organism misses. The shipped weights are those of stages
-# (a)-(e): their towers read world-fine's small objects badly from one image (one image about 30%), and only Qwen2-VL's
-# reads a crop at native resolution (+23 to +25 points); stage (f) (`--fine`, weights/RECIPE_NOTES.md) reached the
-# crop gain but cost the world bar, so it is not shipped. Empty once a shipped organism meets the bar.
-FINE_MISSES: dict[str, set[str]] = {"llava-16l": {"one_image", "crop_gain"}, "qwen2_vl-16l": {"one_image"}}
+# the parts of issue 28's world-fine bar each shipped deep organism misses: none. The shipped weights are those of
+# stages (a)-(e); world-fine asks attribute questions on a rendering where both towers blur a small object's colour in
+# the 96 px view and read it in a crop (weights/RECIPE_NOTES.md, stage (f), fourth session)
+FINE_MISSES: dict[str, set[str]] = {}
 
 
 def test_deep_organisms_world_fine_bar(fine_table):
-    """Issue 28: on world-fine's 500 held-out questions each default organism should answer 55-75% from one image,
-    and [original, crop of the relevant cells] >= 10 points more; the parts it misses must be exactly FINE_MISSES'."""
+    """Issue 28: on world-fine's 500 held-out questions each default organism answers 55-75% from one image, and
+    [original, crop of the relevant cells] >= 10 points more (the parts it misses must be exactly FINE_MISSES')."""
     from fusion_utils.organisms.evaluate import fine_bar_check
 
     name, table = fine_table

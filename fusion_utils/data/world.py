@@ -66,20 +66,24 @@ RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "b
 FAMILIES = ("attribute", "identity", "existence", "count", "spatial")
 SPLIT_BASE = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
-# `world-fine`, the headroom split (issue 28): the same scenes and questions, rendered at FINE_PIXEL_SCALE times the
-# resolution (192 px) with objects drawn at FINE_OBJECT_SCALE of their size relative to the cell. A model's 96 px
-# input sees the whole image downsampled, so small objects lose their shape; a crop of the relevant cells keeps its
-# native pixels (ViCrop's setting: a photo larger than the model's input, crops taken from the full resolution).
-# No setting measured so far gives both default organisms issue 28's bar (one image 55-75%, relevant crop >= 10 points
-# up; organisms/weights/RECIPE_NOTES.md, stage (f), three sessions): a 3-cell crop reaches both towers as 96 px, two
-# tokens a cell, so an object shows on one crop token only off its cell's centre, where the 96 px view's token loses it
+# `world-fine`, the headroom split (issue 28): world's scenes rendered at FINE_PIXEL_SCALE times the resolution
+# (192 px) with objects drawn at FINE_OBJECT_SCALE of their size relative to the cell, each FINE_SUBCELL of the way from
+# its cell's centre to a random sub-cell's. A model's 96 px input sees the whole image downsampled, so a small object's
+# colour blurs into its background; a crop of the relevant cells keeps its native pixels (ViCrop's setting: a photo
+# larger than the model's input, crops taken from the full resolution).
+# It asks FINE_FAMILIES only, V*Bench's attribute task in this world ("what color is the small triangle?"): a crop
+# of at most 3 x 3 cells holds the answer. The multi-object families (count, spatial, "no" existence) need crops of
+# 4-6 cells, which the processors shrink back to the view's 96 px, and identity's shapes are read no better magnified:
+# on 500 `val` questions the shipped organisms' relevant crop adds +14.8 (llava-16l) and +21.4 (qwen2_vl-16l) points
+# to attribute questions, against +10.6 / +16.7 with identity added (where llava-16l's one image falls to 51.7%) and
+# at most +5 for all five families (organisms/weights/RECIPE_NOTES.md, stage (f), fourth session). `world-fine:FAMS`
+# asks other families on the same rendering.
 FINE_PIXEL_SCALE = 2
-FINE_OBJECT_SCALE = 0.6
-# where each object sits in its cell: FINE_SUBCELL of the way from the cell's centre to the centre of a random
-# sub-cell of CELL px (1: at the sub-cell centre, one token in a crop at native pixels; 0: centred, as in `world`).
-# Centred, one image is in the band and the crop adds 4 points at most (llava-16l) or loses (qwen2_vl-16l); at 1 only
-# Qwen2-VL's crop gains (+24) and one image is about 30%
-FINE_SUBCELL = 1.0
+FINE_OBJECT_SCALE = 0.8
+# 1: at the sub-cell centre, one token in a crop at native pixels; 0: centred, as in `world`, where the 96 px view's
+# token reads the colour as well as a crop does
+FINE_SUBCELL = 0.75
+FINE_FAMILIES = ("attribute",)
 BLANK_RGB = (120, 120, 120)  # the "blank image" background: uniform mid grey
 
 RGB = {
@@ -380,10 +384,11 @@ def generate(split: str = "train", n: int | None = None, seed: int | None = None
 def world_dataset(split: str = "test", n: int | None = None, seed: int | None = None,
                   families: Sequence[str] | None = None, fine: bool = False) -> SampleSet:
     """The procedural world as a SampleSet (scorer "exact"); deterministic in (split, n, seed, families).
-    ``fine``: the ``world-fine`` headroom split (same scenes and questions, small objects on 192 px images)."""
+    ``fine``: the ``world-fine`` headroom split (small objects on 192 px images; families ``FINE_FAMILIES`` unless
+    given)."""
     split = split or "test"
     n = DEFAULT_SIZES.get(split, 500) if n is None else int(n)
-    fams = tuple(families) if families else FAMILIES
+    fams = tuple(families) if families else (FINE_FAMILIES if fine else FAMILIES)
     samples = list(generate(split, n, seed, fams, fine=fine))
     meta = {"split": split, "seed": int(seed or 0), "families": fams, "grid": GRID,
             "image_size": IMAGE_SIZE * (FINE_PIXEL_SCALE if fine else 1)}
@@ -427,7 +432,7 @@ def relevant_from_meta(question: str, family: str, objects: Sequence[dict], answ
     return _cells_mask((o["row"], o["col"]) for o in hits)
 
 
-__all__ = ["GRID", "CELL", "IMAGE_SIZE", "FINE_PIXEL_SCALE", "FINE_OBJECT_SCALE", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "ALL_RELATIONS", "SPATIAL_ANCHORS",
+__all__ = ["GRID", "CELL", "IMAGE_SIZE", "FINE_PIXEL_SCALE", "FINE_OBJECT_SCALE", "FINE_SUBCELL", "FINE_FAMILIES", "COLORS", "SHAPES", "SIZES", "NUMBERS", "RELATIONS", "ALL_RELATIONS", "SPATIAL_ANCHORS",
            "SPATIAL_ANCHOR", "FAMILIES",
            "VOCABULARY", "ANSWER_WORDS", "SCENE_TOKENS", "SPLIT_BASE", "world_dataset", "generate", "make_sample",
            "make_scene", "render", "blank_image", "scene_cells", "relevant_from_meta"]
