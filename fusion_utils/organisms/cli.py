@@ -102,7 +102,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--dataset", default="world", choices=("world", "world-fine"),
-                   help="world, or world-fine: the headroom split (small objects; its bar: one image 55-75%%, "
+                   help="world, or world-fine: the headroom split (small objects' colours; its bar: one image 55-75%%, "
                         "the relevant crop >= 10 points higher)")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--no-blank", action="store_true", help="skip the blank-image control")

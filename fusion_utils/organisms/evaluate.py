@@ -366,9 +366,9 @@ def _fine_text(recipe: dict) -> str:
         return ""
     kinds = ", ".join(recipe.get("fine_kinds") or ())
     return (f"\n5. (f) small details (issue 28), fine-tuned from the weights after (e) (`--base`, see "
-            f"`weights/RECIPE_NOTES.md`): {recipe.get('fine_share')} of the prompts `world-fine` (the same scenes on "
+            f"`weights/RECIPE_NOTES.md`): {recipe.get('fine_share')} of the prompts `world-fine` (world's scenes on "
             f"{world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, objects at {world.FINE_OBJECT_SCALE} of their size "
-            f"relative to a cell), the others `world`; each sample's images drawn from {{{kinds}}}; answer + EOS loss "
+            f"relative to a cell, {world.FINE_SUBCELL} of the way off its centre; the training families), the others `world`; each sample's images drawn from {{{kinds}}}; answer + EOS loss "
             f"+ {recipe.get('fine_aux')} x the alignment loss of (b+c) on every image token (a crop's tokens target the "
             f"cells they show); all parameters, {recipe['fine_steps']} steps of batch {recipe.get('fine_batch')} at lr "
             f"{recipe.get('fine_lr')}.")
@@ -378,9 +378,9 @@ def _fine_section(fine: pd.DataFrame | None) -> str:
     """The world-fine table of a model card (issue 28's headroom split), or nothing."""
     if fine is None:
         return ""
-    return (f"\n## Evaluation on `world-fine` (the headroom split: the same test questions, objects drawn at "
-            f"{world.FINE_OBJECT_SCALE} of their size on {world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, which "
-            f"the processor shows at 96 px; a crop keeps its native pixels; n={int(fine.loc['overall', 'n'])})\n"
+    return (f"\n## Evaluation on `world-fine` (the headroom split: {', '.join(world.FINE_FAMILIES)} questions, objects "
+            f"drawn at {world.FINE_OBJECT_SCALE} of their size on {world.IMAGE_SIZE * world.FINE_PIXEL_SCALE} px images, "
+            f"which the processor shows at 96 px; a crop keeps its native pixels; n={int(fine.loc['overall', 'n'])})\n"
             f"{format_table(fine)}\n\n{fine_bar_status(fine)} (`fusion-utils organisms eval NAME --dataset "
             f"world-fine` prints this table.)\n")
 

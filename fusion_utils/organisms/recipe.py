@@ -78,15 +78,12 @@ ORGANISM_RECIPE = {
     "qwen2_vl-16l": {**_QWEN_8L, **_TWO_16L},
 }
 # stage (f), issue 28's small details (world-fine), fine-tuned from the weights of stages (a)-(e) with
-# `fusion-utils organisms train NAME --base DIR --fine`. Not part of the shipped recipes: the runs of 2026-12-06 (weights/
-# RECIPE_NOTES.md) reached the world-fine crop gain but cost the world bar, so the shipped weights stay those of (a)-(e).
-# None reached world-fine's one-image band (llava-16l 43-48%, qwen2_vl-16l 30-37%, against 55); with the decoder
-# frozen (fine_part "vision") llava-16l's world nearly held (89.0 against the shipped 91.8, 500 test questions) but the
-# crop's gain fell to +8.7, and qwen2_vl-16l's tower could not move without breaking world.
-# Qwen2-VL's crop tokens target a magnified object on its first token only, as llava-16l's tower was taught in stage
-# (b+c), so a crop's object stays one token (its stage (b+c) has no zoom share: the setting changes nothing before (f))
-# A third session (RECIPE_NOTES.md) found that target wrong for world-fine's off-centre objects (`fine_crop_aux`
-# "centres" puts each on the token under its drawn centre) and measured `world.FINE_SUBCELL`; still no run met both bars
+# `fusion-utils organisms train NAME --base DIR --fine`. Not part of the shipped recipes: world-fine's bar is met by the
+# shipped weights of (a)-(e) since it asks attribute questions (world.FINE_FAMILIES). Three sessions of stage (f) runs
+# on all five families (weights/RECIPE_NOTES.md) reached the crop gain or the one-image band, never both, and every run
+# that moved llava-16l's tower cost its world bar 2-4 points. Qwen2-VL's crop tokens target a magnified object on its
+# first token only (`vision_zoom_target`), as llava-16l's tower was taught in stage (b+c); `fine_crop_aux` "centres"
+# puts each object on the token under its drawn centre instead, the right target for off-centre objects
 _FINE = {"fine_batch": 16, "fine_lr": 3e-4}
 FINE_RECIPE = {"llava-16l": {**_FINE, "fine_steps": 450},
                "qwen2_vl-16l": {**_FINE, "fine_steps": 350, "vision_zoom_target": "first"}}
