@@ -355,7 +355,10 @@ class Run:
         """Make the run ready to continue after a kill: a truncated last line is dropped and the finished samples are
         read again; returns how many there are.
 
-        >>> run = open_run("runs", "masking", config); run.resume()   # open_run already does this
+        >>> import tempfile
+        >>> run = open_run(tempfile.mkdtemp(), "masking", {"n": 2})
+        >>> run.append({"id": "q1"}); run.resume()   # open_run already resumes; call it after another writer
+        1
         """
         self._repair_tail()
         self.refresh()
