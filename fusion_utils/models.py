@@ -111,7 +111,8 @@ class LoadedModel:
         """A model already in memory (e.g. one in training) as a `LoadedModel`, so the harness runs on it as on a
         loaded one. The fingerprint is taken now: a model whose weights change afterwards needs wrapping again.
 
-        >>> lm = LoadedModel.wrap(*fusion_utils.organism_registry.load("llava-8l"), name="llava-8l")
+        >>> from fusion_utils import organism_registry
+        >>> lm = LoadedModel.wrap(*organism_registry.load("llava-8l"), name="llava-8l")
         >>> lm.spec.model_type
         'llava'
         """

@@ -252,9 +252,11 @@ class Intervention:
 def intervene(lm, batch, *plans):
     """Install ``plans`` on ``lm`` for the prompts of ``batch``; everything is removed on exit, also on errors.
 
+    >>> from fusion_utils.engine import CaptureAttention, MaskImage
     >>> with intervene(lm, batch, MaskImage(3), CaptureAttention()) as run:
     ...     logits = lm.model(**batch.inputs).logits
-    >>> run.attention.values.shape  # [batch, layers, heads, image tokens]
+    >>> tuple(run.attention.values.shape)  # [batch, layers, heads, image tokens]
+    (2, 8, 4, 36)
     """
     installed = Installed(lm, batch, plans)
     layers = lm.layers

@@ -6,12 +6,15 @@ the public ``set_attn_implementation``. What the function needs at each layer (a
 shared-prefix sweep) is kept on that layer's attention module while the block runs, never in a module global, so
 two models, or two threads on two models, never see each other's state.
 
+>>> from transformers import AttentionInterface
+>>> sdpa = AttentionInterface()["sdpa"]
 >>> def logged(module, query, key, value, attention_mask, **kw):
-...     print(override_of(module))                      # what this block put on the module
+...     print(override_of(module), end=" ")              # what this block put on the module: the layer's payload
 ...     return sdpa(module, query, key, value, attention_mask, **kw)
 >>> name = register_attention("logged_sdpa", logged, mask_like="sdpa")
 >>> with attention_override(lm, name, payloads=range(lm.num_layers)):
-...     lm.model(**batch.inputs)
+...     out = lm.model(**batch.inputs)
+0 1 2 3 4 5 6 7
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ class Stepper:
 
     >>> st = Stepper(lm, batch)
     >>> logits = st.prefill()                       # [B, V] float32, the last prompt position
-    >>> logits = st.step(tokens, rows=[0, 0, 1])    # three continuations: two of row 0, one of row 1
+    >>> tokens = torch.tensor([3, 4, 5])
+    >>> tuple(st.step(tokens, rows=[0, 0, 1]).shape)  # three continuations: two of row 0, one of row 1
+    (3, 115)
     """
 
     def __init__(self, lm, batch):

@@ -59,7 +59,8 @@ def masking_sweep(lm, batch, layers: Sequence[int] | None = None, *, mode: str =
     ``chunk`` bounds how many variants run in one batch (memory); default all.
 
     >>> sweep = masking_sweep(lm, batch, mode="knockout")
-    >>> sweep["logits"].shape  # [layers, batch, vocab]
+    >>> tuple(sweep["logits"].shape)  # [layers, batch, vocab]
+    (8, 2, 115)
     """
     L = lm.num_layers
     layers = list(range(L)) if layers is None else [check_layer(j, L) for j in layers]

@@ -20,7 +20,9 @@ EXPERIMENTS = tuple(BUILTIN)  # the package's own; `names()` adds every register
 def get_experiment(name: str):
     """``fn(lm, dataset, **params) -> ExperimentResult`` for any registered experiment (the package's or a user's).
 
-    >>> get_experiment("hellinger")(lm, load_dataset("world", n=8), reference=-1).summary
+    >>> res = get_experiment("hellinger")(lm, load_dataset("world", n=8), reference=-1, progress=False)
+    >>> list(res.summary.columns), len(res.summary) == lm.num_layers
+    (['layer', 'hellinger', 'hellinger_sd', 'image_mass'], True)
     """
     spec = get_spec(name)
 

@@ -17,8 +17,9 @@ The crop conditions need the dataset to mark each question's relevant cells (`Sa
 The summary is the accuracy per question family and overall, with n.
 
 >>> from fusion_utils.experiments.harness import run
->>> res = run("accuracy", lm, load_dataset("world", n=50), images="blank")
->>> res.summary  # family, n, accuracy (rows per family, then overall)
+>>> res = run("accuracy", lm, load_dataset("world", n=50), images="blank", progress=False)
+>>> list(res.summary["family"])  # with n and accuracy: one row per family, then overall
+['attribute', 'identity', 'existence', 'count', 'spatial', 'overall']
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def condition_images(sample, images: str, index: int, seed: int = 0):
 def accuracy_batch(lm, samples, ctx: Context, images: str) -> list[dict]:
     """Per sample: its answer under condition ``images`` and the dataset's score of it.
 
-    >>> accuracy_batch(lm, ds[:2], Context.of(ds), images="same_twice")
-    [{'id': 'world-test-0-0', 'family': 'attribute', 'images': 'same_twice', 'pred': 'circle', 'score': 1.0}, ...]
+    >>> accuracy_batch(lm, ds[:1], Context.of(ds), images="same_twice")
+    [{'id': 'world-test-0-0', 'family': 'attribute', 'images': 'same_twice', 'pred': 'green', 'score': 1.0}]
     """
     samples = list(samples)
     decoding = ctx.decoding or Decoding()
@@ -161,7 +162,9 @@ def accuracy(lm, dataset, images: str | None = None, *, out: str | None = None, 
              decoding: Decoding | None = None, progress: bool = True, **params):
     """Accuracy of plain greedy answers on ``dataset`` under one image condition (`IMAGES`), per family and overall.
 
-    >>> accuracy(lm, load_dataset("world", n=100), "blank").summary
+    >>> blank = accuracy(lm, load_dataset("world", n=100), "blank", progress=False).summary
+    >>> float(blank.set_index("family").loc["overall", "accuracy"])  # without the scene: near the families' chance
+    0.23
     """
     if images is not None:  # the condition may be given by position
         params["images"] = images

@@ -8,8 +8,11 @@ rest for all of them: the post-prompt, the run directory keyed by the configurat
 progress bar and the result. Notebooks and widgets call the same per-batch functions on a sample or two.
 
 >>> from fusion_utils.experiments.harness import Context, get_spec, run
->>> res = run("hellinger", lm, load_dataset("world", n=8))
->>> rows = get_spec("hellinger").per_batch(lm, samples[:1], Context.of(dataset), reference=-1)
+>>> dataset = load_dataset("world", n=8)
+>>> res = run("hellinger", lm, dataset, progress=False)
+>>> rows = get_spec("hellinger").per_batch(lm, dataset[:1], Context.of(dataset), reference=-1)
+>>> len(rows) == lm.num_layers  # one record per layer of the one sample
+True
 """
 from __future__ import annotations
 
@@ -98,7 +101,11 @@ def register(spec: Spec) -> Spec:
     >>> @dataclass(frozen=True)
     ... class MyParams:
     ...     k: int = 3
-    >>> register(Spec("my_probe", my_batch, my_summary, params=MyParams))   # then: fusion-utils run my_probe
+    >>> def my_batch(lm, samples, ctx, k=3):
+    ...     return [{"id": s.id, "k": k} for s in samples]
+    >>> def my_summary(records, ctx=None, **params):
+    ...     return records.groupby("k").size().rename("n").reset_index()
+    >>> spec = register(Spec("my_probe", my_batch, my_summary, params=MyParams))  # then: fusion-utils run my_probe
     """
     old = SPECS.get(spec.name)
     if old is not None and not same_origin(old, spec):
