@@ -71,13 +71,10 @@ DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
 # its cell's centre to a random sub-cell's. A model's 96 px input sees the whole image downsampled, so a small object's
 # colour blurs into its background; a crop of the relevant cells keeps its native pixels (ViCrop's setting: a photo
 # larger than the model's input, crops taken from the full resolution).
-# It asks FINE_FAMILIES only, V*Bench's attribute task in this world ("what color is the small triangle?"): a crop
-# of at most 3 x 3 cells holds the answer. The multi-object families (count, spatial, "no" existence) need crops of
-# 4-6 cells, which the processors shrink back to the view's 96 px, and identity's shapes are read no better magnified:
-# on 500 `val` questions the shipped organisms' relevant crop adds +14.8 (llava-16l) and +21.4 (qwen2_vl-16l) points
-# to attribute questions, against +10.6 / +16.7 with identity added (where llava-16l's one image falls to 51.7%) and
-# at most +5 for all five families (organisms/weights/RECIPE_NOTES.md, stage (f), fourth session). `world-fine:FAMS`
-# asks other families on the same rendering.
+# It asks FINE_FAMILIES only, V*Bench's attribute task in this world ("what color is the small triangle?"), because
+# only there a crop has a detail to recover: the multi-object families need crops of 4-6 cells, which the processors
+# shrink back to the view's 96 px, and a magnified shape is read no better than the view's (measurements:
+# organisms/weights/RECIPE_NOTES.md, stage (f), fourth session). `world-fine:FAMS` asks others on the same rendering.
 FINE_PIXEL_SCALE = 2
 FINE_OBJECT_SCALE = 0.8
 # 1: at the sub-cell centre, one token in a crop at native pixels; 0: centred, as in `world`, where the 96 px view's
