@@ -138,13 +138,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # headless Chromium drops connections it no longer needs once a page has loaded; anything else is reported
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class Site:
     """The built HTML served on 127.0.0.1, so the browser's requests (and 404s) are observable."""
 
     def __init__(self, html_dir: Path):
         self.html_dir = html_dir
         handler = functools.partial(_Handler, directory=str(html_dir))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _Server(("127.0.0.1", 0), handler)
         self.server.requests = []
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
