@@ -604,6 +604,25 @@ def _contr(key, **kw):
     return lambda recs: by_key(report.contrastive_verdicts("m", recs, **kw), key)
 
 
+def baseline_records(n: int, up: float = 0.0, down: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """ours = the CD baseline's 0/1 scores, then a share ``up`` of them set right and ``down`` set wrong; DoLa and
+    plain score lower, so CD is the dev split's best baseline."""
+    rng = np.random.default_rng(seed)
+    base = (rng.random(n) < 0.6).astype(float)
+    ours = np.where(rng.random(n) < up, 1.0, base)
+    ours = np.where(rng.random(n) < down, 0.0, ours)
+    weak = (rng.random(n) < 0.4).astype(float)
+    ids = [f"q{i}" for i in range(n)]
+    return pd.concat([pd.DataFrame({"id": ids, "method": m, "score": v})
+                      for m, v in (("ours", ours), ("cd", base), ("dola", weak), ("plain", weak))])
+
+
+def _beats(recs):
+    from fusion_utils.report.baselines import beats_baselines
+
+    return beats_baselines(recs, model="m")
+
+
 SOFT = ("soft", "fusion", 0.2, 0.1)
 FLAT_DROP = [0.015] * 5 + [0.0] * 3  # the earlier layers matter only a little more than the late ones
 RAMP = list(np.linspace(0.2, 0.9, L))
@@ -647,6 +666,8 @@ THREE_WAY = {
     "ia_relevant": (_contr("ia_relevant"), lambda: contrastive_records(),
                     lambda: contrastive_records(n=BIG, post_offset=0.0),
                     lambda: contrastive_records(relevance="permuted"), lambda: contrastive_records(n=4)),
+    "beats_baselines": (_beats, lambda: baseline_records(600, up=0.25), lambda: baseline_records(40000, 0.001, 0.001),
+                        lambda: baseline_records(600, down=0.3), lambda: baseline_records(8, up=0.25)),
 }
 
 
@@ -673,6 +694,7 @@ def test_nulls_never_reproduce_at_the_new_n():
     assert not passes(_attn("relevant_rises")(attention_records(n=BIG, ratio_curve=RATIO_RISE,
                                                                 shuffle_per_sample=True)))
     assert not passes(_contr("ia_relevant")(contrastive_records(n=BIG, relevance="permuted")))
+    assert not passes(_beats(baseline_records(BIG, up=0.05, down=0.05, seed=4)))  # ours as good as CD, no better
     assert all(is_na(r) for r in report.fusion_verdicts("m", "llava", masking_records(FUSION_CURVE, n=BIG, blind=True),
                                                          L))
 

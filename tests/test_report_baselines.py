@@ -30,16 +30,21 @@ def test_positive_reproduces_null_never_negative_does_not():
         null = records(600, 0.6, 0.6, seed)
         null.loc[null["method"] == "ours", "score"] = null.loc[null["method"] == "cd", "score"].to_numpy()
         assert beats_baselines(null)["verdict"] != "reproduces"
-    neg = beats_baselines(records(600, 0.4, 0.6))
-    assert neg["verdict"] == "does not reproduce"
-    # one loss among ties on the test split: a degenerate bootstrap CI [−x, 0] decides nothing
+    neg = beats_baselines(records(600, 0.4, 0.6), model="m")
+    assert neg["verdict"].startswith("does not reproduce (opposite: the 95% CI [") and neg["key"] == "beats_baselines"
+    assert neg["model"] == "m" and neg["paper_effect"] == min(paper_margins().values()) / 100
+    # one loss among ties on the test split: an exact paired test, not a degenerate bootstrap CI [−x, 0], so the
+    # verdict holds both zero and the paper's margin and says what n would decide
     from fusion_utils.report.stats import split_of
 
     ids = [f"q{i}" for i in range(40)]
     test_id = next(i for i in ids if split_of(i) == "test")
     few = pd.concat([pd.DataFrame({"id": ids, "method": m, "score": 1.0}) for m in ("ours", "cd")])
     few.loc[(few["method"] == "ours") & (few["id"] == test_id), "score"] = 0.0
-    assert beats_baselines(few)["verdict"].startswith("inconclusive (n too small")
+    v = beats_baselines(few)
+    assert v["verdict"].startswith("inconclusive (the 95% CI holds zero and the paper's effect; needs ≈ ")
+    assert v["needed_n"] > len(ids) and v["uncertainty"].startswith("McNemar (exact)")
+    assert beats_baselines(few[few["method"] == "ours"])["verdict"].startswith("n/a: needs records of ours and")
 
 
 def test_latency_table_is_clean():

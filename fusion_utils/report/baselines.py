@@ -4,22 +4,12 @@ Where a run has the bounds (`experiments.bounds`: the oracle crop of the ground-
 of its size), each method is also read as its share of the oracle's gain over plain (`oracle_shares`), with a paired
 bootstrap CI over questions; the bounds are never "the best baseline".
 
-Verdict rule: the best baseline is chosen on the dev split (highest accuracy), and ours is compared with it on the
-test split, paired by question (bootstrap 95% CI of the mean difference, `stats.paired_test`). The effect it is
-judged against is the paper's margin over its best baseline, per backbone (`paper_margins`: 0.37 to 1.05 points).
-
-- "reproduces": the CI lies above zero (ours ahead, the paper's direction);
-- "does not reproduce": the CI lies below the paper's smallest margin (the effect is smaller, or opposite);
-- "inconclusive": the CI holds both zero and the paper's margin; the row names the n that would decide.
-
-A percentile bootstrap of a handful of 0/±1 differences is degenerate (one loss among ties gives the CI [−x, 0]), so
-a CI is only read once the test split has at least `stats.min_n_sign_test` questions and, when ours and the baseline
-disagree anywhere, at least that many disagreements; below that the verdict is "inconclusive" with the n that would
-give them.
+Verdict rule (`beats_baselines`): the best baseline is chosen on the dev split (highest accuracy), and ours is
+compared with it on the test split, paired by question (`stats.compare_paired`: McNemar for 0/1 scores). The effect
+it is judged against is the paper's margin over its best baseline (`paper_margins`: 0.37 to 1.05 points; the
+smallest is the rule's), and `verdicts.decide` reads the CI three ways, as every chapter's rules do.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
@@ -27,6 +17,7 @@ import pandas as pd
 from ..experiments.bounds import BOUNDS
 from ..paper import LATENCY_S, MAIN_TABLE, main_gains
 from . import stats
+from .verdicts import decide, fmt_ci, fmt_p, groups_of, na_row, split_rows, verdict_row
 
 BASELINE_COLUMNS = ("CD", "DoLa", "OPERA", "ViCrop")
 # our method names for the paper's latency rows
@@ -44,39 +35,47 @@ def paper_margins() -> dict:
 
 
 def beats_baselines(records: pd.DataFrame, ours: str = "ours", *, margin: float | None = None,
-                    seed: int = 0) -> dict:
-    """The verdict row. ``records``: per-sample ``id, method, score`` for ours (``method == ours``) and the
-    baselines (``plain`` is not a baseline). ``margin``: the paper's effect as a fraction (default: the smallest of
-    `paper_margins`, /100)."""
-    margin = min(paper_margins().values()) / 100 if margin is None else float(margin)
+                    seed: int = 0, model: str = "") -> dict:
+    """The verdict row on "ours beats the best baseline" (`verdicts.decide`, the rule of every chapter), with
+    ``best_baseline``, ``n_test``, ``mean`` and ``paper_margin`` beside the row's columns. ``records``: per-sample
+    ``id, method, score`` for ours (``method == ours``) and the baselines (``plain`` and the bounds are not
+    baselines), split by their ``split_group`` column where they have one. ``margin``: the paper's effect as a
+    fraction (default: the smallest of `paper_margins`, /100).
+
+    >>> r = pd.DataFrame({"id": [f"q{i}" for i in range(40) for _ in range(2)], "method": ["ours", "cd"] * 40,
+    ...                   "score": [1.0, 0.0] * 40})
+    >>> v = beats_baselines(r)
+    >>> v["verdict"], v["best_baseline"]
+    ('reproduces', 'cd')
+    """
+    margins = sorted(paper_margins().values())
+    margin = margins[0] / 100 if margin is None else float(margin)
+    reported = f"+{margins[0]:.2f} to +{margins[-1]:.2f} points over the best baseline"
+    rule = ("the baseline with the best accuracy on the dev split, against ours on the test split, paired by "
+            "question: the difference has a 95% CI above 0 (McNemar for 0/1 scores, else sign-flip, p < 0.05) and not "
+            f"wholly below the paper's smallest margin, {100 * margin:+.2f} points")
     base = [m for m in records["method"].unique() if m not in (ours, "plain", *BOUNDS)]
     if ours not in set(records["method"]) or not base:
-        return {"verdict": "n/a: needs records of ours and of at least one baseline"}
+        return na_row("beats_baselines", model, "needs records of ours and of at least one baseline", rule=rule,
+                      reported=reported)
     wide = records.pivot_table(index="id", columns="method", values="score", aggfunc="mean")
-    dev, test = stats.split_ids(wide.index.tolist())
-    if len(dev) < 1 or len(test) < 2:
-        return {"verdict": f"n/a: {len(wide)} questions are too few for a dev/test split"}
+    dev, test, na = split_rows("beats_baselines", model, wide.index.tolist(), rule=rule, reported=reported,
+                               groups=groups_of(records))
+    if na:
+        return na
     best = max(base, key=lambda m: (wide.loc[dev, m].mean(), -base.index(m)))
-    d = (wide.loc[test, ours] - wide.loc[test, best]).dropna().to_numpy(float)
-    t = stats.paired_test(d, seed)
-    lo, hi = t["lo"], t["hi"]
-    floor, differ = stats.min_n_sign_test(), int(np.count_nonzero(d))
-    if len(d) < floor or 0 < differ < floor:
-        rate = differ / max(1, len(d)) if differ else 1.0
-        need = math.ceil(floor / rate * len(wide) / max(1, len(d)))
-        verdict = f"inconclusive (n too small: needs ≈ {need})"
-    elif lo > 0:
-        verdict = "reproduces"
-    elif hi < margin:
-        verdict = "does not reproduce"
-    else:
-        sd = t["sd"] if np.isfinite(t["sd"]) and t["sd"] > 0 else 2 * margin
-        # a CI half-width below margin/2 cannot hold both 0 and the margin
-        need = math.ceil((2 * 1.96 * sd / margin) ** 2) * len(wide) / max(1, len(d))
-        verdict = f"inconclusive (n too small: needs ≈ {int(math.ceil(need))})"
-    return {"claim": "ours beats the best baseline", "best_baseline": best, "n_test": len(d), "mean": t["mean"],
-            "ci": (lo, hi), "paper_margin": margin, "verdict": verdict,
-            "split": stats.describe_split(len(dev), len(test))}
+    pair = wide.loc[test, [ours, best]].dropna()
+    c = stats.compare_paired(pair[ours].to_numpy(float), pair[best].to_numpy(float), seed)
+    v, need = decide(c, margin, n_total=len(wide), n_judged=len(pair), show=100, unit=" points")
+    row = verdict_row("beats_baselines", model, rule=rule, chance="ours equal to the best baseline: +0 points",
+                      effect=f"{100 * c['mean']:+.1f} points vs {NAMES.get(best, best)} on test (the best of "
+                             f"{len(base)} baselines on dev)",
+                      uncertainty=f"{c['test']} {fmt_p(c['p'])}; {fmt_ci(c['lo'], c['hi'], 100, ' points')}",
+                      n=len(pair), needed=need, verdict=v, reported=reported,
+                      split=stats.describe_split(len(dev), len(test)), p=c["p"], value=c["mean"],
+                      ci=(c["lo"], c["hi"]), paper=margin, measure="accuracy (0/1 per question)")
+    row.update(best_baseline=best, n_test=len(pair), mean=c["mean"], paper_margin=margin)
+    return row
 
 
 NAMES = {"plain": "plain", "random_crop": "random crop (lower bound)", "cd": "CD", "dola": "DoLa", "opera": "OPERA",
@@ -207,9 +206,11 @@ def method_table(summaries: dict, verdicts: dict, shares: dict | None = None) ->
     last = {"method": "verdict: ours beats the best baseline"}
     for model in summaries:
         v = verdicts.get(model, {})
-        ci = v.get("ci")
-        detail = (f" ({100 * v['mean']:+.1f} pts vs {NAMES.get(v['best_baseline'], v['best_baseline'])}, 95% CI "
-                  f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}], n = {v['n_test']})") if ci else ""
+        detail = ""
+        if "best_baseline" in v:  # the CI once: the verdict's own sentence may already state it
+            ci = "" if "95% CI" in v["verdict"] else f", 95% CI [{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]"
+            detail = (f" ({100 * v['mean']:+.1f} pts vs {NAMES.get(v['best_baseline'], v['best_baseline'])}{ci}, "
+                      f"n = {v['n_test']})")
         last[model] = v.get("verdict", "n/a") + detail
     for b, m in paper_margins().items():
         last[f"paper: {b}"] = f"+{m:.2f} over the best baseline"

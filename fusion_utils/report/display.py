@@ -37,7 +37,8 @@ SHORT_CLAIMS = {"fusion_shallow": "Fusion layers are shallow", "plateau": "Plate
                 "review": "Late review layer", "early_exit": "Early exit jumps late",
                 "hellinger": "Hellinger rises at review", "noise": "Persistent irrelevant tokens",
                 "relevant_rises": "Relevant attention rises", "contrastive_gain": "Contrastive attention helps",
-                "fusion_candidates": "Fusion-layer candidates best", "ia_relevant": "I_A on relevant regions"}
+                "fusion_candidates": "Fusion-layer candidates best", "ia_relevant": "I_A on relevant regions",
+                "beats_baselines": "Ahead of the baselines"}
 
 # --- reader tables -------------------------------------------------------------------------------------------------------
 

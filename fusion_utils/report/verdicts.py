@@ -115,6 +115,7 @@ RULES = {
     "contrastive_gain": "the dev split's best setting beats plain decoding on the test split (paired test)",
     "fusion_candidates": "the fusion candidate set beats every other set on the test split (paired tests)",
     "ia_relevant": "I_A's positive mass on relevant tokens above the relevant area",
+    "beats_baselines": "ours beats the dev split's best baseline on the test split (paired test)",
 }
 
 
