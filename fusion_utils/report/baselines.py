@@ -208,7 +208,7 @@ def method_table(summaries: dict, verdicts: dict, shares: dict | None = None) ->
         v = verdicts.get(model, {})
         detail = ""
         if "best_baseline" in v:  # the CI once: the verdict's own sentence may already state it
-            ci = "" if "95% CI" in v["verdict"] else f", 95% CI [{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]"
+            ci = "" if "95% CI [" in v["verdict"] else f", 95% CI [{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]"
             detail = (f" ({100 * v['mean']:+.1f} pts vs {NAMES.get(v['best_baseline'], v['best_baseline'])}{ci}, "
                       f"n = {v['n_test']})")
         last[model] = v.get("verdict", "n/a") + detail
