@@ -547,7 +547,8 @@ def contrastive_figure(data: Mapping, *, title: str = "Contrastive attention and
     lay["legend"].update(y=-0.22)  # below the colour bars
     fig = InteractiveFigure(title + (f" — {model}" if model else ""), controls, lay, height=380,
                             caption="Left to right: the attention of the pre layer i* and of the final layer over "
-                                    "the image (L: the layer, 0-based), and their difference I_A. Red on I_A: attention gained with depth "
+                                    "the image (L: the layer, 0-based), and their difference I_A. Red on I_A: "
+                                    "attention gained with depth "
                                     "(I_A > 0); blue: lost (I_A < 0), as the colour bar under it reads. Green "
                                     "crosses: the image tokens the soft mask scales by λ at the apply layer "
                                     "(fainter as λ nears 1, which leaves them as they are). Look for red on the "

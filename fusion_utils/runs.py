@@ -547,7 +547,9 @@ def adopt(run: Run, ids: Iterable[Any]) -> int:
     key = sibling_key(run.config)
     found: dict[str, list[dict]] = {}
     for cfg in sorted(run.dir.parent.glob("*/config.json")):
-        if cfg.parent == run.dir or len(found) == len(missing):
+        if len(found) == len(missing):
+            break
+        if cfg.parent == run.dir:
             continue
         try:
             doc = json.loads(cfg.read_text(encoding="utf-8"))

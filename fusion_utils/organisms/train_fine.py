@@ -66,10 +66,7 @@ class FineStage:
             cells = self.cell_targets([s])[0]
             out.append(cells)
             if len(ims) > 1:
-                if box is None:
-                    out.append(cells)
-                else:
-                    out.append(self._crop_targets(s, box, enc, k + 1))
+                out.append(cells if box is None else self._crop_targets(s, box, enc, k + 1))
             k += len(ims)
         return torch.cat(out)
 
