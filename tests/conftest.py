@@ -69,11 +69,21 @@ def real_book(tmp_path_factory):
     and test_book_reader.py both read it."""
     import time
 
+    import yaml
+
     from fusion_utils import book
 
     out = book_out_dir(tmp_path_factory, "real")
+    repo = Path(__file__).resolve().parents[1]
+    # every pytest-xdist worker that runs a reader builds its own book: pytest 9 ignores the xdist_group marks
+    # (pytest-xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads), so the readers land on both workers.
+    # Its run records stay in its own folder: two builds writing the repository's runs/ at once record the same
+    # questions twice
+    params = yaml.safe_load((repo / "book" / "params" / "tiny.yml").read_text())
+    params["common"]["runs_dir"] = str(out / "runs")
+    tiny = out / "tiny.yml"
+    tiny.write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
-    report = book.build(Path(__file__).resolve().parents[1] / "book" / "params" / "tiny.yml",
-                        root=Path(__file__).resolve().parents[1], out=out, strict=True, all_pages=True)
+    report = book.build(tiny, root=repo, out=out, strict=True, all_pages=True)
     report.wall = time.perf_counter() - t0
     return out, report
